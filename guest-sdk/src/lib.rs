@@ -1,0 +1,171 @@
+//! # Sandpipe plugin SDK
+//!
+//! Write a [Sandpipe](https://example.invalid/sandpipe) plugin in Rust by
+//! implementing one trait, [`Plugin`], and calling one macro,
+//! [`export_plugin!`]. The SDK hides the WebAssembly component model
+//! bindings: plugin code never touches `wit-bindgen`.
+//!
+//! A plugin is built as a `cdylib` for the `wasm32-wasip2` target; the result
+//! is a WebAssembly component that the Sandpipe engine loads. The engine calls
+//! [`Plugin::describe`] once when it loads the component and
+//! [`Plugin::execute`] once per message.
+//!
+//! Host capabilities are plain functions, one module per capability:
+//!
+//! | module | what | grant needed |
+//! |---|---|---|
+//! | [`log`] | structured log lines | always granted |
+//! | [`config`] | the plugin's configuration values | always granted |
+//! | [`blob`] | the message's data object, other granted objects | `blob` |
+//! | [`meta`] | the message's metadata, plugin-scoped state | `meta` |
+//! | [`sql`] | parameterised SQL in the plugin's database | `sql` |
+//! | [`emit`] | publishing to named outputs | `emit` |
+//!
+//! Every host call returns a [`Result`] with the SDK's [`Error`]: the engine
+//! never traps a plugin for a policy decision (a missing grant, an exceeded
+//! quota) but answers with an error the plugin can handle or propagate with
+//! `?`. An error returned from [`Plugin::execute`] fails the message; return
+//! an [`Outcome`] to decide what happens to it instead (done, skip, retry
+//! later, dead-letter).
+//!
+//! Effects (SQL statements, emitted messages, written objects, state
+//! changes) are committed only if the outcome is [`Outcome::Done`].
+//!
+//! # Example
+//!
+//! A complete plugin that counts the bytes of a text object, stores the
+//! count and publishes a JSON summary:
+//!
+//! ```no_run
+//! use sandpipe_sdk::prelude::*;
+//! use std::io::Read;
+//!
+//! struct ByteCount;
+//!
+//! impl Plugin for ByteCount {
+//!     fn describe() -> Description {
+//!         Description {
+//!             name: "byte-count".into(),
+//!             version: env!("CARGO_PKG_VERSION").into(),
+//!             mime_types: vec!["text/plain".into()],
+//!             capabilities: vec![Capability::Blob, Capability::Sql, Capability::Emit],
+//!         }
+//!     }
+//!
+//!     fn execute(msg: Message) -> Result<Outcome, Error> {
+//!         // Stream the data object in bounded chunks.
+//!         let mut reader = match blob::open_data() {
+//!             Ok(reader) => reader,
+//!             Err(Error::NotFound(what)) => {
+//!                 return Ok(Outcome::DeadLetter(format!("no data object: {what}")));
+//!             }
+//!             Err(other) => return Err(other),
+//!         };
+//!         let mut bytes: u64 = 0;
+//!         let mut buf = vec![0u8; 64 * 1024];
+//!         loop {
+//!             let n = reader.read(&mut buf)?;
+//!             if n == 0 {
+//!                 break;
+//!             }
+//!             bytes += n as u64;
+//!         }
+//!
+//!         // Store it; `$1, $2, ...` work on SQLite and PostgreSQL.
+//!         sql::execute(
+//!             "CREATE TABLE IF NOT EXISTS byte_count \
+//!              (message_id TEXT PRIMARY KEY, bytes INTEGER NOT NULL)",
+//!             &[],
+//!         )?;
+//!         sql::execute(
+//!             "INSERT INTO byte_count (message_id, bytes) VALUES ($1, $2) \
+//!              ON CONFLICT(message_id) DO UPDATE SET bytes = excluded.bytes",
+//!             &params![msg.id.as_str(), i64::try_from(bytes).unwrap_or(i64::MAX)],
+//!         )?;
+//!
+//!         // Publish a summary to the output named by the `output` config key.
+//!         let output = config::get_or("output", "counts")?;
+//!         emit::publish_json(&output, &json!({ "message_id": msg.id, "bytes": bytes }))?;
+//!
+//!         log::info(&format!("{} has {bytes} bytes", msg.id))?;
+//!         Ok(Outcome::Done)
+//!     }
+//! }
+//!
+//! sandpipe_sdk::export_plugin!(ByteCount);
+//! ```
+//!
+//! Build it with
+//! `cargo build --target wasm32-wasip2 --release` (the crate must have
+//! `crate-type = ["cdylib"]`); the `.wasm` file in
+//! `target/wasm32-wasip2/release/` is the component.
+//!
+//! # Host builds
+//!
+//! The SDK also compiles for the host target so that a plugin's pure logic
+//! can be unit tested with `cargo test`. On the host every capability
+//! function is a stub that aborts when called: test the parsing and
+//! computing code, not the host calls.
+#![deny(missing_docs)]
+
+/// The bindings `wit-bindgen` generates for the `sandpipe:connector/plugin`
+/// world. Not part of the SDK's stable API: plugins use the friendly
+/// wrappers instead.
+#[doc(hidden)]
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "plugin",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_plugin_world",
+        default_bindings_module: "sandpipe_sdk::bindings",
+        additional_derives: [PartialEq],
+    });
+}
+
+pub mod blob;
+pub mod config;
+pub mod emit;
+mod error;
+pub mod log;
+pub mod meta;
+mod plugin;
+pub mod sql;
+mod types;
+
+pub use error::Error;
+pub use plugin::Plugin;
+pub use types::{Capability, Description, Message, Outcome, RetryAfter};
+
+/// The `serde_json` crate, re-exported for [`emit::publish_json`],
+/// [`meta::all_json`] and [`Message::body_json`]; `json!` is in the
+/// [`prelude`].
+pub use serde_json;
+
+/// Everything a plugin usually needs: `use sandpipe_sdk::prelude::*;`.
+///
+/// Brings in the [`Plugin`] trait, the message and outcome types, the
+/// [`Error`] type, the capability modules ([`log`], [`config`], [`blob`],
+/// [`meta`], [`sql`], [`emit`]), the [`params!`] macro and `serde_json`'s
+/// `json!` macro.
+pub mod prelude {
+    pub use crate::params;
+    pub use crate::serde_json::json;
+    pub use crate::{
+        Capability, Description, Error, Message, Outcome, Plugin, RetryAfter, blob, config, emit,
+        log, meta, sql,
+    };
+}
+
+/// Implementation details used by the macros. Not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::plugin::execute;
+}
