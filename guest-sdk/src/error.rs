@@ -187,10 +187,10 @@ impl From<std::io::Error> for Error {
     fn from(err: std::io::Error) -> Self {
         let kind = err.kind();
         let text = err.to_string();
-        if let Some(inner) = err.into_inner() {
-            if let Ok(sdk) = inner.downcast::<Error>() {
-                return *sdk;
-            }
+        if let Some(inner) = err.into_inner()
+            && let Ok(sdk) = inner.downcast::<Error>()
+        {
+            return *sdk;
         }
         match kind {
             std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
