@@ -1,0 +1,249 @@
+//! The commands: assemble an engine from a config file and run, check,
+//! list, send, compile.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+
+use crate::capability::{Interface, Services};
+use crate::config::{Config, DatabaseConfig};
+use crate::listener;
+use crate::output::Outputs;
+use crate::pipeline::{Pipeline, Summary};
+use crate::plugins::{self, LoadedPlugin, Problem};
+use crate::sandbox::Sandbox;
+use crate::status::StatusLog;
+use crate::store::data::DataStore;
+use crate::store::database::{Sqlite, StateStore};
+use crate::store::meta::MetaStore;
+
+/// Everything built from a config file.
+pub struct Assembled {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// The sandbox.
+    pub sandbox: Arc<Sandbox>,
+    /// Plugins that loaded.
+    pub plugins: Vec<Arc<LoadedPlugin>>,
+    /// Plugins (or grants) that did not.
+    pub problems: Vec<Problem>,
+    /// Shared services.
+    pub services: Arc<Services>,
+    /// The status log.
+    pub status: StatusLog,
+    /// The metadata store.
+    pub meta: MetaStore,
+}
+
+/// Build the stores, the sandbox and the plugins of `config`.
+pub async fn assemble(config: Config) -> anyhow::Result<Assembled> {
+    let config = Arc::new(config);
+    let (engine_db, plugins_dir) = match &config.database {
+        DatabaseConfig::Sqlite { path, plugins_dir } => (Sqlite::open(path)?, plugins_dir.clone()),
+    };
+    let status = StatusLog::new(engine_db.clone())?;
+    let services = Arc::new(Services {
+        data: DataStore::new(&config.data_store)?,
+        state: StateStore::new(engine_db)?,
+        outputs: Outputs::new(&config.outputs)?,
+    });
+    let (max_memory, fuel) = plugins::engine_shape(&config);
+    let sandbox = Arc::new(Sandbox::new(&config.sandbox, max_memory, fuel)?);
+    let (plugins, problems) = plugins::load_all(&config, &sandbox, &services, &plugins_dir).await;
+    Ok(Assembled {
+        meta: MetaStore::new(&config.meta_store),
+        config,
+        sandbox,
+        plugins,
+        problems,
+        services,
+        status,
+    })
+}
+
+/// A watch that turns true on SIGINT or SIGTERM.
+pub fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot listen for SIGTERM: {e}");
+                    let _ = ctrl_c.await;
+                    let _ = tx.send(true);
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down: finishing messages in flight");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// `sandpipe run`: process messages until a signal (or, with `once`,
+/// until the listener is drained).
+pub async fn run(config_file: &Path, once: bool, shutdown: watch::Receiver<bool>) -> anyhow::Result<Summary> {
+    let config = Config::load(config_file)?;
+    let assembled = assemble(config).await?;
+    if !assembled.problems.is_empty() {
+        let list: Vec<String> = assembled.problems.iter().map(|p| format!("  - {p}")).collect();
+        anyhow::bail!(
+            "{}: refusing to start, {} plugin problem(s):\n{}",
+            config_file.display(),
+            list.len(),
+            list.join("\n")
+        );
+    }
+    for p in &assembled.plugins {
+        for i in &p.ungranted {
+            tracing::warn!(
+                plugin = %p.name,
+                "imports `{}` without a grant; its calls will be answered access-denied",
+                i.name()
+            );
+        }
+        tracing::info!(
+            plugin = %p.name,
+            version = %p.description.version,
+            mime = %p.mime.join(","),
+            cached = p.component.from_cache,
+            "loaded"
+        );
+    }
+    let listener: Arc<dyn listener::Listener> = Arc::from(listener::build(&assembled.config.listener, once)?);
+    let pipeline = Arc::new(Pipeline::new(
+        assembled.config.clone(),
+        assembled.sandbox.clone(),
+        assembled.plugins.clone(),
+        assembled.status.clone(),
+        assembled.meta.clone(),
+        assembled.services.clone(),
+    ));
+    pipeline.run(listener, shutdown).await
+}
+
+/// `sandpipe check`: validate the config and every component; print a
+/// report; `Ok(false)` if there are problems.
+pub async fn check(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow::Result<bool> {
+    let config = match Config::load(config_file) {
+        Ok(c) => c,
+        Err(e) => {
+            writeln!(out, "error: {e}")?;
+            return Ok(false);
+        }
+    };
+    writeln!(out, "config {}: ok", config_file.display())?;
+    let assembled = assemble(config).await?;
+    for p in &assembled.plugins {
+        writeln!(
+            out,
+            "plugin `{}` {} (sha256 {}): ok, handles {}",
+            p.name,
+            p.description.version,
+            p.component.sha256,
+            p.mime.join(", ")
+        )?;
+        for i in &p.ungranted {
+            writeln!(
+                out,
+                "  warning: plugin `{}` imports `{}` but has no `{}` grant: calls will be answered access-denied (grant it with {}, or mark the plugin `strict: true` to refuse it)",
+                p.name,
+                i.name(),
+                i.name(),
+                i.how_to_grant(&p.name)
+            )?;
+        }
+    }
+    for problem in &assembled.problems {
+        writeln!(out, "error: {problem}")?;
+    }
+    let ok = assembled.problems.is_empty();
+    writeln!(
+        out,
+        "{} plugin(s) ok, {} problem(s)",
+        assembled.plugins.len(),
+        assembled.problems.len()
+    )?;
+    Ok(ok)
+}
+
+/// `sandpipe plugins`: a table of the loaded plugins.
+pub async fn plugins(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let assembled = assemble(Config::load(config_file)?).await?;
+    writeln!(
+        out,
+        "{:<16} {:<9} {:<28} {:<34} {}",
+        "NAME", "VERSION", "MIME", "IMPORTS (granted / DENIED)", "LIMITS"
+    )?;
+    for p in &assembled.plugins {
+        let imports: Vec<String> = p
+            .component
+            .imports
+            .iter()
+            .filter_map(|i| Interface::from_import(i))
+            .map(|i| {
+                if p.ungranted.contains(&i) {
+                    i.name().to_ascii_uppercase()
+                } else {
+                    i.name().to_owned()
+                }
+            })
+            .collect();
+        let l = &p.context.limits;
+        writeln!(
+            out,
+            "{:<16} {:<9} {:<28} {:<34} memory {}, timeout {:?}, fuel {}",
+            p.name,
+            p.description.version,
+            p.mime.join(","),
+            imports.join(","),
+            l.memory,
+            l.timeout,
+            l.fuel.map_or("unmetered".into(), |f| f.to_string())
+        )?;
+    }
+    for problem in &assembled.problems {
+        writeln!(out, "error: {problem}")?;
+    }
+    Ok(())
+}
+
+/// `sandpipe send`: put a message file into the configured listener.
+pub async fn send(config_file: &Path, message: &Path) -> anyhow::Result<String> {
+    let config = Config::load(config_file)?;
+    let body = std::fs::read(message).with_context(|| format!("cannot read {}", message.display()))?;
+    let name = message
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "message.json".into());
+    let listener = listener::build(&config.listener, true)?;
+    listener.send(&body, &name).await
+}
+
+/// `sandpipe compile`: fill the compiled-code cache for every plugin.
+pub fn compile(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let config = Config::load(config_file)?;
+    let (max_memory, fuel) = plugins::engine_shape(&config);
+    let sandbox = Sandbox::new(&config.sandbox, max_memory, fuel)?;
+    for (name, path) in plugins::discover(&config.plugins.dir)? {
+        let (sha, cached) = sandbox.precompile(&path)?;
+        writeln!(
+            out,
+            "{name}: {} ({sha})",
+            if cached { "already cached" } else { "compiled" }
+        )?;
+    }
+    Ok(())
+}

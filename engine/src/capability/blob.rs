@@ -1,0 +1,182 @@
+//! `blob`: the message's data object as a bounded stream, reads under
+//! granted prefixes, and writes under granted prefixes (applied on `done`).
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use wasmtime::component::Resource;
+
+use crate::capability::Interface;
+use crate::config::list_or_none;
+use crate::sandbox::InvocationState;
+use crate::sandbox::bindings::WitError;
+use crate::sandbox::bindings::sandpipe::connector::blob::{Host, HostReader};
+use crate::store::data::{DataError, ObjectStream};
+
+/// An open object, read front to back.
+pub struct BlobReader {
+    stream: BoxStream<'static, Result<Bytes, DataError>>,
+    pending: Bytes,
+    size: Option<u64>,
+    done: bool,
+}
+
+impl From<ObjectStream> for BlobReader {
+    fn from(object: ObjectStream) -> Self {
+        Self {
+            stream: object.stream,
+            pending: Bytes::new(),
+            size: object.size,
+            done: false,
+        }
+    }
+}
+
+impl BlobReader {
+    /// Up to `max` bytes; empty at the end.
+    pub async fn read(&mut self, max: usize) -> Result<Bytes, DataError> {
+        while self.pending.is_empty() && !self.done {
+            match self.stream.next().await {
+                Some(chunk) => self.pending = chunk?,
+                None => self.done = true,
+            }
+        }
+        let n = self.pending.len().min(max);
+        Ok(self.pending.split_to(n))
+    }
+}
+
+fn data_error(err: DataError) -> WitError {
+    match err {
+        DataError::NotFound(l) => WitError::NotFound(format!("no object at `{l}`")),
+        DataError::Invalid(m) => WitError::Invalid(m),
+        DataError::Unavailable(m) => WitError::Unavailable(m),
+    }
+}
+
+fn under(location: &str, prefixes: &[String]) -> bool {
+    prefixes.iter().any(|p| location.starts_with(p.as_str()))
+}
+
+impl InvocationState {
+    fn open_reader(&mut self, object: ObjectStream) -> Result<Resource<BlobReader>, WitError> {
+        self.table
+            .push(BlobReader::from(object))
+            .map_err(|e| WitError::LimitExceeded(format!("too many open readers: {e}")))
+    }
+}
+
+impl Host for InvocationState {
+    async fn open_data(&mut self) -> Result<Resource<BlobReader>, WitError> {
+        self.host.enter(Interface::Blob, "open-data")?;
+        let message = self.host.message()?;
+        let location = message.data_location.clone().ok_or_else(|| {
+            WitError::NotFound(format!("message `{}` has no data location", message.id))
+        })?;
+        let object = self
+            .host
+            .plugin
+            .services
+            .data
+            .open(&location)
+            .await
+            .map_err(data_error)?;
+        self.open_reader(object)
+    }
+
+    async fn open(&mut self, location: String) -> Result<Resource<BlobReader>, WitError> {
+        self.host.enter(Interface::Blob, "open")?;
+        let plugin = self.host.plugin.clone();
+        let allowed = plugin.grant.blob.as_ref().map(|b| b.read.as_slice()).unwrap_or_default();
+        let own = self
+            .host
+            .message
+            .as_ref()
+            .and_then(|m| m.data_location.as_deref())
+            == Some(location.as_str());
+        if !own && !under(&location, allowed) {
+            let message = format!(
+                "plugin `{}` may not read `{location}` (granted read prefixes: {})",
+                plugin.name,
+                list_or_none(allowed)
+            );
+            return Err(self.host.deny(message));
+        }
+        let object = plugin.services.data.open(&location).await.map_err(data_error)?;
+        self.open_reader(object)
+    }
+
+    async fn put(&mut self, location: String, bytes: Vec<u8>) -> Result<(), WitError> {
+        self.host.enter(Interface::Blob, "put")?;
+        let plugin = self.host.plugin.clone();
+        let allowed = plugin.grant.blob.as_ref().map(|b| b.write.as_slice()).unwrap_or_default();
+        if !under(&location, allowed) {
+            let message = format!(
+                "plugin `{}` may not write `{location}` (granted write prefixes: {})",
+                plugin.name,
+                list_or_none(allowed)
+            );
+            return Err(self.host.deny(message));
+        }
+        plugin.services.data.check_location(&location).map_err(data_error)?;
+        let limit = plugin.limits.blob_put_bytes.as_u64();
+        let effects = &mut self.host.effects;
+        if effects.put_bytes + bytes.len() as u64 > limit {
+            return Err(WitError::LimitExceeded(format!(
+                "blob writes would exceed {limit} bytes in one invocation"
+            )));
+        }
+        effects.put_bytes += bytes.len() as u64;
+        effects.puts.push((location, Bytes::from(bytes)));
+        Ok(())
+    }
+}
+
+impl HostReader for InvocationState {
+    async fn read(&mut self, reader: Resource<BlobReader>, max: u32) -> Result<Vec<u8>, WitError> {
+        self.host.enter(Interface::Blob, "reader.read")?;
+        let cap = self.host.plugin.limits.blob_chunk.as_u64();
+        let max = (max as u64).min(cap) as usize;
+        let reader = self
+            .table
+            .get_mut(&reader)
+            .map_err(|e| WitError::Invalid(format!("bad reader handle: {e}")))?;
+        let chunk = reader.read(max).await.map_err(data_error)?;
+        Ok(chunk.to_vec())
+    }
+
+    async fn size(&mut self, reader: Resource<BlobReader>) -> Option<u64> {
+        self.table.get(&reader).ok().and_then(|r| r.size)
+    }
+
+    async fn drop(&mut self, reader: Resource<BlobReader>) -> wasmtime::Result<()> {
+        self.table.delete(reader)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reader_returns_bounded_chunks_across_stream_items() -> anyhow::Result<()> {
+        let items: Vec<Result<Bytes, DataError>> =
+            vec![Ok(Bytes::from_static(b"hello ")), Ok(Bytes::from_static(b"world"))];
+        let mut r = BlobReader::from(ObjectStream {
+            stream: futures::stream::iter(items).boxed(),
+            size: Some(11),
+        });
+        let mut all = Vec::new();
+        loop {
+            let chunk = r.read(4).await?;
+            if chunk.is_empty() {
+                break;
+            }
+            assert!(chunk.len() <= 4);
+            all.extend_from_slice(&chunk);
+        }
+        assert_eq!(all, b"hello world");
+        Ok(())
+    }
+}

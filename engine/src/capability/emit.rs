@@ -1,0 +1,53 @@
+//! `emit`: queue messages for outputs the grant lists. Published by the
+//! pipeline only when the plugin's outcome is `done`, before the ack.
+
+use crate::capability::{Emit, Interface};
+use crate::config::list_or_none;
+use crate::sandbox::InvocationState;
+use crate::sandbox::bindings::WitError;
+use crate::sandbox::bindings::sandpipe::connector::emit::Host;
+
+impl Host for InvocationState {
+    async fn publish(
+        &mut self,
+        output: String,
+        payload: Vec<u8>,
+        headers: Vec<(String, String)>,
+    ) -> Result<(), WitError> {
+        let host = &mut self.host;
+        host.enter(Interface::Emit, "publish")?;
+        if !host.plugin.grant.emit.iter().any(|o| *o == output) {
+            let message = format!(
+                "plugin `{}` may not emit to output `{output}` (granted: {})",
+                host.plugin.name,
+                list_or_none(&host.plugin.grant.emit)
+            );
+            return Err(host.deny(message));
+        }
+        let limits = &host.plugin.limits;
+        if host.effects.emits.len() as u64 >= u64::from(limits.emits) {
+            return Err(WitError::LimitExceeded(format!(
+                "more than {} emits in one invocation",
+                limits.emits
+            )));
+        }
+        let size = payload.len() as u64
+            + headers
+                .iter()
+                .map(|(k, v)| (k.len() + v.len()) as u64)
+                .sum::<u64>();
+        if host.effects.emit_bytes + size > limits.emit_bytes.as_u64() {
+            return Err(WitError::LimitExceeded(format!(
+                "emitted bytes would exceed {} in one invocation",
+                limits.emit_bytes
+            )));
+        }
+        host.effects.emit_bytes += size;
+        host.effects.emits.push(Emit {
+            output,
+            payload,
+            headers,
+        });
+        Ok(())
+    }
+}

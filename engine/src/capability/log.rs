@@ -1,0 +1,44 @@
+//! `log`: structured logs into the engine's `tracing` output, bounded per
+//! invocation. Always granted.
+
+use crate::capability::Interface;
+use crate::sandbox::InvocationState;
+use crate::sandbox::bindings::WitError;
+use crate::sandbox::bindings::sandpipe::connector::log::{Host, Level};
+
+impl Level {
+    fn as_str(self) -> &'static str {
+        match self {
+            Level::Trace => "trace",
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        }
+    }
+}
+
+impl Host for InvocationState {
+    async fn write(&mut self, level: Level, message: String) -> Result<(), WitError> {
+        let host = &mut self.host;
+        host.enter(Interface::Log, "write")?;
+        let limit = host.plugin.limits.log_bytes.as_u64();
+        host.log_bytes += message.len() as u64;
+        if host.log_bytes > limit {
+            return Err(WitError::LimitExceeded(format!(
+                "log quota of {limit} bytes per invocation exceeded"
+            )));
+        }
+        let plugin = host.plugin.name.as_str();
+        let id = host.message.as_ref().map_or("", |m| m.id.as_str());
+        match level {
+            Level::Trace => tracing::trace!(plugin, message_id = id, "{message}"),
+            Level::Debug => tracing::debug!(plugin, message_id = id, "{message}"),
+            Level::Info => tracing::info!(plugin, message_id = id, "{message}"),
+            Level::Warn => tracing::warn!(plugin, message_id = id, "{message}"),
+            Level::Error => tracing::error!(plugin, message_id = id, "{message}"),
+        }
+        host.logs.push((level.as_str().to_owned(), message));
+        Ok(())
+    }
+}

@@ -1,0 +1,79 @@
+//! `meta`: the message's metadata, and a small key-value state of the
+//! plugin's own (changes applied only on `done`).
+
+use crate::capability::{Interface, StateOp, render_value};
+use crate::sandbox::InvocationState;
+use crate::sandbox::bindings::WitError;
+use crate::sandbox::bindings::sandpipe::connector::meta::Host;
+
+/// Longest state key.
+const MAX_KEY: usize = 512;
+/// Largest state value.
+const MAX_VALUE: usize = 1 << 20;
+
+impl Host for InvocationState {
+    async fn all(&mut self) -> Result<String, WitError> {
+        self.host.enter(Interface::Meta, "all")?;
+        let message = self.host.message()?;
+        serde_json::to_string(&message.metadata).map_err(|e| WitError::Internal(e.to_string()))
+    }
+
+    async fn get(&mut self, key: String) -> Result<Option<String>, WitError> {
+        self.host.enter(Interface::Meta, "get")?;
+        let message = self.host.message()?;
+        Ok(message.metadata.get(&key).map(render_value))
+    }
+
+    async fn state_get(&mut self, key: String) -> Result<Option<Vec<u8>>, WitError> {
+        self.host.enter(Interface::Meta, "state-get")?;
+        check_key(&key)?;
+        // Read your own pending writes first.
+        for op in self.host.effects.state.iter().rev() {
+            match op {
+                StateOp::Set(k, v) if *k == key => return Ok(Some(v.clone())),
+                StateOp::Delete(k) if *k == key => return Ok(None),
+                _ => {}
+            }
+        }
+        let plugin = self.host.plugin.clone();
+        plugin
+            .services
+            .state
+            .get(&plugin.name, &key)
+            .await
+            .map_err(|e| WitError::Unavailable(format!("state store: {e:#}")))
+    }
+
+    async fn state_set(&mut self, key: String, value: Vec<u8>) -> Result<(), WitError> {
+        self.host.enter(Interface::Meta, "state-set")?;
+        check_key(&key)?;
+        if value.len() > MAX_VALUE {
+            return Err(WitError::LimitExceeded(format!(
+                "state values are limited to {MAX_VALUE} bytes"
+            )));
+        }
+        if self.host.effects.state.len() >= 10_000 {
+            return Err(WitError::LimitExceeded(
+                "more than 10000 state changes in one invocation".into(),
+            ));
+        }
+        self.host.effects.state.push(StateOp::Set(key, value));
+        Ok(())
+    }
+
+    async fn state_delete(&mut self, key: String) -> Result<(), WitError> {
+        self.host.enter(Interface::Meta, "state-delete")?;
+        check_key(&key)?;
+        self.host.effects.state.push(StateOp::Delete(key));
+        Ok(())
+    }
+}
+
+fn check_key(key: &str) -> Result<(), WitError> {
+    if key.is_empty() || key.len() > MAX_KEY {
+        return Err(WitError::Invalid(format!(
+            "state keys must be 1 to {MAX_KEY} bytes"
+        )));
+    }
+    Ok(())
+}

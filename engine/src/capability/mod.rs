@@ -1,0 +1,325 @@
+//! Host capabilities: one module per WIT interface, each holding the host
+//! implementation, its policy check and its quota.
+//!
+//! Architecture invariant: only the capability's policy decides access.
+//! Every interface of the world is linked for every plugin; a call to an
+//! interface the operator did not grant answers `access-denied` (naming the
+//! plugin, the interface and the missing grant) and is recorded, never a
+//! trap.
+//!
+//! Effects (SQL, blob writes, state changes, emits) are held per
+//! invocation in [`Effects`] and applied by the pipeline only when the
+//! plugin's outcome is `done`.
+
+pub mod blob;
+pub mod config;
+pub mod emit;
+pub mod log;
+pub mod meta;
+pub mod sql;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::config::{Grant, Limits};
+use crate::output::Outputs;
+use crate::sandbox::InvocationState;
+use crate::sandbox::bindings::WitError;
+use crate::store::data::DataStore;
+use crate::store::database::{PluginDb, StateStore};
+
+/// The services capabilities are backed by, shared by every plugin.
+pub struct Services {
+    /// The data store (`blob`).
+    pub data: DataStore,
+    /// Plugin-scoped key-value state (`meta.state-*`).
+    pub state: StateStore,
+    /// Named outputs (`emit`).
+    pub outputs: Outputs,
+}
+
+/// What one plugin is, may do, and is backed by. Built once at load.
+pub struct PluginContext {
+    /// The plugin's name (its file stem).
+    pub name: String,
+    /// The operator's grant.
+    pub grant: Grant,
+    /// Effective limits.
+    pub limits: Limits,
+    /// `config` values, rendered as the `config` interface returns them.
+    pub config: BTreeMap<String, String>,
+    /// The plugin's own database, when `sql` is granted.
+    pub db: Option<Arc<PluginDb>>,
+    /// Shared services.
+    pub services: Arc<Services>,
+}
+
+impl PluginContext {
+    /// Build the context of plugin `name`.
+    pub fn new(
+        name: &str,
+        grant: Grant,
+        limits: Limits,
+        db: Option<Arc<PluginDb>>,
+        services: Arc<Services>,
+    ) -> Self {
+        let config = grant
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), render_value(v)))
+            .collect();
+        Self {
+            name: name.to_owned(),
+            grant,
+            limits,
+            config,
+            db,
+            services,
+        }
+    }
+}
+
+/// Strings as they are; every other JSON value as JSON text.
+pub fn render_value(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The message a plugin is working on, after resolution.
+#[derive(Debug, Clone, Default)]
+pub struct MessageContext {
+    /// The message id.
+    pub id: String,
+    /// The MIME type.
+    pub kind: String,
+    /// The data object's location.
+    pub data_location: Option<String>,
+    /// The metadata's location.
+    pub meta_location: Option<String>,
+    /// Resolved metadata (inline, overlaid with the metadata store's).
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Transport headers.
+    pub headers: Vec<(String, String)>,
+    /// The raw envelope.
+    pub body: Bytes,
+}
+
+/// One message queued by `emit.publish`.
+#[derive(Debug, Clone)]
+pub struct Emit {
+    /// The output's name.
+    pub output: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+}
+
+/// A pending change of the plugin's state.
+#[derive(Debug, Clone)]
+pub enum StateOp {
+    /// Set a key.
+    Set(String, Vec<u8>),
+    /// Delete a key.
+    Delete(String),
+}
+
+/// The effects of one invocation, applied only on `done`.
+#[derive(Default)]
+pub struct Effects {
+    /// The open SQL transaction, if the plugin used `sql`.
+    pub sql: Option<sql::Transaction>,
+    /// Queued emits.
+    pub emits: Vec<Emit>,
+    /// Queued blob writes.
+    pub puts: Vec<(String, Bytes)>,
+    /// Queued state changes.
+    pub state: Vec<StateOp>,
+    emit_bytes: u64,
+    put_bytes: u64,
+}
+
+impl Effects {
+    /// Whether there is nothing to apply.
+    pub fn is_empty(&self) -> bool {
+        self.sql.is_none() && self.emits.is_empty() && self.puts.is_empty() && self.state.is_empty()
+    }
+}
+
+/// The capabilities' state in one invocation's store.
+pub struct HostState {
+    /// The plugin.
+    pub plugin: Arc<PluginContext>,
+    /// The message; `None` while `describe` runs.
+    pub message: Option<Arc<MessageContext>>,
+    /// Pending effects.
+    pub effects: Effects,
+    /// Every denied host call, as a sentence.
+    pub denials: Vec<String>,
+    /// Log lines written, for `sandpipe exec` and the status log.
+    pub logs: Vec<(String, String)>,
+    calls: u64,
+    log_bytes: u64,
+}
+
+/// The interfaces, as the grants name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interface {
+    /// `log`: always granted.
+    Log,
+    /// `config`: always granted.
+    Config,
+    /// `blob`.
+    Blob,
+    /// `meta`.
+    Meta,
+    /// `sql`.
+    Sql,
+    /// `emit`.
+    Emit,
+}
+
+impl Interface {
+    /// Every interface of the `plugin` world.
+    pub const ALL: [Interface; 6] = [
+        Self::Log,
+        Self::Config,
+        Self::Blob,
+        Self::Meta,
+        Self::Sql,
+        Self::Emit,
+    ];
+
+    /// The interface's name in WIT.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Log => "log",
+            Self::Config => "config",
+            Self::Blob => "blob",
+            Self::Meta => "meta",
+            Self::Sql => "sql",
+            Self::Emit => "emit",
+        }
+    }
+
+    /// The interface a component import names, e.g.
+    /// `sandpipe:connector/sql@0.1.0` → `Sql`.
+    pub fn from_import(import: &str) -> Option<Self> {
+        let rest = import.strip_prefix("sandpipe:connector/")?;
+        let name = rest.split('@').next()?;
+        Self::ALL.into_iter().find(|i| i.name() == name)
+    }
+
+    /// Whether `grant` grants this interface.
+    pub fn granted(self, grant: &Grant) -> bool {
+        match self {
+            Self::Log | Self::Config => true,
+            Self::Blob => grant.blob.is_some(),
+            Self::Meta => grant.meta.is_some(),
+            Self::Sql => grant.sql.is_some(),
+            Self::Emit => !grant.emit.is_empty(),
+        }
+    }
+
+    /// How to grant it, for error messages.
+    pub fn how_to_grant(self, plugin: &str) -> String {
+        let example = match self {
+            Self::Log | Self::Config => "(always granted)",
+            Self::Blob => "blob: true",
+            Self::Meta => "meta: true",
+            Self::Sql => "sql: true",
+            Self::Emit => "emit: [<output>]",
+        };
+        format!("`{example}` under plugins.grants.{plugin}")
+    }
+}
+
+impl HostState {
+    /// A fresh state for one invocation of `plugin`.
+    pub fn new(plugin: Arc<PluginContext>, message: Option<Arc<MessageContext>>) -> Self {
+        Self {
+            plugin,
+            message,
+            effects: Effects::default(),
+            denials: Vec::new(),
+            logs: Vec::new(),
+            calls: 0,
+            log_bytes: 0,
+        }
+    }
+
+    /// Count a host call and check the interface is granted.
+    pub fn enter(&mut self, interface: Interface, function: &str) -> Result<(), WitError> {
+        self.calls += 1;
+        if self.calls > self.plugin.limits.host_calls {
+            return Err(WitError::LimitExceeded(format!(
+                "more than {} host calls in one invocation",
+                self.plugin.limits.host_calls
+            )));
+        }
+        if interface.granted(&self.plugin.grant) {
+            Ok(())
+        } else {
+            Err(self.deny(format!(
+                "plugin `{}` called {}.{} but has no `{}` grant (add {})",
+                self.plugin.name,
+                interface.name(),
+                function,
+                interface.name(),
+                interface.how_to_grant(&self.plugin.name)
+            )))
+        }
+    }
+
+    /// Record a denial and return the error for the guest.
+    pub fn deny(&mut self, message: String) -> WitError {
+        tracing::warn!(plugin = %self.plugin.name, "denied: {message}");
+        if self.denials.len() < 100 {
+            self.denials.push(message.clone());
+        }
+        WitError::AccessDenied(message)
+    }
+
+    /// The message, or `invalid` during `describe`.
+    pub fn message(&self) -> Result<Arc<MessageContext>, WitError> {
+        self.message
+            .clone()
+            .ok_or_else(|| WitError::Invalid("there is no message during `describe`".into()))
+    }
+}
+
+/// The empty `types` interface host.
+impl crate::sandbox::bindings::sandpipe::connector::types::Host for InvocationState {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imports_map_to_interfaces_whatever_the_version() {
+        assert_eq!(
+            Interface::from_import("sandpipe:connector/sql@0.1.0"),
+            Some(Interface::Sql)
+        );
+        assert_eq!(
+            Interface::from_import("sandpipe:connector/emit"),
+            Some(Interface::Emit)
+        );
+        assert_eq!(Interface::from_import("wasi:cli/environment@0.2.0"), None);
+        assert_eq!(Interface::from_import("sandpipe:connector/types@0.1.0"), None);
+    }
+
+    #[test]
+    fn nothing_but_log_and_config_is_granted_by_default() {
+        let grant = Grant::default();
+        let granted: Vec<_> = Interface::ALL
+            .into_iter()
+            .filter(|i| i.granted(&grant))
+            .collect();
+        assert_eq!(granted, vec![Interface::Log, Interface::Config]);
+    }
+}

@@ -1,0 +1,812 @@
+//! The engine's configuration: one YAML file.
+//!
+//! Every section is a plain serde struct with `deny_unknown_fields`, so a
+//! typo is an error that names the file, the line and the key. Backends are
+//! chosen with a `type` field (`#[serde(tag = "type")]`). `${NAME}` anywhere
+//! in the file is replaced by the environment variable `NAME` before
+//! parsing, so secrets never sit in the file; a missing variable is an error.
+//! Relative paths are resolved against the directory of the config file.
+//!
+//! YAML parsing is confined to [`Config::parse`], so the YAML crate can
+//! change in one place.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+/// A configuration that could not be loaded. Always names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {file}: {source}")]
+    Read {
+        /// The config file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A `${NAME}` reference names an unset variable.
+    #[error("{file}:{line}: environment variable `{name}` is not set (referenced as `${{{name}}}`)")]
+    MissingEnv {
+        /// The config file.
+        file: PathBuf,
+        /// 1-based line of the reference.
+        line: usize,
+        /// The variable's name.
+        name: String,
+    },
+    /// The YAML is malformed or does not fit the schema.
+    #[error("{file}:{location}: {key}: {message}")]
+    Parse {
+        /// The config file.
+        file: PathBuf,
+        /// `line N, column M`, when known.
+        location: String,
+        /// The YAML path of the offending key, e.g. `plugins.grants.text-stats.memory`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The values parse but contradict each other.
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        /// The config file.
+        file: PathBuf,
+        /// The YAML path of the offending key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where messages come from.
+    pub listener: ListenerConfig,
+    /// How the fields of a message envelope are named (sqAPI style).
+    #[serde(default)]
+    pub message_fields: MessageFields,
+    /// Where data objects live.
+    #[serde(default)]
+    pub data_store: DataStoreConfig,
+    /// Where metadata lives.
+    #[serde(default)]
+    pub meta_store: MetaStoreConfig,
+    /// The status log and the plugins' databases.
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    /// Named outputs plugins may `emit` to (when granted).
+    #[serde(default)]
+    pub outputs: BTreeMap<String, OutputConfig>,
+    /// Retry policy for failed plugins.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Concurrency of the pipeline.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// The wasm sandbox: compiled-code cache, instance pool.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+    /// Plugin components and what each is granted.
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    /// The directory of the config file; relative paths are resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// The config file itself, for error messages.
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+/// Where messages come from; `type` selects the listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ListenerConfig {
+    /// A spool folder: each `*.json` file is one message.
+    Dir {
+        /// The spool folder. `done/`, `dead/`, `.work/` and `.retry/` are created inside it.
+        path: PathBuf,
+        /// How often to look for new files when the folder is empty. Default 200ms.
+        #[serde(default = "default_poll", with = "humantime_serde")]
+        poll_interval: Duration,
+    },
+}
+
+fn default_poll() -> Duration {
+    Duration::from_millis(200)
+}
+
+/// One field of the envelope: its JSON key and whether it must be present.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldSpec {
+    /// The JSON key in the message.
+    pub key: String,
+    /// A message without this key (or with `null`) is dead-lettered.
+    #[serde(default)]
+    pub required: bool,
+}
+
+impl FieldSpec {
+    fn new(key: &str, required: bool) -> Self {
+        Self {
+            key: key.to_owned(),
+            required,
+        }
+    }
+}
+
+/// The names of the envelope's fields. The defaults are sqAPI's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessageFields {
+    /// The message's unique id. Default `uuid_ref`, required.
+    pub uuid: FieldSpec,
+    /// The data's MIME type. Default `data_type`, required.
+    #[serde(rename = "type")]
+    pub kind: FieldSpec,
+    /// The data object's location in the data store. Default `data_location`.
+    pub data_location: FieldSpec,
+    /// The metadata's location in the metadata store. Default `meta_location`.
+    pub meta_location: FieldSpec,
+    /// Inline metadata (a JSON object). Default `metadata`.
+    pub metadata: FieldSpec,
+}
+
+impl Default for MessageFields {
+    fn default() -> Self {
+        Self {
+            uuid: FieldSpec::new("uuid_ref", true),
+            kind: FieldSpec::new("data_type", true),
+            data_location: FieldSpec::new("data_location", false),
+            meta_location: FieldSpec::new("meta_location", false),
+            metadata: FieldSpec::new("metadata", false),
+        }
+    }
+}
+
+/// Where data objects live; `type` selects the store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum DataStoreConfig {
+    /// A folder on the local disk (object_store's local filesystem).
+    Disk {
+        /// The root folder; locations are relative to it and cannot escape it.
+        root: PathBuf,
+    },
+    /// An in-memory store (empty at start; useful for tests and `exec`).
+    Memory,
+}
+
+impl Default for DataStoreConfig {
+    fn default() -> Self {
+        Self::Disk {
+            root: PathBuf::from("data"),
+        }
+    }
+}
+
+/// Where metadata lives; `type` selects the store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum MetaStoreConfig {
+    /// One JSON object per file; `meta_location` is the file's path under `root`.
+    File {
+        /// The root folder.
+        root: PathBuf,
+    },
+    /// Only the metadata inline in the message; a `meta_location` is an error.
+    Inline,
+}
+
+impl Default for MetaStoreConfig {
+    fn default() -> Self {
+        Self::Inline
+    }
+}
+
+/// The status log and the plugins' databases; `type` selects the backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum DatabaseConfig {
+    /// Embedded SQLite: the status log in one file, each plugin's `sql` in
+    /// its own file under `plugins_dir`.
+    Sqlite {
+        /// The status log and plugin state. Default `state/sandpipe.sqlite`.
+        #[serde(default = "default_sqlite_path")]
+        path: PathBuf,
+        /// One database file per plugin. Default `state/plugins`.
+        #[serde(default = "default_sqlite_plugins")]
+        plugins_dir: PathBuf,
+    },
+}
+
+fn default_sqlite_path() -> PathBuf {
+    PathBuf::from("state/sandpipe.sqlite")
+}
+fn default_sqlite_plugins() -> PathBuf {
+    PathBuf::from("state/plugins")
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self::Sqlite {
+            path: default_sqlite_path(),
+            plugins_dir: default_sqlite_plugins(),
+        }
+    }
+}
+
+/// A named output; `type` selects the backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum OutputConfig {
+    /// A folder; one JSON file per emitted message.
+    Dir {
+        /// The folder (created if missing).
+        path: PathBuf,
+    },
+}
+
+/// Retry policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Deliveries of one message before it is dead-lettered. Default 5.
+    pub max_attempts: u32,
+    /// Delay before each retry.
+    pub backoff: BackoffConfig,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            backoff: BackoffConfig::default(),
+        }
+    }
+}
+
+/// Exponential backoff: `initial * multiplier^(attempt-1)`, capped at `max`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackoffConfig {
+    /// The first delay. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// The largest delay. Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    /// Growth factor per attempt. Default 2.
+    pub multiplier: f64,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            multiplier: 2.0,
+        }
+    }
+}
+
+impl BackoffConfig {
+    /// The delay before delivery number `attempt + 1`, after `attempt` failed.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self
+            .multiplier
+            .powi(attempt.saturating_sub(1).min(64) as i32);
+        let secs = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+}
+
+/// Concurrency of the pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Messages processed at once. Default 16.
+    pub concurrency: usize,
+    /// Plugins run at once for one message. Default 4.
+    pub plugin_concurrency: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            plugin_concurrency: 4,
+        }
+    }
+}
+
+/// The wasm sandbox.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Compiled native code, one file per component hash and engine version.
+    /// Default `state/cache`.
+    pub cache_dir: PathBuf,
+    /// Plugin instances alive at once (the pooling allocator's size).
+    /// Default 128.
+    pub max_instances: u32,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: PathBuf::from("state/cache"),
+            max_instances: 128,
+        }
+    }
+}
+
+/// Plugin components and their grants.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Every `*.wasm` here is a plugin, named after its file stem. Default `plugins`.
+    pub dir: PathBuf,
+    /// Limits for every plugin that does not override them.
+    pub defaults: Limits,
+    /// What each plugin may do, by plugin name. A plugin without an entry
+    /// is loaded with nothing granted (log and config only).
+    pub grants: BTreeMap<String, Grant>,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("plugins"),
+            defaults: Limits::default(),
+            grants: BTreeMap::new(),
+        }
+    }
+}
+
+/// Per-invocation limits of the sandbox and of the host capabilities.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Fuel per invocation (wasm instructions, roughly). `null`: unmetered,
+    /// the deadline alone stops a runaway plugin. Default `null`.
+    pub fuel: Option<u64>,
+    /// Linear memory per instance. Default 64MiB.
+    pub memory: ByteSize,
+    /// Wall-clock deadline per invocation. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Bytes of log text per invocation. Default 64KiB.
+    pub log_bytes: ByteSize,
+    /// Captured stderr per invocation (panic messages). Default 16KiB.
+    pub stderr_bytes: ByteSize,
+    /// Messages emitted per invocation. Default 1000.
+    pub emits: u32,
+    /// Bytes emitted per invocation, payloads and headers. Default 16MiB.
+    pub emit_bytes: ByteSize,
+    /// Rows one SQL query may return. Default 10000.
+    pub sql_rows: u32,
+    /// Bytes one `blob.read` returns at most. Default 1MiB.
+    pub blob_chunk: ByteSize,
+    /// Bytes written through `blob.put` per invocation. Default 64MiB.
+    pub blob_put_bytes: ByteSize,
+    /// Host calls per invocation. Default 100000.
+    pub host_calls: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            fuel: None,
+            memory: ByteSize::mib(64),
+            timeout: Duration::from_secs(5),
+            log_bytes: ByteSize::kib(64),
+            stderr_bytes: ByteSize::kib(16),
+            emits: 1000,
+            emit_bytes: ByteSize::mib(16),
+            sql_rows: 10_000,
+            blob_chunk: ByteSize::mib(1),
+            blob_put_bytes: ByteSize::mib(64),
+            host_calls: 100_000,
+        }
+    }
+}
+
+/// Per-plugin overrides of [`Limits`]; unset keys take the defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitOverrides {
+    /// See [`Limits::fuel`]. `0` here means unmetered.
+    pub fuel: Option<u64>,
+    /// See [`Limits::memory`].
+    pub memory: Option<ByteSize>,
+    /// See [`Limits::timeout`].
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// See [`Limits::log_bytes`].
+    pub log_bytes: Option<ByteSize>,
+    /// See [`Limits::stderr_bytes`].
+    pub stderr_bytes: Option<ByteSize>,
+    /// See [`Limits::emits`].
+    pub emits: Option<u32>,
+    /// See [`Limits::emit_bytes`].
+    pub emit_bytes: Option<ByteSize>,
+    /// See [`Limits::sql_rows`].
+    pub sql_rows: Option<u32>,
+    /// See [`Limits::blob_chunk`].
+    pub blob_chunk: Option<ByteSize>,
+    /// See [`Limits::blob_put_bytes`].
+    pub blob_put_bytes: Option<ByteSize>,
+    /// See [`Limits::host_calls`].
+    pub host_calls: Option<u64>,
+}
+
+impl LimitOverrides {
+    /// These overrides applied on top of `base`.
+    pub fn apply(&self, base: &Limits) -> Limits {
+        Limits {
+            fuel: match self.fuel {
+                Some(0) => None,
+                Some(f) => Some(f),
+                None => base.fuel,
+            },
+            memory: self.memory.unwrap_or(base.memory),
+            timeout: self.timeout.unwrap_or(base.timeout),
+            log_bytes: self.log_bytes.unwrap_or(base.log_bytes),
+            stderr_bytes: self.stderr_bytes.unwrap_or(base.stderr_bytes),
+            emits: self.emits.unwrap_or(base.emits),
+            emit_bytes: self.emit_bytes.unwrap_or(base.emit_bytes),
+            sql_rows: self.sql_rows.unwrap_or(base.sql_rows),
+            blob_chunk: self.blob_chunk.unwrap_or(base.blob_chunk),
+            blob_put_bytes: self.blob_put_bytes.unwrap_or(base.blob_put_bytes),
+            host_calls: self.host_calls.unwrap_or(base.host_calls),
+        }
+    }
+}
+
+/// What one plugin may do. Everything not listed is denied.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// MIME types routed to this plugin (`type/*` and `*/*` allowed). When
+    /// absent, the plugin's own `describe` list is used.
+    pub mime: Option<Vec<String>>,
+    /// Refuse to load the plugin if it imports an interface not granted here.
+    #[serde(default)]
+    pub strict: bool,
+    /// Pin the component: refuse it unless its sha256 (hex) matches.
+    pub sha256: Option<String>,
+    /// `sql`: a database of the plugin's own. `true` or a map.
+    #[serde(default, deserialize_with = "bool_or_map")]
+    pub sql: Option<SqlGrant>,
+    /// `emit`: the outputs the plugin may publish to.
+    #[serde(default)]
+    pub emit: Vec<String>,
+    /// `blob`: `true` (the message's data object only) or a map.
+    #[serde(default, deserialize_with = "bool_or_map")]
+    pub blob: Option<BlobGrant>,
+    /// `meta`: the message's metadata and a plugin-scoped state.
+    #[serde(default, deserialize_with = "bool_or_map")]
+    pub meta: Option<MetaGrant>,
+    /// The plugin's own configuration values, readable through `config`.
+    #[serde(default)]
+    pub config: BTreeMap<String, serde_json::Value>,
+    /// Limit overrides for this plugin (same keys as `plugins.defaults`).
+    #[serde(default)]
+    pub limits: LimitOverrides,
+}
+
+/// The `sql` grant.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlGrant {}
+
+/// The `blob` grant.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobGrant {
+    /// Location prefixes `blob.open` may read, besides the message's own data object.
+    #[serde(default)]
+    pub read: Vec<String>,
+    /// Location prefixes `blob.put` may write.
+    #[serde(default)]
+    pub write: Vec<String>,
+}
+
+/// The `meta` grant.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetaGrant {}
+
+/// `true` → `Some(T::default())`, `false`/absent → `None`, a map → `Some(T)`.
+fn bool_or_map<'de, D, T>(de: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either<T> {
+        Flag(bool),
+        Map(T),
+    }
+    match Either::<T>::deserialize(de) {
+        Ok(Either::Flag(true)) => Ok(Some(T::default())),
+        Ok(Either::Flag(false)) => Ok(None),
+        Ok(Either::Map(t)) => Ok(Some(t)),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected `true`, `false` or a map of this grant's known keys",
+        )),
+    }
+}
+
+impl Config {
+    /// Read, expand and parse a config file.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Self::parse(file, &text)
+    }
+
+    /// Parse config text that claims to come from `file`.
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let expanded = expand_env(file, text)?;
+        let de = serde_yaml_ng::Deserializer::from_str(&expanded);
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|err| {
+            let key = err.path().to_string();
+            let inner = err.into_inner();
+            let location = inner
+                .location()
+                .map(|l| format!("line {}, column {}", l.line(), l.column()))
+                .unwrap_or_else(|| "?".to_owned());
+            let message = strip_location(&inner.to_string());
+            ConfigError::Parse {
+                file: file.to_owned(),
+                location,
+                key: if key == "." { "(top level)".into() } else { key },
+                message,
+            }
+        })?;
+        config.file = file.to_owned();
+        config.base_dir = file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        config.resolve_paths();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A path from the config, resolved against the config file's folder.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    fn resolve_paths(&mut self) {
+        let base = self.base_dir.clone();
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        match &mut self.listener {
+            ListenerConfig::Dir { path, .. } => fix(path),
+        }
+        if let DataStoreConfig::Disk { root } = &mut self.data_store {
+            fix(root);
+        }
+        if let MetaStoreConfig::File { root } = &mut self.meta_store {
+            fix(root);
+        }
+        match &mut self.database {
+            DatabaseConfig::Sqlite { path, plugins_dir } => {
+                fix(path);
+                fix(plugins_dir);
+            }
+        }
+        for output in self.outputs.values_mut() {
+            match output {
+                OutputConfig::Dir { path } => fix(path),
+            }
+        }
+        fix(&mut self.sandbox.cache_dir);
+        fix(&mut self.plugins.dir);
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            file: self.file.clone(),
+            key,
+            message,
+        };
+        if self.retry.max_attempts == 0 {
+            return Err(invalid(
+                "retry.max_attempts".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.pipeline.concurrency == 0 || self.pipeline.plugin_concurrency == 0 {
+            return Err(invalid(
+                "pipeline".into(),
+                "concurrency and plugin_concurrency must be at least 1".into(),
+            ));
+        }
+        for (name, grant) in &self.plugins.grants {
+            for output in &grant.emit {
+                if !self.outputs.contains_key(output) {
+                    return Err(invalid(
+                        format!("plugins.grants.{name}.emit"),
+                        format!(
+                            "output `{output}` is not declared under `outputs` (declared: {})",
+                            list_or_none(self.outputs.keys())
+                        ),
+                    ));
+                }
+            }
+            if let Some(pin) = &grant.sha256
+                && (pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(invalid(
+                    format!("plugins.grants.{name}.sha256"),
+                    "must be 64 hexadecimal digits".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective limits of plugin `name`.
+    pub fn limits_for(&self, name: &str) -> Limits {
+        match self.plugins.grants.get(name) {
+            Some(grant) => grant.limits.apply(&self.plugins.defaults),
+            None => self.plugins.defaults.clone(),
+        }
+    }
+}
+
+/// `a, b, c`, or `none`.
+pub fn list_or_none<I, S>(items: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: std::fmt::Display,
+{
+    let all: Vec<String> = items.into_iter().map(|s| s.to_string()).collect();
+    if all.is_empty() {
+        "none".into()
+    } else {
+        all.join(", ")
+    }
+}
+
+/// serde_yaml appends " at line X column Y"; we print the location ourselves.
+fn strip_location(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+/// Replace `${NAME}` with the environment variable `NAME`.
+fn expand_env(file: &Path, text: &str) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else {
+                out.push_str(&rest[start..]);
+                rest = "";
+                break;
+            };
+            let name = &after[..end];
+            let value = std::env::var(name).map_err(|_| ConfigError::MissingEnv {
+                file: file.to_owned(),
+                line: index + 1,
+                name: name.to_owned(),
+            })?;
+            out.push_str(&value);
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/sandpipe/test.yaml"), text)
+    }
+
+    #[test]
+    fn minimal_config_gets_embedded_defaults() -> anyhow::Result<()> {
+        let c = parse("listener: { type: dir, path: spool }\n")?;
+        assert!(matches!(c.database, DatabaseConfig::Sqlite { .. }));
+        match &c.listener {
+            ListenerConfig::Dir { path, .. } => {
+                assert_eq!(path, Path::new("/etc/sandpipe/spool"))
+            }
+        }
+        assert_eq!(c.message_fields.uuid.key, "uuid_ref");
+        assert!(c.message_fields.kind.required);
+        assert_eq!(c.plugins.defaults.memory, ByteSize::mib(64));
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_path() {
+        let err = parse(
+            "listener: { type: dir, path: spool }\nplugins:\n  grants:\n    a:\n      limits:\n        memroy: 1MiB\n",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("/etc/sandpipe/test.yaml"), "{err}");
+        assert!(err.contains("line 6"), "{err}");
+        assert!(err.contains("plugins.grants.a.limits"), "{err}");
+        assert!(err.contains("memroy"), "{err}");
+    }
+
+    #[test]
+    fn missing_env_var_is_named_with_its_line() {
+        let err = parse("listener: { type: dir, path: \"${SANDPIPE_SURELY_UNSET_VAR}\" }\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("SANDPIPE_SURELY_UNSET_VAR"), "{err}");
+        assert!(err.contains("test.yaml:1"), "{err}");
+    }
+
+    #[test]
+    fn grant_of_undeclared_output_is_refused() {
+        let err = parse(
+            "listener: { type: dir, path: s }\nplugins:\n  grants:\n    a: { emit: [nowhere] }\n",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("plugins.grants.a.emit"), "{err}");
+        assert!(err.contains("nowhere"), "{err}");
+    }
+
+    #[test]
+    fn grants_accept_true_or_maps_and_limits_override_defaults() -> anyhow::Result<()> {
+        let c = parse(
+            "listener: { type: dir, path: s }\noutputs: { o: { type: dir, path: out } }\nplugins:\n  defaults: { timeout: 2s, fuel: 1000 }\n  grants:\n    a: { sql: true, blob: { read: [x/] }, meta: false, emit: [o], limits: { memory: 8MiB, fuel: 0 } }\n",
+        )?;
+        let g = &c.plugins.grants["a"];
+        assert!(g.sql.is_some());
+        assert_eq!(g.blob.as_ref().map(|b| b.read.clone()), Some(vec!["x/".into()]));
+        assert!(g.meta.is_none());
+        let l = c.limits_for("a");
+        assert_eq!(l.memory, ByteSize::mib(8));
+        assert_eq!(l.timeout, Duration::from_secs(2));
+        assert_eq!(l.fuel, None);
+        assert_eq!(c.limits_for("other").fuel, Some(1000));
+        Ok(())
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let b = BackoffConfig::default();
+        assert_eq!(b.delay(1), Duration::from_secs(1));
+        assert_eq!(b.delay(2), Duration::from_secs(2));
+        assert_eq!(b.delay(3), Duration::from_secs(4));
+        assert_eq!(b.delay(30), Duration::from_secs(60));
+    }
+}

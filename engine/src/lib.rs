@@ -1,0 +1,14 @@
+//! Sandpipe: a WebAssembly-sandboxed connector engine.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the map of this crate.
+
+pub mod app;
+pub mod capability;
+pub mod config;
+pub mod listener;
+pub mod output;
+pub mod pipeline;
+pub mod plugins;
+pub mod sandbox;
+pub mod status;
+pub mod store;

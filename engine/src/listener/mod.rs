@@ -1,0 +1,85 @@
+//! Listeners: where deliveries come from, and how each is settled exactly
+//! once (ack, retry later, or dead-letter). One file per type; `type` in
+//! the YAML selects it.
+
+mod dir;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::config::ListenerConfig;
+pub use dir::DirListener;
+
+/// How a delivery ends.
+#[derive(Debug, Clone)]
+pub enum Settlement {
+    /// Done: remove it from the source.
+    Ack,
+    /// Deliver it again after `delay`, as attempt `attempt + 1`.
+    Retry {
+        /// How long to wait.
+        delay: Duration,
+        /// Why (for logs and headers).
+        reason: String,
+    },
+    /// Deliver it again after `delay` as the same attempt: the failure was
+    /// the engine's or a dependency's, not the message's.
+    Requeue {
+        /// How long to wait.
+        delay: Duration,
+        /// Why.
+        reason: String,
+    },
+    /// Never deliver it again; keep it with its reason and report.
+    DeadLetter {
+        /// Why.
+        reason: String,
+        /// Every plugin's status, as JSON.
+        report: serde_json::Value,
+    },
+}
+
+/// Settles one delivery. Consumed by use, so it happens once.
+#[async_trait]
+pub trait Acker: Send {
+    /// Settle the delivery.
+    async fn settle(self: Box<Self>, settlement: Settlement) -> anyhow::Result<()>;
+}
+
+/// One delivery of one message.
+pub struct Delivery {
+    /// The raw message.
+    pub body: Bytes,
+    /// Transport headers.
+    pub headers: Vec<(String, String)>,
+    /// 1 for the first delivery.
+    pub attempt: u32,
+    /// A name for logs (file name, delivery tag).
+    pub name: String,
+    /// Settles it.
+    pub acker: Box<dyn Acker>,
+}
+
+/// A source of deliveries.
+#[async_trait]
+pub trait Listener: Send + Sync {
+    /// The next delivery. `None` when the source is drained (only in
+    /// `--once` mode). Must be cancel-safe: dropping the future loses
+    /// nothing.
+    async fn recv(&self) -> anyhow::Result<Option<Delivery>>;
+
+    /// Put a message into the source (`sandpipe send`). Returns where.
+    async fn send(&self, body: &[u8], name: &str) -> anyhow::Result<String>;
+}
+
+/// Build the configured listener. `once`: drain what is there, then end.
+pub fn build(config: &ListenerConfig, once: bool) -> anyhow::Result<Box<dyn Listener>> {
+    match config {
+        ListenerConfig::Dir {
+            path,
+            poll_interval,
+        } => Ok(Box::new(DirListener::new(path, *poll_interval, once)?)),
+    }
+}

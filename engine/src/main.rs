@@ -1,0 +1,100 @@
+//! The `sandpipe` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// A WebAssembly-sandboxed connector engine.
+#[derive(Parser)]
+#[command(name = "sandpipe", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Process messages until SIGINT/SIGTERM (or, with --once, until drained).
+    Run {
+        /// The configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Drain the messages that are there, then exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Validate the configuration and every component; exit 1 on any problem.
+    Check {
+        /// The configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// List the plugins: name, version, MIME types, imports, limits.
+    Plugins {
+        /// The configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Put a message file into the configured listener.
+    Send {
+        /// The configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The message (a JSON file).
+        message: PathBuf,
+    },
+    /// Compile every plugin into the code cache ahead of deployment.
+    Compile {
+        /// The configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("SANDPIPE_LOG").unwrap_or_else(|_| EnvFilter::new("warn,sandpipe=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    let mut stdout = std::io::stdout();
+    match command {
+        Command::Run { config, once } => {
+            let summary = sandpipe::app::run(&config, once, sandpipe::app::shutdown_signal()).await?;
+            println!("{summary}");
+        }
+        Command::Check { config } => {
+            if !sandpipe::app::check(&config, &mut stdout).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Plugins { config } => sandpipe::app::plugins(&config, &mut stdout).await?,
+        Command::Send { config, message } => {
+            let at = sandpipe::app::send(&config, &message).await?;
+            println!("sent {} to {at}", message.display());
+        }
+        Command::Compile { config } => sandpipe::app::compile(&config, &mut stdout)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

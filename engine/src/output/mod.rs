@@ -1,0 +1,59 @@
+//! Outputs: where `emit` publishes. One file per backend; `type` in the
+//! YAML selects it.
+
+mod dir;
+
+use std::collections::BTreeMap;
+
+use crate::capability::Emit;
+use crate::config::OutputConfig;
+pub use dir::{DirOutput, safe_name};
+
+/// One configured output.
+pub enum Output {
+    /// A folder, one file per message.
+    Dir(DirOutput),
+}
+
+/// Every configured output, by name.
+#[derive(Default)]
+pub struct Outputs {
+    outputs: BTreeMap<String, Output>,
+}
+
+/// Who emitted what: makes published names deterministic, so a redelivered
+/// message overwrites its own earlier output instead of duplicating it.
+pub struct Origin<'a> {
+    /// The message id.
+    pub message_id: &'a str,
+    /// The plugin.
+    pub plugin: &'a str,
+}
+
+impl Outputs {
+    /// Build the outputs of the config.
+    pub fn new(config: &BTreeMap<String, OutputConfig>) -> anyhow::Result<Self> {
+        let mut outputs = BTreeMap::new();
+        for (name, output) in config {
+            let built = match output {
+                OutputConfig::Dir { path } => Output::Dir(DirOutput::new(path)?),
+            };
+            outputs.insert(name.clone(), built);
+        }
+        Ok(Self { outputs })
+    }
+
+    /// Publish `emits` in order; returns when every one is durable.
+    pub async fn publish(&self, origin: &Origin<'_>, emits: &[Emit]) -> anyhow::Result<()> {
+        for (seq, emit) in emits.iter().enumerate() {
+            let output = self
+                .outputs
+                .get(&emit.output)
+                .ok_or_else(|| anyhow::anyhow!("output `{}` is not configured", emit.output))?;
+            match output {
+                Output::Dir(dir) => dir.publish(origin, seq, emit).await?,
+            }
+        }
+        Ok(())
+    }
+}

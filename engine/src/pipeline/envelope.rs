@@ -1,0 +1,172 @@
+//! The envelope: a message's JSON, read with the configured
+//! `message_fields` mapping (sqAPI style).
+
+use serde_json::{Map, Value};
+
+use crate::config::{FieldSpec, MessageFields};
+
+/// A parsed envelope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// The message id.
+    pub id: String,
+    /// The data's MIME type.
+    pub kind: String,
+    /// The data object's location.
+    pub data_location: Option<String>,
+    /// The metadata's location.
+    pub meta_location: Option<String>,
+    /// Inline metadata.
+    pub metadata: Map<String, Value>,
+}
+
+/// Why an envelope was refused; never retried.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{reason}")]
+pub struct EnvelopeError {
+    /// The message id, if it could be read.
+    pub id: Option<String>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn text_field(
+    object: &Map<String, Value>,
+    spec: &FieldSpec,
+    role: &str,
+) -> Result<Option<String>, String> {
+    match object.get(&spec.key) {
+        None | Some(Value::Null) if spec.required => Err(format!(
+            "required field `{}` (message_fields.{role}) is missing",
+            spec.key
+        )),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() && spec.required => Err(format!(
+            "required field `{}` (message_fields.{role}) is empty",
+            spec.key
+        )),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) if role == "uuid" => Ok(Some(n.to_string())),
+        Some(other) => Err(format!(
+            "field `{}` (message_fields.{role}) must be a string, not {}",
+            spec.key,
+            kind_of(other)
+        )),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Parse `body` with `fields`.
+pub fn parse(body: &[u8], fields: &MessageFields) -> Result<Envelope, EnvelopeError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| EnvelopeError {
+        id: None,
+        reason: format!("message is not valid JSON: {e}"),
+    })?;
+    let Value::Object(object) = value else {
+        return Err(EnvelopeError {
+            id: None,
+            reason: format!("message must be a JSON object, not {}", kind_of(&value)),
+        });
+    };
+    let id = text_field(&object, &fields.uuid, "uuid").map_err(|reason| EnvelopeError {
+        id: None,
+        reason,
+    })?;
+    let fail = |reason: String| EnvelopeError {
+        id: id.clone(),
+        reason,
+    };
+    let kind = text_field(&object, &fields.kind, "type").map_err(fail)?;
+    let data_location = text_field(&object, &fields.data_location, "data_location").map_err(fail)?;
+    let meta_location = text_field(&object, &fields.meta_location, "meta_location").map_err(fail)?;
+    let metadata = match object.get(&fields.metadata.key) {
+        None | Some(Value::Null) if fields.metadata.required => {
+            return Err(fail(format!(
+                "required field `{}` (message_fields.metadata) is missing",
+                fields.metadata.key
+            )));
+        }
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(other) => {
+            return Err(fail(format!(
+                "field `{}` (message_fields.metadata) must be an object, not {}",
+                fields.metadata.key,
+                kind_of(other)
+            )));
+        }
+    };
+    Ok(Envelope {
+        // A missing optional id still needs a name in the status log.
+        id: id.unwrap_or_default(),
+        kind: kind.unwrap_or_default(),
+        data_location,
+        meta_location,
+        metadata,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields() -> MessageFields {
+        MessageFields::default()
+    }
+
+    #[test]
+    fn sqapi_message_parses() -> anyhow::Result<()> {
+        let e = parse(
+            br#"{"uuid_ref":"u1","data_type":"image/png","data_location":"a/b.png","meta_location":"m.json","metadata":{"k":1}}"#,
+            &fields(),
+        )?;
+        assert_eq!(e.id, "u1");
+        assert_eq!(e.kind, "image/png");
+        assert_eq!(e.data_location.as_deref(), Some("a/b.png"));
+        assert_eq!(e.meta_location.as_deref(), Some("m.json"));
+        assert_eq!(e.metadata.get("k"), Some(&Value::from(1)));
+        Ok(())
+    }
+
+    #[test]
+    fn bad_json_and_missing_fields_give_reasons() {
+        let err = parse(b"{not json", &fields()).err().map(|e| e.reason).unwrap_or_default();
+        assert!(err.starts_with("message is not valid JSON"), "{err}");
+        let err = parse(b"[1]", &fields()).err().map(|e| e.reason).unwrap_or_default();
+        assert!(err.contains("JSON object"), "{err}");
+        let err = parse(br#"{"uuid_ref":"u"}"#, &fields()).err();
+        assert_eq!(
+            err,
+            Some(EnvelopeError {
+                id: Some("u".into()),
+                reason: "required field `data_type` (message_fields.type) is missing".into()
+            })
+        );
+        let err = parse(br#"{"uuid_ref":"u","data_type":5}"#, &fields())
+            .err()
+            .map(|e| e.reason)
+            .unwrap_or_default();
+        assert!(err.contains("must be a string"), "{err}");
+    }
+
+    #[test]
+    fn custom_field_names_are_honoured() -> anyhow::Result<()> {
+        let mut f = fields();
+        f.uuid.key = "id".into();
+        f.kind.key = "mime".into();
+        let e = parse(br#"{"id":7,"mime":"text/plain"}"#, &f)?;
+        assert_eq!((e.id.as_str(), e.kind.as_str()), ("7", "text/plain"));
+        Ok(())
+    }
+}

@@ -1,0 +1,500 @@
+//! The way of one message: envelope → resolution → routing → sandboxed
+//! plugins → effects → status log → settlement.
+//!
+//! Architecture invariant: a delivery is settled exactly once, and only
+//! after every routed plugin's effects are committed and its status is
+//! durable in the status log.
+
+pub mod envelope;
+pub mod routing;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use serde::Serialize;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::capability::{HostState, MessageContext, Services};
+use crate::config::Config;
+use crate::listener::{Delivery, Listener, Settlement};
+use crate::output::Origin;
+use crate::plugins::LoadedPlugin;
+use crate::sandbox::bindings::{Message, Outcome, WitError};
+use crate::sandbox::{FailureKind, Sandbox};
+use crate::status::{Entry, Status, StatusLog};
+use crate::store::data::DataError;
+use crate::store::meta::{MetaError, MetaStore};
+use envelope::Envelope;
+
+/// Counts of settled deliveries.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Deliveries settled.
+    pub processed: u64,
+    /// Acknowledged: every routed plugin done or skipped.
+    pub done: u64,
+    /// Failed and scheduled for another attempt.
+    pub failed: u64,
+    /// Dead-lettered.
+    pub dead: u64,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "processed {} messages: {} done, {} failed, {} dead-lettered",
+            self.processed, self.done, self.failed, self.dead
+        )
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    processed: AtomicU64,
+    done: AtomicU64,
+    failed: AtomicU64,
+    dead: AtomicU64,
+}
+
+/// What one plugin made of one message.
+struct PluginResult {
+    plugin: Arc<LoadedPlugin>,
+    status: Status,
+    info: String,
+    retry_after: Option<Duration>,
+    duration: Duration,
+    fuel: Option<u64>,
+}
+
+/// The pipeline: everything needed to process deliveries.
+pub struct Pipeline {
+    config: Arc<Config>,
+    sandbox: Arc<Sandbox>,
+    plugins: Vec<Arc<LoadedPlugin>>,
+    status: StatusLog,
+    meta: MetaStore,
+    services: Arc<Services>,
+    counters: Counters,
+}
+
+impl Pipeline {
+    /// Assemble a pipeline from loaded parts.
+    pub fn new(
+        config: Arc<Config>,
+        sandbox: Arc<Sandbox>,
+        plugins: Vec<Arc<LoadedPlugin>>,
+        status: StatusLog,
+        meta: MetaStore,
+        services: Arc<Services>,
+    ) -> Self {
+        Self {
+            config,
+            sandbox,
+            plugins,
+            status,
+            meta,
+            services,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The status log.
+    pub fn status_log(&self) -> &StatusLog {
+        &self.status
+    }
+
+    /// Counts so far.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            processed: self.counters.processed.load(Ordering::Relaxed),
+            done: self.counters.done.load(Ordering::Relaxed),
+            failed: self.counters.failed.load(Ordering::Relaxed),
+            dead: self.counters.dead.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Take deliveries from `listener` until it is drained or `shutdown`
+    /// becomes true; then finish what is in flight and return the counts.
+    pub async fn run(
+        self: &Arc<Self>,
+        listener: Arc<dyn Listener>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Summary> {
+        let slots = Arc::new(Semaphore::new(self.config.pipeline.concurrency));
+        let mut tasks = JoinSet::new();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let permit = tokio::select! {
+                _ = shutdown.changed() => break,
+                permit = slots.clone().acquire_owned() => permit?,
+            };
+            let delivery = tokio::select! {
+                _ = shutdown.changed() => break,
+                delivery = listener.recv() => delivery?,
+            };
+            let Some(delivery) = delivery else { break };
+            let this = self.clone();
+            tasks.spawn(async move {
+                this.process(delivery).await;
+                drop(permit);
+            });
+            while let Some(joined) = tasks.try_join_next() {
+                if let Err(e) = joined {
+                    tracing::error!(error = %e, "a message task failed");
+                }
+            }
+        }
+        tracing::info!(in_flight = tasks.len(), "finishing messages in flight");
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = joined {
+                tracing::error!(error = %e, "a message task failed");
+            }
+        }
+        Ok(self.summary())
+    }
+
+    /// Process one delivery and settle it. Never leaves it unsettled.
+    pub async fn process(&self, delivery: Delivery) {
+        let Delivery {
+            body,
+            headers,
+            attempt,
+            name,
+            acker,
+        } = delivery;
+        let settlement = match self.decide(&body, &headers, attempt, &name).await {
+            Ok(s) => s,
+            Err(e) => {
+                // An infrastructure failure (status log, stores): not the
+                // message's fault, so the attempt does not count.
+                tracing::error!(delivery = %name, error = format!("{e:#}"), "cannot process; will retry");
+                Settlement::Requeue {
+                    delay: self.config.retry.backoff.delay(1),
+                    reason: format!("{e:#}"),
+                }
+            }
+        };
+        let counter = match &settlement {
+            Settlement::Ack => &self.counters.done,
+            Settlement::Retry { .. } | Settlement::Requeue { .. } => &self.counters.failed,
+            Settlement::DeadLetter { .. } => &self.counters.dead,
+        };
+        match acker.settle(settlement).await {
+            Ok(()) => {
+                counter.fetch_add(1, Ordering::Relaxed);
+                self.counters.processed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(delivery = %name, error = format!("{e:#}"), "cannot settle"),
+        }
+    }
+
+    async fn dead(
+        &self,
+        id: &str,
+        attempt: u32,
+        reason: String,
+        mut entries: Vec<Entry>,
+    ) -> anyhow::Result<Settlement> {
+        tracing::warn!(message_id = id, "dead-lettered: {reason}");
+        entries.push(Entry::message(id, attempt, Status::Dead, reason.clone()));
+        self.status.record(entries).await?;
+        let report = serde_json::to_value(self.status.rows(id).await?)?;
+        Ok(Settlement::DeadLetter { reason, report })
+    }
+
+    async fn decide(
+        &self,
+        body: &bytes::Bytes,
+        headers: &[(String, String)],
+        attempt: u32,
+        name: &str,
+    ) -> anyhow::Result<Settlement> {
+        let envelope = match envelope::parse(body, &self.config.message_fields) {
+            Ok(e) => e,
+            Err(err) => {
+                let id = err.id.clone().unwrap_or_else(|| format!("delivery:{name}"));
+                let received = Entry::message(&id, attempt, Status::Received, "");
+                return self
+                    .dead(&id, attempt, format!("bad message: {}", err.reason), vec![received])
+                    .await;
+            }
+        };
+        let id = if envelope.id.is_empty() {
+            format!("delivery:{name}")
+        } else {
+            envelope.id.clone()
+        };
+        let received = Entry::message(&id, attempt, Status::Received, envelope.kind.clone());
+
+        let routed: Vec<Arc<LoadedPlugin>> = self
+            .plugins
+            .iter()
+            .filter(|p| p.mime.iter().any(|m| routing::mime_matches(m, &envelope.kind)))
+            .cloned()
+            .collect();
+        if routed.is_empty() {
+            let loaded: Vec<String> = self
+                .plugins
+                .iter()
+                .map(|p| format!("{} [{}]", p.name, p.mime.join(", ")))
+                .collect();
+            let reason = format!(
+                "no plugin handles MIME type `{}` (loaded: {})",
+                envelope.kind,
+                crate::config::list_or_none(loaded)
+            );
+            return self.dead(&id, attempt, reason, vec![received]).await;
+        }
+
+        let message = match self.resolve(&id, &envelope, headers, body).await {
+            Ok(m) => Arc::new(m),
+            Err(Resolution::Permanent(reason)) => {
+                return self.dead(&id, attempt, reason, vec![received]).await;
+            }
+            Err(Resolution::Transient(reason)) => anyhow::bail!(reason),
+        };
+
+        let finished: HashSet<String> = self.status.finished_plugins(&id).await?;
+        let to_run: Vec<Arc<LoadedPlugin>> = routed
+            .into_iter()
+            .filter(|p| !finished.contains(&p.name))
+            .collect();
+        let mut entries = vec![received];
+        entries.extend(to_run.iter().map(|p| self.plugin_entry(p, &id, attempt, Status::Running, String::new())));
+        self.status.record(entries).await?;
+
+        let results: Vec<PluginResult> = futures::stream::iter(to_run)
+            .map(|plugin| self.run_plugin(plugin, message.clone(), attempt))
+            .buffer_unordered(self.config.pipeline.plugin_concurrency)
+            .collect()
+            .await;
+
+        let max = self.config.retry.max_attempts;
+        let dead: Vec<&PluginResult> = results.iter().filter(|r| r.status == Status::Dead).collect();
+        let failed: Vec<&PluginResult> = results.iter().filter(|r| r.status == Status::Failed).collect();
+        let mut entries: Vec<Entry> = results
+            .iter()
+            .map(|r| {
+                let mut e = self.plugin_entry(&r.plugin, &id, attempt, r.status, r.info.clone());
+                e.duration_ms = Some(r.duration.as_secs_f64() * 1000.0);
+                e.fuel_used = r.fuel;
+                e
+            })
+            .collect();
+        let describe = |rs: &[&PluginResult]| {
+            rs.iter()
+                .map(|r| format!("plugin `{}`: {}", r.plugin.name, r.info))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        if !dead.is_empty() {
+            return self.dead(&id, attempt, describe(&dead), entries).await;
+        }
+        if !failed.is_empty() {
+            if attempt >= max {
+                let reason = format!("failed {attempt} of {max} attempts; last: {}", describe(&failed));
+                return self.dead(&id, attempt, reason, entries).await;
+            }
+            let hint = failed.iter().filter_map(|r| r.retry_after).max().unwrap_or_default();
+            let delay = self.config.retry.backoff.delay(attempt).max(hint);
+            let reason = describe(&failed);
+            entries.push(Entry::message(
+                &id,
+                attempt,
+                Status::Failed,
+                format!("retry in {delay:?}: {reason}"),
+            ));
+            self.status.record(entries).await?;
+            return Ok(Settlement::Retry { delay, reason });
+        }
+        entries.push(Entry::message(&id, attempt, Status::Done, ""));
+        self.status.record(entries).await?;
+        Ok(Settlement::Ack)
+    }
+
+    fn plugin_entry(&self, p: &LoadedPlugin, id: &str, attempt: u32, status: Status, info: String) -> Entry {
+        Entry {
+            message_id: id.to_owned(),
+            plugin: p.name.clone(),
+            plugin_version: p.description.version.clone(),
+            component_sha256: p.component.sha256.clone(),
+            attempt,
+            status,
+            info,
+            duration_ms: None,
+            fuel_used: None,
+        }
+    }
+
+    async fn resolve(
+        &self,
+        id: &str,
+        envelope: &Envelope,
+        headers: &[(String, String)],
+        body: &bytes::Bytes,
+    ) -> Result<MessageContext, Resolution> {
+        if let Some(location) = &envelope.data_location {
+            match self.services.data.exists(location).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(Resolution::Permanent(format!(
+                        "data object `{location}` not found in the data store"
+                    )));
+                }
+                Err(DataError::Invalid(m)) | Err(DataError::NotFound(m)) => {
+                    return Err(Resolution::Permanent(format!("bad data_location: {m}")));
+                }
+                Err(e @ DataError::Unavailable(_)) => return Err(Resolution::Transient(e.to_string())),
+            }
+        }
+        let mut metadata = envelope.metadata.clone();
+        if let Some(location) = &envelope.meta_location {
+            match self.meta.fetch(location).await {
+                Ok(found) => metadata.extend(found),
+                Err(e @ MetaError::Unavailable(_)) => return Err(Resolution::Transient(e.to_string())),
+                Err(e) => return Err(Resolution::Permanent(e.to_string())),
+            }
+        }
+        Ok(MessageContext {
+            id: id.to_owned(),
+            kind: envelope.kind.clone(),
+            data_location: envelope.data_location.clone(),
+            meta_location: envelope.meta_location.clone(),
+            metadata,
+            headers: headers.to_vec(),
+            body: body.clone(),
+        })
+    }
+
+    async fn run_plugin(&self, plugin: Arc<LoadedPlugin>, message: Arc<MessageContext>, attempt: u32) -> PluginResult {
+        let wit_message = Message {
+            id: message.id.clone(),
+            kind: message.kind.clone(),
+            data_location: message.data_location.clone(),
+            meta_location: message.meta_location.clone(),
+            headers: message.headers.clone(),
+            body: message.body.to_vec(),
+            attempt,
+        };
+        let host = HostState::new(plugin.context.clone(), Some(message.clone()));
+        let limits = &plugin.context.limits;
+        let (result, mut host, usage) = self
+            .sandbox
+            .invoke(&plugin.component, limits, host, move |instance, store| {
+                Box::pin(async move { instance.call_execute(store, &wit_message).await })
+            })
+            .await;
+        let denials = std::mem::take(&mut host.denials);
+        let with_denials = |info: String| {
+            if denials.is_empty() {
+                info
+            } else {
+                format!("{info} [denied: {}]", denials.join("; "))
+            }
+        };
+        let (status, info, retry_after) = match result {
+            Ok(Ok(Outcome::Done)) => match self.commit(&plugin, &message, host).await {
+                Ok(()) => (Status::Done, with_denials(String::new()), None),
+                Err(e) => (Status::Failed, format!("effects could not be committed: {e:#}"), None),
+            },
+            Ok(Ok(outcome)) => {
+                discard(host).await;
+                match outcome {
+                    Outcome::Skip(why) => (Status::Skipped, with_denials(why), None),
+                    Outcome::Retry(r) => (
+                        Status::Failed,
+                        with_denials(format!("plugin asked for a retry: {}", r.reason)),
+                        Some(Duration::from_millis(r.delay_ms)),
+                    ),
+                    Outcome::DeadLetter(why) => (Status::Dead, with_denials(format!("plugin dead-lettered it: {why}")), None),
+                    Outcome::Done => (Status::Done, String::new(), None),
+                }
+            }
+            Ok(Err(error)) => {
+                discard(host).await;
+                let kind = if denials.is_empty() {
+                    FailureKind::PluginError
+                } else {
+                    FailureKind::DeniedCall
+                };
+                (Status::Failed, with_denials(format!("{}: {}", kind.as_str(), wit_error_text(&error))), None)
+            }
+            Err(failure) => {
+                discard(host).await;
+                let info = if failure.kind == FailureKind::DeniedCall {
+                    failure.to_string()
+                } else {
+                    with_denials(failure.to_string())
+                };
+                (Status::Failed, info, None)
+            }
+        };
+        match status {
+            Status::Failed | Status::Dead => {
+                tracing::warn!(plugin = %plugin.name, message_id = %message.id, attempt, "{info}")
+            }
+            _ => tracing::debug!(plugin = %plugin.name, message_id = %message.id, "{}", status.as_str()),
+        }
+        PluginResult {
+            plugin,
+            status,
+            info,
+            retry_after,
+            duration: usage.duration,
+            fuel: usage.fuel,
+        }
+    }
+
+    /// Apply a `done` invocation's effects, in the fixed order: SQL commit,
+    /// blob writes, state, then outputs (each confirmed).
+    async fn commit(&self, plugin: &LoadedPlugin, message: &MessageContext, host: HostState) -> anyhow::Result<()> {
+        let effects = host.effects;
+        if let Some(tx) = effects.sql {
+            tx.commit().await?;
+        }
+        for (location, bytes) in effects.puts {
+            self.services.data.put(&location, bytes).await?;
+        }
+        if !effects.state.is_empty() {
+            self.services.state.apply(&plugin.name, effects.state).await?;
+        }
+        if !effects.emits.is_empty() {
+            let origin = Origin {
+                message_id: &message.id,
+                plugin: &plugin.name,
+            };
+            self.services.outputs.publish(&origin, &effects.emits).await?;
+        }
+        Ok(())
+    }
+}
+
+enum Resolution {
+    Permanent(String),
+    Transient(String),
+}
+
+async fn discard(host: HostState) {
+    if let Some(tx) = host.effects.sql {
+        tx.rollback().await;
+    }
+}
+
+/// `access-denied: ...` and so on.
+pub fn wit_error_text(error: &WitError) -> String {
+    match error {
+        WitError::AccessDenied(m) => format!("access-denied: {m}"),
+        WitError::LimitExceeded(m) => format!("limit-exceeded: {m}"),
+        WitError::NotFound(m) => format!("not-found: {m}"),
+        WitError::Invalid(m) => format!("invalid: {m}"),
+        WitError::Unavailable(m) => format!("unavailable: {m}"),
+        WitError::Internal(m) => format!("internal: {m}"),
+    }
+}

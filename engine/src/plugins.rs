@@ -1,0 +1,202 @@
+//! The plugin registry: finds every component in `plugins.dir`, holds it
+//! against its grant (pin, strictness, imports), compiles and links it once,
+//! and asks it to `describe` itself.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::capability::{HostState, Interface, PluginContext, Services};
+use crate::config::{Config, Grant};
+use crate::sandbox::bindings::{Capability, Description};
+use crate::sandbox::{LoadedComponent, Sandbox};
+use crate::store::database::PluginDb;
+
+/// A plugin ready to run.
+pub struct LoadedPlugin {
+    /// Its name (the file stem).
+    pub name: String,
+    /// Its file.
+    pub path: PathBuf,
+    /// The compiled, linked component.
+    pub component: LoadedComponent,
+    /// What it says about itself.
+    pub description: Description,
+    /// The MIME types routed to it (the grant's, else its own).
+    pub mime: Vec<String>,
+    /// Sandpipe interfaces it imports without a grant (calls answer `access-denied`).
+    pub ungranted: Vec<Interface>,
+    /// Its capabilities' context.
+    pub context: Arc<PluginContext>,
+}
+
+/// Something wrong with a plugin or its grant.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    /// The plugin (or grant) name.
+    pub plugin: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "plugin `{}`: {}", self.plugin, self.message)
+    }
+}
+
+/// Every `*.wasm` file in `dir`, as (name, path), sorted by name.
+pub fn discover(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut found = Vec::new();
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("cannot list plugins.dir {}: {e}", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "wasm")
+            && let Some(stem) = path.file_stem()
+        {
+            found.push((stem.to_string_lossy().into_owned(), path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The capability name of a WIT `capability`.
+pub fn capability_name(c: &Capability) -> &'static str {
+    match c {
+        Capability::Log => "log",
+        Capability::Config => "config",
+        Capability::Blob => "blob",
+        Capability::Meta => "meta",
+        Capability::Sql => "sql",
+        Capability::Emit => "emit",
+    }
+}
+
+/// Largest memory limit and whether any plugin asks for fuel: these shape
+/// the process-wide engine.
+pub fn engine_shape(config: &Config) -> (u64, bool) {
+    let mut max_memory = config.plugins.defaults.memory.as_u64();
+    let mut fuel = config.plugins.defaults.fuel.is_some();
+    for name in config.plugins.grants.keys() {
+        let limits = config.limits_for(name);
+        max_memory = max_memory.max(limits.memory.as_u64());
+        fuel |= limits.fuel.is_some();
+    }
+    (max_memory, fuel)
+}
+
+/// Load every plugin. Problems are collected, not fatal, so `check` can
+/// list them all; `run` refuses to start if there are any.
+pub async fn load_all(
+    config: &Config,
+    sandbox: &Sandbox,
+    services: &Arc<Services>,
+    plugin_db_dir: &Path,
+) -> (Vec<Arc<LoadedPlugin>>, Vec<Problem>) {
+    let mut plugins = Vec::new();
+    let mut problems = Vec::new();
+    let found = match discover(&config.plugins.dir) {
+        Ok(found) => found,
+        Err(e) => {
+            problems.push(Problem {
+                plugin: "*".into(),
+                message: e.to_string(),
+            });
+            return (plugins, problems);
+        }
+    };
+    for name in config.plugins.grants.keys() {
+        if !found.iter().any(|(n, _)| n == name) {
+            problems.push(Problem {
+                plugin: name.clone(),
+                message: format!(
+                    "plugins.grants.{name} names a plugin with no file {}/{name}.wasm",
+                    config.plugins.dir.display()
+                ),
+            });
+        }
+    }
+    for (name, path) in found {
+        match load_one(config, sandbox, services, plugin_db_dir, &name, &path).await {
+            Ok(plugin) => plugins.push(Arc::new(plugin)),
+            Err(message) => problems.push(Problem {
+                plugin: name,
+                message,
+            }),
+        }
+    }
+    (plugins, problems)
+}
+
+async fn load_one(
+    config: &Config,
+    sandbox: &Sandbox,
+    services: &Arc<Services>,
+    plugin_db_dir: &Path,
+    name: &str,
+    path: &Path,
+) -> Result<LoadedPlugin, String> {
+    let grant: Grant = config.plugins.grants.get(name).cloned().unwrap_or_default();
+    let limits = config.limits_for(name);
+    let component = sandbox.load(path).map_err(|e| format!("{e:#}"))?;
+    if let Some(pin) = &grant.sha256
+        && !pin.eq_ignore_ascii_case(&component.sha256)
+    {
+        return Err(format!(
+            "{} has sha256 {} but plugins.grants.{name}.sha256 pins {pin}; refusing it",
+            path.display(),
+            component.sha256
+        ));
+    }
+    let ungranted: Vec<Interface> = component
+        .imports
+        .iter()
+        .filter_map(|i| Interface::from_import(i))
+        .filter(|i| !i.granted(&grant))
+        .collect();
+    if grant.strict && !ungranted.is_empty() {
+        let list: Vec<String> = ungranted
+            .iter()
+            .map(|i| format!("imports `{}` without a `{}` grant", i.name(), i.name()))
+            .collect();
+        return Err(format!(
+            "is strict and {}; grant it or rebuild the plugin without the import",
+            list.join(", ")
+        ));
+    }
+    let db = if grant.sql.is_some() {
+        Some(Arc::new(
+            PluginDb::new(plugin_db_dir, name, limits.timeout).map_err(|e| format!("{e:#}"))?,
+        ))
+    } else {
+        None
+    };
+    let context = Arc::new(PluginContext::new(
+        name,
+        grant.clone(),
+        limits.clone(),
+        db,
+        services.clone(),
+    ));
+    let host = HostState::new(context.clone(), None);
+    let (result, _, _) = sandbox
+        .invoke(&component, &limits, host, |plugin, store| {
+            Box::pin(plugin.call_describe(store))
+        })
+        .await;
+    let description = result.map_err(|f| format!("`describe` failed: {f}"))?;
+    let mime = grant
+        .mime
+        .clone()
+        .unwrap_or_else(|| description.mime_types.clone());
+    Ok(LoadedPlugin {
+        name: name.to_owned(),
+        path: path.to_owned(),
+        component,
+        description,
+        mime,
+        ungranted,
+        context,
+    })
+}

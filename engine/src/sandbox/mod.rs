@@ -1,0 +1,347 @@
+//! The wasm sandbox: one wasmtime [`Engine`] per process, components
+//! compiled once (and cached on disk), linked once into an
+//! [`InstancePre`](wasmtime::component::InstancePre), and a fresh [`Store`]
+//! with its own fuel, memory and deadline for every invocation.
+//!
+//! Architecture invariant: no plugin code runs outside a `Store` built by
+//! [`Sandbox::store`], which always has a memory limiter and a deadline.
+
+pub mod bindings;
+mod cache;
+mod stdio;
+mod trap;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::future::BoxFuture;
+use sha2::Digest;
+use tokio::sync::Semaphore;
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    UpdateDeadline,
+};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::capability::HostState;
+use crate::config::{Limits, SandboxConfig};
+pub use bindings::{Plugin, PluginPre};
+pub use stdio::Capture;
+pub use trap::{Failure, FailureKind};
+
+/// How often the epoch advances. Deadlines are checked, and long-running
+/// guests yield to other tasks, at this granularity.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The data of one invocation's [`Store`].
+pub struct InvocationState {
+    wasi: WasiCtx,
+    /// Resources handed to the guest (WASI streams, blob readers).
+    pub table: ResourceTable,
+    limiter: MemoryLimiter,
+    /// The capabilities' per-invocation state.
+    pub host: HostState,
+}
+
+impl WasiView for InvocationState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Caps linear memory, and remembers that it did so, so the trap can be
+/// classified as a memory-limit failure rather than a generic abort.
+struct MemoryLimiter {
+    limit: usize,
+    hit: Option<usize>,
+}
+
+/// The error a memory grow past the limit traps with.
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit of {limit} bytes exceeded (the plugin asked for {desired} bytes)")]
+pub struct MemoryLimitExceeded {
+    limit: usize,
+    desired: usize,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.hit = Some(desired);
+            return Err(wasmtime::Error::new(MemoryLimitExceeded {
+                limit: self.limit,
+                desired,
+            }));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// A component compiled and linked, ready to instantiate.
+pub struct LoadedComponent {
+    /// The component, pre-linked against every host interface.
+    pub pre: PluginPre<InvocationState>,
+    /// sha256 of the `.wasm` file, hex.
+    pub sha256: String,
+    /// Every import of the component, as named in the component.
+    pub imports: Vec<String>,
+    /// True when the native code came from the on-disk cache.
+    pub from_cache: bool,
+}
+
+/// What one invocation cost.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    /// Wall-clock time from instantiation to return.
+    pub duration: Duration,
+    /// Fuel consumed, when fuel is metered.
+    pub fuel: Option<u64>,
+}
+
+/// The process-wide sandbox.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<InvocationState>,
+    cache: cache::CodeCache,
+    instances: Arc<Semaphore>,
+    fuel: bool,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Sandbox {
+    /// Build the engine. `max_memory` is the largest memory limit of any
+    /// plugin (it sizes the pool's slots); `fuel` turns on fuel metering,
+    /// which costs every plugin some speed.
+    pub fn new(config: &SandboxConfig, max_memory: u64, fuel: bool) -> anyhow::Result<Self> {
+        let instances = config.max_instances.max(1);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(instances)
+            .total_core_instances(instances.saturating_mul(16))
+            .total_memories(instances.saturating_mul(2))
+            .total_tables(instances.saturating_mul(16))
+            .total_stacks(instances)
+            .max_memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX))
+            .table_elements(1_000_000)
+            .max_core_instances_per_component(200)
+            .max_memories_per_component(4)
+            .max_tables_per_component(64);
+
+        let mut wasm = wasmtime::Config::new();
+        wasm.wasm_component_model(true)
+            .epoch_interruption(true)
+            .consume_fuel(fuel)
+            .memory_init_cow(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&wasm).map_err(anyhow::Error::from)?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from)?;
+        Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state: &mut InvocationState| state)
+            .map_err(anyhow::Error::from)?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = ticker_stop.clone();
+            std::thread::Builder::new()
+                .name("sandpipe-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .context("cannot start the epoch ticker thread")?;
+        }
+
+        let cache = cache::CodeCache::new(&config.cache_dir, &engine)?;
+        Ok(Self {
+            engine,
+            linker,
+            cache,
+            instances: Arc::new(Semaphore::new(instances as usize)),
+            fuel,
+            ticker_stop,
+        })
+    }
+
+    /// Whether fuel is metered.
+    pub fn fuel_metered(&self) -> bool {
+        self.fuel
+    }
+
+    /// Compile (or load from the cache) and link a component file.
+    pub fn load(&self, path: &Path) -> anyhow::Result<LoadedComponent> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+        let (component, from_cache) = self
+            .cache
+            .component(&self.engine, &sha256, &bytes)
+            .with_context(|| format!("cannot compile {}", path.display()))?;
+        let imports = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("cannot link {}", path.display()))?;
+        let pre = PluginPre::new(pre)
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                format!(
+                    "{} is not a `sandpipe:connector/plugin` component",
+                    path.display()
+                )
+            })?;
+        Ok(LoadedComponent {
+            pre,
+            sha256,
+            imports,
+            from_cache,
+        })
+    }
+
+    /// Compile a component into the cache without linking it.
+    pub fn precompile(&self, path: &Path) -> anyhow::Result<(String, bool)> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+        let (_, from_cache) = self.cache.component(&self.engine, &sha256, &bytes)?;
+        Ok((sha256, from_cache))
+    }
+
+    fn store(&self, limits: &Limits, host: HostState, capture: &Capture) -> Store<InvocationState> {
+        let mut wasi = WasiCtx::builder();
+        // Nothing behind WASI: no preopens, no environment, no arguments,
+        // no network (every address denied, no name lookup); stdout is
+        // discarded and stderr captured (bounded) for panic messages.
+        wasi.stderr(capture.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        let state = InvocationState {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                limit: usize::try_from(limits.memory.as_u64()).unwrap_or(usize::MAX),
+                hit: None,
+            },
+            host,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        if self.fuel {
+            // Unmetered plugins still run on a fuel-enabled engine.
+            let _ = store.set_fuel(limits.fuel.unwrap_or(u64::MAX));
+        }
+        let deadline = Instant::now() + limits.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                // Yield to the executor every tick: a busy guest never
+                // starves other tasks (broker heartbeats included).
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        store
+    }
+
+    /// Instantiate `component` in a fresh store and run `call` on it.
+    /// Returns the call's result (or its classified failure), the host
+    /// state (with the invocation's pending effects) and the usage.
+    pub async fn invoke<T, F>(
+        &self,
+        component: &LoadedComponent,
+        limits: &Limits,
+        host: HostState,
+        call: F,
+    ) -> (Result<T, Failure>, HostState, Usage)
+    where
+        T: Send,
+        F: for<'a> FnOnce(
+                &'a Plugin,
+                &'a mut Store<InvocationState>,
+            ) -> BoxFuture<'a, wasmtime::Result<T>>
+            + Send,
+    {
+        let capture = Capture::new(limits.stderr_bytes.as_u64() as usize);
+        let permit = self.instances.clone().acquire_owned().await;
+        let started = Instant::now();
+        let mut store = self.store(limits, host, &capture);
+        let fuel_before = store.get_fuel().ok();
+        let result = match component.pre.instantiate_async(&mut store).await {
+            Ok(plugin) => call(&plugin, &mut store).await,
+            Err(err) => Err(err),
+        };
+        let fuel = match (self.fuel, fuel_before, store.get_fuel().ok()) {
+            (true, Some(before), Some(after)) => Some(before.saturating_sub(after)),
+            _ => None,
+        };
+        let usage = Usage {
+            duration: started.elapsed(),
+            fuel,
+        };
+        let state = store.into_data();
+        drop(permit);
+        let result = result.map_err(|err| {
+            trap::classify(
+                &err,
+                limits,
+                state.limiter.hit,
+                &state.host.denials,
+                &capture.text(),
+            )
+        });
+        (result, state.host, usage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_refuses_growth_past_the_limit_and_remembers_it() {
+        let mut l = MemoryLimiter {
+            limit: 1 << 20,
+            hit: None,
+        };
+        assert!(matches!(l.memory_growing(0, 1 << 19, None), Ok(true)));
+        assert!(l.hit.is_none());
+        assert!(l.memory_growing(1 << 19, 2 << 20, None).is_err());
+        assert_eq!(l.hit, Some(2 << 20));
+    }
+}

@@ -1,0 +1,247 @@
+//! The status log: every step of every message, per plugin, durable
+//! before a delivery is settled.
+//!
+//! One row per event. Message-level events (received, a bad envelope, the
+//! final dead-lettering) have an empty `plugin`. Each plugin row carries the
+//! plugin's version and its component's sha256, so every result can be
+//! traced to the exact code that produced it.
+
+use std::collections::HashSet;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::store::database::Sqlite;
+
+/// The status of a message or of one plugin on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The engine took the delivery.
+    Received,
+    /// The plugin was started.
+    Running,
+    /// The plugin finished and its effects are committed.
+    Done,
+    /// The plugin said the message is not for it.
+    Skipped,
+    /// The plugin failed this attempt; it may be retried.
+    Failed,
+    /// The message (or this plugin's part) was dead-lettered.
+    Dead,
+}
+
+impl Status {
+    /// The name stored in the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Received => "received",
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Skipped => "skipped",
+            Self::Failed => "failed",
+            Self::Dead => "dead",
+        }
+    }
+}
+
+/// One row of the status log.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    /// The message id.
+    pub message_id: String,
+    /// The plugin, or empty for message-level events.
+    pub plugin: String,
+    /// The plugin's version (from `describe`).
+    pub plugin_version: String,
+    /// The plugin component's sha256.
+    pub component_sha256: String,
+    /// The delivery attempt, from 1.
+    pub attempt: u32,
+    /// What happened.
+    pub status: Status,
+    /// Why, in words.
+    pub info: String,
+    /// How long the plugin ran, in milliseconds.
+    pub duration_ms: Option<f64>,
+    /// Fuel used, when metered.
+    pub fuel_used: Option<u64>,
+}
+
+impl Entry {
+    /// A message-level entry.
+    pub fn message(message_id: &str, attempt: u32, status: Status, info: impl Into<String>) -> Self {
+        Self {
+            message_id: message_id.to_owned(),
+            plugin: String::new(),
+            plugin_version: String::new(),
+            component_sha256: String::new(),
+            attempt,
+            status,
+            info: info.into(),
+            duration_ms: None,
+            fuel_used: None,
+        }
+    }
+}
+
+/// A stored row, as read back.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// The plugin, or empty.
+    pub plugin: String,
+    /// The plugin's version.
+    pub plugin_version: String,
+    /// The component's sha256.
+    pub component_sha256: String,
+    /// The attempt.
+    pub attempt: u32,
+    /// The status name.
+    pub status: String,
+    /// Why.
+    pub info: String,
+    /// Duration in ms.
+    pub duration_ms: Option<f64>,
+    /// Fuel used.
+    pub fuel_used: Option<u64>,
+}
+
+/// The status log.
+#[derive(Clone)]
+pub struct StatusLog {
+    db: Sqlite,
+}
+
+impl StatusLog {
+    /// The log in `db` (the table is created if missing).
+    pub fn new(db: Sqlite) -> anyhow::Result<Self> {
+        db.call_blocking(|c| {
+            c.execute_batch(
+                "CREATE TABLE IF NOT EXISTS status (
+                    id INTEGER PRIMARY KEY,
+                    message_id TEXT NOT NULL,
+                    plugin TEXT NOT NULL,
+                    plugin_version TEXT NOT NULL,
+                    component_sha256 TEXT NOT NULL,
+                    attempt INTEGER NOT NULL,
+                    status TEXT NOT NULL,
+                    info TEXT NOT NULL,
+                    duration_ms REAL,
+                    fuel_used INTEGER,
+                    at_ms INTEGER NOT NULL
+                );
+                CREATE INDEX IF NOT EXISTS status_message ON status (message_id, plugin);",
+            )?;
+            Ok(())
+        })?;
+        Ok(Self { db })
+    }
+
+    /// Append `entries` in one transaction; returns once they are durable.
+    pub async fn record(&self, entries: Vec<Entry>) -> anyhow::Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        self.db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                {
+                    let mut stmt = tx.prepare_cached(
+                        "INSERT INTO status (message_id, plugin, plugin_version, component_sha256,
+                            attempt, status, info, duration_ms, fuel_used, at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    )?;
+                    for e in &entries {
+                        stmt.execute(rusqlite::params![
+                            e.message_id,
+                            e.plugin,
+                            e.plugin_version,
+                            e.component_sha256,
+                            e.attempt,
+                            e.status.as_str(),
+                            e.info,
+                            e.duration_ms,
+                            e.fuel_used.map(|f| f as i64),
+                            at,
+                        ])?;
+                    }
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Plugins that already finished this message (done or skipped), so a
+    /// redelivery does not run them again.
+    pub async fn finished_plugins(&self, message_id: &str) -> anyhow::Result<HashSet<String>> {
+        let id = message_id.to_owned();
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT DISTINCT plugin FROM status
+                     WHERE message_id = ?1 AND plugin != '' AND status IN ('done', 'skipped')",
+                )?;
+                let rows = stmt.query_map([&id], |r| r.get::<_, String>(0))?;
+                Ok(rows.collect::<Result<HashSet<_>, _>>()?)
+            })
+            .await
+    }
+
+    /// Every row of one message, oldest first.
+    pub async fn rows(&self, message_id: &str) -> anyhow::Result<Vec<Row>> {
+        let id = message_id.to_owned();
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT plugin, plugin_version, component_sha256, attempt, status, info,
+                            duration_ms, fuel_used
+                     FROM status WHERE message_id = ?1 ORDER BY id",
+                )?;
+                let rows = stmt.query_map([&id], |r| {
+                    Ok(Row {
+                        plugin: r.get(0)?,
+                        plugin_version: r.get(1)?,
+                        component_sha256: r.get(2)?,
+                        attempt: r.get(3)?,
+                        status: r.get(4)?,
+                        info: r.get(5)?,
+                        duration_ms: r.get(6)?,
+                        fuel_used: r.get::<_, Option<i64>>(7)?.map(|f| f as u64),
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn records_and_reads_back_per_message() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let log = StatusLog::new(Sqlite::open(&dir.path().join("s.sqlite"))?)?;
+        let mut done = Entry::message("m1", 1, Status::Done, "ok");
+        done.plugin = "p".into();
+        log.record(vec![Entry::message("m1", 1, Status::Received, ""), done])
+            .await?;
+        log.record(vec![Entry::message("m2", 1, Status::Received, "")])
+            .await?;
+        let rows = log.rows("m1").await?;
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].status, "done");
+        assert_eq!(
+            log.finished_plugins("m1").await?,
+            HashSet::from(["p".to_owned()])
+        );
+        assert!(log.finished_plugins("m2").await?.is_empty());
+        Ok(())
+    }
+}
