@@ -1,0 +1,47 @@
+# Sandpipe task runner. Run `just --list` to see the recipes.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# ---------------------------------------------------------------------------
+# Guests: the Rust plugins (connectors) and the engine's test fixtures,
+# compiled to wasm32-wasip2 components.
+#
+# They build into their own target directory so that they never contend for
+# (or invalidate) the host build's. Override it with SANDPIPE_GUEST_TARGET_DIR,
+# e.g. to keep a warm cache outside the clone.
+# ---------------------------------------------------------------------------
+
+guest_target_dir := env_var_or_default("SANDPIPE_GUEST_TARGET_DIR", justfile_directory() / "target" / "guests")
+# Where the built components land (`guest` profile, see Cargo.toml).
+guest_out := guest_target_dir / "wasm32-wasip2" / "guest"
+# Where the connectors are copied, under their plugin names.
+plugins_dir := justfile_directory() / "target" / "plugins"
+
+# Every guest crate: built together in one cargo invocation.
+guest_connectors := "-p image-meta -p text-stats"
+guest_fixtures := "-p fx-panic -p fx-loop -p fx-memory -p fx-recurse -p fx-probe"
+
+# The connectors are copied under their plugin names (dashes, not the crate's
+# underscores); the fixtures stay in target/guests/wasm32-wasip2/guest/ as
+# fx_<name>.wasm (fx_panic.wasm, fx_loop.wasm, ...).
+#
+# Build every guest (connectors + fixtures) in one cargo run; copy connectors to target/plugins/
+guests: guest-toolchain
+    CARGO_TARGET_DIR="{{guest_target_dir}}" cargo build --target wasm32-wasip2 --profile guest {{guest_connectors}} {{guest_fixtures}}
+    mkdir -p "{{plugins_dir}}"
+    cp "{{guest_out}}/image_meta.wasm" "{{plugins_dir}}/image-meta.wasm"
+    cp "{{guest_out}}/text_stats.wasm" "{{plugins_dir}}/text-stats.wasm"
+    @echo "components: {{guest_out}}/*.wasm; plugins: {{plugins_dir}}"
+
+# Make sure the wasm32-wasip2 target is installed (no-op when it is).
+guest-toolchain:
+    rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+# Unit tests of the SDK and the connectors' pure logic, on the host.
+guest-test:
+    CARGO_TARGET_DIR="{{guest_target_dir}}" cargo test -p sandpipe-sdk {{guest_connectors}}
+
+# Format check and clippy (wasm target, warnings denied) for every guest crate.
+guest-lint: guest-toolchain
+    cargo fmt -p sandpipe-sdk {{guest_connectors}} {{guest_fixtures}} -- --check
+    CARGO_TARGET_DIR="{{guest_target_dir}}" cargo clippy --target wasm32-wasip2 -p sandpipe-sdk {{guest_connectors}} {{guest_fixtures}} -- -D warnings
