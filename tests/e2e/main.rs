@@ -1,1 +1,9 @@
+//! End-to-end tests: the engine running real wasm components (the
+//! connectors and the fixtures in tests/fixtures), on the embedded
+//! defaults. One test binary; the components are built once per run.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod harness;
+mod plugins;
+mod quickstart;
+mod sandbox;

@@ -59,7 +59,7 @@ impl CodeCache {
         let native = engine
             .precompile_component(bytes)
             .map_err(anyhow::Error::from)?;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
         std::fs::write(&tmp, &native)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .with_context(|| format!("cannot write the code cache {}", path.display()))?;

@@ -1,0 +1,189 @@
+//! Shared test environment: the guest components (built once per test run,
+//! then reused from cargo's cache), a temporary deployment folder, and
+//! helpers to run the engine and read its status log.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use sandpipe::pipeline::Summary;
+use sandpipe::status::{Row, StatusLog};
+use sandpipe::store::database::Sqlite;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Where the guest components are built (same rule as the justfile).
+fn guest_target_dir() -> PathBuf {
+    std::env::var_os("SANDPIPE_GUEST_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target").join("guests"))
+}
+
+/// Build every guest crate once per test process; returns the folder
+/// holding the `.wasm` files (named after the crates, with underscores).
+pub fn guests() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let target = guest_target_dir();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(root())
+            .env("CARGO_TARGET_DIR", &target)
+            .args([
+                "build",
+                "--target",
+                "wasm32-wasip2",
+                "--profile",
+                "guest",
+                "--workspace",
+                "--exclude",
+                "sandpipe",
+            ])
+            .status();
+        assert!(
+            matches!(status, Ok(s) if s.success()),
+            "building the guest components failed: {status:?}"
+        );
+        target.join("wasm32-wasip2").join("guest")
+    })
+}
+
+/// The built component of crate `name` (dashes allowed).
+pub fn component(name: &str) -> PathBuf {
+    guests().join(format!("{}.wasm", name.replace('-', "_")))
+}
+
+/// A code cache shared by all tests, so each component compiles once.
+pub fn shared_cache() -> PathBuf {
+    guest_target_dir().join("e2e-code-cache")
+}
+
+/// A deployment in a temporary folder.
+pub struct Deployment {
+    /// Keeps the folder alive.
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+}
+
+impl Deployment {
+    /// A deployment with the given plugins (crate name → plugin name) and
+    /// the YAML `extra` appended to a base config (which has no `plugins:`
+    /// section: `extra` provides it).
+    pub fn new(plugins: &[(&str, &str)], extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let plugin_dir = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugin_dir).unwrap_or_else(|e| panic!("{e}"));
+        for (krate, name) in plugins {
+            std::fs::copy(component(krate), plugin_dir.join(format!("{name}.wasm")))
+                .unwrap_or_else(|e| panic!("copy {krate}: {e}"));
+        }
+        let config = dir.path().join("sandpipe.yaml");
+        let base = format!(
+            "listener: {{ type: dir, path: spool, poll_interval: 20ms }}\n\
+             data_store: {{ type: disk, root: data }}\n\
+             meta_store: {{ type: file, root: meta }}\n\
+             database: {{ type: sqlite }}\n\
+             sandbox: {{ cache_dir: \"{}\" }}\n",
+            shared_cache().display()
+        );
+        let retry = if extra.contains("retry:") {
+            ""
+        } else {
+            "retry: { max_attempts: 2, backoff: { initial: 10ms, max: 50ms } }\n"
+        };
+        let base = format!("{base}{retry}");
+        std::fs::write(&config, format!("{base}{extra}")).unwrap_or_else(|e| panic!("{e}"));
+        Self { dir, config }
+    }
+
+    /// A path inside the deployment.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Write a data object.
+    pub fn data(&self, location: &str, bytes: &[u8]) {
+        let p = self.path("data").join(location);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("{e}"));
+        }
+        std::fs::write(p, bytes).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Put a message (raw text) in the spool.
+    pub fn message(&self, file: &str, body: &str) {
+        let spool = self.path("spool");
+        std::fs::create_dir_all(&spool).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(spool.join(file), body).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// A sqAPI message for `kind`.
+    pub fn sqapi(&self, file: &str, id: &str, kind: &str, data: Option<&str>) {
+        let body = serde_json::json!({
+            "uuid_ref": id, "data_type": kind, "data_location": data,
+        });
+        self.message(file, &body.to_string());
+    }
+
+    /// `sandpipe run --once` in this process.
+    pub async fn run_once(&self) -> anyhow::Result<Summary> {
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        sandpipe::app::run(&self.config, true, rx).await
+    }
+
+    /// The status log rows of a message.
+    pub async fn rows(&self, id: &str) -> Vec<Row> {
+        let log = StatusLog::new(
+            Sqlite::open(&self.path("state/sandpipe.sqlite")).unwrap_or_else(|e| panic!("{e}")),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        log.rows(id).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The final row of `plugin` for message `id`.
+    pub async fn last(&self, id: &str, plugin: &str) -> Row {
+        self.rows(id)
+            .await
+            .into_iter()
+            .filter(|r| r.plugin == plugin && r.status != "running")
+            .next_back()
+            .unwrap_or_else(|| panic!("no status for {id}/{plugin}"))
+    }
+
+    /// A query on a plugin's own database.
+    pub fn plugin_db(&self, plugin: &str) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.path(&format!("state/plugins/{plugin}.sqlite")))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Files in a spool subfolder.
+    pub fn files(&self, sub: &str) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.path(sub))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Run the `sandpipe` binary with `args` (the config is appended).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_sandpipe"))
+            .args(args)
+            .arg("-c")
+            .arg(&self.config)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run sandpipe: {e}"))
+    }
+}
