@@ -476,6 +476,25 @@ mod tests {
         ));
     }
 
+    /// Real encoder output: the quickstart's sample images (made with
+    /// Pillow).
+    #[test]
+    fn quickstart_samples() {
+        const PNG: &[u8] =
+            include_bytes!("../../../examples/quickstart/data/images/red-square.png");
+        const JPEG: &[u8] = include_bytes!("../../../examples/quickstart/data/images/gradient.jpg");
+        const GIF: &[u8] = include_bytes!("../../../examples/quickstart/data/images/checker.gif");
+        const FAKE: &[u8] =
+            include_bytes!("../../../examples/quickstart/data/images/not-an-image.png");
+        assert_eq!(probe_bytes(Format::Png, PNG), dims(16, 16));
+        assert_eq!(probe_bytes(Format::Jpeg, JPEG), dims(32, 24));
+        assert_eq!(probe_bytes(Format::Gif, GIF), dims(20, 10));
+        assert_eq!(
+            probe_bytes(Format::Png, FAKE),
+            Err("missing PNG signature".into())
+        );
+    }
+
     #[test]
     fn crc_reference_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);

@@ -262,6 +262,16 @@ mod tests {
         }
     }
 
+    /// The quickstart's sample texts; their README quotes these numbers.
+    #[test]
+    fn quickstart_samples() {
+        let hello = include_bytes!("../../../examples/quickstart/data/texts/hello.txt");
+        let poem = include_bytes!("../../../examples/quickstart/data/texts/poem.txt");
+        assert_eq!(count(hello), stats(2, 6, 41));
+        // The last line has no newline: 5 `\n` + 1.
+        assert_eq!(count(poem), stats(6, 37, 180));
+    }
+
     #[test]
     fn summary_shape() {
         let v = summary("m-1", Some("texts/a.txt"), stats(2, 3, 10));
