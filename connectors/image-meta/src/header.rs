@@ -96,6 +96,34 @@ fn read_exact(r: &mut impl Read, buf: &mut [u8], what: &str) -> Result<(), Probe
     })
 }
 
+/// Read the file signature: `N` bytes that must equal one of `accepted`.
+/// Data that differs from every signature is reported as `missing` (even if
+/// it is shorter than a signature), and only a true prefix of one that ends
+/// early as truncated.
+fn read_signature<const N: usize>(
+    r: &mut impl Read,
+    accepted: &[[u8; N]],
+    missing: &str,
+) -> Result<[u8; N], ProbeError> {
+    let mut buf = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ProbeError::Io(e)),
+        }
+    }
+    if !accepted.iter().any(|sig| sig[..filled] == buf[..filled]) {
+        return invalid(missing);
+    }
+    if filled < N {
+        return invalid("truncated: data ends in the signature");
+    }
+    Ok(buf)
+}
+
 fn read_array<const N: usize>(r: &mut impl Read, what: &str) -> Result<[u8; N], ProbeError> {
     let mut buf = [0u8; N];
     read_exact(r, &mut buf, what)?;
@@ -136,10 +164,7 @@ const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
 /// depth, colour type, compression, filter, interlace, and a CRC-32 over
 /// type and data.
 fn probe_png(r: &mut impl Read) -> Result<Dimensions, ProbeError> {
-    let sig: [u8; 8] = read_array(r, "the signature")?;
-    if sig != PNG_SIGNATURE {
-        return invalid("missing PNG signature");
-    }
+    read_signature(r, &[PNG_SIGNATURE], "missing PNG signature")?;
     let head: [u8; 8] = read_array(r, "the IHDR chunk header")?;
     let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
     if &head[4..8] != b"IHDR" {
@@ -179,12 +204,14 @@ fn probe_png(r: &mut impl Read) -> Result<Dimensions, ProbeError> {
 /// GIF: `GIF87a` or `GIF89a`, then the logical screen descriptor's width and
 /// height (little-endian 16-bit).
 fn probe_gif(r: &mut impl Read) -> Result<Dimensions, ProbeError> {
-    let head: [u8; 10] = read_array(r, "the header")?;
-    if &head[..6] != b"GIF87a" && &head[..6] != b"GIF89a" {
-        return invalid("missing GIF87a/GIF89a signature");
-    }
-    let width = u16::from_le_bytes([head[6], head[7]]);
-    let height = u16::from_le_bytes([head[8], head[9]]);
+    read_signature(
+        r,
+        &[*b"GIF87a", *b"GIF89a"],
+        "missing GIF87a/GIF89a signature",
+    )?;
+    let screen: [u8; 4] = read_array(r, "the logical screen descriptor")?;
+    let width = u16::from_le_bytes([screen[0], screen[1]]);
+    let height = u16::from_le_bytes([screen[2], screen[3]]);
     checked(u32::from(width), u32::from(height))
 }
 
@@ -194,10 +221,7 @@ fn probe_gif(r: &mut impl Read) -> Result<Dimensions, ProbeError> {
 /// fill bytes (`FF`) before a marker and standalone markers (RSTn, TEM) are
 /// allowed. A scan (SOS) or EOI before any frame header is invalid.
 fn probe_jpeg(r: &mut impl Read) -> Result<Dimensions, ProbeError> {
-    let soi: [u8; 2] = read_array(r, "the SOI marker")?;
-    if soi != [0xFF, 0xD8] {
-        return invalid("missing SOI marker");
-    }
+    read_signature(r, &[[0xFF, 0xD8]], "missing SOI marker")?;
     loop {
         let [first]: [u8; 1] = read_array(r, "a marker")?;
         if first != 0xFF {
@@ -383,6 +407,15 @@ mod tests {
             probe_bytes(Format::Png, b""),
             Err("truncated: data ends in the signature".into())
         );
+        assert_eq!(
+            probe_bytes(Format::Png, &PNG_SIGNATURE[..5]),
+            Err("truncated: data ends in the signature".into())
+        );
+        // Shorter than a signature, and not a prefix of one.
+        assert_eq!(
+            probe_bytes(Format::Png, b"text\n"),
+            Err("missing PNG signature".into())
+        );
     }
 
     #[test]
@@ -397,7 +430,11 @@ mod tests {
         );
         assert_eq!(
             probe_bytes(Format::Gif, b"GIF89a\x01\x00"),
-            Err("truncated: data ends in the header".into())
+            Err("truncated: data ends in the logical screen descriptor".into())
+        );
+        assert_eq!(
+            probe_bytes(Format::Gif, b"GIF8"),
+            Err("truncated: data ends in the signature".into())
         );
     }
 
