@@ -5,7 +5,7 @@
 //! if the plugin's outcome is [`Outcome::Done`](crate::Outcome::Done).
 //!
 //! Write parameters as `$1, $2, ...`, used in ascending order: that works on
-//! both SQLite and PostgreSQL. Build the parameter list with [`params!`]
+//! both SQLite and PostgreSQL. Build the parameter list with [`params!`](crate::params!)
 //! (any value with a `From` conversion into [`Value`]: integers, floats,
 //! booleans, strings, byte vectors and `Option`s of those, `None` being
 //! NULL).
