@@ -70,15 +70,16 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!("cannot listen for SIGTERM: {e}");
-                    let _ = ctrl_c.await;
-                    let _ = tx.send(true);
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!("cannot listen for SIGTERM: {e}");
+                        let _ = ctrl_c.await;
+                        let _ = tx.send(true);
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -94,11 +95,19 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
 
 /// `sandpipe run`: process messages until a signal (or, with `once`,
 /// until the listener is drained).
-pub async fn run(config_file: &Path, once: bool, shutdown: watch::Receiver<bool>) -> anyhow::Result<Summary> {
+pub async fn run(
+    config_file: &Path,
+    once: bool,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Summary> {
     let config = Config::load(config_file)?;
     let assembled = assemble(config).await?;
     if !assembled.problems.is_empty() {
-        let list: Vec<String> = assembled.problems.iter().map(|p| format!("  - {p}")).collect();
+        let list: Vec<String> = assembled
+            .problems
+            .iter()
+            .map(|p| format!("  - {p}"))
+            .collect();
         anyhow::bail!(
             "{}: refusing to start, {} plugin problem(s):\n{}",
             config_file.display(),
@@ -122,7 +131,8 @@ pub async fn run(config_file: &Path, once: bool, shutdown: watch::Receiver<bool>
             "loaded"
         );
     }
-    let listener: Arc<dyn listener::Listener> = Arc::from(listener::build(&assembled.config.listener, once)?);
+    let listener: Arc<dyn listener::Listener> =
+        Arc::from(listener::build(&assembled.config.listener, once)?);
     let pipeline = Arc::new(Pipeline::new(
         assembled.config.clone(),
         assembled.sandbox.clone(),
@@ -184,8 +194,8 @@ pub async fn plugins(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow
     let assembled = assemble(Config::load(config_file)?).await?;
     writeln!(
         out,
-        "{:<16} {:<9} {:<28} {:<34} {}",
-        "NAME", "VERSION", "MIME", "IMPORTS (granted / DENIED)", "LIMITS"
+        "{:<16} {:<9} {:<28} {:<34} LIMITS",
+        "NAME", "VERSION", "MIME", "IMPORTS (granted / DENIED)"
     )?;
     for p in &assembled.plugins {
         let imports: Vec<String> = p
@@ -223,7 +233,8 @@ pub async fn plugins(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow
 /// `sandpipe send`: put a message file into the configured listener.
 pub async fn send(config_file: &Path, message: &Path) -> anyhow::Result<String> {
     let config = Config::load(config_file)?;
-    let body = std::fs::read(message).with_context(|| format!("cannot read {}", message.display()))?;
+    let body =
+        std::fs::read(message).with_context(|| format!("cannot read {}", message.display()))?;
     let name = message
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

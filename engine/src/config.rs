@@ -29,7 +29,9 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// A `${NAME}` reference names an unset variable.
-    #[error("{file}:{line}: environment variable `{name}` is not set (referenced as `${{{name}}}`)")]
+    #[error(
+        "{file}:{line}: environment variable `{name}` is not set (referenced as `${{{name}}}`)"
+    )]
     MissingEnv {
         /// The config file.
         file: PathBuf,
@@ -192,7 +194,7 @@ impl Default for DataStoreConfig {
 }
 
 /// Where metadata lives; `type` selects the store.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum MetaStoreConfig {
     /// One JSON object per file; `meta_location` is the file's path under `root`.
@@ -201,13 +203,8 @@ pub enum MetaStoreConfig {
         root: PathBuf,
     },
     /// Only the metadata inline in the message; a `meta_location` is an error.
+    #[default]
     Inline,
-}
-
-impl Default for MetaStoreConfig {
-    fn default() -> Self {
-        Self::Inline
-    }
 }
 
 /// The status log and the plugins' databases; `type` selects the backend.
@@ -571,7 +568,11 @@ impl Config {
             ConfigError::Parse {
                 file: file.to_owned(),
                 location,
-                key: if key == "." { "(top level)".into() } else { key },
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
                 message,
             }
         })?;
@@ -791,7 +792,10 @@ mod tests {
         )?;
         let g = &c.plugins.grants["a"];
         assert!(g.sql.is_some());
-        assert_eq!(g.blob.as_ref().map(|b| b.read.clone()), Some(vec!["x/".into()]));
+        assert_eq!(
+            g.blob.as_ref().map(|b| b.read.clone()),
+            Some(vec!["x/".into()])
+        );
         assert!(g.meta.is_none());
         let l = c.limits_for("a");
         assert_eq!(l.memory, ByteSize::mib(8));

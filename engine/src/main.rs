@@ -56,12 +56,16 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("SANDPIPE_LOG").unwrap_or_else(|_| EnvFilter::new("warn,sandpipe=info")),
+            EnvFilter::try_from_env("SANDPIPE_LOG")
+                .unwrap_or_else(|_| EnvFilter::new("warn,sandpipe=info")),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -81,7 +85,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout();
     match command {
         Command::Run { config, once } => {
-            let summary = sandpipe::app::run(&config, once, sandpipe::app::shutdown_signal()).await?;
+            let summary =
+                sandpipe::app::run(&config, once, sandpipe::app::shutdown_signal()).await?;
             println!("{summary}");
         }
         Command::Check { config } => {

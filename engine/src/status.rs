@@ -70,7 +70,12 @@ pub struct Entry {
 
 impl Entry {
     /// A message-level entry.
-    pub fn message(message_id: &str, attempt: u32, status: Status, info: impl Into<String>) -> Self {
+    pub fn message(
+        message_id: &str,
+        attempt: u32,
+        status: Status,
+        info: impl Into<String>,
+    ) -> Self {
         Self {
             message_id: message_id.to_owned(),
             plugin: String::new(),

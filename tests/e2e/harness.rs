@@ -152,8 +152,7 @@ impl Deployment {
         self.rows(id)
             .await
             .into_iter()
-            .filter(|r| r.plugin == plugin && r.status != "running")
-            .next_back()
+            .rfind(|r| r.plugin == plugin && r.status != "running")
             .unwrap_or_else(|| panic!("no status for {id}/{plugin}"))
     }
 

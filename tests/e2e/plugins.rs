@@ -7,7 +7,8 @@ use crate::harness::Deployment;
 fn probe(d: &Deployment, id: &str, action: &str) {
     d.message(
         &format!("{id}.json"),
-        &serde_json::json!({"uuid_ref": id, "data_type": "test/probe", "action": action}).to_string(),
+        &serde_json::json!({"uuid_ref": id, "data_type": "test/probe", "action": action})
+            .to_string(),
     );
 }
 
@@ -58,9 +59,17 @@ async fn outcomes_other_than_done_are_recorded_and_publish_nothing() {
     assert_eq!(d.last("m-dead", "probe").await.status, "dead");
     let err = d.last("m-error", "probe").await;
     assert_eq!((err.status.as_str(), err.attempt), ("failed", 2));
-    assert!(err.info.contains("plugin-error: invalid: asked"), "{}", err.info);
+    assert!(
+        err.info.contains("plugin-error: invalid: asked"),
+        "{}",
+        err.info
+    );
     let retry = d.last("m-retry", "probe").await;
-    assert!(retry.info.contains("plugin asked for a retry: asked"), "{}", retry.info);
+    assert!(
+        retry.info.contains("plugin asked for a retry: asked"),
+        "{}",
+        retry.info
+    );
     assert!(d.files("out").is_empty());
     let dead = d.files("spool/dead");
     assert_eq!(dead.len(), 6, "{dead:?}");
@@ -77,7 +86,11 @@ async fn an_ungranted_interface_answers_access_denied_and_says_which_grant() {
     assert_eq!(summary.dead, 1);
     let row = d.last("m-denied", "probe").await;
     assert_eq!(row.status, "failed");
-    assert!(row.info.starts_with("denied-call: access-denied:"), "{}", row.info);
+    assert!(
+        row.info.starts_with("denied-call: access-denied:"),
+        "{}",
+        row.info
+    );
     assert!(
         row.info.contains("plugin `probe` called sql.execute but has no `sql` grant (add `sql: true` under plugins.grants.probe)"),
         "{}",
@@ -94,7 +107,12 @@ async fn undeclared_outputs_are_denied_even_with_an_emit_grant() {
     );
     d.run_once().await.unwrap();
     let row = d.last("m-other-output", "probe").await;
-    assert!(row.info.contains("may not emit to output `elsewhere` (granted: out)"), "{}", row.info);
+    assert!(
+        row.info
+            .contains("may not emit to output `elsewhere` (granted: out)"),
+        "{}",
+        row.info
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -105,7 +123,9 @@ async fn check_lists_ungranted_imports_and_strict_plugins_are_refused() {
     assert!(out.status.success(), "{stdout}");
     for interface in ["sql", "emit", "blob", "meta"] {
         assert!(
-            stdout.contains(&format!("plugin `probe` imports `{interface}` but has no `{interface}` grant")),
+            stdout.contains(&format!(
+                "plugin `probe` imports `{interface}` but has no `{interface}` grant"
+            )),
             "{stdout}"
         );
     }
@@ -117,7 +137,11 @@ async fn check_lists_ungranted_imports_and_strict_plugins_are_refused() {
     let out = strict.cli(&["check"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("error: plugin `probe`: is strict and imports `blob` without a `blob` grant"), "{stdout}");
+    assert!(
+        stdout
+            .contains("error: plugin `probe`: is strict and imports `blob` without a `blob` grant"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("imports `sql` without"), "{stdout}");
 
     let out = strict.cli(&["run", "--once"]);
@@ -131,7 +155,10 @@ async fn check_lists_ungranted_imports_and_strict_plugins_are_refused() {
 async fn a_pinned_hash_that_does_not_match_is_refused() {
     let d = Deployment::new(
         &[("fx-probe", "probe")],
-        &format!("plugins:\n  grants:\n    probe: {{ sha256: \"{}\" }}\n", "0".repeat(64)),
+        &format!(
+            "plugins:\n  grants:\n    probe: {{ sha256: \"{}\" }}\n",
+            "0".repeat(64)
+        ),
     );
     let out = d.cli(&["check"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -145,12 +172,19 @@ async fn bad_messages_are_dead_lettered_with_their_reason() {
     d.message("broken.json", "{not json");
     d.message("noid.json", r#"{"data_type":"test/probe"}"#);
     d.sqapi("unknown.json", "m-unknown", "application/x-nothing", None);
-    d.sqapi("missing.json", "m-missing", "test/probe", Some("nowhere/x.bin"));
+    d.sqapi(
+        "missing.json",
+        "m-missing",
+        "test/probe",
+        Some("nowhere/x.bin"),
+    );
     let summary = d.run_once().await.unwrap();
     assert_eq!(summary.dead, 4, "{summary}");
     let reason = |f: &str| -> String {
-        let v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(d.path(&format!("spool/dead/{f}.error.json"))).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(d.path(&format!("spool/dead/{f}.error.json"))).unwrap(),
+        )
+        .unwrap();
         v["reason"].as_str().unwrap().to_owned()
     };
     assert!(reason("broken.json").starts_with("bad message: message is not valid JSON"));

@@ -23,7 +23,11 @@ async fn quickstart_processes_the_sample_data() {
     copy_dir(&root().join("examples/quickstart"), &qs);
     std::fs::create_dir_all(qs.join("plugins")).unwrap();
     for name in ["image-meta", "text-stats"] {
-        std::fs::copy(component(name), qs.join("plugins").join(format!("{name}.wasm"))).unwrap();
+        std::fs::copy(
+            component(name),
+            qs.join("plugins").join(format!("{name}.wasm")),
+        )
+        .unwrap();
     }
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let summary = sandpipe::app::run(&qs.join("sandpipe.yaml"), true, rx)
@@ -31,7 +35,13 @@ async fn quickstart_processes_the_sample_data() {
         .unwrap();
     let spool_json = std::fs::read_dir(root().join("examples/quickstart/spool"))
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".json"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".json")
+        })
         .count() as u64;
     assert_eq!(summary.processed, spool_json);
     assert_eq!(summary.dead, 2, "{summary}");
@@ -53,17 +63,29 @@ async fn quickstart_processes_the_sample_data() {
     }
     let texts = rusqlite::Connection::open(qs.join("state/plugins/text-stats.sqlite")).unwrap();
     let n: i64 = texts
-        .query_row("SELECT count(*) FROM text_stats WHERE words > 0", [], |r| r.get(0))
+        .query_row("SELECT count(*) FROM text_stats WHERE words > 0", [], |r| {
+            r.get(0)
+        })
         .unwrap();
     assert!(n >= 2);
     let emitted = std::fs::read_dir(qs.join("out/stats"))
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".json"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".json")
+        })
         .count();
     assert_eq!(emitted as i64, n);
     let dead: Vec<String> = std::fs::read_dir(qs.join("spool/dead"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(dead.iter().filter(|n| n.ends_with(".error.json")).count(), 2, "{dead:?}");
+    assert_eq!(
+        dead.iter().filter(|n| n.ends_with(".error.json")).count(),
+        2,
+        "{dead:?}"
+    );
 }

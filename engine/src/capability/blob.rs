@@ -87,7 +87,12 @@ impl Host for InvocationState {
     async fn open(&mut self, location: String) -> Result<Resource<BlobReader>, WitError> {
         self.host.enter(Interface::Blob, "open")?;
         let plugin = self.host.plugin.clone();
-        let allowed = plugin.grant.blob.as_ref().map(|b| b.read.as_slice()).unwrap_or_default();
+        let allowed = plugin
+            .grant
+            .blob
+            .as_ref()
+            .map(|b| b.read.as_slice())
+            .unwrap_or_default();
         let own = self
             .host
             .message
@@ -102,14 +107,24 @@ impl Host for InvocationState {
             );
             return Err(self.host.deny(message));
         }
-        let object = plugin.services.data.open(&location).await.map_err(data_error)?;
+        let object = plugin
+            .services
+            .data
+            .open(&location)
+            .await
+            .map_err(data_error)?;
         self.open_reader(object)
     }
 
     async fn put(&mut self, location: String, bytes: Vec<u8>) -> Result<(), WitError> {
         self.host.enter(Interface::Blob, "put")?;
         let plugin = self.host.plugin.clone();
-        let allowed = plugin.grant.blob.as_ref().map(|b| b.write.as_slice()).unwrap_or_default();
+        let allowed = plugin
+            .grant
+            .blob
+            .as_ref()
+            .map(|b| b.write.as_slice())
+            .unwrap_or_default();
         if !under(&location, allowed) {
             let message = format!(
                 "plugin `{}` may not write `{location}` (granted write prefixes: {})",
@@ -118,7 +133,11 @@ impl Host for InvocationState {
             );
             return Err(self.host.deny(message));
         }
-        plugin.services.data.check_location(&location).map_err(data_error)?;
+        plugin
+            .services
+            .data
+            .check_location(&location)
+            .map_err(data_error)?;
         let limit = plugin.limits.blob_put_bytes.as_u64();
         let effects = &mut self.host.effects;
         if effects.put_bytes + bytes.len() as u64 > limit {
@@ -161,8 +180,10 @@ mod tests {
 
     #[tokio::test]
     async fn reader_returns_bounded_chunks_across_stream_items() -> anyhow::Result<()> {
-        let items: Vec<Result<Bytes, DataError>> =
-            vec![Ok(Bytes::from_static(b"hello ")), Ok(Bytes::from_static(b"world"))];
+        let items: Vec<Result<Bytes, DataError>> = vec![
+            Ok(Bytes::from_static(b"hello ")),
+            Ok(Bytes::from_static(b"world")),
+        ];
         let mut r = BlobReader::from(ObjectStream {
             stream: futures::stream::iter(items).boxed(),
             size: Some(11),

@@ -16,7 +16,7 @@ impl Host for InvocationState {
     ) -> Result<(), WitError> {
         let host = &mut self.host;
         host.enter(Interface::Emit, "publish")?;
-        if !host.plugin.grant.emit.iter().any(|o| *o == output) {
+        if !host.plugin.grant.emit.contains(&output) {
             let message = format!(
                 "plugin `{}` may not emit to output `{output}` (granted: {})",
                 host.plugin.name,

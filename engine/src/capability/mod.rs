@@ -310,7 +310,10 @@ mod tests {
             Some(Interface::Emit)
         );
         assert_eq!(Interface::from_import("wasi:cli/environment@0.2.0"), None);
-        assert_eq!(Interface::from_import("sandpipe:connector/types@0.1.0"), None);
+        assert_eq!(
+            Interface::from_import("sandpipe:connector/types@0.1.0"),
+            None
+        );
     }
 
     #[test]

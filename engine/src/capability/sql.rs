@@ -65,10 +65,14 @@ fn from_sql(value: ValueRef<'_>) -> Value {
 
 fn sql_error(err: rusqlite::Error) -> WitError {
     match &err {
-        rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::AuthorizationForStatementDenied => {
+        rusqlite::Error::SqliteFailure(e, _)
+            if e.code == rusqlite::ErrorCode::AuthorizationForStatementDenied =>
+        {
             WitError::AccessDenied(format!("statement not allowed in a plugin database: {err}"))
         }
-        rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::OperationInterrupted => {
+        rusqlite::Error::SqliteFailure(e, _)
+            if e.code == rusqlite::ErrorCode::OperationInterrupted =>
+        {
             WitError::LimitExceeded(format!("statement interrupted at its deadline: {err}"))
         }
         rusqlite::Error::SqliteFailure(e, _)
@@ -83,13 +87,22 @@ fn sql_error(err: rusqlite::Error) -> WitError {
     }
 }
 
-fn run(conn: &PluginConn, statement: &str, params: Vec<Value>, query: bool, max_rows: u32) -> Result<Outcome, WitError> {
+fn run(
+    conn: &PluginConn,
+    statement: &str,
+    params: Vec<Value>,
+    query: bool,
+    max_rows: u32,
+) -> Result<Outcome, WitError> {
     let mut stmt = conn.conn.prepare(statement).map_err(sql_error)?;
     let params = rusqlite::params_from_iter(params.into_iter().map(to_sql));
     if !query {
-        return stmt.execute(params).map(|n| Outcome::Changed(n as u64)).map_err(sql_error);
+        return stmt
+            .execute(params)
+            .map(|n| Outcome::Changed(n as u64))
+            .map_err(sql_error);
     }
-    let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+    let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
     let width = columns.len();
     let mut rows = stmt.query(params).map_err(sql_error)?;
     let mut values = Vec::new();
@@ -109,7 +122,13 @@ fn run(conn: &PluginConn, statement: &str, params: Vec<Value>, query: bool, max_
 }
 
 impl InvocationState {
-    async fn sql(&mut self, function: &str, statement: String, params: Vec<Value>, query: bool) -> Result<Outcome, WitError> {
+    async fn sql(
+        &mut self,
+        function: &str,
+        statement: String,
+        params: Vec<Value>,
+        query: bool,
+    ) -> Result<Outcome, WitError> {
         self.host.enter(Interface::Sql, function)?;
         let plugin = self.host.plugin.clone();
         let db = plugin
@@ -154,5 +173,108 @@ impl Host for InvocationState {
             Outcome::Changed(n) => Ok(n),
             Outcome::Rows(_) => Err(WitError::Internal("expected a row count".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn open(timeout: Duration) -> (tempfile::TempDir, Arc<PluginDb>, PluginConn) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(PluginDb::new(dir.path(), "p", timeout).expect("db"));
+        let conn = db.begin().expect("begin");
+        (dir, db, conn)
+    }
+
+    fn exec(conn: &PluginConn, sql: &str) -> Result<u64, WitError> {
+        match run(conn, sql, Vec::new(), false, 100)? {
+            Outcome::Changed(n) => Ok(n),
+            Outcome::Rows(_) => Ok(0),
+        }
+    }
+
+    #[test]
+    fn plugin_sql_cannot_reach_other_files_or_the_transaction() {
+        let (dir, _db, conn) = open(Duration::from_secs(5));
+        let outside = dir.path().join("outside.sqlite");
+        let attack = [
+            format!("ATTACH DATABASE '{}' AS other", outside.display()),
+            format!("VACUUM INTO '{}'", outside.display()),
+            "PRAGMA journal_mode = DELETE".to_owned(),
+            "PRAGMA writable_schema = ON".to_owned(),
+            "COMMIT".to_owned(),
+            "ROLLBACK".to_owned(),
+            "SAVEPOINT s".to_owned(),
+            "SELECT load_extension('/lib/x86_64-linux-gnu/libc.so.6')".to_owned(),
+            "CREATE TABLE a(x); CREATE TABLE b(x)".to_owned(),
+        ];
+        for sql in &attack {
+            assert!(exec(&conn, sql).is_err(), "{sql} was allowed");
+        }
+        assert!(
+            !outside.exists(),
+            "a file outside the plugin's database was written"
+        );
+        // Ordinary work still goes through, with typed parameters.
+        exec(&conn, "CREATE TABLE t (a INTEGER, b TEXT, c BLOB, d REAL)").expect("create");
+        let n = run(
+            &conn,
+            "INSERT INTO t VALUES ($1, $2, $3, $4)",
+            vec![
+                Value::Int(7),
+                Value::Text("x".into()),
+                Value::Bytes(vec![1, 2]),
+                Value::Float(0.5),
+            ],
+            false,
+            100,
+        );
+        assert!(matches!(n, Ok(Outcome::Changed(1))));
+        let rows = run(&conn, "SELECT a, b, c, d FROM t", Vec::new(), true, 100);
+        let Ok(Outcome::Rows(rows)) = rows else {
+            panic!("query failed")
+        };
+        assert_eq!(rows.columns, vec!["a", "b", "c", "d"]);
+        assert!(matches!(rows.values[0][0], Value::Int(7)));
+        assert!(matches!(&rows.values[0][2], Value::Bytes(b) if b == &[1, 2]));
+    }
+
+    #[test]
+    fn runaway_queries_and_huge_results_are_limited() {
+        let (_dir, _db, conn) = open(Duration::from_millis(200));
+        let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
+        let result = run(&conn, endless, Vec::new(), true, 100);
+        assert!(
+            matches!(result, Err(WitError::LimitExceeded(_))),
+            "{:?}",
+            result.err()
+        );
+        conn.arm_deadline(Duration::from_secs(5));
+        let many = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000) SELECT x FROM c";
+        let result = run(&conn, many, Vec::new(), true, 100);
+        assert!(
+            matches!(&result, Err(WitError::LimitExceeded(m)) if m.contains("more than 100 rows")),
+            "{:?}",
+            result.err()
+        );
+    }
+
+    #[test]
+    fn rolled_back_work_is_gone_and_committed_work_stays() {
+        let (_dir, db, conn) = open(Duration::from_secs(5));
+        exec(&conn, "CREATE TABLE t (x)").expect("create");
+        db.commit(conn).expect("commit");
+        let conn = db.begin().expect("begin");
+        exec(&conn, "INSERT INTO t VALUES (1)").expect("insert");
+        db.rollback(conn);
+        let conn = db.begin().expect("begin");
+        let Ok(Outcome::Rows(rows)) = run(&conn, "SELECT count(*) FROM t", Vec::new(), true, 10)
+        else {
+            panic!("query failed")
+        };
+        assert!(matches!(rows.values[0][0], Value::Int(0)));
     }
 }

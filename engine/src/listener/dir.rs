@@ -69,16 +69,14 @@ impl DirListener {
                 tracing::warn!(file = %original, "recovered a message left in progress by a previous run");
             }
         }
-        Ok(Self {
-            spool,
-            poll,
-            once,
-        })
+        Ok(Self { spool, poll, once })
     }
 
     fn sorted(dir: &Path) -> anyhow::Result<Vec<String>> {
         let mut names = Vec::new();
-        for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        for entry in
+            std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?
+        {
             let entry = entry?;
             if entry.file_type()?.is_file() {
                 names.push(entry.file_name().to_string_lossy().into_owned());
@@ -95,7 +93,8 @@ impl DirListener {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("cannot claim {}", from.display())),
         }
-        let body = std::fs::read(&work).with_context(|| format!("cannot read {}", work.display()))?;
+        let body =
+            std::fs::read(&work).with_context(|| format!("cannot read {}", work.display()))?;
         self.spool.inflight.fetch_add(1, Ordering::SeqCst);
         Ok(Some(Delivery {
             body: Bytes::from(body),
@@ -118,7 +117,9 @@ impl DirListener {
         let mut next_due = None;
         for name in Self::sorted(&self.spool.dir(".retry"))? {
             let mut parts = name.splitn(3, '~');
-            let (Some(due), Some(attempt), Some(original)) = (parts.next(), parts.next(), parts.next()) else {
+            let (Some(due), Some(attempt), Some(original)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
                 continue;
             };
             let (Ok(due), Ok(attempt)) = (due.parse::<u64>(), attempt.parse::<u32>()) else {
@@ -208,9 +209,17 @@ impl Acker for DirAcker {
                         "attempts": self.attempt,
                         "statuses": report,
                     });
-                    let tmp = self.spool.dir(".tmp").join(format!("{}.error.json", self.name));
+                    let tmp = self
+                        .spool
+                        .dir(".tmp")
+                        .join(format!("{}.error.json", self.name));
                     std::fs::write(&tmp, serde_json::to_vec_pretty(&sidecar)?)?;
-                    std::fs::rename(&tmp, self.spool.dir("dead").join(format!("{}.error.json", self.name)))?;
+                    std::fs::rename(
+                        &tmp,
+                        self.spool
+                            .dir("dead")
+                            .join(format!("{}.error.json", self.name)),
+                    )?;
                     std::fs::rename(&self.work, self.spool.dir("dead").join(&self.name))?;
                 }
             }
@@ -231,14 +240,23 @@ mod tests {
         let l = DirListener::new(dir.path(), Duration::from_millis(10), true)?;
         l.send(b"{\"a\":1}", "one.json").await?;
         l.send(b"{\"a\":2}", "two.json").await?;
-        let first = l.recv().await?.ok_or_else(|| anyhow::anyhow!("no delivery"))?;
+        let first = l
+            .recv()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no delivery"))?;
         assert_eq!(first.attempt, 1);
         assert_eq!(&first.body[..], b"{\"a\":1}");
         first
             .acker
-            .settle(Settlement::Retry { delay: Duration::from_millis(30), reason: "x".into() })
+            .settle(Settlement::Retry {
+                delay: Duration::from_millis(30),
+                reason: "x".into(),
+            })
             .await?;
-        let second = l.recv().await?.ok_or_else(|| anyhow::anyhow!("no delivery"))?;
+        let second = l
+            .recv()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no delivery"))?;
         assert_eq!(&second.body[..], b"{\"a\":2}");
         second.acker.settle(Settlement::Ack).await?;
         // The retry becomes due and comes back as attempt 2.
@@ -246,7 +264,10 @@ mod tests {
         assert_eq!(again.attempt, 2);
         again
             .acker
-            .settle(Settlement::DeadLetter { reason: "bad".into(), report: serde_json::json!([]) })
+            .settle(Settlement::DeadLetter {
+                reason: "bad".into(),
+                report: serde_json::json!([]),
+            })
             .await?;
         assert!(l.recv().await?.is_none());
         assert_eq!(DirListener::sorted(&dir.path().join("done"))?.len(), 1);
@@ -261,14 +282,28 @@ mod tests {
         {
             let l = DirListener::new(dir.path(), Duration::from_millis(10), true)?;
             l.send(b"{}", "m.json").await?;
-            let d = l.recv().await?.ok_or_else(|| anyhow::anyhow!("no delivery"))?;
-            d.acker.settle(Settlement::Retry { delay: Duration::ZERO, reason: String::new() }).await?;
-            let d = l.recv().await?.ok_or_else(|| anyhow::anyhow!("no delivery"))?;
+            let d = l
+                .recv()
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no delivery"))?;
+            d.acker
+                .settle(Settlement::Retry {
+                    delay: Duration::ZERO,
+                    reason: String::new(),
+                })
+                .await?;
+            let d = l
+                .recv()
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no delivery"))?;
             assert_eq!(d.attempt, 2);
             std::mem::forget(d); // the process "dies" holding it
         }
         let l = DirListener::new(dir.path(), Duration::from_millis(10), true)?;
-        let d = l.recv().await?.ok_or_else(|| anyhow::anyhow!("lost the message"))?;
+        let d = l
+            .recv()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("lost the message"))?;
         assert_eq!(d.attempt, 2);
         d.acker.settle(Settlement::Ack).await?;
         Ok(())

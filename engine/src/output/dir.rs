@@ -21,7 +21,13 @@ pub struct DirOutput {
 pub fn safe_name(s: &str) -> String {
     let cleaned: String = s
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(100)
         .collect();
     cleaned.trim_start_matches('.').to_owned()
@@ -37,7 +43,12 @@ impl DirOutput {
         })
     }
 
-    pub(super) async fn publish(&self, origin: &Origin<'_>, seq: usize, emit: &Emit) -> anyhow::Result<()> {
+    pub(super) async fn publish(
+        &self,
+        origin: &Origin<'_>,
+        seq: usize,
+        emit: &Emit,
+    ) -> anyhow::Result<()> {
         let name = format!(
             "{}.{}.{seq}.json",
             safe_name(origin.message_id),
@@ -46,7 +57,9 @@ impl DirOutput {
         let (payload, encoding) = match std::str::from_utf8(&emit.payload) {
             Ok(text) => (serde_json::Value::String(text.to_owned()), "utf-8"),
             Err(_) => (
-                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(&emit.payload)),
+                serde_json::Value::String(
+                    base64::engine::general_purpose::STANDARD.encode(&emit.payload),
+                ),
                 "base64",
             ),
         };

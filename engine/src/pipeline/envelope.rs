@@ -79,17 +79,17 @@ pub fn parse(body: &[u8], fields: &MessageFields) -> Result<Envelope, EnvelopeEr
             reason: format!("message must be a JSON object, not {}", kind_of(&value)),
         });
     };
-    let id = text_field(&object, &fields.uuid, "uuid").map_err(|reason| EnvelopeError {
-        id: None,
-        reason,
-    })?;
+    let id = text_field(&object, &fields.uuid, "uuid")
+        .map_err(|reason| EnvelopeError { id: None, reason })?;
     let fail = |reason: String| EnvelopeError {
         id: id.clone(),
         reason,
     };
     let kind = text_field(&object, &fields.kind, "type").map_err(fail)?;
-    let data_location = text_field(&object, &fields.data_location, "data_location").map_err(fail)?;
-    let meta_location = text_field(&object, &fields.meta_location, "meta_location").map_err(fail)?;
+    let data_location =
+        text_field(&object, &fields.data_location, "data_location").map_err(fail)?;
+    let meta_location =
+        text_field(&object, &fields.meta_location, "meta_location").map_err(fail)?;
     let metadata = match object.get(&fields.metadata.key) {
         None | Some(Value::Null) if fields.metadata.required => {
             return Err(fail(format!(
@@ -141,9 +141,15 @@ mod tests {
 
     #[test]
     fn bad_json_and_missing_fields_give_reasons() {
-        let err = parse(b"{not json", &fields()).err().map(|e| e.reason).unwrap_or_default();
+        let err = parse(b"{not json", &fields())
+            .err()
+            .map(|e| e.reason)
+            .unwrap_or_default();
         assert!(err.starts_with("message is not valid JSON"), "{err}");
-        let err = parse(b"[1]", &fields()).err().map(|e| e.reason).unwrap_or_default();
+        let err = parse(b"[1]", &fields())
+            .err()
+            .map(|e| e.reason)
+            .unwrap_or_default();
         assert!(err.contains("JSON object"), "{err}");
         let err = parse(br#"{"uuid_ref":"u"}"#, &fields()).err();
         assert_eq!(

@@ -222,7 +222,12 @@ impl Pipeline {
                 let id = err.id.clone().unwrap_or_else(|| format!("delivery:{name}"));
                 let received = Entry::message(&id, attempt, Status::Received, "");
                 return self
-                    .dead(&id, attempt, format!("bad message: {}", err.reason), vec![received])
+                    .dead(
+                        &id,
+                        attempt,
+                        format!("bad message: {}", err.reason),
+                        vec![received],
+                    )
                     .await;
             }
         };
@@ -236,7 +241,11 @@ impl Pipeline {
         let routed: Vec<Arc<LoadedPlugin>> = self
             .plugins
             .iter()
-            .filter(|p| p.mime.iter().any(|m| routing::mime_matches(m, &envelope.kind)))
+            .filter(|p| {
+                p.mime
+                    .iter()
+                    .any(|m| routing::mime_matches(m, &envelope.kind))
+            })
             .cloned()
             .collect();
         if routed.is_empty() {
@@ -267,7 +276,11 @@ impl Pipeline {
             .filter(|p| !finished.contains(&p.name))
             .collect();
         let mut entries = vec![received];
-        entries.extend(to_run.iter().map(|p| self.plugin_entry(p, &id, attempt, Status::Running, String::new())));
+        entries.extend(
+            to_run
+                .iter()
+                .map(|p| self.plugin_entry(p, &id, attempt, Status::Running, String::new())),
+        );
         self.status.record(entries).await?;
 
         let results: Vec<PluginResult> = futures::stream::iter(to_run)
@@ -277,8 +290,14 @@ impl Pipeline {
             .await;
 
         let max = self.config.retry.max_attempts;
-        let dead: Vec<&PluginResult> = results.iter().filter(|r| r.status == Status::Dead).collect();
-        let failed: Vec<&PluginResult> = results.iter().filter(|r| r.status == Status::Failed).collect();
+        let dead: Vec<&PluginResult> = results
+            .iter()
+            .filter(|r| r.status == Status::Dead)
+            .collect();
+        let failed: Vec<&PluginResult> = results
+            .iter()
+            .filter(|r| r.status == Status::Failed)
+            .collect();
         let mut entries: Vec<Entry> = results
             .iter()
             .map(|r| {
@@ -299,10 +318,17 @@ impl Pipeline {
         }
         if !failed.is_empty() {
             if attempt >= max {
-                let reason = format!("failed {attempt} of {max} attempts; last: {}", describe(&failed));
+                let reason = format!(
+                    "failed {attempt} of {max} attempts; last: {}",
+                    describe(&failed)
+                );
                 return self.dead(&id, attempt, reason, entries).await;
             }
-            let hint = failed.iter().filter_map(|r| r.retry_after).max().unwrap_or_default();
+            let hint = failed
+                .iter()
+                .filter_map(|r| r.retry_after)
+                .max()
+                .unwrap_or_default();
             let delay = self.config.retry.backoff.delay(attempt).max(hint);
             let reason = describe(&failed);
             entries.push(Entry::message(
@@ -319,7 +345,14 @@ impl Pipeline {
         Ok(Settlement::Ack)
     }
 
-    fn plugin_entry(&self, p: &LoadedPlugin, id: &str, attempt: u32, status: Status, info: String) -> Entry {
+    fn plugin_entry(
+        &self,
+        p: &LoadedPlugin,
+        id: &str,
+        attempt: u32,
+        status: Status,
+        info: String,
+    ) -> Entry {
         Entry {
             message_id: id.to_owned(),
             plugin: p.name.clone(),
@@ -351,14 +384,18 @@ impl Pipeline {
                 Err(DataError::Invalid(m)) | Err(DataError::NotFound(m)) => {
                     return Err(Resolution::Permanent(format!("bad data_location: {m}")));
                 }
-                Err(e @ DataError::Unavailable(_)) => return Err(Resolution::Transient(e.to_string())),
+                Err(e @ DataError::Unavailable(_)) => {
+                    return Err(Resolution::Transient(e.to_string()));
+                }
             }
         }
         let mut metadata = envelope.metadata.clone();
         if let Some(location) = &envelope.meta_location {
             match self.meta.fetch(location).await {
                 Ok(found) => metadata.extend(found),
-                Err(e @ MetaError::Unavailable(_)) => return Err(Resolution::Transient(e.to_string())),
+                Err(e @ MetaError::Unavailable(_)) => {
+                    return Err(Resolution::Transient(e.to_string()));
+                }
                 Err(e) => return Err(Resolution::Permanent(e.to_string())),
             }
         }
@@ -373,7 +410,12 @@ impl Pipeline {
         })
     }
 
-    async fn run_plugin(&self, plugin: Arc<LoadedPlugin>, message: Arc<MessageContext>, attempt: u32) -> PluginResult {
+    async fn run_plugin(
+        &self,
+        plugin: Arc<LoadedPlugin>,
+        message: Arc<MessageContext>,
+        attempt: u32,
+    ) -> PluginResult {
         let wit_message = Message {
             id: message.id.clone(),
             kind: message.kind.clone(),
@@ -402,7 +444,11 @@ impl Pipeline {
         let (status, info, retry_after) = match result {
             Ok(Ok(Outcome::Done)) => match self.commit(&plugin, &message, host).await {
                 Ok(()) => (Status::Done, with_denials(String::new()), None),
-                Err(e) => (Status::Failed, format!("effects could not be committed: {e:#}"), None),
+                Err(e) => (
+                    Status::Failed,
+                    format!("effects could not be committed: {e:#}"),
+                    None,
+                ),
             },
             Ok(Ok(outcome)) => {
                 discard(host).await;
@@ -413,7 +459,11 @@ impl Pipeline {
                         with_denials(format!("plugin asked for a retry: {}", r.reason)),
                         Some(Duration::from_millis(r.delay_ms)),
                     ),
-                    Outcome::DeadLetter(why) => (Status::Dead, with_denials(format!("plugin dead-lettered it: {why}")), None),
+                    Outcome::DeadLetter(why) => (
+                        Status::Dead,
+                        with_denials(format!("plugin dead-lettered it: {why}")),
+                        None,
+                    ),
                     Outcome::Done => (Status::Done, String::new(), None),
                 }
             }
@@ -424,7 +474,11 @@ impl Pipeline {
                 } else {
                     FailureKind::DeniedCall
                 };
-                (Status::Failed, with_denials(format!("{}: {}", kind.as_str(), wit_error_text(&error))), None)
+                (
+                    Status::Failed,
+                    with_denials(format!("{}: {}", kind.as_str(), wit_error_text(&error))),
+                    None,
+                )
             }
             Err(failure) => {
                 discard(host).await;
@@ -440,7 +494,9 @@ impl Pipeline {
             Status::Failed | Status::Dead => {
                 tracing::warn!(plugin = %plugin.name, message_id = %message.id, attempt, "{info}")
             }
-            _ => tracing::debug!(plugin = %plugin.name, message_id = %message.id, "{}", status.as_str()),
+            _ => {
+                tracing::debug!(plugin = %plugin.name, message_id = %message.id, "{}", status.as_str())
+            }
         }
         PluginResult {
             plugin,
@@ -454,7 +510,12 @@ impl Pipeline {
 
     /// Apply a `done` invocation's effects, in the fixed order: SQL commit,
     /// blob writes, state, then outputs (each confirmed).
-    async fn commit(&self, plugin: &LoadedPlugin, message: &MessageContext, host: HostState) -> anyhow::Result<()> {
+    async fn commit(
+        &self,
+        plugin: &LoadedPlugin,
+        message: &MessageContext,
+        host: HostState,
+    ) -> anyhow::Result<()> {
         let effects = host.effects;
         if let Some(tx) = effects.sql {
             tx.commit().await?;
@@ -463,14 +524,20 @@ impl Pipeline {
             self.services.data.put(&location, bytes).await?;
         }
         if !effects.state.is_empty() {
-            self.services.state.apply(&plugin.name, effects.state).await?;
+            self.services
+                .state
+                .apply(&plugin.name, effects.state)
+                .await?;
         }
         if !effects.emits.is_empty() {
             let origin = Origin {
                 message_id: &message.id,
                 plugin: &plugin.name,
             };
-            self.services.outputs.publish(&origin, &effects.emits).await?;
+            self.services
+                .outputs
+                .publish(&origin, &effects.emits)
+                .await?;
         }
         Ok(())
     }

@@ -2,7 +2,11 @@
 
 /// The MIME type without parameters, lower-cased: `Text/Plain; charset=x` → `text/plain`.
 pub fn essence(kind: &str) -> String {
-    kind.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()
+    kind.split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
 }
 
 /// Whether `pattern` (`type/subtype`, `type/*`, `*/*` or `*`) matches `kind`.

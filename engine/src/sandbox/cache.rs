@@ -28,8 +28,7 @@ impl CodeCache {
     }
 
     fn path(&self, sha256: &str) -> PathBuf {
-        self.dir
-            .join(format!("{sha256}-{}.cwasm", self.engine_key))
+        self.dir.join(format!("{sha256}-{}.cwasm", self.engine_key))
     }
 
     /// The component for `bytes` (whose hash is `sha256`), from the cache
@@ -65,7 +64,8 @@ impl CodeCache {
             .with_context(|| format!("cannot write the code cache {}", path.display()))?;
         // SAFETY: as above; we just produced these bytes with this engine.
         #[allow(unsafe_code)]
-        let component = unsafe { Component::deserialize(engine, &native) }.map_err(anyhow::Error::from)?;
+        let component =
+            unsafe { Component::deserialize(engine, &native) }.map_err(anyhow::Error::from)?;
         Ok((component, false))
     }
 }

@@ -50,9 +50,8 @@ impl DataStore {
     pub fn new(config: &DataStoreConfig) -> anyhow::Result<Self> {
         let store: Arc<dyn ObjectStore> = match config {
             DataStoreConfig::Disk { root } => {
-                std::fs::create_dir_all(root).map_err(|e| {
-                    anyhow::anyhow!("data_store.root {}: {e}", root.display())
-                })?;
+                std::fs::create_dir_all(root)
+                    .map_err(|e| anyhow::anyhow!("data_store.root {}: {e}", root.display()))?;
                 Arc::new(LocalFileSystem::new_with_prefix(root)?)
             }
             DataStoreConfig::Memory => Arc::new(InMemory::new()),

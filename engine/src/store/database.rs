@@ -108,7 +108,11 @@ impl StateStore {
     }
 
     /// Apply `ops` for `plugin` atomically.
-    pub async fn apply(&self, plugin: &str, ops: Vec<crate::capability::StateOp>) -> anyhow::Result<()> {
+    pub async fn apply(
+        &self,
+        plugin: &str,
+        ops: Vec<crate::capability::StateOp>,
+    ) -> anyhow::Result<()> {
         use crate::capability::StateOp;
         let plugin = plugin.to_owned();
         self.db
@@ -285,7 +289,9 @@ fn authorize(action: &AuthAction<'_>, engine_mode: bool) -> Authorization {
                 "foreign_key_list",
                 "user_version",
             ];
-            if pragma_value.is_none() && READ_ONLY.contains(&pragma_name.to_ascii_lowercase().as_str()) {
+            if pragma_value.is_none()
+                && READ_ONLY.contains(&pragma_name.to_ascii_lowercase().as_str())
+            {
                 Authorization::Allow
             } else {
                 Authorization::Deny
@@ -293,7 +299,10 @@ fn authorize(action: &AuthAction<'_>, engine_mode: bool) -> Authorization {
         }
         AuthAction::Function { function_name } => {
             let name = function_name.to_ascii_lowercase();
-            if name == "load_extension" || name.starts_with("readfile") || name.starts_with("writefile") {
+            if name == "load_extension"
+                || name.starts_with("readfile")
+                || name.starts_with("writefile")
+            {
                 Authorization::Deny
             } else {
                 Authorization::Allow

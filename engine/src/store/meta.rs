@@ -49,14 +49,17 @@ impl MetaStore {
                 "the message names meta_location `{location}` but meta_store is `inline`"
             ))),
             Self::File { root } => {
-                let path = parse_location(location).map_err(|e| MetaError::Invalid(e.to_string()))?;
+                let path =
+                    parse_location(location).map_err(|e| MetaError::Invalid(e.to_string()))?;
                 let file = root.join(path.as_ref());
                 let bytes = match tokio::fs::read(&file).await {
                     Ok(b) => b,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                         return Err(MetaError::NotFound(location.to_owned()));
                     }
-                    Err(e) => return Err(MetaError::Unavailable(format!("{}: {e}", file.display()))),
+                    Err(e) => {
+                        return Err(MetaError::Unavailable(format!("{}: {e}", file.display())));
+                    }
                 };
                 if bytes.len() > 1 << 20 {
                     return Err(MetaError::Invalid(format!(
