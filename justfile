@@ -45,3 +45,31 @@ guest-test:
 guest-lint: guest-toolchain
     cargo fmt -p sandpipe-sdk {{guest_connectors}} {{guest_fixtures}} -- --check
     CARGO_TARGET_DIR="{{guest_target_dir}}" cargo clippy --target wasm32-wasip2 -p sandpipe-sdk {{guest_connectors}} {{guest_fixtures}} -- -D warnings
+
+# ---------------------------------------------------------------------------
+# The engine.
+# ---------------------------------------------------------------------------
+
+quickstart_dir := justfile_directory() / "target" / "quickstart"
+
+# Build everything, then run the quickstart (examples/quickstart, copied to
+# target/quickstart so the example stays pristine) with `sandpipe run --once`.
+quickstart: guests
+    cargo build -p sandpipe
+    rm -rf "{{quickstart_dir}}"
+    mkdir -p "{{quickstart_dir}}"
+    cp -r examples/quickstart/. "{{quickstart_dir}}/"
+    mkdir -p "{{quickstart_dir}}/plugins"
+    cp "{{plugins_dir}}/image-meta.wasm" "{{plugins_dir}}/text-stats.wasm" "{{quickstart_dir}}/plugins/"
+    cargo run -q -p sandpipe -- run --once -c "{{quickstart_dir}}/sandpipe.yaml"
+
+# Every test: the engine's unit and end-to-end tests (these build the guest
+# components themselves, once per run), then the guests' own unit tests.
+test: guest-toolchain
+    cargo test
+    just guest-test
+
+# Formatting and clippy, warnings denied, for the engine and the guests.
+lint: guest-lint
+    cargo fmt --all -- --check
+    cargo clippy --all-targets -- -D warnings
