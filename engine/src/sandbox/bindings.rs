@@ -12,4 +12,4 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use sandpipe::connector::types::{Capability, Error as WitError, RetryAfter};
+pub use self::sandpipe::connector::types::{Capability, Error as WitError, RetryAfter};
