@@ -131,8 +131,14 @@ pub async fn run(
             "loaded"
         );
     }
+    let ready = crate::server::Readiness::default();
+    ready.not_ready("listener", "starting");
+    if let Some(server) = &assembled.config.server {
+        crate::server::serve(server.listen, ready.clone(), shutdown.clone()).await?;
+    }
     let listener: Arc<dyn listener::Listener> =
         Arc::from(listener::build(&assembled.config.listener, once)?);
+    ready.ready("listener");
     let pipeline = Arc::new(Pipeline::new(
         assembled.config.clone(),
         assembled.sandbox.clone(),

@@ -97,12 +97,23 @@ pub struct Config {
     /// Plugin components and what each is granted.
     #[serde(default)]
     pub plugins: PluginsConfig,
+    /// The HTTP server for health probes and metrics; none when absent.
+    #[serde(default)]
+    pub server: Option<ServerConfig>,
     /// The directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
     /// The config file itself, for error messages.
     #[serde(skip)]
     pub file: PathBuf,
+}
+
+/// The HTTP server: `/healthz`, `/readyz`, `/metrics`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The address to listen on, e.g. `127.0.0.1:9090`.
+    pub listen: std::net::SocketAddr,
 }
 
 /// Where messages come from; `type` selects the listener.

@@ -167,6 +167,7 @@ impl Deployment {
         let mut names: Vec<String> = std::fs::read_dir(self.path(sub))
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .filter(|n| !n.starts_with('.'))
                     .collect()

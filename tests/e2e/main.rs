@@ -7,3 +7,4 @@ mod harness;
 mod plugins;
 mod quickstart;
 mod sandbox;
+mod server;

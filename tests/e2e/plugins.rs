@@ -194,3 +194,164 @@ async fn bad_messages_are_dead_lettered_with_their_reason() {
     let rows = d.rows("m-missing").await;
     assert_eq!(rows.last().unwrap().status, "dead");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_invocation_commits_none_of_its_effects() {
+    let d = Deployment::new(&[("fx-probe", "probe")], GRANTED);
+    probe(&d, "m-sql-ok", "sql");
+    probe(&d, "m-sql-then-error", "sql-then-error");
+    probe(&d, "m-emit-then-retry", "emit-then-retry");
+    let summary = d.run_once().await.unwrap();
+    assert_eq!((summary.done, summary.dead), (1, 2), "{summary}");
+    let db = d.plugin_db("probe");
+    let ids: Vec<String> = db
+        .prepare("SELECT x FROM t ORDER BY x")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(ids, vec!["m-sql-ok".to_string()], "rolled-back rows leaked");
+    assert!(
+        d.files("out").is_empty(),
+        "an emit of a failed invocation was published"
+    );
+    let row = d.last("m-sql-then-error", "probe").await;
+    assert!(row.info.contains("internal: after sql"), "{}", row.info);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metadata_config_and_state_reach_the_plugin() {
+    let d = Deployment::new(&[("fx-probe", "probe")], GRANTED);
+    std::fs::create_dir_all(d.path("meta")).unwrap();
+    std::fs::write(
+        d.path("meta/m1.json"),
+        r#"{"from_file": "yes", "shared": "file"}"#,
+    )
+    .unwrap();
+    d.message(
+        "a.json",
+        r#"{"uuid_ref":"m-meta","data_type":"test/probe","action":"echo-meta","meta_location":"m1.json","metadata":{"inline":1,"shared":"inline"}}"#,
+    );
+    probe(&d, "m-config", "echo-config");
+    probe(&d, "m-state-1", "echo-state");
+    d.run_once().await.unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&d.last("m-meta", "probe").await.info).unwrap();
+    assert_eq!(
+        meta,
+        serde_json::json!({"from_file": "yes", "inline": 1, "shared": "file"})
+    );
+    assert_eq!(d.last("m-config", "probe").await.info, "greeting=hello");
+    assert_eq!(d.last("m-state-1", "probe").await.info, "counter=1");
+    // `skip` discards effects, so that counter was never stored; `done`
+    // stores it, and state survives across messages and runs.
+    probe(&d, "m-state-2", "echo-state");
+    d.run_once().await.unwrap();
+    assert_eq!(d.last("m-state-2", "probe").await.info, "counter=1");
+    // State is last-writer-wins across concurrent invocations of a plugin,
+    // so the two increments run one after the other.
+    probe(&d, "m-state-3", "state");
+    d.run_once().await.unwrap();
+    probe(&d, "m-state-4", "state");
+    d.run_once().await.unwrap();
+    probe(&d, "m-state-5", "echo-state");
+    d.run_once().await.unwrap();
+    assert_eq!(d.last("m-state-5", "probe").await.info, "counter=3");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wasi_reaches_nothing_on_the_host() {
+    let d = Deployment::new(&[("fx-probe", "probe")], GRANTED);
+    probe(&d, "m-wasi", "wasi");
+    let _ = std::fs::remove_file("/tmp/sandpipe-fx-probe-escape");
+    d.run_once().await.unwrap();
+    let info = d.last("m-wasi", "probe").await.info;
+    for expected in [
+        "file=error",
+        "dir=error",
+        "write=error",
+        "env=0;",
+        "args=0;",
+        "tcp=error",
+        "dns=error",
+    ] {
+        assert!(info.contains(expected), "expected `{expected}` in: {info}");
+    }
+    assert!(!std::path::Path::new("/tmp/sandpipe-fx-probe-escape").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_lists_names_versions_mime_and_denied_imports() {
+    let d = Deployment::new(
+        &[("fx-probe", "probe"), ("text-stats", "text-stats")],
+        "plugins:\n  grants:\n    probe: { sql: true }\n",
+    );
+    let out = d.cli(&["plugins"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let probe_line = stdout.lines().find(|l| l.starts_with("probe ")).unwrap();
+    assert!(probe_line.contains("test/probe"), "{probe_line}");
+    assert!(probe_line.contains("sql"), "{probe_line}");
+    assert!(probe_line.contains("EMIT"), "{probe_line}");
+    let text_line = stdout
+        .lines()
+        .find(|l| l.starts_with("text-stats "))
+        .unwrap();
+    assert!(
+        text_line.contains("0.1.0") && text_line.contains("text/plain"),
+        "{text_line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_then_run_processes_the_message_and_sigterm_stops_cleanly() {
+    let d = Deployment::new(&[("fx-probe", "probe")], GRANTED);
+    let msg = d.path("msg.json");
+    std::fs::write(
+        &msg,
+        r#"{"uuid_ref":"m-sent","data_type":"test/probe","action":"sql"}"#,
+    )
+    .unwrap();
+    let out = d.cli(&["send", msg.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.files("spool").len(), 1);
+
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_sandpipe"))
+        .args(["run", "-c"])
+        .arg(&d.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the message is done, then ask the engine to stop.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while d.files("spool/done").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the message was never processed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("processed 1 messages: 1 done, 0 failed, 0 dead-lettered"),
+        "{stdout}"
+    );
+    assert_eq!(d.last("m-sent", "probe").await.status, "done");
+}

@@ -54,11 +54,45 @@ fn data_error(err: DataError) -> WitError {
     }
 }
 
+/// Whether `location` is `prefix` itself or lies below it, on a path
+/// segment boundary (`thumbs` grants `thumbs/a`, not `thumbsX/a`).
 fn under(location: &str, prefixes: &[String]) -> bool {
-    prefixes.iter().any(|p| location.starts_with(p.as_str()))
+    prefixes.iter().any(|p| {
+        let p = p.trim_end_matches('/');
+        location == p
+            || location
+                .strip_prefix(p)
+                .is_some_and(|rest| rest.starts_with('/') || p.is_empty())
+    })
 }
 
 impl InvocationState {
+    /// Deny unless the grant's `blob.read` / `blob.write` covers `location`.
+    fn check_prefix(&mut self, location: &str, access: &str) -> Result<(), WitError> {
+        let plugin = self.host.plugin.clone();
+        let allowed = plugin
+            .grant
+            .blob
+            .as_ref()
+            .map(|b| {
+                if access == "write" {
+                    b.write.as_slice()
+                } else {
+                    b.read.as_slice()
+                }
+            })
+            .unwrap_or_default();
+        if under(location, allowed) {
+            return Ok(());
+        }
+        let message = format!(
+            "plugin `{}` may not {access} `{location}` (granted {access} prefixes: {})",
+            plugin.name,
+            list_or_none(allowed)
+        );
+        Err(self.host.deny(message))
+    }
+
     fn open_reader(&mut self, object: ObjectStream) -> Result<Resource<BlobReader>, WitError> {
         self.table
             .push(BlobReader::from(object))
@@ -86,28 +120,18 @@ impl Host for InvocationState {
 
     async fn open(&mut self, location: String) -> Result<Resource<BlobReader>, WitError> {
         self.host.enter(Interface::Blob, "open")?;
-        let plugin = self.host.plugin.clone();
-        let allowed = plugin
-            .grant
-            .blob
-            .as_ref()
-            .map(|b| b.read.as_slice())
-            .unwrap_or_default();
         let own = self
             .host
             .message
             .as_ref()
             .and_then(|m| m.data_location.as_deref())
             == Some(location.as_str());
-        if !own && !under(&location, allowed) {
-            let message = format!(
-                "plugin `{}` may not read `{location}` (granted read prefixes: {})",
-                plugin.name,
-                list_or_none(allowed)
-            );
-            return Err(self.host.deny(message));
+        if !own {
+            self.check_prefix(&location, "read")?;
         }
-        let object = plugin
+        let object = self
+            .host
+            .plugin
             .services
             .data
             .open(&location)
@@ -118,21 +142,8 @@ impl Host for InvocationState {
 
     async fn put(&mut self, location: String, bytes: Vec<u8>) -> Result<(), WitError> {
         self.host.enter(Interface::Blob, "put")?;
+        self.check_prefix(&location, "write")?;
         let plugin = self.host.plugin.clone();
-        let allowed = plugin
-            .grant
-            .blob
-            .as_ref()
-            .map(|b| b.write.as_slice())
-            .unwrap_or_default();
-        if !under(&location, allowed) {
-            let message = format!(
-                "plugin `{}` may not write `{location}` (granted write prefixes: {})",
-                plugin.name,
-                list_or_none(allowed)
-            );
-            return Err(self.host.deny(message));
-        }
         plugin
             .services
             .data
@@ -177,6 +188,18 @@ impl HostReader for InvocationState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixes_match_on_segment_boundaries() {
+        let p = vec!["thumbs/".to_owned(), "a/b".to_owned()];
+        assert!(under("thumbs/x.png", &p));
+        assert!(under("a/b/c", &p));
+        assert!(under("a/b", &p));
+        assert!(!under("thumbsX/x.png", &p));
+        assert!(!under("a/bc", &p));
+        assert!(!under("other", &p));
+        assert!(!under("thumbs/x", &[]));
+    }
 
     #[tokio::test]
     async fn reader_returns_bounded_chunks_across_stream_items() -> anyhow::Result<()> {

@@ -169,6 +169,9 @@ impl Pipeline {
             name,
             acker,
         } = delivery;
+        metrics::counter!(crate::metrics::RECEIVED).increment(1);
+        let in_flight = metrics::gauge!(crate::metrics::IN_FLIGHT);
+        in_flight.increment(1.0);
         let settlement = match self.decide(&body, &headers, attempt, &name).await {
             Ok(s) => s,
             Err(e) => {
@@ -181,11 +184,13 @@ impl Pipeline {
                 }
             }
         };
-        let counter = match &settlement {
-            Settlement::Ack => &self.counters.done,
-            Settlement::Retry { .. } | Settlement::Requeue { .. } => &self.counters.failed,
-            Settlement::DeadLetter { .. } => &self.counters.dead,
+        let (counter, label) = match &settlement {
+            Settlement::Ack => (&self.counters.done, "done"),
+            Settlement::Retry { .. } => (&self.counters.failed, "retry"),
+            Settlement::Requeue { .. } => (&self.counters.failed, "requeue"),
+            Settlement::DeadLetter { .. } => (&self.counters.dead, "dead"),
         };
+        metrics::counter!(crate::metrics::SETTLED, "settlement" => label).increment(1);
         match acker.settle(settlement).await {
             Ok(()) => {
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -193,6 +198,7 @@ impl Pipeline {
             }
             Err(e) => tracing::error!(delivery = %name, error = format!("{e:#}"), "cannot settle"),
         }
+        in_flight.decrement(1.0);
     }
 
     async fn dead(
@@ -434,6 +440,16 @@ impl Pipeline {
             })
             .await;
         let denials = std::mem::take(&mut host.denials);
+        let label = plugin.name.clone();
+        if !denials.is_empty() {
+            metrics::counter!(crate::metrics::DENIED, "plugin" => label.clone())
+                .increment(denials.len() as u64);
+        }
+        metrics::histogram!(crate::metrics::INVOCATION_SECONDS, "plugin" => label.clone())
+            .record(usage.duration.as_secs_f64());
+        if let Some(fuel) = usage.fuel {
+            metrics::counter!(crate::metrics::FUEL, "plugin" => label.clone()).increment(fuel);
+        }
         let with_denials = |info: String| {
             if denials.is_empty() {
                 info
@@ -490,6 +506,8 @@ impl Pipeline {
                 (Status::Failed, info, None)
             }
         };
+        metrics::counter!(crate::metrics::PLUGIN_RESULTS, "plugin" => label, "status" => status.as_str())
+            .increment(1);
         match status {
             Status::Failed | Status::Dead => {
                 tracing::warn!(plugin = %plugin.name, message_id = %message.id, attempt, "{info}")

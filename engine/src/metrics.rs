@@ -1,0 +1,61 @@
+//! Metrics, in the Prometheus text format. Every metric the engine exports
+//! is named here, so the list is in one place.
+//!
+//! The recorder is process-wide (installed once); `/metrics` renders it.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Deliveries taken from the listener.
+pub const RECEIVED: &str = "sandpipe_messages_received_total";
+/// Plugin results, labelled `plugin` and `status` (done, skipped, failed, dead).
+pub const PLUGIN_RESULTS: &str = "sandpipe_plugin_results_total";
+/// Settled deliveries, labelled `settlement` (done, retry, requeue, dead).
+pub const SETTLED: &str = "sandpipe_messages_settled_total";
+/// Invocation wall-clock time in seconds, labelled `plugin`.
+pub const INVOCATION_SECONDS: &str = "sandpipe_invocation_seconds";
+/// Fuel consumed, labelled `plugin` (only when fuel is metered).
+pub const FUEL: &str = "sandpipe_fuel_consumed_total";
+/// Host calls denied by policy, labelled `plugin`.
+pub const DENIED: &str = "sandpipe_denied_calls_total";
+/// Messages being processed now.
+pub const IN_FLIGHT: &str = "sandpipe_messages_in_flight";
+/// Reconnections to the broker or another backend, labelled `backend`.
+pub const RECONNECTS: &str = "sandpipe_reconnects_total";
+
+/// The process's Prometheus recorder (installed on first use).
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0, 30.0,
+            ])
+            .map(PrometheusBuilder::build_recorder)
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        // Another recorder may already be installed (embedding, tests):
+        // then ours still renders what it is given directly.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Describe the metrics once so `/metrics` has HELP lines.
+pub fn describe() {
+    let _ = handle();
+    metrics::describe_counter!(RECEIVED, "Deliveries taken from the listener.");
+    metrics::describe_counter!(PLUGIN_RESULTS, "Plugin results per plugin and status.");
+    metrics::describe_counter!(SETTLED, "Settled deliveries per settlement.");
+    metrics::describe_histogram!(
+        INVOCATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Plugin invocation wall-clock time."
+    );
+    metrics::describe_counter!(FUEL, "Fuel consumed per plugin (when metered).");
+    metrics::describe_counter!(DENIED, "Host calls denied by policy, per plugin.");
+    metrics::describe_gauge!(IN_FLIGHT, "Messages being processed now.");
+    metrics::describe_counter!(RECONNECTS, "Reconnections per backend.");
+}

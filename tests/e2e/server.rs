@@ -1,0 +1,92 @@
+//! The HTTP server: health, readiness and Prometheus metrics of a running
+//! engine.
+
+use std::io::{Read as _, Write as _};
+use std::time::{Duration, Instant};
+
+use crate::harness::Deployment;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP/1.0 GET: (status code, body).
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_readiness_and_metrics_are_served() {
+    let port = free_port();
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        &format!(
+            "server: {{ listen: \"127.0.0.1:{port}\" }}\nplugins:\n  grants:\n    probe: {{ sql: true }}\n"
+        ),
+    );
+    d.message(
+        "a.json",
+        r#"{"uuid_ref":"m-metrics","data_type":"test/probe","action":"sql"}"#,
+    );
+    d.message(
+        "b.json",
+        r#"{"uuid_ref":"m-denied","data_type":"test/probe","action":"emit"}"#,
+    );
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let config = d.config.clone();
+    let engine = tokio::spawn(async move { sandpipe::app::run(&config, false, rx).await });
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no metrics for the processed messages"
+        );
+        if let Some((200, body)) = tokio::task::spawn_blocking(move || get(port, "/metrics"))
+            .await
+            .unwrap()
+            && body.contains("sandpipe_plugin_results_total{plugin=\"probe\",status=\"done\"}")
+            && body.contains("sandpipe_denied_calls_total{plugin=\"probe\"}")
+        {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        body.contains("sandpipe_invocation_seconds_bucket{plugin=\"probe\""),
+        "{body}"
+    );
+    assert!(body.contains("sandpipe_messages_received_total"), "{body}");
+    let health = tokio::task::spawn_blocking(move || get(port, "/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(health, Some((200, "ok\n".to_owned())));
+    let ready = tokio::task::spawn_blocking(move || get(port, "/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(ready, Some((200, "ready\n".to_owned())));
+
+    tx.send(true).unwrap();
+    let summary = engine.await.unwrap().unwrap();
+    // m-denied fails once, is retried, then dead-lettered: three settlements.
+    assert_eq!(
+        (
+            summary.processed,
+            summary.done,
+            summary.failed,
+            summary.dead
+        ),
+        (3, 1, 1, 1)
+    );
+}
