@@ -136,9 +136,11 @@ pub async fn run(
     if let Some(server) = &assembled.config.server {
         crate::server::serve(server.listen, ready.clone(), shutdown.clone()).await?;
     }
-    let listener: Arc<dyn listener::Listener> =
-        Arc::from(listener::build(&assembled.config.listener, once)?);
-    ready.ready("listener");
+    let listener: Arc<dyn listener::Listener> = Arc::from(listener::build(
+        &assembled.config.listener,
+        once,
+        ready.clone(),
+    )?);
     let pipeline = Arc::new(Pipeline::new(
         assembled.config.clone(),
         assembled.sandbox.clone(),
@@ -245,8 +247,7 @@ pub async fn send(config_file: &Path, message: &Path) -> anyhow::Result<String> 
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "message.json".into());
-    let listener = listener::build(&config.listener, true)?;
-    listener.send(&body, &name).await
+    listener::send(&config.listener, &body, &name).await
 }
 
 /// `sandpipe compile`: fill the compiled-code cache for every plugin.

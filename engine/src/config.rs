@@ -128,6 +128,94 @@ pub enum ListenerConfig {
         #[serde(default = "default_poll", with = "humantime_serde")]
         poll_interval: Duration,
     },
+    /// A RabbitMQ queue bound to an exchange.
+    Rabbitmq(RabbitmqListenerConfig),
+}
+
+/// Listener `rabbitmq`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitmqListenerConfig {
+    /// `amqp://user:password@host:port/vhost` (use `${ENV}` for the password;
+    /// add `?heartbeat=N` to change the heartbeat interval).
+    pub url: String,
+    /// The exchange the queue is bound to (declared durable).
+    pub exchange: ExchangeConfig,
+    /// The queue (declared durable). `QUEUE.retry` and the dead-letter
+    /// exchange/queue are declared beside it.
+    pub queue: String,
+    /// `classic` (default) or `quorum`.
+    #[serde(default)]
+    pub queue_type: QueueType,
+    /// The binding's routing key. Default empty.
+    #[serde(default)]
+    pub routing_key: String,
+    /// Unacknowledged deliveries the broker sends ahead. Default 64.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// Where dead letters go. Default `QUEUE.dead` (a fanout exchange with
+    /// a queue of the same name).
+    #[serde(default)]
+    pub dead_letter_exchange: Option<String>,
+    /// How long to wait for a publisher confirm. Default 10s.
+    #[serde(default = "default_confirm_timeout", with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+    /// Reconnection backoff.
+    #[serde(default = "default_reconnect")]
+    pub reconnect: ReconnectConfig,
+}
+
+/// An exchange: name and type.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeConfig {
+    /// The exchange's name.
+    pub name: String,
+    /// `direct` (default), `fanout`, `topic`, `headers`, or a plugin's type.
+    #[serde(rename = "type", default = "default_exchange_kind")]
+    pub kind: String,
+}
+
+fn default_exchange_kind() -> String {
+    "direct".into()
+}
+
+/// RabbitMQ queue types.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueType {
+    /// A classic queue.
+    #[default]
+    Classic,
+    /// A replicated quorum queue.
+    Quorum,
+}
+
+/// Reconnection backoff: doubles from `initial` up to `max`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectConfig {
+    /// First delay. Default 500ms.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Largest delay. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+}
+
+fn default_reconnect() -> ReconnectConfig {
+    ReconnectConfig {
+        initial: Duration::from_millis(500),
+        max: Duration::from_secs(30),
+    }
+}
+
+fn default_prefetch() -> u16 {
+    64
+}
+
+fn default_confirm_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_poll() -> Duration {
@@ -613,8 +701,8 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
-        match &mut self.listener {
-            ListenerConfig::Dir { path, .. } => fix(path),
+        if let ListenerConfig::Dir { path, .. } = &mut self.listener {
+            fix(path);
         }
         if let DataStoreConfig::Disk { root } = &mut self.data_store {
             fix(root);
@@ -749,11 +837,9 @@ mod tests {
     fn minimal_config_gets_embedded_defaults() -> anyhow::Result<()> {
         let c = parse("listener: { type: dir, path: spool }\n")?;
         assert!(matches!(c.database, DatabaseConfig::Sqlite { .. }));
-        match &c.listener {
-            ListenerConfig::Dir { path, .. } => {
-                assert_eq!(path, Path::new("/etc/sandpipe/spool"))
-            }
-        }
+        assert!(
+            matches!(&c.listener, ListenerConfig::Dir { path, .. } if path == Path::new("/etc/sandpipe/spool"))
+        );
         assert_eq!(c.message_fields.uuid.key, "uuid_ref");
         assert!(c.message_fields.kind.required);
         assert_eq!(c.plugins.defaults.memory, ByteSize::mib(64));
@@ -813,6 +899,29 @@ mod tests {
         assert_eq!(l.timeout, Duration::from_secs(2));
         assert_eq!(l.fuel, None);
         assert_eq!(c.limits_for("other").fuel, Some(1000));
+        Ok(())
+    }
+
+    #[test]
+    fn rabbitmq_listener_parses_with_defaults() -> anyhow::Result<()> {
+        let c = parse(
+            "listener:\n  type: rabbitmq\n  url: amqp://guest:guest@127.0.0.1:5672/%2f\n  exchange: { name: x, type: fanout }\n  queue: q\n  queue_type: quorum\n",
+        )?;
+        let ListenerConfig::Rabbitmq(r) = &c.listener else {
+            anyhow::bail!("not rabbitmq")
+        };
+        assert_eq!(
+            (r.exchange.kind.as_str(), r.queue.as_str(), r.prefetch),
+            ("fanout", "q", 64)
+        );
+        assert_eq!(r.queue_type, QueueType::Quorum);
+        let err = parse(
+            "listener: { type: rabbitmq, url: u, exchange: { name: x }, queue: q, prefech: 3 }\n",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("prefech"), "{err}");
         Ok(())
     }
 

@@ -74,8 +74,9 @@ pub struct Deployment {
 
 impl Deployment {
     /// A deployment with the given plugins (crate name → plugin name) and
-    /// the YAML `extra` appended to a base config (which has no `plugins:`
-    /// section: `extra` provides it).
+    /// the YAML `extra` added to a base config (dir listener, disk data,
+    /// file metadata, sqlite, short retries; no `plugins:` section). A
+    /// top-level key in `extra` replaces the base's section of that name.
     pub fn new(plugins: &[(&str, &str)], extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let plugin_dir = dir.path().join("plugins");
@@ -85,21 +86,25 @@ impl Deployment {
                 .unwrap_or_else(|e| panic!("copy {krate}: {e}"));
         }
         let config = dir.path().join("sandpipe.yaml");
-        let base = format!(
-            "listener: {{ type: dir, path: spool, poll_interval: 20ms }}\n\
-             data_store: {{ type: disk, root: data }}\n\
-             meta_store: {{ type: file, root: meta }}\n\
-             database: {{ type: sqlite }}\n\
-             sandbox: {{ cache_dir: \"{}\" }}\n",
-            shared_cache().display()
-        );
-        let retry = if extra.contains("retry:") {
-            ""
-        } else {
-            "retry: { max_attempts: 2, backoff: { initial: 10ms, max: 50ms } }\n"
-        };
-        let base = format!("{base}{retry}");
-        std::fs::write(&config, format!("{base}{extra}")).unwrap_or_else(|e| panic!("{e}"));
+        let base = [
+            "listener: { type: dir, path: spool, poll_interval: 20ms }".to_owned(),
+            "data_store: { type: disk, root: data }".to_owned(),
+            "meta_store: { type: file, root: meta }".to_owned(),
+            "database: { type: sqlite }".to_owned(),
+            format!("sandbox: {{ cache_dir: \"{}\" }}", shared_cache().display()),
+            "retry: { max_attempts: 2, backoff: { initial: 10ms, max: 50ms } }".to_owned(),
+        ];
+        // A top-level section in `extra` replaces the base's.
+        let mut yaml: String = base
+            .iter()
+            .filter(|line| {
+                let key = line.split(':').next().unwrap_or_default();
+                !extra.lines().any(|l| l.starts_with(&format!("{key}:")))
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        yaml.push_str(extra);
+        std::fs::write(&config, yaml).unwrap_or_else(|e| panic!("{e}"));
         Self { dir, config }
     }
 

@@ -6,5 +6,6 @@
 mod harness;
 mod plugins;
 mod quickstart;
+mod rabbitmq;
 mod sandbox;
 mod server;

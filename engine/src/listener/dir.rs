@@ -163,13 +163,24 @@ impl Listener for DirListener {
             tokio::time::sleep(wait.max(Duration::from_millis(5))).await;
         }
     }
+}
 
-    async fn send(&self, body: &[u8], name: &str) -> anyhow::Result<String> {
+impl DirListener {
+    /// Write a message into the spool at `root` atomically (through
+    /// `.tmp/`), under a unique, time-ordered name.
+    pub fn send_to(root: &Path, body: &[u8], name: &str) -> anyhow::Result<String> {
         let stem = crate::output::safe_name(name.trim_end_matches(".json"));
-        let file = format!("{}-{stem}.json", now_ms());
-        let tmp = self.spool.dir(".tmp").join(&file);
+        let file = format!(
+            "{}-{}-{stem}.json",
+            now_ms(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let tmp_dir = root.join(".tmp");
+        std::fs::create_dir_all(&tmp_dir)
+            .with_context(|| format!("cannot create {}", tmp_dir.display()))?;
+        let tmp = tmp_dir.join(&file);
         std::fs::write(&tmp, body).with_context(|| format!("cannot write {}", tmp.display()))?;
-        let target = self.spool.root.join(&file);
+        let target = root.join(&file);
         std::fs::rename(&tmp, &target)?;
         Ok(target.display().to_string())
     }
@@ -238,8 +249,9 @@ mod tests {
     async fn claims_settles_and_drains_in_once_mode() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let l = DirListener::new(dir.path(), Duration::from_millis(10), true)?;
-        l.send(b"{\"a\":1}", "one.json").await?;
-        l.send(b"{\"a\":2}", "two.json").await?;
+        DirListener::send_to(dir.path(), b"{\"a\":1}", "one.json")?;
+        std::thread::sleep(Duration::from_millis(2));
+        DirListener::send_to(dir.path(), b"{\"a\":2}", "two.json")?;
         let first = l
             .recv()
             .await?
@@ -281,7 +293,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         {
             let l = DirListener::new(dir.path(), Duration::from_millis(10), true)?;
-            l.send(b"{}", "m.json").await?;
+            DirListener::send_to(dir.path(), b"{}", "m.json")?;
             let d = l
                 .recv()
                 .await?

@@ -3,6 +3,7 @@
 //! the YAML selects it.
 
 mod dir;
+pub mod rabbitmq;
 
 use std::time::Duration;
 
@@ -11,6 +12,9 @@ use bytes::Bytes;
 
 use crate::config::ListenerConfig;
 pub use dir::DirListener;
+pub use rabbitmq::RabbitmqListener;
+
+use crate::server::Readiness;
 
 /// How a delivery ends.
 #[derive(Debug, Clone)]
@@ -69,17 +73,33 @@ pub trait Listener: Send + Sync {
     /// `--once` mode). Must be cancel-safe: dropping the future loses
     /// nothing.
     async fn recv(&self) -> anyhow::Result<Option<Delivery>>;
-
-    /// Put a message into the source (`sandpipe send`). Returns where.
-    async fn send(&self, body: &[u8], name: &str) -> anyhow::Result<String>;
 }
 
 /// Build the configured listener. `once`: drain what is there, then end.
-pub fn build(config: &ListenerConfig, once: bool) -> anyhow::Result<Box<dyn Listener>> {
+/// The listener reports its connection state to `ready`.
+pub fn build(
+    config: &ListenerConfig,
+    once: bool,
+    ready: Readiness,
+) -> anyhow::Result<Box<dyn Listener>> {
     match config {
         ListenerConfig::Dir {
             path,
             poll_interval,
-        } => Ok(Box::new(DirListener::new(path, *poll_interval, once)?)),
+        } => {
+            let listener = DirListener::new(path, *poll_interval, once)?;
+            ready.ready("listener");
+            Ok(Box::new(listener))
+        }
+        ListenerConfig::Rabbitmq(c) => Ok(Box::new(RabbitmqListener::new(c, once, ready))),
+    }
+}
+
+/// Put a message into the configured source (`sandpipe send`), without
+/// consuming from it. Returns where it went.
+pub async fn send(config: &ListenerConfig, body: &[u8], name: &str) -> anyhow::Result<String> {
+    match config {
+        ListenerConfig::Dir { path, .. } => DirListener::send_to(path, body, name),
+        ListenerConfig::Rabbitmq(c) => rabbitmq::send(c, body).await,
     }
 }

@@ -1,0 +1,265 @@
+//! The `rabbitmq` listener against the real broker on 127.0.0.1:5672: each
+//! test declares its own exchange and queues (unique names) and deletes
+//! them at the end.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use sandpipe::listener::rabbitmq::{connect, headers_of};
+
+use crate::harness::Deployment;
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Unique names for one test, and the listener YAML that uses them.
+struct Broker {
+    exchange: String,
+    queue: String,
+}
+
+impl Broker {
+    fn new(tag: &str) -> Self {
+        let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
+        Self {
+            exchange: format!("x_test_{tag}_{id}"),
+            queue: format!("q_test_{tag}_{id}"),
+        }
+    }
+
+    fn listener_yaml(&self, extra: &str) -> String {
+        format!(
+            "listener:\n  type: rabbitmq\n  url: \"{URL}?heartbeat=2\"\n  exchange: {{ name: {}, type: fanout }}\n  queue: {}\n  prefetch: 8\n{extra}",
+            self.exchange, self.queue
+        )
+    }
+
+    /// Publish messages through `sandpipe::listener::send` (declares the topology).
+    async fn publish(&self, d: &Deployment, bodies: &[String]) {
+        let config = sandpipe::config::Config::load(&d.config).unwrap();
+        for body in bodies {
+            sandpipe::listener::send(&config.listener, body.as_bytes(), "m.json")
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Everything in `queue`, taken with basic.get (and acked).
+    async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, Vec<(String, String)>)> {
+        let conn = connect(URL).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(m) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            out.push((m.delivery.data.clone(), headers_of(&m.delivery.properties)));
+        }
+        out
+    }
+
+    async fn message_count(&self, queue: &str) -> u32 {
+        let conn = connect(URL).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+    }
+
+    async fn cleanup(&self) {
+        let conn = connect(URL).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        for q in [
+            self.queue.clone(),
+            format!("{}.retry", self.queue),
+            format!("{}.dead", self.queue),
+        ] {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [self.exchange.clone(), format!("{}.dead", self.queue)] {
+            let _ = ch
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+}
+
+fn probe(id: &str, action: &str) -> String {
+    serde_json::json!({"uuid_ref": id, "data_type": "test/probe", "action": action}).to_string()
+}
+
+const GRANTS: &str = "plugins:\n  grants:\n    probe: { sql: true }\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_are_processed_and_acked() {
+    let b = Broker::new("ok");
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        &format!("{}{GRANTS}", b.listener_yaml("")),
+    );
+    let bodies: Vec<String> = (0..5)
+        .map(|i| probe(&format!("rmq-ok-{i}"), "sql"))
+        .collect();
+    b.publish(&d, &bodies).await;
+    let summary = d.run_once().await.unwrap();
+    assert_eq!((summary.done, summary.dead), (5, 0), "{summary}");
+    for i in 0..5 {
+        assert_eq!(d.last(&format!("rmq-ok-{i}"), "probe").await.status, "done");
+    }
+    assert_eq!(b.message_count(&b.queue).await, 0);
+    b.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_retry_through_the_delay_queue_then_dead_letter_with_reason() {
+    let b = Broker::new("dead");
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        &format!(
+            "{}{GRANTS}retry: {{ max_attempts: 3, backoff: {{ initial: 50ms, max: 200ms }} }}\n",
+            b.listener_yaml("")
+        ),
+    );
+    b.publish(
+        &d,
+        &[
+            probe("rmq-error", "error"),
+            probe("rmq-fine", "done"),
+            "{broken".to_owned(),
+        ],
+    )
+    .await;
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(
+        (summary.done, summary.failed, summary.dead),
+        (1, 2, 2),
+        "{summary}"
+    );
+    let row = d.last("rmq-error", "probe").await;
+    assert_eq!(
+        row.attempt, 3,
+        "the attempt count travels in the retried message's headers"
+    );
+    let dead = b.drain(&format!("{}.dead", b.queue)).await;
+    assert_eq!(dead.len(), 2);
+    let error = dead
+        .iter()
+        .find(|(body, _)| String::from_utf8_lossy(body).contains("rmq-error"))
+        .unwrap();
+    let header = |k: &str| error.1.iter().find(|(h, _)| h == k).map(|(_, v)| v.clone());
+    assert_eq!(header("x-sandpipe-attempts").as_deref(), Some("3"));
+    assert!(
+        header("x-sandpipe-reason")
+            .unwrap()
+            .contains("failed 3 of 3 attempts")
+    );
+    let broken = dead.iter().find(|(body, _)| body == b"{broken").unwrap();
+    assert!(
+        broken
+            .1
+            .iter()
+            .any(|(k, v)| k == "x-sandpipe-reason" && v.contains("not valid JSON"))
+    );
+    assert_eq!(b.message_count(&b.queue).await, 0);
+    assert_eq!(b.message_count(&format!("{}.retry", b.queue)).await, 0);
+    b.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_plugins_never_starve_the_heartbeat() {
+    // heartbeat=2s; 24 messages that each burn 400 ms of CPU, two at a time
+    // on two cores: about 5 s of solid load, more than two heartbeat
+    // intervals. If the connection were dropped, the broker would redeliver
+    // unacked messages and some would run twice.
+    let b = Broker::new("hb");
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        &format!(
+            "{}{GRANTS}pipeline: {{ concurrency: 2 }}\n",
+            b.listener_yaml("")
+        ),
+    );
+    let bodies: Vec<String> = (0..24)
+        .map(|i| {
+            serde_json::json!({"uuid_ref": format!("rmq-hb-{i}"), "data_type": "test/probe", "action": "busy", "ms": 400})
+                .to_string()
+        })
+        .collect();
+    b.publish(&d, &bodies).await;
+    let summary = d.run_once().await.unwrap();
+    assert_eq!((summary.processed, summary.done), (24, 24), "{summary}");
+    for i in 0..24 {
+        let runs = d
+            .rows(&format!("rmq-hb-{i}"))
+            .await
+            .into_iter()
+            .filter(|r| r.status == "running")
+            .count();
+        assert_eq!(
+            runs, 1,
+            "message {i} ran {runs} times: the connection was lost"
+        );
+    }
+    let rows: i64 = d
+        .plugin_db("probe")
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 24);
+    b.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_requeues_nothing_it_has_not_settled() {
+    // The engine stops while messages are still queued: what it took is
+    // settled, what it did not take is still in the queue.
+    let b = Broker::new("stop");
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        &format!(
+            "{}{GRANTS}pipeline: {{ concurrency: 1 }}\n",
+            b.listener_yaml("")
+        ),
+    );
+    let bodies: Vec<String> = (0..20)
+        .map(|i| {
+            serde_json::json!({"uuid_ref": format!("rmq-stop-{i}"), "data_type": "test/probe", "action": "busy", "ms": 100})
+                .to_string()
+        })
+        .collect();
+    b.publish(&d, &bodies).await;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let config = d.config.clone();
+    let engine = tokio::spawn(async move { sandpipe::app::run(&config, false, rx).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    tx.send(true).unwrap();
+    let summary = engine.await.unwrap().unwrap();
+    assert!(summary.done > 0 && summary.done < 20, "{summary}");
+    // Give the broker a moment to requeue the prefetched, unacked ones.
+    let mut left = 0;
+    for _ in 0..50 {
+        left = b.message_count(&b.queue).await;
+        if u64::from(left) + summary.done == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        u64::from(left) + summary.done,
+        20,
+        "{summary}, {left} left in the queue"
+    );
+    b.cleanup().await;
+}
