@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 
 use crate::capability::{Interface, Services};
-use crate::config::{Config, DatabaseConfig};
+use crate::config::Config;
 use crate::listener;
 use crate::output::Outputs;
 use crate::pipeline::{Pipeline, Summary};
@@ -16,7 +16,7 @@ use crate::plugins::{self, LoadedPlugin, Problem};
 use crate::sandbox::Sandbox;
 use crate::status::StatusLog;
 use crate::store::data::DataStore;
-use crate::store::database::{Sqlite, StateStore};
+use crate::store::database::{Database, StateStore};
 use crate::store::meta::MetaStore;
 
 /// Everything built from a config file.
@@ -40,18 +40,16 @@ pub struct Assembled {
 /// Build the stores, the sandbox and the plugins of `config`.
 pub async fn assemble(config: Config) -> anyhow::Result<Assembled> {
     let config = Arc::new(config);
-    let (engine_db, plugins_dir) = match &config.database {
-        DatabaseConfig::Sqlite { path, plugins_dir } => (Sqlite::open(path)?, plugins_dir.clone()),
-    };
-    let status = StatusLog::new(engine_db.clone())?;
+    let database = Database::open(&config).await?;
+    let status = StatusLog::new(database.clone())?;
     let services = Arc::new(Services {
         data: DataStore::new(&config.data_store)?,
-        state: StateStore::new(engine_db)?,
+        state: StateStore::new(database.clone())?,
         outputs: Outputs::new(&config.outputs)?,
     });
     let (max_memory, fuel) = plugins::engine_shape(&config);
     let sandbox = Arc::new(Sandbox::new(&config.sandbox, max_memory, fuel)?);
-    let (plugins, problems) = plugins::load_all(&config, &sandbox, &services, &plugins_dir).await;
+    let (plugins, problems) = plugins::load_all(&config, &sandbox, &services, &database).await;
     Ok(Assembled {
         meta: MetaStore::new(&config.meta_store),
         config,

@@ -320,6 +320,32 @@ pub enum DatabaseConfig {
         #[serde(default = "default_sqlite_plugins")]
         plugins_dir: PathBuf,
     },
+    /// PostgreSQL: the status log and plugin state in the engine's schema;
+    /// each plugin granted `sql` gets a schema and a login role of its own.
+    Postgres {
+        /// The admin connection, `postgres://user[:password]@host[:port]/database`.
+        /// The user must be able to create roles and schemas (a superuser,
+        /// or CREATEROLE with CREATE on the database). Use `${ENV}` for the
+        /// password.
+        url: String,
+        /// An SQL script run with the admin connection at every start
+        /// (after the roles and schemas exist, so it may grant to them);
+        /// write it idempotently. A missing or failing script stops the
+        /// engine.
+        #[serde(default)]
+        init: Option<PathBuf>,
+        /// The engine's own schema (status log, plugin state), closed to
+        /// every other role. Default `sandpipe`.
+        #[serde(default = "default_pg_schema")]
+        schema: String,
+        /// Admin connections (status log and state). Default 16.
+        #[serde(default = "default_pg_pool")]
+        pool_size: usize,
+        /// Connections per plugin role; each invocation that uses `sql`
+        /// holds one until its transaction ends. Default: `pipeline.concurrency`.
+        #[serde(default)]
+        plugin_pool_size: Option<usize>,
+    },
 }
 
 fn default_sqlite_path() -> PathBuf {
@@ -327,6 +353,12 @@ fn default_sqlite_path() -> PathBuf {
 }
 fn default_sqlite_plugins() -> PathBuf {
     PathBuf::from("state/plugins")
+}
+fn default_pg_schema() -> String {
+    "sandpipe".into()
+}
+fn default_pg_pool() -> usize {
+    16
 }
 
 impl Default for DatabaseConfig {
@@ -336,6 +368,31 @@ impl Default for DatabaseConfig {
             plugins_dir: default_sqlite_plugins(),
         }
     }
+}
+
+/// Why `name` cannot be a schema of Sandpipe's, or `None` if it can:
+/// lowercase ASCII letters, digits and `_`, starting with a letter or `_`,
+/// at most 63 bytes, and none of PostgreSQL's own (`public`, `pg_*`,
+/// `information_schema`).
+pub fn schema_name_problem(name: &str) -> Option<String> {
+    let first_ok = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
+    if !first_ok
+        || name.len() > 63
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Some(format!(
+            "`{name}` is not a schema name Sandpipe accepts: use 1 to 63 lowercase letters, digits and `_`, starting with a letter or `_`"
+        ));
+    }
+    if name == "public" || name == "information_schema" || name.starts_with("pg_") {
+        return Some(format!("`{name}` is PostgreSQL's own schema"));
+    }
+    None
 }
 
 /// A named output; `type` selects the backend.
@@ -601,7 +658,36 @@ pub struct Grant {
 /// The `sql` grant.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SqlGrant {}
+pub struct SqlGrant {
+    /// PostgreSQL only: the plugin's schema. Default: the plugin's name made
+    /// an identifier (lowercase, `-` and other characters → `_`).
+    pub schema: Option<String>,
+}
+
+impl SqlGrant {
+    /// The schema of plugin `plugin` under this grant.
+    pub fn schema_for(&self, plugin: &str) -> String {
+        if let Some(schema) = &self.schema {
+            return schema.clone();
+        }
+        let mut out: String = plugin
+            .chars()
+            .map(|c| {
+                let c = c.to_ascii_lowercase();
+                if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if !out.starts_with(|c: char| c.is_ascii_lowercase() || c == '_') {
+            out.insert_str(0, "p_");
+        }
+        out.truncate(63);
+        out
+    }
+}
 
 /// The `blob` grant.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -715,6 +801,11 @@ impl Config {
                 fix(path);
                 fix(plugins_dir);
             }
+            DatabaseConfig::Postgres { init, .. } => {
+                if let Some(init) = init {
+                    fix(init);
+                }
+            }
         }
         for output in self.outputs.values_mut() {
             match output {
@@ -743,6 +834,7 @@ impl Config {
                 "concurrency and plugin_concurrency must be at least 1".into(),
             ));
         }
+        self.validate_database()?;
         for (name, grant) in &self.plugins.grants {
             for output in &grant.emit {
                 if !self.outputs.contains_key(output) {
@@ -761,6 +853,72 @@ impl Config {
                 return Err(invalid(
                     format!("plugins.grants.{name}.sha256"),
                     "must be 64 hexadecimal digits".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The `database` section and the `sql` grants' schemas.
+    fn validate_database(&self) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            file: self.file.clone(),
+            key,
+            message,
+        };
+        let mut taken: BTreeMap<String, String> = BTreeMap::new();
+        if let DatabaseConfig::Postgres {
+            url,
+            schema,
+            pool_size,
+            plugin_pool_size,
+            ..
+        } = &self.database
+        {
+            if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                return Err(invalid(
+                    "database.url".into(),
+                    format!("not a PostgreSQL connection URL: {e}"),
+                ));
+            }
+            if let Some(problem) = schema_name_problem(schema) {
+                return Err(invalid("database.schema".into(), problem));
+            }
+            if *pool_size == 0 || *plugin_pool_size == Some(0) {
+                return Err(invalid(
+                    "database".into(),
+                    "pool_size and plugin_pool_size must be at least 1".into(),
+                ));
+            }
+            taken.insert(schema.clone(), "the engine (database.schema)".into());
+        }
+        let postgres = matches!(self.database, DatabaseConfig::Postgres { .. });
+        for (name, grant) in &self.plugins.grants {
+            let Some(sql) = &grant.sql else { continue };
+            // An explicit schema is checked whatever the backend; the
+            // derived ones matter only where schemas exist.
+            if sql.schema.is_none() && !postgres {
+                continue;
+            }
+            let key = format!("plugins.grants.{name}.sql.schema");
+            let schema = sql.schema_for(name);
+            if let Some(problem) = schema_name_problem(&schema) {
+                let hint = if sql.schema.is_none() {
+                    " (derived from the plugin's name; set `sql: { schema: NAME }`)".to_owned()
+                } else {
+                    String::new()
+                };
+                return Err(invalid(key, format!("{problem}{hint}")));
+            }
+            if !postgres {
+                continue;
+            }
+            if let Some(owner) = taken.insert(schema.clone(), format!("plugin `{name}`")) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "schema `{schema}` is already used by {owner}; give each plugin its own with `sql: {{ schema: NAME }}`"
+                    ),
                 ));
             }
         }

@@ -9,7 +9,7 @@ use crate::capability::{HostState, Interface, PluginContext, Services};
 use crate::config::{Config, Grant};
 use crate::sandbox::bindings::{Capability, Description};
 use crate::sandbox::{LoadedComponent, Sandbox};
-use crate::store::database::PluginDb;
+use crate::store::database::Database;
 
 /// A plugin ready to run.
 pub struct LoadedPlugin {
@@ -92,7 +92,7 @@ pub async fn load_all(
     config: &Config,
     sandbox: &Sandbox,
     services: &Arc<Services>,
-    plugin_db_dir: &Path,
+    database: &Database,
 ) -> (Vec<Arc<LoadedPlugin>>, Vec<Problem>) {
     let mut plugins = Vec::new();
     let mut problems = Vec::new();
@@ -118,7 +118,7 @@ pub async fn load_all(
         }
     }
     for (name, path) in found {
-        match load_one(config, sandbox, services, plugin_db_dir, &name, &path).await {
+        match load_one(config, sandbox, services, database, &name, &path).await {
             Ok(plugin) => plugins.push(Arc::new(plugin)),
             Err(message) => problems.push(Problem {
                 plugin: name,
@@ -133,7 +133,7 @@ async fn load_one(
     config: &Config,
     sandbox: &Sandbox,
     services: &Arc<Services>,
-    plugin_db_dir: &Path,
+    database: &Database,
     name: &str,
     path: &Path,
 ) -> Result<LoadedPlugin, String> {
@@ -167,7 +167,9 @@ async fn load_one(
     }
     let db = if grant.sql.is_some() {
         Some(Arc::new(
-            PluginDb::new(plugin_db_dir, name, limits.timeout).map_err(|e| format!("{e:#}"))?,
+            database
+                .plugin_db(name, &limits)
+                .map_err(|e| format!("{e:#}"))?,
         ))
     } else {
         None

@@ -5,13 +5,18 @@
 //! final dead-lettering) have an empty `plugin`. Each plugin row carries the
 //! plugin's version and its component's sha256, so every result can be
 //! traced to the exact code that produced it.
+//!
+//! The log lives in the engine's database: table `status` of the SQLite
+//! file, or of the engine's schema on PostgreSQL (closed to every other
+//! role, plugins' included).
 
 use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::store::database::Sqlite;
+use crate::store::database::postgres::describe;
+use crate::store::database::{Database, Postgres, Sqlite};
 
 /// The status of a message or of one plugin on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -114,32 +119,30 @@ pub struct Row {
 /// The status log.
 #[derive(Clone)]
 pub struct StatusLog {
-    db: Sqlite,
+    db: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(Sqlite),
+    Postgres(Postgres),
 }
 
 impl StatusLog {
-    /// The log in `db` (the table is created if missing).
-    pub fn new(db: Sqlite) -> anyhow::Result<Self> {
-        db.call_blocking(|c| {
-            c.execute_batch(
-                "CREATE TABLE IF NOT EXISTS status (
-                    id INTEGER PRIMARY KEY,
-                    message_id TEXT NOT NULL,
-                    plugin TEXT NOT NULL,
-                    plugin_version TEXT NOT NULL,
-                    component_sha256 TEXT NOT NULL,
-                    attempt INTEGER NOT NULL,
-                    status TEXT NOT NULL,
-                    info TEXT NOT NULL,
-                    duration_ms REAL,
-                    fuel_used INTEGER,
-                    at_ms INTEGER NOT NULL
-                );
-                CREATE INDEX IF NOT EXISTS status_message ON status (message_id, plugin);",
-            )?;
-            Ok(())
-        })?;
-        Ok(Self { db })
+    /// The log in `db`. SQLite's table is created now if missing;
+    /// PostgreSQL's was created when the database was opened.
+    pub fn new(db: Database) -> anyhow::Result<Self> {
+        match db {
+            Database::Sqlite { engine, .. } => {
+                create_sqlite_table(&engine)?;
+                Ok(Self {
+                    db: Backend::Sqlite(engine),
+                })
+            }
+            Database::Postgres(pg) => Ok(Self {
+                db: Backend::Postgres(pg),
+            }),
+        }
     }
 
     /// Append `entries` in one transaction; returns once they are durable.
@@ -147,82 +150,200 @@ impl StatusLog {
         if entries.is_empty() {
             return Ok(());
         }
-        let at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or_default();
-        self.db
-            .call(move |c| {
-                let tx = c.transaction()?;
-                {
-                    let mut stmt = tx.prepare_cached(
-                        "INSERT INTO status (message_id, plugin, plugin_version, component_sha256,
-                            attempt, status, info, duration_ms, fuel_used, at_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                    )?;
-                    for e in &entries {
-                        stmt.execute(rusqlite::params![
-                            e.message_id,
-                            e.plugin,
-                            e.plugin_version,
-                            e.component_sha256,
-                            e.attempt,
-                            e.status.as_str(),
-                            e.info,
-                            e.duration_ms,
-                            e.fuel_used.map(|f| f as i64),
-                            at,
-                        ])?;
-                    }
-                }
-                tx.commit()?;
-                Ok(())
-            })
-            .await
+        match &self.db {
+            Backend::Sqlite(db) => sqlite_record(db, entries).await,
+            Backend::Postgres(pg) => pg_record(pg, entries).await,
+        }
     }
 
     /// Plugins that already finished this message (done or skipped), so a
     /// redelivery does not run them again.
     pub async fn finished_plugins(&self, message_id: &str) -> anyhow::Result<HashSet<String>> {
-        let id = message_id.to_owned();
-        self.db
-            .call(move |c| {
-                let mut stmt = c.prepare_cached(
-                    "SELECT DISTINCT plugin FROM status
-                     WHERE message_id = ?1 AND plugin != '' AND status IN ('done', 'skipped')",
-                )?;
-                let rows = stmt.query_map([&id], |r| r.get::<_, String>(0))?;
-                Ok(rows.collect::<Result<HashSet<_>, _>>()?)
-            })
-            .await
+        match &self.db {
+            Backend::Sqlite(db) => sqlite_finished(db, message_id).await,
+            Backend::Postgres(pg) => {
+                let client = pg.client().await?;
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT DISTINCT plugin FROM {} WHERE message_id = $1 AND plugin <> '' \
+                             AND status IN ('done', 'skipped')",
+                            pg.table("status")
+                        ),
+                        &[&message_id],
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("reading the status log: {}", describe(&e)))?;
+                Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+            }
+        }
     }
 
     /// Every row of one message, oldest first.
     pub async fn rows(&self, message_id: &str) -> anyhow::Result<Vec<Row>> {
-        let id = message_id.to_owned();
-        self.db
-            .call(move |c| {
-                let mut stmt = c.prepare_cached(
-                    "SELECT plugin, plugin_version, component_sha256, attempt, status, info,
-                            duration_ms, fuel_used
-                     FROM status WHERE message_id = ?1 ORDER BY id",
-                )?;
-                let rows = stmt.query_map([&id], |r| {
-                    Ok(Row {
-                        plugin: r.get(0)?,
-                        plugin_version: r.get(1)?,
-                        component_sha256: r.get(2)?,
-                        attempt: r.get(3)?,
-                        status: r.get(4)?,
-                        info: r.get(5)?,
-                        duration_ms: r.get(6)?,
-                        fuel_used: r.get::<_, Option<i64>>(7)?.map(|f| f as u64),
+        match &self.db {
+            Backend::Sqlite(db) => sqlite_rows(db, message_id).await,
+            Backend::Postgres(pg) => {
+                let client = pg.client().await?;
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT plugin, plugin_version, component_sha256, attempt, status, info, \
+                                    duration_ms, fuel_used \
+                             FROM {} WHERE message_id = $1 ORDER BY id",
+                            pg.table("status")
+                        ),
+                        &[&message_id],
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("reading the status log: {}", describe(&e)))?;
+                Ok(rows
+                    .iter()
+                    .map(|r| Row {
+                        plugin: r.get(0),
+                        plugin_version: r.get(1),
+                        component_sha256: r.get(2),
+                        attempt: u32::try_from(r.get::<_, i32>(3)).unwrap_or_default(),
+                        status: r.get(4),
+                        info: r.get(5),
+                        duration_ms: r.get(6),
+                        fuel_used: r.get::<_, Option<i64>>(7).map(|f| f as u64),
                     })
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
-            })
-            .await
+                    .collect())
+            }
+        }
     }
+}
+
+async fn pg_record(pg: &Postgres, entries: Vec<Entry>) -> anyhow::Result<()> {
+    let fail =
+        |e: tokio_postgres::Error| anyhow::anyhow!("writing the status log: {}", describe(&e));
+    let mut client = pg.client().await?;
+    let tx = client.transaction().await.map_err(fail)?;
+    let insert = tx
+        .prepare(&format!(
+            "INSERT INTO {} (message_id, plugin, plugin_version, component_sha256, \
+                attempt, status, info, duration_ms, fuel_used) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            pg.table("status")
+        ))
+        .await
+        .map_err(fail)?;
+    for e in &entries {
+        let attempt = i32::try_from(e.attempt).unwrap_or(i32::MAX);
+        let fuel = e.fuel_used.map(|f| i64::try_from(f).unwrap_or(i64::MAX));
+        tx.execute(
+            &insert,
+            &[
+                &e.message_id,
+                &e.plugin,
+                &e.plugin_version,
+                &e.component_sha256,
+                &attempt,
+                &e.status.as_str(),
+                &e.info,
+                &e.duration_ms,
+                &fuel,
+            ],
+        )
+        .await
+        .map_err(fail)?;
+    }
+    tx.commit().await.map_err(fail)
+}
+
+fn create_sqlite_table(db: &Sqlite) -> anyhow::Result<()> {
+    db.call_blocking(|c| {
+        c.execute_batch(
+            "CREATE TABLE IF NOT EXISTS status (
+                id INTEGER PRIMARY KEY,
+                message_id TEXT NOT NULL,
+                plugin TEXT NOT NULL,
+                plugin_version TEXT NOT NULL,
+                component_sha256 TEXT NOT NULL,
+                attempt INTEGER NOT NULL,
+                status TEXT NOT NULL,
+                info TEXT NOT NULL,
+                duration_ms REAL,
+                fuel_used INTEGER,
+                at_ms INTEGER NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS status_message ON status (message_id, plugin);",
+        )?;
+        Ok(())
+    })
+}
+
+async fn sqlite_record(db: &Sqlite, entries: Vec<Entry>) -> anyhow::Result<()> {
+    let at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default();
+    db.call(move |c| {
+        let tx = c.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO status (message_id, plugin, plugin_version, component_sha256,
+                    attempt, status, info, duration_ms, fuel_used, at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            for e in &entries {
+                stmt.execute(rusqlite::params![
+                    e.message_id,
+                    e.plugin,
+                    e.plugin_version,
+                    e.component_sha256,
+                    e.attempt,
+                    e.status.as_str(),
+                    e.info,
+                    e.duration_ms,
+                    e.fuel_used.map(|f| f as i64),
+                    at,
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    })
+    .await
+}
+
+async fn sqlite_finished(db: &Sqlite, message_id: &str) -> anyhow::Result<HashSet<String>> {
+    let id = message_id.to_owned();
+    db.call(move |c| {
+        let mut stmt = c.prepare_cached(
+            "SELECT DISTINCT plugin FROM status
+             WHERE message_id = ?1 AND plugin != '' AND status IN ('done', 'skipped')",
+        )?;
+        let rows = stmt.query_map([&id], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<HashSet<_>, _>>()?)
+    })
+    .await
+}
+
+async fn sqlite_rows(db: &Sqlite, message_id: &str) -> anyhow::Result<Vec<Row>> {
+    let id = message_id.to_owned();
+    db.call(move |c| {
+        let mut stmt = c.prepare_cached(
+            "SELECT plugin, plugin_version, component_sha256, attempt, status, info,
+                    duration_ms, fuel_used
+             FROM status WHERE message_id = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([&id], |r| {
+            Ok(Row {
+                plugin: r.get(0)?,
+                plugin_version: r.get(1)?,
+                component_sha256: r.get(2)?,
+                attempt: r.get(3)?,
+                status: r.get(4)?,
+                info: r.get(5)?,
+                duration_ms: r.get(6)?,
+                fuel_used: r.get::<_, Option<i64>>(7)?.map(|f| f as u64),
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -232,7 +353,10 @@ mod tests {
     #[tokio::test]
     async fn records_and_reads_back_per_message() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let log = StatusLog::new(Sqlite::open(&dir.path().join("s.sqlite"))?)?;
+        let log = StatusLog::new(Database::Sqlite {
+            engine: Sqlite::open(&dir.path().join("s.sqlite"))?,
+            plugins_dir: dir.path().join("plugins"),
+        })?;
         let mut done = Entry::message("m1", 1, Status::Done, "ok");
         done.plugin = "p".into();
         log.record(vec![Entry::message("m1", 1, Status::Received, ""), done])

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use sandpipe::pipeline::Summary;
 use sandpipe::status::{Row, StatusLog};
-use sandpipe::store::database::Sqlite;
+use sandpipe::store::database::Database;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -143,12 +143,12 @@ impl Deployment {
         sandpipe::app::run(&self.config, true, rx).await
     }
 
-    /// The status log rows of a message.
+    /// The status log rows of a message (from the configured database).
     pub async fn rows(&self, id: &str) -> Vec<Row> {
-        let log = StatusLog::new(
-            Sqlite::open(&self.path("state/sandpipe.sqlite")).unwrap_or_else(|e| panic!("{e}")),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let config = sandpipe::config::Config::load(&self.config).unwrap_or_else(|e| panic!("{e}"));
+        let log =
+            StatusLog::new(Database::connect(&config.database).unwrap_or_else(|e| panic!("{e}")))
+                .unwrap_or_else(|e| panic!("{e}"));
         log.rows(id).await.unwrap_or_else(|e| panic!("{e}"))
     }
 

@@ -1,0 +1,134 @@
+//! The database: the engine's status log and plugin state, and the plugins'
+//! own databases behind the `sql` capability. Two backends, chosen by
+//! `database.type`:
+//!
+//! - [`sqlite`]: the engine's file plus one locked-down file per plugin.
+//! - [`postgres`]: the engine's schema plus, per plugin, a schema and a
+//!   login role of its own; every plugin statement runs as that role.
+//!
+//! [`Database`] is opened once by `app::assemble`; the status log
+//! (`crate::status::StatusLog`), the [`StateStore`] and each plugin's
+//! [`PluginDb`] are built from it.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::capability::StateOp;
+use crate::config::{Config, DatabaseConfig, Limits};
+use crate::sandbox::bindings::sandpipe::connector::sql::Rows;
+
+pub use postgres::Postgres;
+pub use sqlite::{PluginConn, Sqlite};
+
+/// One plugin statement's result.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A query's rows.
+    Rows(Rows),
+    /// The number of rows a statement changed.
+    Changed(u64),
+}
+
+/// The opened database.
+#[derive(Clone)]
+pub enum Database {
+    /// The engine's SQLite file; plugin files go in `plugins_dir`.
+    Sqlite {
+        /// The engine's file.
+        engine: Sqlite,
+        /// One file per plugin.
+        plugins_dir: PathBuf,
+    },
+    /// A PostgreSQL database.
+    Postgres(Postgres),
+}
+
+impl Database {
+    /// Open the database of `config` and make it ready: for PostgreSQL,
+    /// create the engine's schema and tables, the plugins' roles and
+    /// schemas, and run the `init` script. Fails, saying why, if any of it
+    /// fails.
+    pub async fn open(config: &Config) -> anyhow::Result<Self> {
+        match &config.database {
+            DatabaseConfig::Sqlite { path, plugins_dir } => Ok(Self::Sqlite {
+                engine: Sqlite::open(path)?,
+                plugins_dir: plugins_dir.clone(),
+            }),
+            DatabaseConfig::Postgres { .. } => Ok(Self::Postgres(Postgres::open(config).await?)),
+        }
+    }
+
+    /// Connect without preparing anything (no init script, no roles): to
+    /// read the status log of a database an engine has opened.
+    pub fn connect(config: &DatabaseConfig) -> anyhow::Result<Self> {
+        match config {
+            DatabaseConfig::Sqlite { path, plugins_dir } => Ok(Self::Sqlite {
+                engine: Sqlite::open(path)?,
+                plugins_dir: plugins_dir.clone(),
+            }),
+            DatabaseConfig::Postgres {
+                url,
+                schema,
+                pool_size,
+                ..
+            } => Ok(Self::Postgres(Postgres::connect(url, schema, *pool_size)?)),
+        }
+    }
+
+    /// The own database of `plugin` (granted `sql`) with its `limits`.
+    pub fn plugin_db(&self, plugin: &str, limits: &Limits) -> anyhow::Result<PluginDb> {
+        match self {
+            Self::Sqlite { plugins_dir, .. } => Ok(PluginDb::Sqlite(Arc::new(
+                sqlite::PluginDb::new(plugins_dir, plugin, limits.timeout)?,
+            ))),
+            Self::Postgres(pg) => Ok(PluginDb::Postgres(Arc::new(
+                pg.plugin_db(plugin, limits.timeout)?,
+            ))),
+        }
+    }
+}
+
+/// A plugin's own database.
+#[derive(Clone)]
+pub enum PluginDb {
+    /// Its SQLite file.
+    Sqlite(Arc<sqlite::PluginDb>),
+    /// Its PostgreSQL schema and role.
+    Postgres(Arc<postgres::PluginDb>),
+}
+
+/// Plugin-scoped key-value state, in the engine's database.
+#[derive(Clone)]
+pub struct StateStore {
+    db: Database,
+}
+
+impl StateStore {
+    /// The state table in `db` (created now for SQLite; PostgreSQL's was
+    /// created when the database was opened).
+    pub fn new(db: Database) -> anyhow::Result<Self> {
+        if let Database::Sqlite { engine, .. } = &db {
+            sqlite::create_state_table(engine)?;
+        }
+        Ok(Self { db })
+    }
+
+    /// The value of `key` for `plugin`.
+    pub async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        match &self.db {
+            Database::Sqlite { engine, .. } => sqlite::state_get(engine, plugin, key).await,
+            Database::Postgres(pg) => pg.state_get(plugin, key).await,
+        }
+    }
+
+    /// Apply `ops` for `plugin` atomically.
+    pub async fn apply(&self, plugin: &str, ops: Vec<StateOp>) -> anyhow::Result<()> {
+        match &self.db {
+            Database::Sqlite { engine, .. } => sqlite::state_apply(engine, plugin, ops).await,
+            Database::Postgres(pg) => pg.state_apply(plugin, ops).await,
+        }
+    }
+}

@@ -1,0 +1,1495 @@
+//! PostgreSQL: the engine's schema (status log, plugin state) and, for each
+//! plugin granted `sql`, a schema and a login role of its own.
+//!
+//! Isolation does not rest on parsing SQL but on PostgreSQL's privileges:
+//!
+//! - The engine's schema is closed to `PUBLIC`; only the admin role (the
+//!   one in `database.url`) uses it.
+//! - Each plugin has a role `sandpipe_<database>_<schema>`: LOGIN,
+//!   NOSUPERUSER, NOCREATEDB, NOCREATEROLE, NOINHERIT, NOREPLICATION,
+//!   NOBYPASSRLS, a member of no other role (memberships are revoked at
+//!   every start), with a random password kept in the engine's schema and
+//!   sent to the server only as a SCRAM verifier. It owns its schema, which
+//!   is closed to `PUBLIC`. `PUBLIC` may not create in `public`.
+//! - A plugin's statements run on connections that logged in *as* its role
+//!   (one small pool per plugin), never on an admin session with
+//!   `SET ROLE`, which `RESET ROLE` would undo. The plugin cannot become
+//!   anyone else: `SET ROLE` needs a membership it does not have, and
+//!   `SET SESSION AUTHORIZATION` needs a superuser login.
+//! - Every invocation is one transaction: `BEGIN`, then
+//!   `SET LOCAL search_path` to the plugin's schema and
+//!   `SET LOCAL statement_timeout` to the plugin's timeout. Because the
+//!   plugin may change `statement_timeout` itself, the host also holds the
+//!   deadline: past it, the statement is cancelled through the protocol's
+//!   cancel request and the connection is closed, not reused.
+//! - Transaction control (`BEGIN`, `COMMIT`, `ROLLBACK`, `SAVEPOINT`, ...)
+//!   is refused with `access-denied`; inside the engine's transaction block
+//!   PostgreSQL itself refuses a `COMMIT` from `DO` or a procedure.
+//! - Query results are read through a portal that fetches at most
+//!   `limits.sql_rows + 1` rows, so an oversized result stops at the server.
+//! - Pooled connections are cleaned (`RESET ALL`, `CLOSE ALL`, advisory
+//!   locks released, temporary tables dropped) before they are reused.
+//!
+//! A failed statement aborts the invocation's transaction, as PostgreSQL
+//! does: later statements of the same invocation fail until it ends (use
+//! `ON CONFLICT` rather than catching a unique violation).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::{BufMut as _, BytesMut};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use futures::TryStreamExt as _;
+use sha2::Digest as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_postgres::types::{FromSql, IsNull, Kind, ToSql, Type, to_sql_checked};
+use tokio_postgres::{CancelToken, NoTls};
+
+use super::Outcome;
+use crate::capability::StateOp;
+use crate::config::{Config, DatabaseConfig};
+use crate::sandbox::bindings::WitError;
+use crate::sandbox::bindings::sandpipe::connector::sql::{Rows, Value};
+
+/// Serialises the start-up of engines sharing one database.
+const SETUP_LOCK: i64 = 0x5341_4e44_5049_5045; // "SANDPIPE"
+
+/// Microseconds from 1970-01-01 (WIT timestamps) to 2000-01-01 (PostgreSQL's epoch).
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
+
+/// The login role and schema of one plugin.
+#[derive(Clone)]
+struct PluginRole {
+    role: String,
+    password: String,
+    schema: String,
+}
+
+/// The engine's PostgreSQL database: an admin pool, the engine's schema and
+/// the plugins' roles.
+#[derive(Clone)]
+pub struct Postgres {
+    pool: Pool,
+    config: Arc<tokio_postgres::Config>,
+    schema: String,
+    target: String,
+    database: String,
+    roles: Arc<BTreeMap<String, PluginRole>>,
+    plugin_pool_size: usize,
+}
+
+/// `"name"`, with inner quotes doubled.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `'text'`, with inner quotes doubled.
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The role of the plugin whose schema is `schema` in `database`:
+/// `sandpipe_<database>_<schema>`, at most 63 bytes; a hash keeps it unique
+/// when the database's name had to be shortened or changed.
+pub fn role_name(database: &str, schema: &str) -> String {
+    let clean: String = database
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let base = format!("{clean}_{schema}");
+    if clean == database && base.len() <= 54 {
+        return format!("sandpipe_{base}");
+    }
+    let hash = hex::encode(sha2::Sha256::digest(format!("{database}\0{schema}")));
+    let cut = base.len().min(45);
+    format!("sandpipe_{}_{}", &base[..cut], &hash[..8])
+}
+
+/// An error's text with its causes; PostgreSQL's own errors with their
+/// SQLSTATE, detail and hint.
+pub fn describe(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(detail) = db.detail() {
+            text.push_str("; ");
+            text.push_str(detail);
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str("; hint: ");
+            text.push_str(hint);
+        }
+        return text;
+    }
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// `host:port/database as user`, without the password.
+fn describe_target(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "PostgreSQL at {host}:{port}/{} as {}",
+        config.get_dbname().or(config.get_user()).unwrap_or("?"),
+        config.get_user().unwrap_or("?")
+    )
+}
+
+/// A pool of connections made with `config`.
+fn pool(config: tokio_postgres::Config, size: usize, clean: bool) -> anyhow::Result<Pool> {
+    let recycling_method = if clean {
+        RecyclingMethod::Clean
+    } else {
+        RecyclingMethod::Fast
+    };
+    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method });
+    Pool::builder(manager)
+        .max_size(size)
+        .build()
+        .context("cannot build a PostgreSQL connection pool")
+}
+
+/// Connect once, outside any pool (start-up work).
+async fn connect_once(
+    config: &tokio_postgres::Config,
+    target: &str,
+) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {target}: {}", describe(&e)))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("PostgreSQL start-up connection ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// The 1-based line of character `position` (1-based) in `text`.
+fn line_of(text: &str, position: u32) -> usize {
+    text.chars()
+        .take(position.saturating_sub(1) as usize)
+        .filter(|&c| c == '\n')
+        .count()
+        + 1
+}
+
+impl Postgres {
+    /// A pool on `url` for the engine's `schema`, without preparing anything.
+    pub fn connect(url: &str, schema: &str, pool_size: usize) -> anyhow::Result<Self> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("database.url is not a PostgreSQL URL: {e}"))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("sandpipe");
+        }
+        let target = describe_target(&config);
+        let database = config
+            .get_dbname()
+            .or(config.get_user())
+            .unwrap_or_default()
+            .to_owned();
+        Ok(Self {
+            pool: pool(config.clone(), pool_size, false)?,
+            config: Arc::new(config),
+            schema: schema.to_owned(),
+            target,
+            database,
+            roles: Arc::new(BTreeMap::new()),
+            plugin_pool_size: 1,
+        })
+    }
+
+    /// Connect and prepare the database of `config`: the engine's schema
+    /// and tables, each `sql` plugin's role and schema, the `init` script
+    /// (between the two, so it can grant to the plugins' roles), then the
+    /// checks that keep the plugins apart.
+    pub async fn open(config: &Config) -> anyhow::Result<Self> {
+        let DatabaseConfig::Postgres {
+            url,
+            init,
+            schema,
+            pool_size,
+            plugin_pool_size,
+        } = &config.database
+        else {
+            anyhow::bail!("the database is not PostgreSQL");
+        };
+        let mut pg = Self::connect(url, schema, *pool_size)?;
+        pg.plugin_pool_size = plugin_pool_size.unwrap_or(config.pipeline.concurrency);
+        let setup = connect_once(&pg.config, &pg.target).await?;
+        setup
+            .execute("SELECT pg_advisory_lock($1)", &[&SETUP_LOCK])
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {}", pg.target, describe(&e)))?;
+        let row = setup
+            .query_one("SELECT current_database()", &[])
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {}", pg.target, describe(&e)))?;
+        pg.database = row.get(0);
+        let mut wanted = BTreeMap::new();
+        for (name, grant) in &config.plugins.grants {
+            if let Some(sql) = &grant.sql {
+                let schema = sql.schema_for(name);
+                wanted.insert(name.clone(), (role_name(&pg.database, &schema), schema));
+            }
+        }
+        let roles = pg
+            .prepare(&setup, &wanted)
+            .await
+            .with_context(|| format!("cannot prepare {}", pg.target))?;
+        if let Some(script) = init {
+            pg.run_init(script).await?;
+        }
+        pg.harden(&setup, &roles)
+            .await
+            .with_context(|| format!("cannot secure {}", pg.target))?;
+        pg.roles = Arc::new(roles);
+        // Dropping the start-up connection releases the lock.
+        drop(setup);
+        tracing::info!(
+            target = %pg.target,
+            schema = %pg.schema,
+            plugins = %crate::config::list_or_none(pg.roles.iter().map(|(p, r)| format!("{p} (role {}, schema {})", r.role, r.schema))),
+            "PostgreSQL ready"
+        );
+        Ok(pg)
+    }
+
+    /// `"schema"."table"` in the engine's schema.
+    pub fn table(&self, table: &str) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(table))
+    }
+
+    /// An admin connection from the pool.
+    pub async fn client(&self) -> anyhow::Result<Object> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", self.target))
+    }
+
+    /// Create what is missing: the engine's schema and tables, and each
+    /// plugin's role and schema. Returns the roles with their passwords.
+    async fn prepare(
+        &self,
+        client: &tokio_postgres::Client,
+        wanted: &BTreeMap<String, (String, String)>,
+    ) -> anyhow::Result<BTreeMap<String, PluginRole>> {
+        let s = quote_ident(&self.schema);
+        let ddl = format!(
+            "CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE IF NOT EXISTS {status} (
+                 id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                 message_id TEXT NOT NULL,
+                 plugin TEXT NOT NULL,
+                 plugin_version TEXT NOT NULL,
+                 component_sha256 TEXT NOT NULL,
+                 attempt INTEGER NOT NULL,
+                 status TEXT NOT NULL,
+                 info TEXT NOT NULL,
+                 duration_ms DOUBLE PRECISION,
+                 fuel_used BIGINT,
+                 at TIMESTAMPTZ NOT NULL DEFAULT now()
+             );
+             CREATE INDEX IF NOT EXISTS status_message ON {status} (message_id, plugin);
+             CREATE TABLE IF NOT EXISTS {state} (
+                 plugin TEXT NOT NULL,
+                 key TEXT NOT NULL,
+                 value BYTEA NOT NULL,
+                 PRIMARY KEY (plugin, key)
+             );
+             CREATE TABLE IF NOT EXISTS {roles} (
+                 role TEXT PRIMARY KEY,
+                 password TEXT NOT NULL
+             );",
+            status = self.table("status"),
+            state = self.table("plugin_state"),
+            roles = self.table("plugin_role"),
+        );
+        client
+            .batch_execute(&ddl)
+            .await
+            .map_err(|e| anyhow::anyhow!("creating the engine's schema {s}: {}", describe(&e)))?;
+        let mut out = BTreeMap::new();
+        for (plugin, (role, schema)) in wanted {
+            let fail = |what: &str, e: tokio_postgres::Error| {
+                anyhow::anyhow!(
+                    "plugin `{plugin}`: {what} (role {role}, schema {schema}): {}",
+                    describe(&e)
+                )
+            };
+            let fresh = format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            );
+            let row = client
+                .query_one(
+                    &format!(
+                        "INSERT INTO {} (role, password) VALUES ($1, $2)
+                         ON CONFLICT (role) DO UPDATE SET role = excluded.role
+                         RETURNING password",
+                        self.table("plugin_role")
+                    ),
+                    &[role, &fresh],
+                )
+                .await
+                .map_err(|e| fail("storing its password", e))?;
+            let password: String = row.get(0);
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[role])
+                .await
+                .map_err(|e| fail("looking up its role", e))?
+                .is_some();
+            let r = quote_ident(role);
+            let q = quote_ident(schema);
+            let mut sql = String::new();
+            if !exists {
+                sql.push_str(&format!("CREATE ROLE {r} NOLOGIN;"));
+            }
+            sql.push_str(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {q} AUTHORIZATION {r};
+                 ALTER SCHEMA {q} OWNER TO {r};
+                 REVOKE ALL ON SCHEMA {q} FROM PUBLIC;"
+            ));
+            client
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| fail("creating its role and schema", e))?;
+            out.insert(
+                plugin.clone(),
+                PluginRole {
+                    role: role.clone(),
+                    password,
+                    schema: schema.clone(),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Run the init script on a connection of its own. PostgreSQL runs a
+    /// script without its own `BEGIN`/`COMMIT` as one transaction, so a
+    /// failing script leaves nothing behind.
+    async fn run_init(&self, script: &Path) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(script).map_err(|e| {
+            anyhow::anyhow!(
+                "database.init: cannot read the init script {}: {e}",
+                script.display()
+            )
+        })?;
+        let client = connect_once(&self.config, &self.target).await?;
+        if let Err(e) = client.batch_execute(&text).await {
+            let at = e
+                .as_db_error()
+                .and_then(|db| match db.position() {
+                    Some(tokio_postgres::error::ErrorPosition::Original(p)) => {
+                        Some(format!(" at line {}", line_of(&text, *p)))
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default();
+            anyhow::bail!(
+                "database.init: the init script {} failed{at}: {}",
+                script.display(),
+                describe(&e)
+            );
+        }
+        tracing::info!(script = %script.display(), "ran the init script");
+        Ok(())
+    }
+
+    /// After the init script: close the engine's schema, give each plugin
+    /// role exactly its attributes and password and no memberships, and make
+    /// sure `PUBLIC` cannot create in `public`.
+    async fn harden(
+        &self,
+        client: &tokio_postgres::Client,
+        roles: &BTreeMap<String, PluginRole>,
+    ) -> anyhow::Result<()> {
+        let s = quote_ident(&self.schema);
+        client
+            .batch_execute(&format!(
+                "REVOKE ALL ON SCHEMA {s} FROM PUBLIC;
+                 REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM PUBLIC;
+                 REVOKE ALL ON ALL SEQUENCES IN SCHEMA {s} FROM PUBLIC;"
+            ))
+            .await
+            .map_err(|e| anyhow::anyhow!("closing the engine's schema {s}: {}", describe(&e)))?;
+        for (plugin, r) in roles {
+            let role = quote_ident(&r.role);
+            let verifier = postgres_protocol::password::scram_sha_256(r.password.as_bytes());
+            client
+                .batch_execute(&format!(
+                    "ALTER ROLE {role} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT \
+                     NOREPLICATION NOBYPASSRLS CONNECTION LIMIT -1 PASSWORD {}",
+                    quote_literal(&verifier)
+                ))
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "plugin `{plugin}`: setting up role {}: {}",
+                        r.role,
+                        describe(&e)
+                    )
+                })?;
+            let granted = client
+                .query(
+                    "SELECT g.rolname FROM pg_auth_members m
+                     JOIN pg_roles g ON g.oid = m.roleid
+                     JOIN pg_roles u ON u.oid = m.member
+                     WHERE u.rolname = $1",
+                    &[&r.role],
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("plugin `{plugin}`: {}", describe(&e)))?;
+            for row in granted {
+                let other: String = row.get(0);
+                tracing::warn!(
+                    plugin = %plugin,
+                    "role {} was a member of role {other}; revoking it (a plugin's role is a member of no role)",
+                    r.role
+                );
+                client
+                    .batch_execute(&format!("REVOKE {} FROM {role}", quote_ident(&other)))
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "plugin `{plugin}`: cannot revoke role {other} from {}: {}",
+                            r.role,
+                            describe(&e)
+                        )
+                    })?;
+            }
+        }
+        let public_create = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'public')
+                        AND has_schema_privilege('public', 'public', 'CREATE')",
+                &[],
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", describe(&e)))?
+            .get::<_, bool>(0);
+        if public_create {
+            client
+                .batch_execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "every role may create objects in schema public, where a plugin could plant functions for others to call; \
+                         Sandpipe's attempt to revoke that failed: {}",
+                        describe(&e)
+                    )
+                })?;
+            tracing::warn!("revoked CREATE on schema public from PUBLIC");
+        }
+        Ok(())
+    }
+
+    /// The own database of `plugin`, whose statements run `timeout` at most.
+    pub fn plugin_db(&self, plugin: &str, timeout: Duration) -> anyhow::Result<PluginDb> {
+        let Some(r) = self.roles.get(plugin) else {
+            anyhow::bail!(
+                "plugin `{plugin}` has no PostgreSQL role: the database was opened without its `sql` grant"
+            );
+        };
+        let mut config = (*self.config).clone();
+        config
+            .user(r.role.clone())
+            .password(r.password.clone())
+            .dbname(self.database.clone())
+            .application_name(format!("sandpipe plugin {plugin}"));
+        Ok(PluginDb {
+            plugin: plugin.to_owned(),
+            role: r.role.clone(),
+            schema: r.schema.clone(),
+            timeout,
+            pool: pool(config, self.plugin_pool_size, true)?,
+        })
+    }
+
+    /// The role and schema of `plugin`, if it was granted `sql`.
+    pub fn plugin_role(&self, plugin: &str) -> Option<(&str, &str)> {
+        self.roles
+            .get(plugin)
+            .map(|r| (r.role.as_str(), r.schema.as_str()))
+    }
+
+    /// The state value of `key` for `plugin`.
+    pub async fn state_get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT value FROM {} WHERE plugin = $1 AND key = $2",
+                    self.table("plugin_state")
+                ),
+                &[&plugin, &key],
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("reading plugin state: {}", describe(&e)))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Apply state changes for `plugin` in one transaction.
+    pub async fn state_apply(&self, plugin: &str, ops: Vec<StateOp>) -> anyhow::Result<()> {
+        let mut client = self.client().await?;
+        let fail = |e: tokio_postgres::Error| {
+            anyhow::anyhow!("writing plugin `{plugin}`'s state: {}", describe(&e))
+        };
+        let tx = client.transaction().await.map_err(fail)?;
+        let set = tx
+            .prepare(&format!(
+                "INSERT INTO {} (plugin, key, value) VALUES ($1, $2, $3)
+                 ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value",
+                self.table("plugin_state")
+            ))
+            .await
+            .map_err(fail)?;
+        let delete = tx
+            .prepare(&format!(
+                "DELETE FROM {} WHERE plugin = $1 AND key = $2",
+                self.table("plugin_state")
+            ))
+            .await
+            .map_err(fail)?;
+        for op in &ops {
+            match op {
+                StateOp::Set(k, v) => tx.execute(&set, &[&plugin, k, v]).await,
+                StateOp::Delete(k) => tx.execute(&delete, &[&plugin, k]).await,
+            }
+            .map_err(fail)?;
+        }
+        tx.commit().await.map_err(fail)
+    }
+}
+
+/// A plugin's schema and role, with a small pool of connections logged in
+/// as that role.
+pub struct PluginDb {
+    plugin: String,
+    role: String,
+    schema: String,
+    timeout: Duration,
+    pool: Pool,
+}
+
+/// What an invocation's connection task is asked to do.
+enum Command {
+    Run {
+        statement: String,
+        params: Vec<Value>,
+        query: bool,
+        max_rows: u32,
+        reply: oneshot::Sender<Result<Outcome, WitError>>,
+    },
+    Finish {
+        commit: bool,
+        discard: bool,
+        reply: oneshot::Sender<Result<(), tokio_postgres::Error>>,
+    },
+}
+
+/// An invocation's open transaction. Its connection lives in a task of its
+/// own (which owns the `tokio_postgres` transaction); this handle sends it
+/// statements and holds the deadline.
+pub struct PluginTx {
+    plugin: String,
+    commands: mpsc::Sender<Command>,
+    cancel: CancelToken,
+    deadline: Instant,
+    timeout: Duration,
+    /// Why the transaction can no longer be used (its statement was
+    /// cancelled at the deadline, or the connection was lost).
+    broken: Option<String>,
+    finished: bool,
+}
+
+impl PluginDb {
+    /// The plugin's role.
+    pub fn role(&self) -> &str {
+        &self.role
+    }
+
+    /// The plugin's schema.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// Open a connection as the plugin's role and begin the invocation's
+    /// transaction: `search_path` is the plugin's schema, `statement_timeout`
+    /// the plugin's timeout, which is also the host's deadline from now.
+    pub async fn begin(&self) -> Result<PluginTx, WitError> {
+        let deadline = Instant::now() + self.timeout;
+        let client = match tokio::time::timeout_at(deadline, self.pool.get()).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => {
+                return Err(WitError::Unavailable(format!(
+                    "plugin `{}` cannot connect to PostgreSQL as role {}: {e}",
+                    self.plugin, self.role
+                )));
+            }
+            Err(_) => {
+                return Err(WitError::Unavailable(format!(
+                    "no connection for plugin `{}` came free within its timeout of {:?} (database.plugin_pool_size)",
+                    self.plugin, self.timeout
+                )));
+            }
+        };
+        let cancel = client.cancel_token();
+        let setup = format!(
+            "SET LOCAL search_path = {}; SET LOCAL statement_timeout = {}",
+            quote_ident(&self.schema),
+            self.timeout.as_millis().max(1)
+        );
+        let (commands, inbox) = mpsc::channel(1);
+        let (ready, started) = oneshot::channel();
+        tokio::spawn(connection_task(client, setup, ready, inbox));
+        let mut tx = PluginTx {
+            plugin: self.plugin.clone(),
+            commands,
+            cancel,
+            deadline,
+            timeout: self.timeout,
+            broken: None,
+            finished: false,
+        };
+        match tokio::time::timeout_at(deadline, started).await {
+            Ok(Ok(Ok(()))) => Ok(tx),
+            Ok(Ok(Err(e))) => {
+                tx.finished = true;
+                Err(pg_error(&e))
+            }
+            Ok(Err(_)) => {
+                tx.finished = true;
+                Err(WitError::Unavailable(
+                    "the PostgreSQL connection ended before the transaction began".into(),
+                ))
+            }
+            Err(_) => Err(WitError::Unavailable(format!(
+                "PostgreSQL did not begin plugin `{}`'s transaction within {:?}",
+                self.plugin, self.timeout
+            ))),
+        }
+    }
+}
+
+/// The task that owns one invocation's connection and transaction.
+async fn connection_task(
+    mut client: Object,
+    setup: String,
+    ready: oneshot::Sender<Result<(), tokio_postgres::Error>>,
+    mut inbox: mpsc::Receiver<Command>,
+) {
+    let reusable = serve(&mut client, &setup, ready, &mut inbox).await;
+    if !reusable {
+        // Closed, never reused: a late cancel request can then reach no
+        // one else's statement.
+        drop(Object::take(client));
+    }
+}
+
+/// Serve the invocation's commands; whether the connection is clean to reuse.
+async fn serve(
+    client: &mut Object,
+    setup: &str,
+    ready: oneshot::Sender<Result<(), tokio_postgres::Error>>,
+    inbox: &mut mpsc::Receiver<Command>,
+) -> bool {
+    let tx = match client.transaction().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return false;
+        }
+    };
+    if let Err(e) = tx.batch_execute(setup).await {
+        let _ = ready.send(Err(e));
+        return false;
+    }
+    if ready.send(Ok(())).is_err() {
+        return false;
+    }
+    while let Some(command) = inbox.recv().await {
+        match command {
+            Command::Run {
+                statement,
+                params,
+                query,
+                max_rows,
+                reply,
+            } => {
+                let result = run(&tx, &statement, params, query, max_rows).await;
+                let _ = reply.send(result);
+            }
+            Command::Finish {
+                commit,
+                discard,
+                reply,
+            } => {
+                let result = if commit {
+                    tx.commit().await
+                } else {
+                    tx.rollback().await
+                };
+                let clean = result.is_ok() && !discard;
+                let _ = reply.send(result);
+                return clean;
+            }
+        }
+    }
+    // The handle went away without finishing: the transaction rolls back
+    // when the connection closes.
+    false
+}
+
+impl PluginTx {
+    /// Run one plugin statement: rows for a query (at most `max_rows`), else
+    /// the number of rows changed.
+    pub async fn run(
+        &mut self,
+        statement: String,
+        params: Vec<Value>,
+        query: bool,
+        max_rows: u32,
+    ) -> Result<Outcome, WitError> {
+        if let Some(why) = &self.broken {
+            return Err(WitError::Invalid(format!(
+                "this invocation's transaction is over: {why}"
+            )));
+        }
+        if let Some(keyword) = transaction_control(&statement) {
+            return Err(WitError::AccessDenied(format!(
+                "`{keyword}` is transaction control, which the engine owns: each invocation's statements run in one transaction, committed only when the plugin returns done"
+            )));
+        }
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Run {
+            statement,
+            params,
+            query,
+            max_rows,
+            reply,
+        };
+        if self.commands.send(command).await.is_err() {
+            return Err(self.lost());
+        }
+        match tokio::time::timeout_at(self.deadline, answer).await {
+            Ok(Ok(result)) => {
+                if let Err(WitError::Unavailable(why)) = &result {
+                    self.broken = Some(why.clone());
+                }
+                result
+            }
+            Ok(Err(_)) => Err(self.lost()),
+            Err(_) => {
+                let why = format!(
+                    "a statement of plugin `{}` ran past its deadline ({:?}) and was cancelled",
+                    self.plugin, self.timeout
+                );
+                self.broken = Some(why.clone());
+                let cancel = self.cancel.clone();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), cancel.cancel_query(NoTls)).await;
+                Err(WitError::LimitExceeded(why))
+            }
+        }
+    }
+
+    fn lost(&mut self) -> WitError {
+        let why = "the connection to PostgreSQL was lost".to_owned();
+        self.broken = Some(why.clone());
+        WitError::Unavailable(why)
+    }
+
+    async fn finish(&mut self, commit: bool) -> anyhow::Result<()> {
+        if self.finished {
+            return Ok(());
+        }
+        self.finished = true;
+        let discard = self.broken.is_some();
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Finish {
+            commit: commit && !discard,
+            discard,
+            reply,
+        };
+        if self.commands.send(command).await.is_err() {
+            anyhow::bail!("the connection to PostgreSQL was lost before the transaction ended");
+        }
+        let wait = self.timeout.max(Duration::from_secs(10));
+        let result = tokio::time::timeout(wait, answer)
+            .await
+            .map_err(|_| anyhow::anyhow!("PostgreSQL did not end the transaction within {wait:?}"))?
+            .map_err(|_| anyhow::anyhow!("the connection to PostgreSQL was lost"))?;
+        result.map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
+        if commit && let Some(why) = &self.broken {
+            anyhow::bail!("not committed: {why}");
+        }
+        Ok(())
+    }
+
+    /// Commit the transaction.
+    pub async fn commit(mut self) -> anyhow::Result<()> {
+        let plugin = self.plugin.clone();
+        self.finish(true)
+            .await
+            .with_context(|| format!("cannot commit plugin `{plugin}`'s transaction"))
+    }
+
+    /// Roll the transaction back.
+    pub async fn rollback(mut self) {
+        if let Err(e) = self.finish(false).await {
+            tracing::warn!(plugin = %self.plugin, "rollback: {e:#}");
+        }
+    }
+}
+
+impl Drop for PluginTx {
+    fn drop(&mut self) {
+        if !self.finished {
+            // The task closes the connection (rolling back); stop whatever
+            // statement it may still be running.
+            let cancel = self.cancel.clone();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = cancel.cancel_query(NoTls).await;
+                });
+            }
+        }
+    }
+}
+
+/// The leading keyword of `sql` (lowercase) if the statement is
+/// transaction control.
+pub fn transaction_control(sql: &str) -> Option<String> {
+    let words = leading_keywords(sql, 2);
+    let first = words.first()?.as_str();
+    let second = words.get(1).map(String::as_str);
+    match first {
+        "begin" | "start" | "commit" | "end" | "rollback" | "abort" | "savepoint" | "release" => {
+            Some(first.to_ascii_uppercase())
+        }
+        "prepare" if second == Some("transaction") => Some("PREPARE TRANSACTION".into()),
+        _ => None,
+    }
+}
+
+/// Up to `n` leading words of `sql`, lowercase, skipping whitespace and
+/// comments (`-- ...` and nested `/* ... */`).
+fn leading_keywords(sql: &str, n: usize) -> Vec<String> {
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    let mut words = Vec::new();
+    while i < bytes.len() && words.len() < n {
+        let b = bytes[i];
+        if b.is_ascii_whitespace() {
+            i += 1;
+        } else if bytes[i..].starts_with(b"--") {
+            while i < bytes.len() && bytes[i] != b'\n' {
+                i += 1;
+            }
+        } else if bytes[i..].starts_with(b"/*") {
+            let mut depth = 0usize;
+            while i < bytes.len() {
+                if bytes[i..].starts_with(b"/*") {
+                    depth += 1;
+                    i += 2;
+                } else if bytes[i..].starts_with(b"*/") {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        } else if b.is_ascii_alphabetic() || b == b'_' {
+            let start = i;
+            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                i += 1;
+            }
+            words.push(sql[start..i].to_ascii_lowercase());
+        } else {
+            break;
+        }
+    }
+    words
+}
+
+/// The WIT error for a PostgreSQL error.
+fn pg_error(err: &tokio_postgres::Error) -> WitError {
+    let text = describe(err);
+    if let Some(db) = err.as_db_error() {
+        let code = db.code().code();
+        return match code {
+            // insufficient_privilege
+            "42501" => WitError::AccessDenied(text),
+            // query_canceled: statement_timeout (or the host's cancel)
+            "57014" => WitError::LimitExceeded(format!("statement cancelled: {text}")),
+            // connection exception, operator intervention, insufficient
+            // resources, serialization failure, deadlock, lock not available
+            c if c.starts_with("08")
+                || c.starts_with("57P")
+                || c.starts_with("53")
+                || c == "40001"
+                || c == "40P01"
+                || c == "55P03" =>
+            {
+                WitError::Unavailable(text)
+            }
+            _ => WitError::Invalid(text),
+        };
+    }
+    let io = std::iter::successors(std::error::Error::source(err), |e| e.source())
+        .any(|e| e.is::<std::io::Error>());
+    if err.is_closed() || io {
+        WitError::Unavailable(text)
+    } else {
+        WitError::Invalid(text)
+    }
+}
+
+/// The types the `sql` interface maps, after domains are unwrapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Bool,
+    Int2,
+    Int4,
+    Int8,
+    Oid,
+    Float4,
+    Float8,
+    Numeric,
+    Text,
+    Json,
+    Jsonb,
+    Bytea,
+    Timestamp,
+    Uuid,
+    Void,
+}
+
+fn class(ty: &Type) -> Option<Class> {
+    match ty.kind() {
+        Kind::Domain(inner) => return class(inner),
+        Kind::Enum(_) => return Some(Class::Text),
+        _ => {}
+    }
+    Some(match *ty {
+        Type::BOOL => Class::Bool,
+        Type::INT2 => Class::Int2,
+        Type::INT4 => Class::Int4,
+        Type::INT8 => Class::Int8,
+        Type::OID => Class::Oid,
+        Type::FLOAT4 => Class::Float4,
+        Type::FLOAT8 => Class::Float8,
+        Type::NUMERIC => Class::Numeric,
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => Class::Text,
+        Type::JSON => Class::Json,
+        Type::JSONB => Class::Jsonb,
+        Type::BYTEA => Class::Bytea,
+        Type::TIMESTAMP | Type::TIMESTAMPTZ => Class::Timestamp,
+        Type::UUID => Class::Uuid,
+        Type::VOID => Class::Void,
+        _ if ty.name() == "citext" => Class::Text,
+        _ => return None,
+    })
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Boolean(_) => "boolean",
+        Value::Int(_) => "int",
+        Value::Float(_) => "float",
+        Value::Text(_) => "text",
+        Value::Bytes(_) => "bytes",
+        Value::Json(_) => "json",
+        Value::Timestamp(_) => "timestamp",
+    }
+}
+
+/// A plugin's parameter, encoded for the type the server expects.
+#[derive(Debug)]
+struct Param(Encoded);
+
+#[derive(Debug)]
+enum Encoded {
+    Null,
+    Bytes(Vec<u8>),
+}
+
+impl Param {
+    /// Parameter `$index` with `value`, for a placeholder of type `ty`.
+    fn new(index: usize, value: Value, ty: &Type) -> Result<Self, WitError> {
+        let mismatch = |value: &Value| {
+            let kind = kind_of(value);
+            WitError::Invalid(format!(
+                "parameter ${index} is {kind} but the statement expects {ty}; pass a matching value, or pass text and cast the placeholder (`${index}::text::{ty}`)"
+            ))
+        };
+        if matches!(value, Value::Null) {
+            return Ok(Self(Encoded::Null));
+        }
+        let Some(class) = class(ty) else {
+            return Err(mismatch(&value));
+        };
+        let mut out = BytesMut::new();
+        let range = |i: i64, name: &str| {
+            WitError::Invalid(format!(
+                "parameter ${index}: {i} is out of range for {name}"
+            ))
+        };
+        match (class, &value) {
+            (Class::Bool, Value::Boolean(b)) => out.put_u8(u8::from(*b)),
+            (Class::Int2, Value::Int(i)) => {
+                out.put_i16(i16::try_from(*i).map_err(|_| range(*i, "smallint"))?)
+            }
+            (Class::Int4, Value::Int(i)) => {
+                out.put_i32(i32::try_from(*i).map_err(|_| range(*i, "integer"))?)
+            }
+            (Class::Int8, Value::Int(i)) => out.put_i64(*i),
+            (Class::Oid, Value::Int(i)) => {
+                out.put_u32(u32::try_from(*i).map_err(|_| range(*i, "oid"))?)
+            }
+            (Class::Float4, Value::Float(f)) => out.put_f32(*f as f32),
+            (Class::Float4, Value::Int(i)) => out.put_f32(*i as f32),
+            (Class::Float8, Value::Float(f)) => out.put_f64(*f),
+            (Class::Float8, Value::Int(i)) => out.put_f64(*i as f64),
+            (Class::Numeric, Value::Int(i)) => encode_numeric(&i.to_string(), &mut out)
+                .map_err(|e| WitError::Invalid(format!("parameter ${index}: {e}")))?,
+            (Class::Numeric, Value::Float(f)) => {
+                let text = if f.is_nan() {
+                    "NaN".to_owned()
+                } else if f.is_finite() {
+                    format!("{f}")
+                } else {
+                    return Err(WitError::Invalid(format!(
+                        "parameter ${index}: {f} is not a numeric value"
+                    )));
+                };
+                encode_numeric(&text, &mut out)
+                    .map_err(|e| WitError::Invalid(format!("parameter ${index}: {e}")))?
+            }
+            (Class::Numeric, Value::Text(s)) => encode_numeric(s.trim(), &mut out)
+                .map_err(|e| WitError::Invalid(format!("parameter ${index}: {e}")))?,
+            (Class::Text, Value::Text(s) | Value::Json(s)) => out.put_slice(s.as_bytes()),
+            (Class::Json, Value::Json(s) | Value::Text(s)) => out.put_slice(s.as_bytes()),
+            (Class::Jsonb, Value::Json(s) | Value::Text(s)) => {
+                out.put_u8(1);
+                out.put_slice(s.as_bytes());
+            }
+            (Class::Bytea, Value::Bytes(b)) => out.put_slice(b),
+            (Class::Timestamp, Value::Timestamp(us)) => out.put_i64(
+                us.checked_sub(PG_EPOCH_US)
+                    .ok_or_else(|| range(*us, "timestamp"))?,
+            ),
+            (Class::Uuid, Value::Text(s)) => {
+                let id = uuid::Uuid::parse_str(s.trim()).map_err(|e| {
+                    WitError::Invalid(format!("parameter ${index}: not a UUID: {e}"))
+                })?;
+                out.put_slice(id.as_bytes());
+            }
+            _ => return Err(mismatch(&value)),
+        }
+        Ok(Self(Encoded::Bytes(out.to_vec())))
+    }
+}
+
+impl ToSql for Param {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.0 {
+            Encoded::Null => Ok(IsNull::Yes),
+            Encoded::Bytes(b) => {
+                out.put_slice(b);
+                Ok(IsNull::No)
+            }
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+/// One result cell, decoded by its column's type.
+struct Cell(Value);
+
+impl<'a> FromSql<'a> for Cell {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        use postgres_protocol::types as pg;
+        let Some(class) = class(ty) else {
+            return Err(format!("cannot decode type {ty}").into());
+        };
+        Ok(Self(match class {
+            Class::Bool => Value::Boolean(pg::bool_from_sql(raw)?),
+            Class::Int2 => Value::Int(pg::int2_from_sql(raw)?.into()),
+            Class::Int4 => Value::Int(pg::int4_from_sql(raw)?.into()),
+            Class::Int8 => Value::Int(pg::int8_from_sql(raw)?),
+            Class::Oid => Value::Int(pg::oid_from_sql(raw)?.into()),
+            Class::Float4 => Value::Float(pg::float4_from_sql(raw)?.into()),
+            Class::Float8 => Value::Float(pg::float8_from_sql(raw)?),
+            Class::Numeric => Value::Text(decode_numeric(raw)?),
+            Class::Text => Value::Text(pg::text_from_sql(raw)?.to_owned()),
+            Class::Json => Value::Json(pg::text_from_sql(raw)?.to_owned()),
+            Class::Jsonb => match raw.split_first() {
+                Some((1, rest)) => Value::Json(std::str::from_utf8(rest)?.to_owned()),
+                _ => return Err("unsupported jsonb version".into()),
+            },
+            Class::Bytea => Value::Bytes(pg::bytea_from_sql(raw).to_vec()),
+            Class::Timestamp => {
+                let t = pg::timestamp_from_sql(raw)?;
+                Value::Timestamp(if t == i64::MAX || t == i64::MIN {
+                    t // infinity
+                } else {
+                    t.saturating_add(PG_EPOCH_US)
+                })
+            }
+            Class::Uuid => Value::Text(uuid::Uuid::from_bytes(pg::uuid_from_sql(raw)?).to_string()),
+            Class::Void => Value::Null,
+        }))
+    }
+
+    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Self(Value::Null))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// Run one statement inside the invocation's transaction.
+async fn run(
+    tx: &tokio_postgres::Transaction<'_>,
+    statement: &str,
+    params: Vec<Value>,
+    query: bool,
+    max_rows: u32,
+) -> Result<Outcome, WitError> {
+    let stmt = tx.prepare(statement).await.map_err(|e| pg_error(&e))?;
+    let types = stmt.params();
+    if types.len() != params.len() {
+        return Err(WitError::Invalid(format!(
+            "the statement has {} placeholder(s) but {} parameter(s) were given",
+            types.len(),
+            params.len()
+        )));
+    }
+    let params = params
+        .into_iter()
+        .zip(types)
+        .enumerate()
+        .map(|(i, (value, ty))| Param::new(i + 1, value, ty))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !query {
+        return tx
+            .execute_raw(&stmt, params.iter())
+            .await
+            .map(Outcome::Changed)
+            .map_err(|e| pg_error(&e));
+    }
+    let columns: Vec<String> = stmt.columns().iter().map(|c| c.name().to_owned()).collect();
+    for column in stmt.columns() {
+        if class(column.type_()).is_none() {
+            return Err(WitError::Invalid(format!(
+                "column `{}` has type {}, which the sql interface does not return; cast it in the query, e.g. `{}::text`",
+                column.name(),
+                column.type_(),
+                column.name()
+            )));
+        }
+    }
+    let portal = tx
+        .bind_raw(&stmt, params.iter())
+        .await
+        .map_err(|e| pg_error(&e))?;
+    // One row more than allowed tells "too many" without fetching them all.
+    let fetch = i32::try_from(max_rows)
+        .unwrap_or(i32::MAX)
+        .saturating_add(1);
+    let stream = tx
+        .query_portal_raw(&portal, fetch)
+        .await
+        .map_err(|e| pg_error(&e))?;
+    futures::pin_mut!(stream);
+    let mut values = Vec::new();
+    while let Some(row) = stream.try_next().await.map_err(|e| pg_error(&e))? {
+        if values.len() >= max_rows as usize {
+            return Err(WitError::LimitExceeded(format!(
+                "query returned more than {max_rows} rows (limits.sql_rows)"
+            )));
+        }
+        let mut out = Vec::with_capacity(columns.len());
+        for i in 0..columns.len() {
+            let cell: Cell = row.try_get(i).map_err(|e| pg_error(&e))?;
+            out.push(cell.0);
+        }
+        values.push(out);
+    }
+    Ok(Outcome::Rows(Rows { columns, values }))
+}
+
+const NUMERIC_POS: u16 = 0x0000;
+const NUMERIC_NEG: u16 = 0x4000;
+const NUMERIC_NAN: u16 = 0xC000;
+const NUMERIC_PINF: u16 = 0xD000;
+const NUMERIC_NINF: u16 = 0xF000;
+
+/// PostgreSQL's binary `numeric` for a decimal text (`-12.50`, `NaN`).
+fn encode_numeric(text: &str, out: &mut BytesMut) -> Result<(), String> {
+    let header = |out: &mut BytesMut, ndigits: i16, weight: i16, sign: u16, dscale: u16| {
+        out.put_i16(ndigits);
+        out.put_i16(weight);
+        out.put_u16(sign);
+        out.put_u16(dscale);
+    };
+    match text.to_ascii_lowercase().as_str() {
+        "nan" => {
+            header(out, 0, 0, NUMERIC_NAN, 0);
+            return Ok(());
+        }
+        "infinity" | "+infinity" => {
+            header(out, 0, 0, NUMERIC_PINF, 0);
+            return Ok(());
+        }
+        "-infinity" => {
+            header(out, 0, 0, NUMERIC_NINF, 0);
+            return Ok(());
+        }
+        _ => {}
+    }
+    let bad = || format!("`{text}` is not a decimal number");
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    if (int.is_empty() && frac.is_empty())
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    let dscale = u16::try_from(frac.len()).map_err(|_| bad())?;
+    let int = int.trim_start_matches('0');
+    // Base-10000 groups: the integer part padded on the left, the fraction
+    // on the right, to whole groups of four digits.
+    let int_pad = (4 - int.len() % 4) % 4;
+    let frac_pad = (4 - frac.len() % 4) % 4;
+    let all: String = "0".repeat(int_pad) + int + frac + &"0".repeat(frac_pad);
+    let mut groups: Vec<i16> = all
+        .as_bytes()
+        .chunks(4)
+        .map(|c| c.iter().fold(0i16, |acc, d| acc * 10 + i16::from(d - b'0')))
+        .collect();
+    let mut weight = i32::try_from((int.len() + int_pad) / 4).map_err(|_| bad())? - 1;
+    while groups.first() == Some(&0) {
+        groups.remove(0);
+        weight -= 1;
+    }
+    while groups.last() == Some(&0) {
+        groups.pop();
+    }
+    if groups.is_empty() {
+        header(out, 0, 0, NUMERIC_POS, dscale);
+        return Ok(());
+    }
+    let ndigits = i16::try_from(groups.len()).map_err(|_| bad())?;
+    let weight = i16::try_from(weight).map_err(|_| bad())?;
+    let sign = if negative { NUMERIC_NEG } else { NUMERIC_POS };
+    header(out, ndigits, weight, sign, dscale);
+    for g in groups {
+        out.put_i16(g);
+    }
+    Ok(())
+}
+
+/// The decimal text of PostgreSQL's binary `numeric`.
+fn decode_numeric(raw: &[u8]) -> Result<String, Box<dyn std::error::Error + Sync + Send>> {
+    let word = |i: usize| -> Result<u16, Box<dyn std::error::Error + Sync + Send>> {
+        match raw.get(i..i + 2) {
+            Some(b) => Ok(u16::from_be_bytes([b[0], b[1]])),
+            None => Err("truncated numeric".into()),
+        }
+    };
+    let ndigits = usize::from(word(0)?);
+    let weight = i32::from(word(2)? as i16);
+    let sign = word(4)?;
+    let dscale = usize::from(word(6)?);
+    match sign {
+        NUMERIC_NAN => return Ok("NaN".into()),
+        NUMERIC_PINF => return Ok("Infinity".into()),
+        NUMERIC_NINF => return Ok("-Infinity".into()),
+        _ => {}
+    }
+    let mut digits = Vec::with_capacity(ndigits);
+    for i in 0..ndigits {
+        digits.push(word(8 + 2 * i)?);
+    }
+    let group = |exponent: i32| -> u16 {
+        usize::try_from(weight - exponent)
+            .ok()
+            .and_then(|i| digits.get(i).copied())
+            .unwrap_or(0)
+    };
+    let mut text = String::new();
+    if sign == NUMERIC_NEG {
+        text.push('-');
+    }
+    if weight < 0 {
+        text.push('0');
+    } else {
+        for exponent in (0..=weight).rev() {
+            if exponent == weight {
+                text.push_str(&group(exponent).to_string());
+            } else {
+                text.push_str(&format!("{:04}", group(exponent)));
+            }
+        }
+    }
+    if dscale > 0 {
+        let mut frac = String::new();
+        let mut exponent = -1;
+        while frac.len() < dscale {
+            frac.push_str(&format!("{:04}", group(exponent)));
+            exponent -= 1;
+        }
+        frac.truncate(dscale);
+        text.push('.');
+        text.push_str(&frac);
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(text: &str) -> String {
+        let mut buf = BytesMut::new();
+        encode_numeric(text, &mut buf).expect("encode");
+        decode_numeric(&buf).expect("decode")
+    }
+
+    #[test]
+    fn numerics_survive_the_binary_format() {
+        for (input, output) in [
+            ("0", "0"),
+            ("1", "1"),
+            ("-1", "-1"),
+            ("10000", "10000"),
+            ("123456789.000123", "123456789.000123"),
+            ("0.5", "0.5"),
+            ("-0.00012", "-0.00012"),
+            ("12.50", "12.50"),
+            ("007", "7"),
+            ("9223372036854775807", "9223372036854775807"),
+            ("NaN", "NaN"),
+            ("+3", "3"),
+            (".25", "0.25"),
+        ] {
+            assert_eq!(roundtrip(input), output, "{input}");
+        }
+        let mut buf = BytesMut::new();
+        for bad in ["", "-", "1e5", "1.2.3", "abc", "1 000"] {
+            assert!(encode_numeric(bad, &mut buf).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn transaction_control_is_recognised_through_comments_and_case() {
+        for sql in [
+            "COMMIT",
+            "  commit;",
+            "-- x\nCOMMIT",
+            "/* a /* nested */ comment */ rollback",
+            "End",
+            "ABORT",
+            "begin isolation level serializable",
+            "START TRANSACTION",
+            "SAVEPOINT s",
+            "RELEASE s",
+            "prepare  transaction 'x'",
+            "ROLLBACK PREPARED 'x'",
+            "COMMIT PREPARED 'x'",
+        ] {
+            assert!(transaction_control(sql).is_some(), "{sql}");
+        }
+        for sql in [
+            "SELECT 1",
+            "PREPARE q AS SELECT 1",
+            "INSERT INTO commit VALUES (1)",
+            "CREATE TABLE t (x int)",
+            "",
+            "-- only a comment",
+        ] {
+            assert!(transaction_control(sql).is_none(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn role_names_are_unique_per_database_and_fit_postgres() {
+        assert_eq!(role_name("sandpipe", "probe"), "sandpipe_sandpipe_probe");
+        let long = role_name(&"d".repeat(60), "schema");
+        assert!(long.len() <= 63, "{long}");
+        assert_ne!(role_name("a-b", "s"), role_name("a_b", "s"));
+        assert_ne!(
+            role_name(&"d".repeat(60), "s1"),
+            role_name(&"d".repeat(60), "s2")
+        );
+    }
+
+    #[test]
+    fn parameters_follow_the_placeholder_type() {
+        assert!(Param::new(1, Value::Int(70_000), &Type::INT2).is_err());
+        assert!(Param::new(1, Value::Int(7), &Type::INT2).is_ok());
+        assert!(Param::new(1, Value::Text("x".into()), &Type::INT4).is_err());
+        assert!(Param::new(1, Value::Null, &Type::INTERVAL).is_ok());
+        let err = Param::new(2, Value::Text("1 day".into()), &Type::INTERVAL)
+            .err()
+            .map(|e| format!("{e:?}"))
+            .unwrap_or_default();
+        assert!(err.contains("$2::text::interval"), "{err}");
+        assert!(Param::new(1, Value::Text("not a uuid".into()), &Type::UUID).is_err());
+    }
+}

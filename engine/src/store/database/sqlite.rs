@@ -1,0 +1,495 @@
+//! SQLite: the engine's own file (status log and plugin state) and one file
+//! per plugin for its `sql` capability.
+//!
+//! A plugin's connection is locked down: no ATTACH (so no other file, and no
+//! `VACUUM INTO`), no transaction control (the engine owns the transaction),
+//! no pragmas that change anything, no virtual tables, no extensions, and a
+//! progress handler that interrupts a statement past its deadline.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::limits::Limit;
+use rusqlite::types::{Value as SqlValue, ValueRef};
+use rusqlite::{Connection, OptionalExtension as _};
+
+use super::Outcome;
+use crate::capability::StateOp;
+use crate::sandbox::bindings::WitError;
+use crate::sandbox::bindings::sandpipe::connector::sql::{Rows, Value};
+
+/// A SQLite connection used from async code through `spawn_blocking`.
+#[derive(Clone)]
+pub struct Sqlite {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Sqlite {
+    /// Open (creating) the database at `path` in WAL mode.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open database {}", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Run `f` on the connection on a blocking thread.
+    pub async fn call<T, F>(&self, f: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> anyhow::Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn
+                .lock()
+                .map_err(|_| anyhow::anyhow!("database connection poisoned"))?;
+            f(&mut conn)
+        })
+        .await
+        .context("database task failed")?
+    }
+
+    /// Run `f` synchronously (start-up and tests).
+    pub fn call_blocking<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| anyhow::anyhow!("database connection poisoned"))?;
+        f(&mut conn)
+    }
+}
+
+/// Create the plugin state table (see [`super::StateStore`]).
+pub(super) fn create_state_table(db: &Sqlite) -> anyhow::Result<()> {
+    db.call_blocking(|c| {
+        c.execute_batch(
+            "CREATE TABLE IF NOT EXISTS plugin_state (
+                plugin TEXT NOT NULL,
+                key TEXT NOT NULL,
+                value BLOB NOT NULL,
+                PRIMARY KEY (plugin, key)
+            ) WITHOUT ROWID;",
+        )?;
+        Ok(())
+    })
+}
+
+/// The state value of `key` for `plugin`.
+pub(super) async fn state_get(
+    db: &Sqlite,
+    plugin: &str,
+    key: &str,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    let (plugin, key) = (plugin.to_owned(), key.to_owned());
+    db.call(move |c| {
+        Ok(c.query_row(
+            "SELECT value FROM plugin_state WHERE plugin = ?1 AND key = ?2",
+            (&plugin, &key),
+            |r| r.get(0),
+        )
+        .optional()?)
+    })
+    .await
+}
+
+/// Apply state changes for `plugin` in one transaction.
+pub(super) async fn state_apply(
+    db: &Sqlite,
+    plugin: &str,
+    ops: Vec<StateOp>,
+) -> anyhow::Result<()> {
+    let plugin = plugin.to_owned();
+    db.call(move |c| {
+        let tx = c.transaction()?;
+        for op in ops {
+            match op {
+                StateOp::Set(k, v) => tx.execute(
+                    "INSERT INTO plugin_state (plugin, key, value) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value",
+                    (&plugin, &k, &v),
+                )?,
+                StateOp::Delete(k) => tx.execute(
+                    "DELETE FROM plugin_state WHERE plugin = ?1 AND key = ?2",
+                    (&plugin, &k),
+                )?,
+            };
+        }
+        tx.commit()?;
+        Ok(())
+    })
+    .await
+}
+
+/// A plugin's own database file, with a small pool of locked-down
+/// connections.
+pub struct PluginDb {
+    path: PathBuf,
+    plugin: String,
+    timeout: Duration,
+    pool: Mutex<Vec<PluginConn>>,
+}
+
+/// A locked-down connection to a plugin's database.
+pub struct PluginConn {
+    /// The connection.
+    pub conn: Connection,
+    engine_mode: Arc<AtomicBool>,
+    deadline_ms: Arc<AtomicU64>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+impl PluginConn {
+    /// Run engine-issued SQL (transaction control) past the authorizer.
+    pub fn engine(&self, sql: &str) -> rusqlite::Result<()> {
+        self.engine_mode.store(true, Ordering::SeqCst);
+        let result = self.conn.execute_batch(sql);
+        self.engine_mode.store(false, Ordering::SeqCst);
+        result
+    }
+
+    /// Statements from now on are interrupted after `timeout`.
+    pub fn arm_deadline(&self, timeout: Duration) {
+        self.deadline_ms
+            .store(now_ms() + timeout.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl PluginDb {
+    /// The database of `plugin` in `dir`; statements time out after `timeout`.
+    pub fn new(dir: &Path, plugin: &str, timeout: Duration) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Self {
+            path: dir.join(format!("{plugin}.sqlite")),
+            plugin: plugin.to_owned(),
+            timeout,
+            pool: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn open(&self) -> anyhow::Result<PluginConn> {
+        let mut conn = Connection::open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        conn.busy_timeout(self.timeout)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        // No other database file can ever be reached from this connection.
+        conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, 64 << 20)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_SQL_LENGTH, 1 << 20)?;
+        let engine_mode = Arc::new(AtomicBool::new(false));
+        let deadline_ms = Arc::new(AtomicU64::new(u64::MAX));
+        {
+            let engine_mode = engine_mode.clone();
+            conn.authorizer(Some(move |ctx: AuthContext<'_>| {
+                authorize(&ctx.action, engine_mode.load(Ordering::SeqCst))
+            }))?;
+        }
+        {
+            let deadline_ms = deadline_ms.clone();
+            conn.progress_handler(
+                10_000,
+                Some(move || now_ms() > deadline_ms.load(Ordering::SeqCst)),
+            )?;
+        }
+        Ok(PluginConn {
+            conn,
+            engine_mode,
+            deadline_ms,
+        })
+    }
+
+    /// A connection inside a fresh `BEGIN IMMEDIATE` transaction (blocking).
+    pub fn begin(&self) -> anyhow::Result<PluginConn> {
+        let pooled = self.pool.lock().ok().and_then(|mut p| p.pop());
+        let conn = match pooled {
+            Some(c) => c,
+            None => self.open()?,
+        };
+        conn.arm_deadline(self.timeout);
+        conn.engine("BEGIN IMMEDIATE")
+            .with_context(|| format!("cannot begin a transaction in {}", self.path.display()))?;
+        Ok(conn)
+    }
+
+    /// Commit and return the connection to the pool (blocking).
+    pub fn commit(&self, conn: PluginConn) -> anyhow::Result<()> {
+        conn.arm_deadline(self.timeout);
+        conn.engine("COMMIT")
+            .with_context(|| format!("cannot commit plugin `{}`'s transaction", self.plugin))?;
+        if let Ok(mut pool) = self.pool.lock()
+            && pool.len() < 8
+        {
+            pool.push(conn);
+        }
+        Ok(())
+    }
+
+    /// Roll back and return the connection to the pool (blocking).
+    pub fn rollback(&self, conn: PluginConn) {
+        conn.arm_deadline(self.timeout);
+        if conn.engine("ROLLBACK").is_ok()
+            && let Ok(mut pool) = self.pool.lock()
+            && pool.len() < 8
+        {
+            pool.push(conn);
+        }
+    }
+}
+
+/// The policy for plugin SQL.
+fn authorize(action: &AuthAction<'_>, engine_mode: bool) -> Authorization {
+    match action {
+        AuthAction::Transaction { .. } | AuthAction::Savepoint { .. } if engine_mode => {
+            Authorization::Allow
+        }
+        AuthAction::Attach { .. }
+        | AuthAction::Detach { .. }
+        | AuthAction::Transaction { .. }
+        | AuthAction::Savepoint { .. }
+        | AuthAction::CreateVtable { .. }
+        | AuthAction::DropVtable { .. } => Authorization::Deny,
+        AuthAction::Pragma {
+            pragma_name,
+            pragma_value,
+        } => {
+            const READ_ONLY: [&str; 6] = [
+                "table_info",
+                "table_xinfo",
+                "index_list",
+                "index_info",
+                "foreign_key_list",
+                "user_version",
+            ];
+            if pragma_value.is_none()
+                && READ_ONLY.contains(&pragma_name.to_ascii_lowercase().as_str())
+            {
+                Authorization::Allow
+            } else {
+                Authorization::Deny
+            }
+        }
+        AuthAction::Function { function_name } => {
+            let name = function_name.to_ascii_lowercase();
+            if name == "load_extension"
+                || name.starts_with("readfile")
+                || name.starts_with("writefile")
+            {
+                Authorization::Deny
+            } else {
+                Authorization::Allow
+            }
+        }
+        _ => Authorization::Allow,
+    }
+}
+
+fn to_sql(value: Value) -> SqlValue {
+    match value {
+        Value::Null => SqlValue::Null,
+        Value::Boolean(b) => SqlValue::Integer(i64::from(b)),
+        Value::Int(i) | Value::Timestamp(i) => SqlValue::Integer(i),
+        Value::Float(f) => SqlValue::Real(f),
+        Value::Text(s) | Value::Json(s) => SqlValue::Text(s),
+        Value::Bytes(b) => SqlValue::Blob(b),
+    }
+}
+
+fn from_sql(value: ValueRef<'_>) -> Value {
+    match value {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Int(i),
+        ValueRef::Real(f) => Value::Float(f),
+        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Value::Bytes(b.to_vec()),
+    }
+}
+
+fn sql_error(err: rusqlite::Error) -> WitError {
+    match &err {
+        rusqlite::Error::SqliteFailure(e, _)
+            if e.code == rusqlite::ErrorCode::AuthorizationForStatementDenied =>
+        {
+            WitError::AccessDenied(format!("statement not allowed in a plugin database: {err}"))
+        }
+        rusqlite::Error::SqliteFailure(e, _)
+            if e.code == rusqlite::ErrorCode::OperationInterrupted =>
+        {
+            WitError::LimitExceeded(format!("statement interrupted at its deadline: {err}"))
+        }
+        rusqlite::Error::SqliteFailure(e, _)
+            if matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ) =>
+        {
+            WitError::Unavailable(err.to_string())
+        }
+        _ => WitError::Invalid(err.to_string()),
+    }
+}
+
+/// Run one plugin statement on `conn` (blocking): rows for a query (at most
+/// `max_rows`), else the number of rows changed.
+pub fn run(
+    conn: &PluginConn,
+    statement: &str,
+    params: Vec<Value>,
+    query: bool,
+    max_rows: u32,
+) -> Result<Outcome, WitError> {
+    let mut stmt = conn.conn.prepare(statement).map_err(sql_error)?;
+    let params = rusqlite::params_from_iter(params.into_iter().map(to_sql));
+    if !query {
+        return stmt
+            .execute(params)
+            .map(|n| Outcome::Changed(n as u64))
+            .map_err(sql_error);
+    }
+    let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+    let width = columns.len();
+    let mut rows = stmt.query(params).map_err(sql_error)?;
+    let mut values = Vec::new();
+    while let Some(row) = rows.next().map_err(sql_error)? {
+        if values.len() >= max_rows as usize {
+            return Err(WitError::LimitExceeded(format!(
+                "query returned more than {max_rows} rows"
+            )));
+        }
+        let mut out = Vec::with_capacity(width);
+        for i in 0..width {
+            out.push(from_sql(row.get_ref(i).map_err(sql_error)?));
+        }
+        values.push(out);
+    }
+    Ok(Outcome::Rows(Rows { columns, values }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn open(timeout: Duration) -> (tempfile::TempDir, Arc<PluginDb>, PluginConn) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(PluginDb::new(dir.path(), "p", timeout).expect("db"));
+        let conn = db.begin().expect("begin");
+        (dir, db, conn)
+    }
+
+    fn exec(conn: &PluginConn, sql: &str) -> Result<u64, WitError> {
+        match run(conn, sql, Vec::new(), false, 100)? {
+            Outcome::Changed(n) => Ok(n),
+            Outcome::Rows(_) => Ok(0),
+        }
+    }
+
+    #[test]
+    fn plugin_sql_cannot_reach_other_files_or_the_transaction() {
+        let (dir, _db, conn) = open(Duration::from_secs(5));
+        let outside = dir.path().join("outside.sqlite");
+        let attack = [
+            format!("ATTACH DATABASE '{}' AS other", outside.display()),
+            format!("VACUUM INTO '{}'", outside.display()),
+            "PRAGMA journal_mode = DELETE".to_owned(),
+            "PRAGMA writable_schema = ON".to_owned(),
+            "COMMIT".to_owned(),
+            "ROLLBACK".to_owned(),
+            "SAVEPOINT s".to_owned(),
+            "SELECT load_extension('/lib/x86_64-linux-gnu/libc.so.6')".to_owned(),
+            "CREATE TABLE a(x); CREATE TABLE b(x)".to_owned(),
+        ];
+        for sql in &attack {
+            assert!(exec(&conn, sql).is_err(), "{sql} was allowed");
+        }
+        assert!(
+            !outside.exists(),
+            "a file outside the plugin's database was written"
+        );
+        // Ordinary work still goes through, with typed parameters.
+        exec(&conn, "CREATE TABLE t (a INTEGER, b TEXT, c BLOB, d REAL)").expect("create");
+        let n = run(
+            &conn,
+            "INSERT INTO t VALUES ($1, $2, $3, $4)",
+            vec![
+                Value::Int(7),
+                Value::Text("x".into()),
+                Value::Bytes(vec![1, 2]),
+                Value::Float(0.5),
+            ],
+            false,
+            100,
+        );
+        assert!(matches!(n, Ok(Outcome::Changed(1))));
+        let rows = run(&conn, "SELECT a, b, c, d FROM t", Vec::new(), true, 100);
+        let Ok(Outcome::Rows(rows)) = rows else {
+            panic!("query failed")
+        };
+        assert_eq!(rows.columns, vec!["a", "b", "c", "d"]);
+        assert!(matches!(rows.values[0][0], Value::Int(7)));
+        assert!(matches!(&rows.values[0][2], Value::Bytes(b) if b == &[1, 2]));
+    }
+
+    #[test]
+    fn runaway_queries_and_huge_results_are_limited() {
+        let (_dir, _db, conn) = open(Duration::from_millis(200));
+        let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
+        let result = run(&conn, endless, Vec::new(), true, 100);
+        assert!(
+            matches!(result, Err(WitError::LimitExceeded(_))),
+            "{:?}",
+            result.err()
+        );
+        conn.arm_deadline(Duration::from_secs(5));
+        let many = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000) SELECT x FROM c";
+        let result = run(&conn, many, Vec::new(), true, 100);
+        assert!(
+            matches!(&result, Err(WitError::LimitExceeded(m)) if m.contains("more than 100 rows")),
+            "{:?}",
+            result.err()
+        );
+    }
+
+    #[test]
+    fn rolled_back_work_is_gone_and_committed_work_stays() {
+        let (_dir, db, conn) = open(Duration::from_secs(5));
+        exec(&conn, "CREATE TABLE t (x)").expect("create");
+        db.commit(conn).expect("commit");
+        let conn = db.begin().expect("begin");
+        exec(&conn, "INSERT INTO t VALUES (1)").expect("insert");
+        db.rollback(conn);
+        let conn = db.begin().expect("begin");
+        let Ok(Outcome::Rows(rows)) = run(&conn, "SELECT count(*) FROM t", Vec::new(), true, 10)
+        else {
+            panic!("query failed")
+        };
+        assert!(matches!(rows.values[0][0], Value::Int(0)));
+    }
+}
