@@ -65,11 +65,37 @@ quickstart: guests
 
 # Every test: the engine's unit and end-to-end tests (these build the guest
 # components themselves, once per run), then the guests' own unit tests.
-test: guest-toolchain
+test: guest-toolchain test-deps
     cargo test
     just guest-test
+
+# Tools the tests use besides the services: moto's S3 server (PyPI).
+test-deps:
+    python3 -c 'import moto.server' 2>/dev/null || python3 -m pip install --quiet 'moto[server]'
+
+
 
 # Formatting and clippy, warnings denied, for the engine and the guests.
 lint: guest-lint
     cargo fmt --all -- --check
     cargo clippy --all-targets -- -D warnings
+
+# Run examples/rabbitmq-redis-postgres end to end against the local
+# RabbitMQ, Redis and PostgreSQL: create the database, store the metadata,
+# publish the sample messages, process them, print the results.
+example-services: guests
+    #!/usr/bin/env bash
+    set -euo pipefail
+    export RABBITMQ_PASSWORD="${RABBITMQ_PASSWORD:-guest}"
+    cfg=examples/rabbitmq-redis-postgres/sandpipe.yaml
+    psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'sandpipe_example'" | grep -q 1 \
+        || psql -h 127.0.0.1 -U postgres -qc 'CREATE DATABASE sandpipe_example'
+    redis-cli SET sandpipe:example:meta:red-square '{"camera": "none", "source": "example"}' >/dev/null
+    redis-cli HSET sandpipe:example:meta:gradient camera none source example >/dev/null
+    cargo build -q -p sandpipe
+    for m in examples/rabbitmq-redis-postgres/messages/*.json; do
+        cargo run -q -p sandpipe -- send -c "$cfg" "$m"
+    done
+    cargo run -q -p sandpipe -- run --once -c "$cfg"
+    psql -h 127.0.0.1 -U postgres sandpipe_example -c 'SELECT message_id, format, width, height, bytes FROM image_meta.image_meta ORDER BY message_id'
+    psql -h 127.0.0.1 -U postgres sandpipe_example -c 'SELECT message_id, lines, words, bytes FROM text_stats.text_stats ORDER BY message_id'

@@ -51,7 +51,7 @@ pub async fn assemble(config: Config) -> anyhow::Result<Assembled> {
     let sandbox = Arc::new(Sandbox::new(&config.sandbox, max_memory, fuel)?);
     let (plugins, problems) = plugins::load_all(&config, &sandbox, &services, &database).await;
     Ok(Assembled {
-        meta: MetaStore::new(&config.meta_store),
+        meta: MetaStore::new(&config.meta_store).await?,
         config,
         sandbox,
         plugins,
@@ -134,11 +134,8 @@ pub async fn run(
     if let Some(server) = &assembled.config.server {
         crate::server::serve(server.listen, ready.clone(), shutdown.clone()).await?;
     }
-    let listener: Arc<dyn listener::Listener> = Arc::from(listener::build(
-        &assembled.config.listener,
-        once,
-        ready.clone(),
-    )?);
+    let listener: Arc<dyn listener::Listener> =
+        Arc::from(listener::build(&assembled.config.listener, once, ready.clone()).await?);
     let pipeline = Arc::new(Pipeline::new(
         assembled.config.clone(),
         assembled.sandbox.clone(),

@@ -130,6 +130,64 @@ pub enum ListenerConfig {
     },
     /// A RabbitMQ queue bound to an exchange.
     Rabbitmq(RabbitmqListenerConfig),
+    /// A Redis stream read through a consumer group.
+    Redis(RedisListenerConfig),
+}
+
+/// Listener `redis` (streams).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisListenerConfig {
+    /// `redis://[:password@]host:port[/db]`.
+    pub url: String,
+    /// The stream (created with the group if missing).
+    pub stream: String,
+    /// The consumer group. Default `sandpipe`.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// This replica's consumer name. Default: a unique name per process.
+    #[serde(default)]
+    pub consumer: Option<String>,
+    /// The entry field holding the message. Default `message`; an entry
+    /// without it is read as a JSON object of all its fields.
+    #[serde(default = "default_field")]
+    pub field: String,
+    /// Entries read per XREADGROUP. Default 16.
+    #[serde(default = "default_batch")]
+    pub batch: u32,
+    /// How long one XREADGROUP blocks. Default 1s.
+    #[serde(default = "default_block", with = "humantime_serde")]
+    pub block: Duration,
+    /// Entries pending this long are taken over from their (dead)
+    /// consumer with XAUTOCLAIM. Must exceed the longest processing time.
+    /// Default 60s.
+    #[serde(default = "default_claim_idle", with = "humantime_serde")]
+    pub claim_idle: Duration,
+    /// Where dead letters go. Default `STREAM.dead`.
+    #[serde(default)]
+    pub dead_letter_stream: Option<String>,
+    /// Connection and response timeout. Default 5s.
+    #[serde(default = "default_redis_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_group() -> String {
+    "sandpipe".into()
+}
+fn default_field() -> String {
+    "message".into()
+}
+fn default_batch() -> u32 {
+    16
+}
+fn default_block() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_claim_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_redis_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// Listener `rabbitmq`.
@@ -282,6 +340,32 @@ pub enum DataStoreConfig {
     },
     /// An in-memory store (empty at start; useful for tests and `exec`).
     Memory,
+    /// An S3-compatible object store (AWS S3, OpenStack Swift's S3 API,
+    /// MinIO, Ceph RGW, ...). Locations are keys in the bucket.
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// The endpoint, e.g. `https://s3.example.org`. Default: AWS for `region`.
+        #[serde(default)]
+        endpoint: Option<String>,
+        /// The region. Default `us-east-1`.
+        #[serde(default = "default_region")]
+        region: String,
+        /// The access key id (use `${ENV}`).
+        access_key_id: String,
+        /// The secret access key (use `${ENV}`).
+        secret_access_key: String,
+        /// Allow a plain-HTTP endpoint (a local test server). Default false.
+        #[serde(default)]
+        allow_http: bool,
+        /// `bucket.host/key` addressing instead of `host/bucket/key`. Default false.
+        #[serde(default)]
+        virtual_hosted_style: bool,
+    },
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
 }
 
 impl Default for DataStoreConfig {
@@ -304,6 +388,15 @@ pub enum MetaStoreConfig {
     /// Only the metadata inline in the message; a `meta_location` is an error.
     #[default]
     Inline,
+    /// Redis: `meta_location` is a key holding a JSON object (a string, as
+    /// sqAPI writes it) or a hash.
+    Redis {
+        /// `redis://[:password@]host:port[/db]`.
+        url: String,
+        /// Connection and response timeout. Default 5s.
+        #[serde(default = "default_redis_timeout", with = "humantime_serde")]
+        timeout: Duration,
+    },
 }
 
 /// The status log and the plugins' databases; `type` selects the backend.
@@ -404,6 +497,37 @@ pub enum OutputConfig {
         /// The folder (created if missing).
         path: PathBuf,
     },
+    /// A RabbitMQ exchange, with publisher confirms.
+    Rabbitmq(RabbitmqOutputConfig),
+    /// A Redis stream (XADD).
+    Redis {
+        /// `redis://[:password@]host:port[/db]`.
+        url: String,
+        /// The stream.
+        stream: String,
+        /// Trim the stream to about this many entries (`MAXLEN ~`). Default: no trimming.
+        #[serde(default)]
+        maxlen: Option<u64>,
+        /// Connection and response timeout. Default 5s.
+        #[serde(default = "default_redis_timeout", with = "humantime_serde")]
+        timeout: Duration,
+    },
+}
+
+/// Output `rabbitmq`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitmqOutputConfig {
+    /// `amqp://user:password@host:port/vhost`.
+    pub url: String,
+    /// The exchange (declared durable).
+    pub exchange: ExchangeConfig,
+    /// The routing key of every message. Default empty.
+    #[serde(default)]
+    pub routing_key: String,
+    /// How long to wait for a publisher confirm. Default 10s.
+    #[serde(default = "default_confirm_timeout", with = "humantime_serde")]
+    pub confirm_timeout: Duration,
 }
 
 /// Retry policy.
@@ -808,8 +932,8 @@ impl Config {
             }
         }
         for output in self.outputs.values_mut() {
-            match output {
-                OutputConfig::Dir { path } => fix(path),
+            if let OutputConfig::Dir { path } = output {
+                fix(path);
             }
         }
         fix(&mut self.sandbox.cache_dir);

@@ -7,5 +7,7 @@ mod harness;
 mod plugins;
 mod quickstart;
 mod rabbitmq;
+mod s3;
 mod sandbox;
 mod server;
+mod with_redis;

@@ -263,3 +263,108 @@ async fn sigterm_requeues_nothing_it_has_not_settled() {
     );
     b.cleanup().await;
 }
+
+/// An exchange and a queue bound to it, declared by the test; `args` are
+/// the queue's arguments.
+async fn bound_queue(exchange: &str, queue: &str, args: FieldTable) {
+    let conn = connect(URL).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        exchange.into(),
+        lapin::ExchangeKind::Fanout,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(queue.into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        "".into(),
+        lapin::options::QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+fn output_yaml(exchange: &str) -> String {
+    format!(
+        "outputs:\n  out: {{ type: rabbitmq, url: \"{URL}\", exchange: {{ name: {exchange}, type: fanout }}, confirm_timeout: 5s }}\nplugins:\n  grants:\n    probe: {{ emit: [out] }}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn emits_are_published_to_rabbitmq_with_confirms() {
+    let b = Broker::new("out");
+    bound_queue(&b.exchange, &b.queue, FieldTable::default()).await;
+    let d = Deployment::new(&[("fx-probe", "probe")], &output_yaml(&b.exchange));
+    d.message("a.json", &probe("rmq-emit", "emit"));
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(summary.done, 1, "{summary}");
+    let got = b.drain(&b.queue).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, b"hello");
+    assert!(
+        got[0]
+            .1
+            .contains(&("x-sandpipe-message-id".to_owned(), "rmq-emit".to_owned()))
+    );
+    b.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nacked_emit_is_an_outage_requeued_without_using_up_attempts() {
+    // The output's queue refuses everything (max-length 0, reject-publish),
+    // so the broker nacks every emit: an outage of the output, not a fault
+    // of the message. It is requeued with its attempt unchanged and never
+    // dead-lettered, however long the outage lasts.
+    let b = Broker::new("nack");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-max-length".into(),
+        lapin::types::AMQPValue::LongLongInt(0),
+    );
+    args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    bound_queue(&b.exchange, &b.queue, args).await;
+    let d = Deployment::new(&[("fx-probe", "probe")], &output_yaml(&b.exchange));
+    d.message("a.json", &probe("rmq-nack", "emit"));
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let config = d.config.clone();
+    let engine = tokio::spawn(async move { sandpipe::app::run(&config, false, rx).await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let requeued = d
+            .rows("rmq-nack")
+            .await
+            .into_iter()
+            .filter(|r| r.plugin.is_empty() && r.info.starts_with("backend unavailable"))
+            .count();
+        if requeued >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not requeued three times"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tx.send(true).unwrap();
+    let summary = engine.await.unwrap().unwrap();
+    assert_eq!(summary.dead, 0, "{summary}");
+    let rows = d.rows("rmq-nack").await;
+    assert!(rows.iter().all(|r| r.attempt == 1), "{rows:?}");
+    let probe_row = d.last("rmq-nack", "probe").await;
+    assert!(probe_row.info.contains("nacked"), "{}", probe_row.info);
+    assert!(d.files("spool/dead").is_empty());
+    b.cleanup().await;
+}

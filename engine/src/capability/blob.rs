@@ -114,7 +114,7 @@ impl Host for InvocationState {
             .data
             .open(&location)
             .await
-            .map_err(data_error)?;
+            .map_err(|e| self.host.note(data_error(e)))?;
         self.open_reader(object)
     }
 
@@ -136,7 +136,7 @@ impl Host for InvocationState {
             .data
             .open(&location)
             .await
-            .map_err(data_error)?;
+            .map_err(|e| self.host.note(data_error(e)))?;
         self.open_reader(object)
     }
 
@@ -171,7 +171,10 @@ impl HostReader for InvocationState {
             .table
             .get_mut(&reader)
             .map_err(|e| WitError::Invalid(format!("bad reader handle: {e}")))?;
-        let chunk = reader.read(max).await.map_err(data_error)?;
+        let chunk = match reader.read(max).await {
+            Ok(chunk) => chunk,
+            Err(e) => return Err(self.host.note(data_error(e))),
+        };
         Ok(chunk.to_vec())
     }
 

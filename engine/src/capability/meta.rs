@@ -36,12 +36,10 @@ impl Host for InvocationState {
             }
         }
         let plugin = self.host.plugin.clone();
-        plugin
-            .services
-            .state
-            .get(&plugin.name, &key)
-            .await
-            .map_err(|e| WitError::Unavailable(format!("state store: {e:#}")))
+        match plugin.services.state.get(&plugin.name, &key).await {
+            Ok(value) => Ok(value),
+            Err(e) => Err(self.host.outage(format!("state store: {e:#}"))),
+        }
     }
 
     async fn state_set(&mut self, key: String, value: Vec<u8>) -> Result<(), WitError> {

@@ -162,6 +162,9 @@ pub struct HostState {
     pub denials: Vec<String>,
     /// Log lines written, for `sandpipe exec` and the status log.
     pub logs: Vec<(String, String)>,
+    /// Backend outages met by host calls: a failure after one of these is
+    /// the infrastructure's, not the message's.
+    pub outages: Vec<String>,
     calls: u64,
     log_bytes: u64,
 }
@@ -247,6 +250,7 @@ impl HostState {
             effects: Effects::default(),
             denials: Vec::new(),
             logs: Vec::new(),
+            outages: Vec::new(),
             calls: 0,
             log_bytes: 0,
         }
@@ -282,6 +286,22 @@ impl HostState {
             self.denials.push(message.clone());
         }
         WitError::AccessDenied(message)
+    }
+
+    /// Record a backend outage and return the error for the guest.
+    pub fn outage(&mut self, message: String) -> WitError {
+        if self.outages.len() < 10 {
+            self.outages.push(message.clone());
+        }
+        WitError::Unavailable(message)
+    }
+
+    /// Record the outage if `error` is one (for errors built elsewhere).
+    pub fn note(&mut self, error: WitError) -> WitError {
+        match error {
+            WitError::Unavailable(m) => self.outage(m),
+            other => other,
+        }
     }
 
     /// The message, or `invalid` during `describe`.

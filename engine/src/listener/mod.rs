@@ -4,6 +4,7 @@
 
 mod dir;
 pub mod rabbitmq;
+pub mod redis;
 
 use std::time::Duration;
 
@@ -73,11 +74,15 @@ pub trait Listener: Send + Sync {
     /// `--once` mode). Must be cancel-safe: dropping the future loses
     /// nothing.
     async fn recv(&self) -> anyhow::Result<Option<Delivery>>;
+
+    /// Stop consuming and close connections politely. Called once, after
+    /// every delivery has been settled.
+    async fn close(&self) {}
 }
 
 /// Build the configured listener. `once`: drain what is there, then end.
 /// The listener reports its connection state to `ready`.
-pub fn build(
+pub async fn build(
     config: &ListenerConfig,
     once: bool,
     ready: Readiness,
@@ -92,6 +97,7 @@ pub fn build(
             Ok(Box::new(listener))
         }
         ListenerConfig::Rabbitmq(c) => Ok(Box::new(RabbitmqListener::new(c, once, ready))),
+        ListenerConfig::Redis(c) => Ok(Box::new(redis::RedisListener::new(c, once, ready).await?)),
     }
 }
 
@@ -101,5 +107,6 @@ pub async fn send(config: &ListenerConfig, body: &[u8], name: &str) -> anyhow::R
     match config {
         ListenerConfig::Dir { path, .. } => DirListener::send_to(path, body, name),
         ListenerConfig::Rabbitmq(c) => rabbitmq::send(c, body).await,
+        ListenerConfig::Redis(c) => redis::send(c, body).await,
     }
 }

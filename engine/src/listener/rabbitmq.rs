@@ -115,6 +115,7 @@ struct Shared {
     publisher: Mutex<Option<Channel>>,
     connected: AtomicBool,
     ready: Readiness,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -258,12 +259,16 @@ pub struct RabbitmqListener {
     shared: Arc<Shared>,
     deliveries: Mutex<mpsc::Receiver<lapin::message::Delivery>>,
     once: bool,
-    task: tokio::task::JoinHandle<()>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for RabbitmqListener {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Ok(mut task) = self.task.try_lock()
+            && let Some(task) = task.take()
+        {
+            task.abort();
+        }
     }
 }
 
@@ -276,6 +281,7 @@ impl RabbitmqListener {
             publisher: Mutex::new(None),
             connected: AtomicBool::new(false),
             ready,
+            stop: tokio::sync::watch::channel(false).0,
         });
         shared.ready.not_ready("listener", "connecting to RabbitMQ");
         let (tx, rx) = mpsc::channel(usize::from(config.prefetch.max(1)));
@@ -284,7 +290,7 @@ impl RabbitmqListener {
             shared,
             deliveries: Mutex::new(rx),
             once,
-            task,
+            task: Mutex::new(Some(task)),
         }
     }
 
@@ -336,9 +342,16 @@ async fn consume_forever(shared: Arc<Shared>, tx: mpsc::Sender<lapin::message::D
     let backoff = &shared.config.reconnect;
     let mut delay = backoff.initial;
     let mut first = true;
+    let mut stop = shared.stop.subscribe();
     loop {
+        if *stop.borrow() {
+            return;
+        }
         let started = Instant::now();
         let result = consume_once(&shared, &tx).await;
+        if *stop.borrow() {
+            return;
+        }
         shared.connected.store(false, Ordering::SeqCst);
         *shared.publisher.lock().await = None;
         if tx.is_closed() {
@@ -359,7 +372,10 @@ async fn consume_forever(shared: Arc<Shared>, tx: mpsc::Sender<lapin::message::D
             delay = backoff.initial;
         }
         tracing::warn!("RabbitMQ consumer stopped ({reason}); reconnecting in {delay:?}");
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
         delay = (delay * 2).min(backoff.max);
     }
 }
@@ -390,21 +406,45 @@ async fn consume_once(
     shared.connected.store(true, Ordering::SeqCst);
     shared.ready.ready("listener");
     tracing::info!(queue = %shared.config.queue, "consuming from RabbitMQ");
-    while let Some(delivery) = consumer.next().await {
-        let delivery = delivery?;
-        if tx.send(delivery).await.is_err() {
-            // The listener is gone: close politely; unacked deliveries
-            // return to the queue.
+    let mut stop = shared.stop.subscribe();
+    loop {
+        let delivery = tokio::select! {
+            _ = stop.wait_for(|s| *s) => None,
+            delivery = consumer.next() => match delivery {
+                Some(d) => Some(d?),
+                None => return Ok(()),
+            },
+        };
+        let sent = match delivery {
+            Some(d) => tokio::select! {
+                _ = stop.wait_for(|s| *s) => false,
+                sent = tx.send(d) => sent.is_ok(),
+            },
+            None => false,
+        };
+        if !sent {
+            // Shutting down: close politely; deliveries the engine never
+            // took (prefetched, unacked) return to the queue.
             let _ = channel.close(200, "shutting down".into()).await;
             let _ = connection.close(200, "shutting down".into()).await;
             return Ok(());
         }
     }
-    Ok(())
 }
 
 #[async_trait]
 impl Listener for RabbitmqListener {
+    async fn close(&self) {
+        let _ = self.shared.stop.send(true);
+        if let Some(task) = self.task.lock().await.take()
+            && tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+        {
+            tracing::warn!("the RabbitMQ consumer did not close within 10s");
+        }
+    }
+
     async fn recv(&self) -> anyhow::Result<Option<Delivery>> {
         let mut deliveries = self.deliveries.lock().await;
         if !self.once {
@@ -439,6 +479,7 @@ pub async fn send(config: &RabbitmqListenerConfig, body: &[u8]) -> anyhow::Resul
         publisher: Mutex::new(Some(channel.clone())),
         connected: AtomicBool::new(true),
         ready: Readiness::default(),
+        stop: tokio::sync::watch::channel(false).0,
     };
     shared.declare(&channel).await?;
     channel

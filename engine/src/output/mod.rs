@@ -2,17 +2,25 @@
 //! YAML selects it.
 
 mod dir;
+mod rabbitmq;
+mod redis;
 
 use std::collections::BTreeMap;
 
 use crate::capability::Emit;
 use crate::config::OutputConfig;
 pub use dir::{DirOutput, safe_name};
+pub use rabbitmq::RabbitmqOutput;
+pub use redis::RedisOutput;
 
 /// One configured output.
 pub enum Output {
     /// A folder, one file per message.
     Dir(DirOutput),
+    /// A RabbitMQ exchange.
+    Rabbitmq(Box<RabbitmqOutput>),
+    /// A Redis stream.
+    Redis(RedisOutput),
 }
 
 /// Every configured output, by name.
@@ -37,6 +45,13 @@ impl Outputs {
         for (name, output) in config {
             let built = match output {
                 OutputConfig::Dir { path } => Output::Dir(DirOutput::new(path)?),
+                OutputConfig::Rabbitmq(c) => Output::Rabbitmq(Box::new(RabbitmqOutput::new(c))),
+                OutputConfig::Redis {
+                    url,
+                    stream,
+                    maxlen,
+                    timeout,
+                } => Output::Redis(RedisOutput::new(url, stream, *maxlen, *timeout)),
             };
             outputs.insert(name.clone(), built);
         }
@@ -52,6 +67,8 @@ impl Outputs {
                 .ok_or_else(|| anyhow::anyhow!("output `{}` is not configured", emit.output))?;
             match output {
                 Output::Dir(dir) => dir.publish(origin, seq, emit).await?,
+                Output::Rabbitmq(rabbit) => rabbit.publish(origin, seq, emit).await?,
+                Output::Redis(redis) => redis.publish(origin, seq, emit).await?,
             }
         }
         Ok(())

@@ -69,6 +69,8 @@ struct PluginResult {
     retry_after: Option<Duration>,
     duration: Duration,
     fuel: Option<u64>,
+    /// The failure was a backend's (an output, a store), not the message's.
+    outage: bool,
 }
 
 /// The pipeline: everything needed to process deliveries.
@@ -80,6 +82,10 @@ pub struct Pipeline {
     meta: MetaStore,
     services: Arc<Services>,
     counters: Counters,
+    /// Consecutive outages (reset by a message that settles normally).
+    outages: AtomicU64,
+    /// No new deliveries are taken before this instant.
+    pause_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Pipeline {
@@ -100,6 +106,8 @@ impl Pipeline {
             meta,
             services,
             counters: Counters::default(),
+            outages: AtomicU64::new(0),
+            pause_until: std::sync::Mutex::new(None),
         }
     }
 
@@ -131,6 +139,13 @@ impl Pipeline {
             if *shutdown.borrow() {
                 break;
             }
+            let pause = self.pause_until.lock().ok().and_then(|mut p| p.take());
+            if let Some(until) = pause {
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    _ = tokio::time::sleep_until(until.into()) => {}
+                }
+            }
             let permit = tokio::select! {
                 _ = shutdown.changed() => break,
                 permit = slots.clone().acquire_owned() => permit?,
@@ -157,6 +172,7 @@ impl Pipeline {
                 tracing::error!(error = %e, "a message task failed");
             }
         }
+        listener.close().await;
         Ok(self.summary())
     }
 
@@ -179,7 +195,7 @@ impl Pipeline {
                 // message's fault, so the attempt does not count.
                 tracing::error!(delivery = %name, error = format!("{e:#}"), "cannot process; will retry");
                 Settlement::Requeue {
-                    delay: self.config.retry.backoff.delay(1),
+                    delay: self.backoff_for_outage(),
                     reason: format!("{e:#}"),
                 }
             }
@@ -319,6 +335,23 @@ impl Pipeline {
                 .collect::<Vec<_>>()
                 .join("; ")
         };
+        let outages: Vec<&PluginResult> = failed.iter().copied().filter(|r| r.outage).collect();
+        if !outages.is_empty() {
+            // A dependency is down: not the message's fault. Keep the
+            // attempt, try again later, and slow down taking new work.
+            let delay = self.backoff_for_outage();
+            let reason = describe(&outages);
+            entries.push(Entry::message(
+                &id,
+                attempt,
+                Status::Failed,
+                format!(
+                    "backend unavailable, requeued in {delay:?} (attempt not counted): {reason}"
+                ),
+            ));
+            self.status.record(entries).await?;
+            return Ok(Settlement::Requeue { delay, reason });
+        }
         if !dead.is_empty() {
             return self.dead(&id, attempt, describe(&dead), entries).await;
         }
@@ -346,9 +379,22 @@ impl Pipeline {
             self.status.record(entries).await?;
             return Ok(Settlement::Retry { delay, reason });
         }
+        self.outages.store(0, Ordering::SeqCst);
         entries.push(Entry::message(&id, attempt, Status::Done, ""));
         self.status.record(entries).await?;
         Ok(Settlement::Ack)
+    }
+
+    /// The delay before retrying after an outage, growing while outages
+    /// continue; also pauses taking new deliveries for that long.
+    fn backoff_for_outage(&self) -> Duration {
+        let n = self.outages.fetch_add(1, Ordering::SeqCst) + 1;
+        let delay = self.config.retry.backoff.delay(n.min(16) as u32);
+        if let Ok(mut pause) = self.pause_until.lock() {
+            *pause = Some(std::time::Instant::now() + delay);
+        }
+        tracing::warn!("a backend is unavailable: pausing new work for {delay:?}");
+        delay
     }
 
     fn plugin_entry(
@@ -440,6 +486,8 @@ impl Pipeline {
             })
             .await;
         let denials = std::mem::take(&mut host.denials);
+        let outages = std::mem::take(&mut host.outages);
+        let mut outage = false;
         let label = plugin.name.clone();
         if !denials.is_empty() {
             metrics::counter!(crate::metrics::DENIED, "plugin" => label.clone())
@@ -460,11 +508,14 @@ impl Pipeline {
         let (status, info, retry_after) = match result {
             Ok(Ok(Outcome::Done)) => match self.commit(&plugin, &message, host).await {
                 Ok(()) => (Status::Done, with_denials(String::new()), None),
-                Err(e) => (
-                    Status::Failed,
-                    format!("effects could not be committed: {e:#}"),
-                    None,
-                ),
+                Err(e) => {
+                    outage = true;
+                    (
+                        Status::Failed,
+                        format!("effects could not be committed: {e:#}"),
+                        None,
+                    )
+                }
             },
             Ok(Ok(outcome)) => {
                 discard(host).await;
@@ -506,6 +557,14 @@ impl Pipeline {
                 (Status::Failed, info, None)
             }
         };
+        if status == Status::Failed && !outages.is_empty() {
+            outage = true;
+        }
+        let info = if outages.is_empty() {
+            info
+        } else {
+            format!("{info} [unavailable: {}]", outages.join("; "))
+        };
         metrics::counter!(crate::metrics::PLUGIN_RESULTS, "plugin" => label, "status" => status.as_str())
             .increment(1);
         match status {
@@ -523,6 +582,7 @@ impl Pipeline {
             retry_after,
             duration: usage.duration,
             fuel: usage.fuel,
+            outage,
         }
     }
 

@@ -55,6 +55,31 @@ impl DataStore {
                 Arc::new(LocalFileSystem::new_with_prefix(root)?)
             }
             DataStoreConfig::Memory => Arc::new(InMemory::new()),
+            DataStoreConfig::S3 {
+                bucket,
+                endpoint,
+                region,
+                access_key_id,
+                secret_access_key,
+                allow_http,
+                virtual_hosted_style,
+            } => {
+                let mut builder = object_store::aws::AmazonS3Builder::new()
+                    .with_bucket_name(bucket)
+                    .with_region(region)
+                    .with_access_key_id(access_key_id)
+                    .with_secret_access_key(secret_access_key)
+                    .with_allow_http(*allow_http)
+                    .with_virtual_hosted_style_request(*virtual_hosted_style);
+                if let Some(endpoint) = endpoint {
+                    builder = builder.with_endpoint(endpoint);
+                }
+                Arc::new(
+                    builder
+                        .build()
+                        .map_err(|e| anyhow::anyhow!("data_store (s3, bucket `{bucket}`): {e}"))?,
+                )
+            }
         };
         Ok(Self { store })
     }

@@ -1,0 +1,387 @@
+//! Listener `redis`: a stream read through a consumer group.
+//!
+//! ```text
+//! STREAM ──XREADGROUP──▶ engine ── XACK (done)
+//!   ▲                       ├──── MULTI ZADD STREAM.retry (due, entry) + XACK EXEC
+//!   │                       └──── MULTI XADD STREAM.dead (entry + reason) + XACK EXEC
+//!   └── due retries are moved back by one Lua script (XADD + ZREM, atomic)
+//! ```
+//!
+//! Entries left pending by a consumer that died (a crashed replica) are
+//! taken over with XAUTOCLAIM once they have been idle for `claim_idle`.
+//! An entry's message is its `message` field (the envelope JSON); an entry
+//! without one is read as a JSON object of all its fields. The other
+//! fields travel as headers; `x-sandpipe-attempt` carries the attempt.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use tokio::sync::Mutex;
+
+use super::{Acker, Delivery, Listener, Settlement};
+use crate::config::RedisListenerConfig;
+use crate::listener::rabbitmq::{ATTEMPT_HEADER, REASON_HEADER, redact};
+use crate::server::Readiness;
+
+/// A connection manager (reconnects by itself) with timeouts.
+pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<ConnectionManager> {
+    let client =
+        redis::Client::open(url).with_context(|| format!("invalid Redis URL {}", redact(url)))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(2);
+    client
+        .get_connection_manager_with_config(config)
+        .await
+        .with_context(|| format!("cannot connect to Redis at {}", redact(url)))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// Moves due retries back into the stream, atomically.
+const PROMOTE: &str = r"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
+for _, member in ipairs(due) do
+  local entry = cjson.decode(member)
+  redis.call('XADD', KEYS[2], '*', unpack(entry['fields']))
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+";
+
+fn text(value: &redis::Value) -> String {
+    redis::from_redis_value_ref::<String>(value).unwrap_or_else(|_| format!("{value:?}"))
+}
+
+struct Shared {
+    config: RedisListenerConfig,
+    conn: ConnectionManager,
+    consumer: String,
+    inflight: AtomicUsize,
+}
+
+impl Shared {
+    fn retry_key(&self) -> String {
+        format!("{}.retry", self.config.stream)
+    }
+
+    fn dead_key(&self) -> String {
+        self.config
+            .dead_letter_stream
+            .clone()
+            .unwrap_or_else(|| format!("{}.dead", self.config.stream))
+    }
+}
+
+/// The Redis streams listener.
+pub struct RedisListener {
+    shared: Arc<Shared>,
+    once: bool,
+    buffer: Mutex<Vec<StreamId>>,
+    ready: Readiness,
+}
+
+impl RedisListener {
+    /// Connect and create the consumer group (and stream) if missing.
+    pub async fn new(
+        config: &RedisListenerConfig,
+        once: bool,
+        ready: Readiness,
+    ) -> anyhow::Result<Self> {
+        let mut conn = connect(&config.url, config.timeout).await?;
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&config.stream)
+            .arg(&config.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = created
+            && e.code() != Some("BUSYGROUP")
+        {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot create consumer group `{}` on `{}`",
+                    config.group, config.stream
+                )
+            });
+        }
+        let consumer = config.consumer.clone().unwrap_or_else(|| {
+            format!(
+                "sandpipe-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            )
+        });
+        ready.ready("listener");
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config: config.clone(),
+                conn,
+                consumer,
+                inflight: AtomicUsize::new(0),
+            }),
+            once,
+            buffer: Mutex::new(Vec::new()),
+            ready,
+        })
+    }
+
+    fn wrap(&self, entry: StreamId) -> Delivery {
+        let field = &self.shared.config.field;
+        let mut headers = Vec::new();
+        let mut body = None;
+        for (k, v) in &entry.map {
+            if k == field {
+                body = Some(match v {
+                    redis::Value::BulkString(b) => b.clone(),
+                    other => text(other).into_bytes(),
+                });
+            } else {
+                headers.push((k.clone(), text(v)));
+            }
+        }
+        headers.sort();
+        let body = body.unwrap_or_else(|| {
+            let object: serde_json::Map<String, serde_json::Value> = headers
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            serde_json::to_vec(&object).unwrap_or_default()
+        });
+        let attempt = headers
+            .iter()
+            .find(|(k, _)| k == ATTEMPT_HEADER)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(1);
+        self.shared.inflight.fetch_add(1, Ordering::SeqCst);
+        Delivery {
+            name: format!("{}#{}", self.shared.config.stream, entry.id),
+            body: Bytes::from(body),
+            headers,
+            attempt,
+            acker: Box::new(RedisAcker {
+                shared: self.shared.clone(),
+                entry,
+                attempt,
+            }),
+        }
+    }
+
+    /// Fill the buffer: due retries first moved back, then entries of dead
+    /// consumers, then new entries (blocking up to `block`).
+    async fn fetch(&self) -> anyhow::Result<Vec<StreamId>> {
+        let c = &self.shared.config;
+        let mut conn = self.shared.conn.clone();
+        let _: i64 = redis::Script::new(PROMOTE)
+            .key(self.shared.retry_key())
+            .key(&c.stream)
+            .arg(now_ms())
+            .invoke_async(&mut conn)
+            .await
+            .context("cannot move due retries back into the stream")?;
+        let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+            .arg(&c.stream)
+            .arg(&c.group)
+            .arg(&self.shared.consumer)
+            .arg(c.claim_idle.as_millis() as u64)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(c.batch)
+            .query_async(&mut conn)
+            .await
+            .context("XAUTOCLAIM failed")?;
+        if !claimed.claimed.is_empty() {
+            tracing::warn!(
+                count = claimed.claimed.len(),
+                "took over entries left pending by a dead consumer"
+            );
+            return Ok(claimed.claimed);
+        }
+        let block = if self.once {
+            200
+        } else {
+            c.block.as_millis() as u64
+        };
+        let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&c.group)
+            .arg(&self.shared.consumer)
+            .arg("COUNT")
+            .arg(c.batch)
+            .arg("BLOCK")
+            .arg(block)
+            .arg("STREAMS")
+            .arg(&c.stream)
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .context("XREADGROUP failed")?;
+        Ok(read
+            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+            .unwrap_or_default())
+    }
+
+    async fn drained(&self) -> anyhow::Result<bool> {
+        if self.shared.inflight.load(Ordering::SeqCst) > 0 {
+            return Ok(false);
+        }
+        let mut conn = self.shared.conn.clone();
+        let retries: u64 = redis::cmd("ZCARD")
+            .arg(self.shared.retry_key())
+            .query_async(&mut conn)
+            .await?;
+        Ok(retries == 0)
+    }
+}
+
+#[async_trait]
+impl Listener for RedisListener {
+    async fn recv(&self) -> anyhow::Result<Option<Delivery>> {
+        let mut buffer = self.buffer.lock().await;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if let Some(entry) = buffer.pop() {
+                return Ok(Some(self.wrap(entry)));
+            }
+            match self.fetch().await {
+                Ok(mut entries) => {
+                    self.ready.ready("listener");
+                    backoff = Duration::from_millis(200);
+                    if entries.is_empty() {
+                        if self.once && self.drained().await.unwrap_or(false) {
+                            return Ok(None);
+                        }
+                        if self.once {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        continue;
+                    }
+                    entries.reverse();
+                    *buffer = entries;
+                }
+                Err(e) => {
+                    // Redis is down: keep what we hold, wait, try again.
+                    self.ready.not_ready("listener", format!("Redis: {e:#}"));
+                    metrics::counter!(crate::metrics::RECONNECTS, "backend" => "redis")
+                        .increment(1);
+                    tracing::warn!("Redis listener: {e:#}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+}
+
+/// Publish a message to the stream (`sandpipe send`).
+pub async fn send(config: &RedisListenerConfig, body: &[u8]) -> anyhow::Result<String> {
+    let mut conn = connect(&config.url, config.timeout).await?;
+    let id: String = redis::cmd("XADD")
+        .arg(&config.stream)
+        .arg("*")
+        .arg(&config.field)
+        .arg(body)
+        .query_async(&mut conn)
+        .await?;
+    Ok(format!("stream `{}` as {id}", config.stream))
+}
+
+struct RedisAcker {
+    shared: Arc<Shared>,
+    entry: StreamId,
+    attempt: u32,
+}
+
+impl RedisAcker {
+    /// The entry's fields with `extra` set, flat.
+    fn fields(&self, extra: &[(&str, String)]) -> Vec<Vec<u8>> {
+        let mut flat = Vec::new();
+        for (k, v) in &self.entry.map {
+            if extra.iter().any(|(e, _)| e == k) {
+                continue;
+            }
+            flat.push(k.clone().into_bytes());
+            flat.push(match v {
+                redis::Value::BulkString(b) => b.clone(),
+                other => text(other).into_bytes(),
+            });
+        }
+        for (k, v) in extra {
+            flat.push(k.as_bytes().to_vec());
+            flat.push(v.clone().into_bytes());
+        }
+        flat
+    }
+}
+
+#[async_trait]
+impl Acker for RedisAcker {
+    async fn settle(self: Box<Self>, settlement: Settlement) -> anyhow::Result<()> {
+        let c = &self.shared.config;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match &settlement {
+            Settlement::Ack => {}
+            Settlement::Retry { delay, reason } | Settlement::Requeue { delay, reason } => {
+                let next = match settlement {
+                    Settlement::Retry { .. } => self.attempt + 1,
+                    _ => self.attempt,
+                };
+                let fields: Vec<String> = self
+                    .fields(&[
+                        (ATTEMPT_HEADER, next.to_string()),
+                        (REASON_HEADER, reason.clone()),
+                    ])
+                    .into_iter()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .collect();
+                let member = serde_json::json!({
+                    "fields": fields,
+                    "n": uuid::Uuid::new_v4().to_string(),
+                });
+                pipe.cmd("ZADD")
+                    .arg(self.shared.retry_key())
+                    .arg(now_ms() + delay.as_millis() as u64)
+                    .arg(member.to_string())
+                    .ignore();
+            }
+            Settlement::DeadLetter { reason, report } => {
+                let mut report = report.to_string();
+                report.truncate(32 * 1024);
+                let fields = self.fields(&[
+                    (REASON_HEADER, reason.clone()),
+                    ("x-sandpipe-attempts", self.attempt.to_string()),
+                    ("x-sandpipe-report", report),
+                ]);
+                pipe.cmd("XADD")
+                    .arg(self.shared.dead_key())
+                    .arg("*")
+                    .arg(fields)
+                    .ignore();
+            }
+        }
+        pipe.cmd("XACK")
+            .arg(&c.stream)
+            .arg(&c.group)
+            .arg(&self.entry.id)
+            .ignore();
+        let mut conn = self.shared.conn.clone();
+        let result: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
+        self.shared.inflight.fetch_sub(1, Ordering::SeqCst);
+        // On failure the entry stays pending and is claimed again later.
+        result.with_context(|| format!("cannot settle entry {} of `{}`", self.entry.id, c.stream))
+    }
+}

@@ -1,0 +1,114 @@
+//! Output `rabbitmq`: publishes to an exchange with publisher confirms. A
+//! nack or a confirm that does not arrive in time fails the publish (and so
+//! the invocation's commit, which is then retried). The connection is made
+//! on first use and remade after any failure.
+
+use anyhow::Context as _;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use tokio::sync::Mutex;
+
+use super::Origin;
+use crate::capability::Emit;
+use crate::config::RabbitmqOutputConfig;
+use crate::listener::rabbitmq::{connect, table_of};
+
+/// A RabbitMQ output.
+pub struct RabbitmqOutput {
+    config: RabbitmqOutputConfig,
+    link: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl RabbitmqOutput {
+    /// The output (it connects on first publish).
+    pub fn new(config: &RabbitmqOutputConfig) -> Self {
+        Self {
+            config: config.clone(),
+            link: Mutex::new(None),
+        }
+    }
+
+    async fn open(&self) -> anyhow::Result<(Connection, Channel)> {
+        let connection = connect(&self.config.url).await?;
+        let channel = connection.create_channel().await?;
+        let kind = match self.config.exchange.kind.as_str() {
+            "direct" => ExchangeKind::Direct,
+            "fanout" => ExchangeKind::Fanout,
+            "topic" => ExchangeKind::Topic,
+            "headers" => ExchangeKind::Headers,
+            other => ExchangeKind::Custom(other.to_owned()),
+        };
+        channel
+            .exchange_declare(
+                self.config.exchange.name.as_str().into(),
+                kind,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("cannot declare exchange `{}`", self.config.exchange.name))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok((connection, channel))
+    }
+
+    pub(super) async fn publish(
+        &self,
+        origin: &Origin<'_>,
+        seq: usize,
+        emit: &Emit,
+    ) -> anyhow::Result<()> {
+        let mut link = self.link.lock().await;
+        if link.is_none() {
+            *link = Some(self.open().await?);
+        }
+        let Some((_, channel)) = link.as_ref() else {
+            anyhow::bail!("not connected");
+        };
+        let mut headers = emit.headers.clone();
+        headers.push(("x-sandpipe-message-id".into(), origin.message_id.to_owned()));
+        headers.push(("x-sandpipe-plugin".into(), origin.plugin.to_owned()));
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(
+                format!("{}.{}.{seq}", origin.message_id, origin.plugin)
+                    .as_str()
+                    .into(),
+            )
+            .with_headers(table_of(&headers));
+        let result = async {
+            let confirm = channel
+                .basic_publish(
+                    self.config.exchange.name.as_str().into(),
+                    self.config.routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &emit.payload,
+                    properties,
+                )
+                .await?;
+            let confirmation = tokio::time::timeout(self.config.confirm_timeout, confirm)
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "no publisher confirm within {:?}",
+                        self.config.confirm_timeout
+                    )
+                })??;
+            if confirmation.is_nack() {
+                anyhow::bail!("the broker refused (nacked) the message");
+            }
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            // Start over with a new connection next time.
+            *link = None;
+        }
+        result.with_context(|| format!("output `{}`: cannot publish to RabbitMQ", emit.output))
+    }
+}
