@@ -368,3 +368,114 @@ async fn a_nacked_emit_is_an_outage_requeued_without_using_up_attempts() {
     assert!(d.files("spool/dead").is_empty());
     b.cleanup().await;
 }
+
+/// Close every broker connection named `name` (as an operator or a broker
+/// restart would), with rabbitmqctl.
+fn close_connections(name: &str) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "pid",
+            "client_properties",
+            "-q",
+            "--no-table-headers",
+        ])
+        .output()
+        .expect("rabbitmqctl is needed to close connections");
+    let mut closed = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if !line.contains(&format!("\"{name}\""))
+            && !line.contains(&format!("<<\"{name}\">>"))
+            && !line.contains(name)
+        {
+            continue;
+        }
+        let pid = line.split_whitespace().next().unwrap();
+        let status = std::process::Command::new("rabbitmqctl")
+            .args([
+                "close_connection",
+                pid,
+                "closed by the sandpipe reconnection test",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "rabbitmqctl close_connection {pid}: {} {}",
+            String::from_utf8_lossy(&status.stdout),
+            String::from_utf8_lossy(&status.stderr)
+        );
+        closed += 1;
+    }
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_connection_is_reopened_and_nothing_is_lost_or_redone() {
+    let b = Broker::new("reconnect");
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        &format!(
+            "{}{GRANTS}pipeline: {{ concurrency: 2 }}\n",
+            b.listener_yaml("  reconnect: { initial: 200ms, max: 1s }\n")
+        ),
+    );
+    let bodies: Vec<String> = (0..30)
+        .map(|i| {
+            serde_json::json!({"uuid_ref": format!("rmq-rc-{i}"), "data_type": "test/probe", "action": "busy", "ms": 100})
+                .to_string()
+        })
+        .collect();
+    b.publish(&d, &bodies).await;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let config = d.config.clone();
+    let engine = tokio::spawn(async move { sandpipe::app::run(&config, false, rx).await });
+    // Let it get going, then cut its connection (twice).
+    let name = format!("sandpipe:listener:{}", b.queue);
+    for _ in 0..2 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut closed = 0;
+        while closed == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no connection to close"
+            );
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let n = name.clone();
+            closed = tokio::task::spawn_blocking(move || close_connections(&n))
+                .await
+                .unwrap();
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let rows: i64 = d
+            .plugin_db("probe")
+            .query_row("SELECT count(DISTINCT x) FROM t", [], |r| r.get(0))
+            .unwrap_or(0);
+        if rows == 30 && b.message_count(&b.queue).await == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {rows} of 30 processed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tx.send(true).unwrap();
+    engine.await.unwrap().unwrap();
+    for i in 0..30 {
+        let rows = d.rows(&format!("rmq-rc-{i}")).await;
+        let done = rows
+            .iter()
+            .filter(|r| r.plugin == "probe" && r.status == "done")
+            .count();
+        assert_eq!(done, 1, "message {i} was done {done} times: {rows:?}");
+    }
+    let total: i64 = d
+        .plugin_db("probe")
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(total, 30, "a message's effects were committed twice");
+    b.cleanup().await;
+}

@@ -87,12 +87,18 @@ fn exchange_kind(kind: &str) -> ExchangeKind {
     }
 }
 
-/// Connect, with the engine's connection name for the broker's UI.
-pub async fn connect(url: &str) -> anyhow::Result<Connection> {
-    let properties = ConnectionProperties::default().with_connection_name("sandpipe".into());
+/// Connect, with a connection name for the broker's UI (`sandpipe:…`).
+pub async fn connect_named(url: &str, name: &str) -> anyhow::Result<Connection> {
+    let properties =
+        ConnectionProperties::default().with_connection_name(format!("sandpipe:{name}").into());
     Connection::connect(url, properties)
         .await
         .with_context(|| format!("cannot connect to RabbitMQ at {}", redact(url)))
+}
+
+/// Connect under the name `sandpipe:client`.
+pub async fn connect(url: &str) -> anyhow::Result<Connection> {
+    connect_named(url, "client").await
 }
 
 /// The URL without its password, for messages.
@@ -384,7 +390,11 @@ async fn consume_once(
     shared: &Arc<Shared>,
     tx: &mpsc::Sender<lapin::message::Delivery>,
 ) -> anyhow::Result<()> {
-    let connection = connect(&shared.config.url).await?;
+    let connection = connect_named(
+        &shared.config.url,
+        &format!("listener:{}", shared.config.queue),
+    )
+    .await?;
     let publisher = connection.create_channel().await?;
     shared.declare(&publisher).await?;
     publisher
