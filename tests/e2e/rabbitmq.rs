@@ -384,10 +384,7 @@ fn close_connections(name: &str) -> usize {
         .expect("rabbitmqctl is needed to close connections");
     let mut closed = 0;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        if !line.contains(&format!("\"{name}\""))
-            && !line.contains(&format!("<<\"{name}\">>"))
-            && !line.contains(name)
-        {
+        if !line.contains(name) {
             continue;
         }
         let pid = line.split_whitespace().next().unwrap();
