@@ -99,3 +99,25 @@ example-services: guests
     cargo run -q -p sandpipe -- run --once -c "$cfg"
     psql -h 127.0.0.1 -U postgres sandpipe_example -c 'SELECT message_id, format, width, height, bytes FROM image_meta.image_meta ORDER BY message_id'
     psql -h 127.0.0.1 -U postgres sandpipe_example -c 'SELECT message_id, lines, words, bytes FROM text_stats.text_stats ORDER BY message_id'
+
+# Run examples/redis-s3 end to end: a local S3 server (moto) on port 9000,
+# the quickstart's objects uploaded, messages added to the Redis stream,
+# processed with `sandpipe run --once`.
+example-redis-s3: guests test-deps
+    #!/usr/bin/env bash
+    set -euo pipefail
+    export S3_ENDPOINT=http://127.0.0.1:9000 S3_ACCESS_KEY_ID=testing S3_SECRET_ACCESS_KEY=testing
+    cfg=examples/redis-s3/sandpipe.yaml
+    python3 -m moto.server -H 127.0.0.1 -p 9000 >/dev/null 2>&1 &
+    moto=$!
+    trap 'kill $moto' EXIT
+    for _ in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/9000) 2>/dev/null && break; sleep 0.2; done
+    python3 examples/redis-s3/upload.py "$S3_ENDPOINT"
+    for name in red-square gradient checker; do
+        case $name in red-square) t=image/png; f=images/red-square.png;; gradient) t=image/jpeg; f=images/gradient.jpg;; checker) t=image/gif; f=images/checker.gif;; esac
+        redis-cli XADD sandpipe-example-in '*' message "{\"uuid_ref\": \"s3-$name\", \"data_type\": \"$t\", \"data_location\": \"$f\"}" >/dev/null
+    done
+    redis-cli XADD sandpipe-example-in '*' message '{"uuid_ref": "s3-poem", "data_type": "text/plain", "data_location": "texts/poem.txt"}' >/dev/null
+    cargo build -q -p sandpipe
+    cargo run -q -p sandpipe -- run --once -c "$cfg"
+    redis-cli XRANGE sandpipe-example-stats - +

@@ -11,9 +11,9 @@ use bytes::Bytes;
 use crate::harness::Deployment;
 
 /// A moto S3 server on a free port, killed when dropped.
-struct S3Server {
+pub(crate) struct S3Server {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Drop for S3Server {
@@ -33,7 +33,7 @@ fn http(port: u16, request: &str) -> Option<String> {
 }
 
 impl S3Server {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -66,7 +66,7 @@ impl S3Server {
         server
     }
 
-    fn create_bucket(&self, bucket: &str) {
+    pub(crate) fn create_bucket(&self, bucket: &str) {
         let reply = http(
             self.port,
             &format!(
