@@ -162,18 +162,19 @@ impl StatusLog {
         match &self.db {
             Backend::Sqlite(db) => sqlite_finished(db, message_id).await,
             Backend::Postgres(pg) => {
+                let fail = |e: tokio_postgres::Error| {
+                    anyhow::anyhow!("reading the status log: {}", describe(&e))
+                };
                 let client = pg.client().await?;
-                let rows = client
-                    .query(
-                        &format!(
-                            "SELECT DISTINCT plugin FROM {} WHERE message_id = $1 AND plugin <> '' \
-                             AND status IN ('done', 'skipped')",
-                            pg.table("status")
-                        ),
-                        &[&message_id],
-                    )
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "SELECT DISTINCT plugin FROM {} WHERE message_id = $1 AND plugin <> '' \
+                         AND status IN ('done', 'skipped')",
+                        pg.table("status")
+                    ))
                     .await
-                    .map_err(|e| anyhow::anyhow!("reading the status log: {}", describe(&e)))?;
+                    .map_err(fail)?;
+                let rows = client.query(&stmt, &[&message_id]).await.map_err(fail)?;
                 Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
             }
         }
@@ -184,19 +185,20 @@ impl StatusLog {
         match &self.db {
             Backend::Sqlite(db) => sqlite_rows(db, message_id).await,
             Backend::Postgres(pg) => {
+                let fail = |e: tokio_postgres::Error| {
+                    anyhow::anyhow!("reading the status log: {}", describe(&e))
+                };
                 let client = pg.client().await?;
-                let rows = client
-                    .query(
-                        &format!(
-                            "SELECT plugin, plugin_version, component_sha256, attempt, status, info, \
-                                    duration_ms, fuel_used \
-                             FROM {} WHERE message_id = $1 ORDER BY id",
-                            pg.table("status")
-                        ),
-                        &[&message_id],
-                    )
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "SELECT plugin, plugin_version, component_sha256, attempt, status, info, \
+                                duration_ms, fuel_used \
+                         FROM {} WHERE message_id = $1 ORDER BY id",
+                        pg.table("status")
+                    ))
                     .await
-                    .map_err(|e| anyhow::anyhow!("reading the status log: {}", describe(&e)))?;
+                    .map_err(fail)?;
+                let rows = client.query(&stmt, &[&message_id]).await.map_err(fail)?;
                 Ok(rows
                     .iter()
                     .map(|r| Row {
@@ -221,7 +223,7 @@ async fn pg_record(pg: &Postgres, entries: Vec<Entry>) -> anyhow::Result<()> {
     let mut client = pg.client().await?;
     let tx = client.transaction().await.map_err(fail)?;
     let insert = tx
-        .prepare(&format!(
+        .prepare_cached(&format!(
             "INSERT INTO {} (message_id, plugin, plugin_version, component_sha256, \
                 attempt, status, info, duration_ms, fuel_used) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",

@@ -5,6 +5,7 @@
 
 mod harness;
 mod plugins;
+mod postgres;
 mod quickstart;
 mod rabbitmq;
 mod s3;

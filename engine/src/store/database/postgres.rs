@@ -27,8 +27,10 @@
 //!   PostgreSQL itself refuses a `COMMIT` from `DO` or a procedure.
 //! - Query results are read through a portal that fetches at most
 //!   `limits.sql_rows + 1` rows, so an oversized result stops at the server.
-//! - Pooled connections are cleaned (`RESET ALL`, `CLOSE ALL`, advisory
-//!   locks released, temporary tables dropped) before they are reused.
+//! - A plugin connection goes back to its pool only after `DISCARD ALL`
+//!   (settings, prepared statements, temporary tables, advisory locks,
+//!   `LISTEN`s all gone); one whose transaction did not end cleanly is
+//!   closed instead.
 //!
 //! A failed statement aborts the invocation's transaction, as PostgreSQL
 //! does: later statements of the same invocation fail until it ends (use
@@ -157,14 +159,16 @@ fn describe_target(config: &tokio_postgres::Config) -> String {
     )
 }
 
-/// A pool of connections made with `config`.
-fn pool(config: tokio_postgres::Config, size: usize, clean: bool) -> anyhow::Result<Pool> {
-    let recycling_method = if clean {
-        RecyclingMethod::Clean
-    } else {
-        RecyclingMethod::Fast
-    };
-    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method });
+/// A pool of connections made with `config` (checked only for being
+/// closed when taken; plugin connections are cleaned when given back).
+fn pool(config: tokio_postgres::Config, size: usize) -> anyhow::Result<Pool> {
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
     Pool::builder(manager)
         .max_size(size)
         .build()
@@ -216,7 +220,7 @@ impl Postgres {
             .unwrap_or_default()
             .to_owned();
         Ok(Self {
-            pool: pool(config.clone(), pool_size, false)?,
+            pool: pool(config.clone(), pool_size)?,
             config: Arc::new(config),
             schema: schema.to_owned(),
             target,
@@ -526,13 +530,14 @@ impl Postgres {
             .user(r.role.clone())
             .password(r.password.clone())
             .dbname(self.database.clone())
+            .options("")
             .application_name(format!("sandpipe plugin {plugin}"));
         Ok(PluginDb {
             plugin: plugin.to_owned(),
             role: r.role.clone(),
             schema: r.schema.clone(),
             timeout,
-            pool: pool(config, self.plugin_pool_size, true)?,
+            pool: pool(config, self.plugin_pool_size)?,
         })
     }
 
@@ -545,17 +550,21 @@ impl Postgres {
 
     /// The state value of `key` for `plugin`.
     pub async fn state_get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let fail = |e: tokio_postgres::Error| {
+            anyhow::anyhow!("reading plugin `{plugin}`'s state: {}", describe(&e))
+        };
         let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "SELECT value FROM {} WHERE plugin = $1 AND key = $2",
-                    self.table("plugin_state")
-                ),
-                &[&plugin, &key],
-            )
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT value FROM {} WHERE plugin = $1 AND key = $2",
+                self.table("plugin_state")
+            ))
             .await
-            .map_err(|e| anyhow::anyhow!("reading plugin state: {}", describe(&e)))?;
+            .map_err(fail)?;
+        let row = client
+            .query_opt(&stmt, &[&plugin, &key])
+            .await
+            .map_err(fail)?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -567,7 +576,7 @@ impl Postgres {
         };
         let tx = client.transaction().await.map_err(fail)?;
         let set = tx
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "INSERT INTO {} (plugin, key, value) VALUES ($1, $2, $3)
                  ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value",
                 self.table("plugin_state")
@@ -575,7 +584,7 @@ impl Postgres {
             .await
             .map_err(fail)?;
         let delete = tx
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "DELETE FROM {} WHERE plugin = $1 AND key = $2",
                 self.table("plugin_state")
             ))
@@ -609,13 +618,37 @@ enum Command {
         params: Vec<Value>,
         query: bool,
         max_rows: u32,
-        reply: oneshot::Sender<Result<Outcome, WitError>>,
+        reply: oneshot::Sender<Result<Outcome, Failed>>,
     },
     Finish {
         commit: bool,
         discard: bool,
         reply: oneshot::Sender<Result<(), tokio_postgres::Error>>,
     },
+}
+
+/// A statement's failure, and whether PostgreSQL aborted the transaction
+/// for it (any error the server reports does).
+#[derive(Debug)]
+struct Failed {
+    error: WitError,
+    aborted: bool,
+}
+
+impl Failed {
+    fn server(err: tokio_postgres::Error) -> Self {
+        Self {
+            error: pg_error(&err),
+            aborted: true,
+        }
+    }
+
+    fn local(error: WitError) -> Self {
+        Self {
+            error,
+            aborted: false,
+        }
+    }
 }
 
 /// An invocation's open transaction. Its connection lives in a task of its
@@ -630,6 +663,9 @@ pub struct PluginTx {
     /// Why the transaction can no longer be used (its statement was
     /// cancelled at the deadline, or the connection was lost).
     broken: Option<String>,
+    /// The first statement PostgreSQL refused: the transaction is aborted
+    /// and cannot be committed.
+    aborted: Option<String>,
     finished: bool,
 }
 
@@ -680,6 +716,7 @@ impl PluginDb {
             deadline,
             timeout: self.timeout,
             broken: None,
+            aborted: None,
             finished: false,
         };
         match tokio::time::timeout_at(deadline, started).await {
@@ -709,7 +746,14 @@ async fn connection_task(
     ready: oneshot::Sender<Result<(), tokio_postgres::Error>>,
     mut inbox: mpsc::Receiver<Command>,
 ) {
-    let reusable = serve(&mut client, &setup, ready, &mut inbox).await;
+    let mut reusable = serve(&mut client, &setup, ready, &mut inbox).await;
+    if reusable {
+        // Whatever the plugin left in its session (settings, prepared
+        // statements, cursors, temporary tables, advisory locks, LISTENs)
+        // goes now, not when the connection is next taken: an advisory
+        // lock must not outlive the invocation that took it.
+        reusable = client.batch_execute("DISCARD ALL").await.is_ok();
+    }
     if !reusable {
         // Closed, never reused: a late cancel request can then reach no
         // one else's statement.
@@ -803,11 +847,15 @@ impl PluginTx {
             return Err(self.lost());
         }
         match tokio::time::timeout_at(self.deadline, answer).await {
-            Ok(Ok(result)) => {
-                if let Err(WitError::Unavailable(why)) = &result {
+            Ok(Ok(Ok(outcome))) => Ok(outcome),
+            Ok(Ok(Err(Failed { error, aborted }))) => {
+                if let WitError::Unavailable(why) = &error {
                     self.broken = Some(why.clone());
                 }
-                result
+                if aborted && self.aborted.is_none() {
+                    self.aborted = Some(crate::pipeline::wit_error_text(&error));
+                }
+                Err(error)
             }
             Ok(Err(_)) => Err(self.lost()),
             Err(_) => {
@@ -836,9 +884,20 @@ impl PluginTx {
         }
         self.finished = true;
         let discard = self.broken.is_some();
+        // PostgreSQL answers COMMIT of an aborted transaction by rolling it
+        // back without an error: refuse it here, so the invocation fails
+        // (and is retried) instead of losing its SQL silently.
+        let refusal = match (&self.broken, &self.aborted) {
+            _ if !commit => None,
+            (Some(why), _) => Some(why.clone()),
+            (None, Some(first)) => Some(format!(
+                "a statement failed earlier in this invocation, which aborted its transaction ({first})"
+            )),
+            (None, None) => None,
+        };
         let (reply, answer) = oneshot::channel();
         let command = Command::Finish {
-            commit: commit && !discard,
+            commit: refusal.is_none() && commit,
             discard,
             reply,
         };
@@ -851,7 +910,7 @@ impl PluginTx {
             .map_err(|_| anyhow::anyhow!("PostgreSQL did not end the transaction within {wait:?}"))?
             .map_err(|_| anyhow::anyhow!("the connection to PostgreSQL was lost"))?;
         result.map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
-        if commit && let Some(why) = &self.broken {
+        if let Some(why) = refusal {
             anyhow::bail!("not committed: {why}");
         }
         Ok(())
@@ -1205,44 +1264,45 @@ async fn run(
     params: Vec<Value>,
     query: bool,
     max_rows: u32,
-) -> Result<Outcome, WitError> {
-    let stmt = tx.prepare(statement).await.map_err(|e| pg_error(&e))?;
+) -> Result<Outcome, Failed> {
+    let stmt = tx.prepare(statement).await.map_err(Failed::server)?;
     let types = stmt.params();
     if types.len() != params.len() {
-        return Err(WitError::Invalid(format!(
+        return Err(Failed::local(WitError::Invalid(format!(
             "the statement has {} placeholder(s) but {} parameter(s) were given",
             types.len(),
             params.len()
-        )));
+        ))));
     }
     let params = params
         .into_iter()
         .zip(types)
         .enumerate()
         .map(|(i, (value, ty))| Param::new(i + 1, value, ty))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Failed::local)?;
     if !query {
         return tx
             .execute_raw(&stmt, params.iter())
             .await
             .map(Outcome::Changed)
-            .map_err(|e| pg_error(&e));
+            .map_err(Failed::server);
     }
     let columns: Vec<String> = stmt.columns().iter().map(|c| c.name().to_owned()).collect();
     for column in stmt.columns() {
         if class(column.type_()).is_none() {
-            return Err(WitError::Invalid(format!(
+            return Err(Failed::local(WitError::Invalid(format!(
                 "column `{}` has type {}, which the sql interface does not return; cast it in the query, e.g. `{}::text`",
                 column.name(),
                 column.type_(),
                 column.name()
-            )));
+            ))));
         }
     }
     let portal = tx
         .bind_raw(&stmt, params.iter())
         .await
-        .map_err(|e| pg_error(&e))?;
+        .map_err(Failed::server)?;
     // One row more than allowed tells "too many" without fetching them all.
     let fetch = i32::try_from(max_rows)
         .unwrap_or(i32::MAX)
@@ -1250,18 +1310,19 @@ async fn run(
     let stream = tx
         .query_portal_raw(&portal, fetch)
         .await
-        .map_err(|e| pg_error(&e))?;
+        .map_err(Failed::server)?;
     futures::pin_mut!(stream);
     let mut values = Vec::new();
-    while let Some(row) = stream.try_next().await.map_err(|e| pg_error(&e))? {
+    while let Some(row) = stream.try_next().await.map_err(Failed::server)? {
         if values.len() >= max_rows as usize {
-            return Err(WitError::LimitExceeded(format!(
+            return Err(Failed::local(WitError::LimitExceeded(format!(
                 "query returned more than {max_rows} rows (limits.sql_rows)"
-            )));
+            ))));
         }
         let mut out = Vec::with_capacity(columns.len());
         for i in 0..columns.len() {
-            let cell: Cell = row.try_get(i).map_err(|e| pg_error(&e))?;
+            // Decoding happens here, not on the server: nothing aborted.
+            let cell: Cell = row.try_get(i).map_err(|e| Failed::local(pg_error(&e)))?;
             out.push(cell.0);
         }
         values.push(out);
