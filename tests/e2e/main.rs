@@ -3,7 +3,9 @@
 //! defaults. One test binary; the components are built once per run.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod examples;
 mod harness;
+mod outage;
 mod plugins;
 mod postgres;
 mod quickstart;

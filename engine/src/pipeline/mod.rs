@@ -289,7 +289,11 @@ impl Pipeline {
             Err(Resolution::Permanent(reason)) => {
                 return self.dead(&id, attempt, reason, vec![received]).await;
             }
-            Err(Resolution::Transient(reason)) => anyhow::bail!(reason),
+            Err(Resolution::Transient(reason)) => {
+                return self
+                    .requeue_outage(&id, attempt, reason, vec![received])
+                    .await;
+            }
         };
 
         let finished: HashSet<String> = self.status.finished_plugins(&id).await?;
@@ -337,20 +341,9 @@ impl Pipeline {
         };
         let outages: Vec<&PluginResult> = failed.iter().copied().filter(|r| r.outage).collect();
         if !outages.is_empty() {
-            // A dependency is down: not the message's fault. Keep the
-            // attempt, try again later, and slow down taking new work.
-            let delay = self.backoff_for_outage();
-            let reason = describe(&outages);
-            entries.push(Entry::message(
-                &id,
-                attempt,
-                Status::Failed,
-                format!(
-                    "backend unavailable, requeued in {delay:?} (attempt not counted): {reason}"
-                ),
-            ));
-            self.status.record(entries).await?;
-            return Ok(Settlement::Requeue { delay, reason });
+            return self
+                .requeue_outage(&id, attempt, describe(&outages), entries)
+                .await;
         }
         if !dead.is_empty() {
             return self.dead(&id, attempt, describe(&dead), entries).await;
@@ -383,6 +376,26 @@ impl Pipeline {
         entries.push(Entry::message(&id, attempt, Status::Done, ""));
         self.status.record(entries).await?;
         Ok(Settlement::Ack)
+    }
+
+    /// A dependency is down: not the message's fault. Keep the attempt,
+    /// try again later, and slow down taking new work.
+    async fn requeue_outage(
+        &self,
+        id: &str,
+        attempt: u32,
+        reason: String,
+        mut entries: Vec<Entry>,
+    ) -> anyhow::Result<Settlement> {
+        let delay = self.backoff_for_outage();
+        entries.push(Entry::message(
+            id,
+            attempt,
+            Status::Failed,
+            format!("backend unavailable, requeued in {delay:?} (attempt not counted): {reason}"),
+        ));
+        self.status.record(entries).await?;
+        Ok(Settlement::Requeue { delay, reason })
     }
 
     /// The delay before retrying after an outage, growing while outages

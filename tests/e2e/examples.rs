@@ -1,0 +1,277 @@
+//! The shipped examples run as written: `examples/rabbitmq-redis-postgres`
+//! against the real RabbitMQ, Redis and PostgreSQL, with only its names
+//! made unique (database, exchanges, queue, Redis keys, port) so tests can
+//! run side by side.
+
+use std::time::Duration;
+
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use sandpipe::listener::rabbitmq::connect;
+
+use crate::harness::{component, root};
+use crate::postgres::TestDb;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rabbitmq_redis_postgres_example_runs_as_written() {
+    let example = root().join("examples/rabbitmq-redis-postgres");
+    let db = TestDb::new().await;
+    let u = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    for name in ["image-meta", "text-stats"] {
+        std::fs::copy(component(name), plugins.join(format!("{name}.wasm"))).unwrap();
+    }
+    std::fs::copy(example.join("init.sql"), dir.path().join("init.sql")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rename = |text: &str| {
+        text.replace("x_sandpipe_stats", &format!("x_ex_stats_{u}"))
+            .replace("x_sandpipe", &format!("x_ex_{u}"))
+            .replace("q_sandpipe", &format!("q_ex_{u}"))
+            .replace("sandpipe:example:meta", &format!("sandpipe-test:ex:{u}"))
+            .replace("example-", &format!("ex-{u}-"))
+    };
+    let yaml = rename(&std::fs::read_to_string(example.join("sandpipe.yaml")).unwrap())
+        .replace("${RABBITMQ_PASSWORD}", "guest")
+        .replace(
+            "postgres://postgres@127.0.0.1:5432/sandpipe_example",
+            &db.url(),
+        )
+        .replace("127.0.0.1:9090", &format!("127.0.0.1:{port}"))
+        .replace(
+            "../quickstart/data",
+            &root()
+                .join("examples/quickstart/data")
+                .display()
+                .to_string(),
+        )
+        .replace("../../target/plugins", &plugins.display().to_string());
+    let config_path = dir.path().join("sandpipe.yaml");
+    std::fs::write(&config_path, yaml).unwrap();
+
+    // The metadata the messages point at (as the recipe stores it).
+    let mut redis =
+        sandpipe::listener::redis::connect("redis://127.0.0.1:6379", Duration::from_secs(5))
+            .await
+            .unwrap();
+    let key = |name: &str| format!("sandpipe-test:ex:{u}:{name}");
+    let _: () = redis::cmd("SET")
+        .arg(key("red-square"))
+        .arg(r#"{"camera": "none", "source": "example"}"#)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(key("gradient"))
+        .arg("camera")
+        .arg("none")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    // Catch what text-stats publishes.
+    let amqp = connect("amqp://guest:guest@127.0.0.1:5672/%2f")
+        .await
+        .unwrap();
+    let ch = amqp.create_channel().await.unwrap();
+    let stats_exchange = format!("x_ex_stats_{u}");
+    let stats_queue = format!("q_ex_stats_{u}");
+    ch.exchange_declare(
+        stats_exchange.as_str().into(),
+        lapin::ExchangeKind::Fanout,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        stats_queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        stats_queue.as_str().into(),
+        stats_exchange.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    let config = sandpipe::config::Config::load(&config_path).unwrap();
+    for entry in std::fs::read_dir(example.join("messages")).unwrap() {
+        let body = rename(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
+        sandpipe::listener::send(&config.listener, body.as_bytes(), "m.json")
+            .await
+            .unwrap();
+    }
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let summary = sandpipe::app::run(&config_path, true, rx).await.unwrap();
+    assert_eq!((summary.done, summary.dead), (3, 0), "{summary}");
+
+    let admin = db.admin().await;
+    let images: Vec<(String, i32, i32)> = admin
+        .query(
+            "SELECT format, width, height FROM image_meta.image_meta ORDER BY format",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        images,
+        vec![("jpeg".into(), 32, 24), ("png".into(), 16, 16)]
+    );
+    let words: i32 = admin
+        .query_one("SELECT words FROM text_stats.text_stats", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(words, 37);
+    let statuses: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM sandpipe.status WHERE status = 'done' AND plugin <> ''",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(statuses, 3);
+    let published = ch
+        .basic_get(
+            stats_queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("text-stats published its summary to the stats exchange");
+    let summary: serde_json::Value = serde_json::from_slice(&published.delivery.data).unwrap();
+    assert_eq!(summary["words"], 37);
+
+    // Clean up the broker and Redis (the database goes with `db`).
+    for q in [
+        stats_queue.clone(),
+        format!("q_ex_{u}"),
+        format!("q_ex_{u}.retry"),
+        format!("q_ex_{u}.dead"),
+    ] {
+        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+    }
+    for x in [
+        stats_exchange,
+        format!("x_ex_{u}"),
+        format!("q_ex_{u}.dead"),
+    ] {
+        let _ = ch
+            .exchange_delete(x.as_str().into(), Default::default())
+            .await;
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(key("red-square"))
+        .arg(key("gradient"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_redis_s3_example_runs_as_written() {
+    let example = root().join("examples/redis-s3");
+    let server = tokio::task::spawn_blocking(crate::s3::S3Server::start)
+        .await
+        .unwrap();
+    let u = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let bucket = format!("sandpipe-example-{u}");
+    server.create_bucket(&bucket);
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    for name in ["image-meta", "text-stats"] {
+        std::fs::copy(component(name), plugins.join(format!("{name}.wasm"))).unwrap();
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = std::fs::read_to_string(example.join("sandpipe.yaml"))
+        .unwrap()
+        .replace("sandpipe-example-in", &format!("sandpipe-test:ex-in:{u}"))
+        .replace(
+            "sandpipe-example-stats",
+            &format!("sandpipe-test:ex-stats:{u}"),
+        )
+        .replace("bucket: sandpipe-example", &format!("bucket: {bucket}"))
+        .replace(
+            "${S3_ENDPOINT}",
+            &format!("http://127.0.0.1:{}", server.port),
+        )
+        .replace("${S3_ACCESS_KEY_ID}", "testing")
+        .replace("${S3_SECRET_ACCESS_KEY}", "testing")
+        .replace("127.0.0.1:9091", &format!("127.0.0.1:{port}"))
+        .replace("../../target/plugins", &plugins.display().to_string());
+    let config_path = dir.path().join("sandpipe.yaml");
+    std::fs::write(&config_path, yaml).unwrap();
+    let config = sandpipe::config::Config::load(&config_path).unwrap();
+
+    // Upload the quickstart's objects (what upload.py does) and queue the
+    // messages (what the recipe does).
+    let data = sandpipe::store::data::DataStore::new(&config.data_store).unwrap();
+    let quickstart = root().join("examples/quickstart/data");
+    let objects = [
+        ("image/png", "images/red-square.png"),
+        ("image/jpeg", "images/gradient.jpg"),
+        ("text/plain", "texts/poem.txt"),
+    ];
+    for (i, (kind, location)) in objects.iter().enumerate() {
+        let bytes = std::fs::read(quickstart.join(location)).unwrap();
+        data.put(location, bytes::Bytes::from(bytes)).await.unwrap();
+        let body = serde_json::json!({"uuid_ref": format!("ex-s3-{u}-{i}"), "data_type": kind, "data_location": location});
+        sandpipe::listener::send(&config.listener, body.to_string().as_bytes(), "m")
+            .await
+            .unwrap();
+    }
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let summary = sandpipe::app::run(&config_path, true, rx).await.unwrap();
+    assert_eq!((summary.done, summary.dead), (3, 0), "{summary}");
+
+    let mut redis =
+        sandpipe::listener::redis::connect("redis://127.0.0.1:6379", Duration::from_secs(5))
+            .await
+            .unwrap();
+    let stats: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("sandpipe-test:ex-stats:{u}"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(stats.ids.len(), 1);
+    let payload: String = redis::from_redis_value_ref(&stats.ids[0].map["payload"]).unwrap();
+    assert!(payload.contains("\"words\":37"), "{payload}");
+    for key in [
+        format!("sandpipe-test:ex-in:{u}"),
+        format!("sandpipe-test:ex-in:{u}.retry"),
+        format!("sandpipe-test:ex-in:{u}.dead"),
+        format!("sandpipe-test:ex-stats:{u}"),
+    ] {
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+}
