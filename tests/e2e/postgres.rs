@@ -260,11 +260,12 @@ async fn after_a_failed_statement_the_invocation_cannot_commit() {
         db.yaml("")
     ));
     let database = Database::open(&config).await.unwrap();
-    let mut tx = begin(&database, &config, "alpha").await;
+    let alpha = plugin_db(&database, &config, "alpha");
+    let mut tx = begin(&alpha).await;
     tx.execute("CREATE TABLE t (x int)", vec![]).await.unwrap();
     tx.commit().await.unwrap();
 
-    let mut tx = begin(&database, &config, "alpha").await;
+    let mut tx = begin(&alpha).await;
     tx.execute("INSERT INTO t VALUES (1)", vec![])
         .await
         .unwrap();
@@ -277,7 +278,7 @@ async fn after_a_failed_statement_the_invocation_cannot_commit() {
     );
 
     // Errors found before the server sees the statement do not abort it.
-    let mut tx = begin(&database, &config, "alpha").await;
+    let mut tx = begin(&alpha).await;
     tx.execute("INSERT INTO t VALUES (2)", vec![])
         .await
         .unwrap();
@@ -303,7 +304,9 @@ async fn the_init_script_runs_and_a_missing_or_failing_one_stops_the_engine() {
         db.yaml(&format!(", init: \"{}\"", example.display()))
     ));
     let database = Database::open(&config).await.unwrap();
-    let mut reader = begin(&database, &config, "text-stats").await;
+    let other = plugin_db(&database, &config, "other");
+    let text_stats = plugin_db(&database, &config, "text-stats");
+    let mut reader = begin(&text_stats).await;
     let rows = reader
         .query(
             "SELECT label FROM reference.mime_type WHERE mime = 'text/plain'",
@@ -314,7 +317,7 @@ async fn the_init_script_runs_and_a_missing_or_failing_one_stops_the_engine() {
         .unwrap();
     assert!(matches!(&rows.values[0][0], Value::Text(t) if t == "plain text"));
     reader.rollback().await;
-    let mut other = begin(&database, &config, "other").await;
+    let mut other = begin(&other).await;
     let denied = other
         .query("SELECT * FROM reference.mime_type", vec![], 10)
         .await;
@@ -381,21 +384,20 @@ fn parse(yaml: &str) -> Config {
     Config::parse(Path::new("/nonexistent/sandpipe.yaml"), yaml).unwrap()
 }
 
-async fn begin(database: &Database, config: &Config, plugin: &str) -> Transaction {
-    let db: PluginDb = database
+/// The own database of `plugin`, as the engine makes it once per plugin.
+fn plugin_db(database: &Database, config: &Config, plugin: &str) -> PluginDb {
+    database
         .plugin_db(plugin, &config.limits_for(plugin))
-        .unwrap();
-    Transaction::begin(&db).await.unwrap()
+        .unwrap()
 }
 
-/// Run `sql` for `plugin` in a transaction of its own (rolled back).
-async fn attempt(
-    database: &Database,
-    config: &Config,
-    plugin: &str,
-    sql: &str,
-) -> Result<String, WitError> {
-    let mut tx = begin(database, config, plugin).await;
+async fn begin(db: &PluginDb) -> Transaction {
+    Transaction::begin(db).await.unwrap()
+}
+
+/// Run `sql` in a transaction of its own (rolled back).
+async fn attempt(db: &PluginDb, sql: &str) -> Result<String, WitError> {
+    let mut tx = begin(db).await;
     let result = tx.query(sql, vec![], 100).await.map(|rows| table(&rows));
     tx.rollback().await;
     result
@@ -409,10 +411,12 @@ async fn a_hostile_plugin_stays_inside_its_schema() {
         db.yaml(", plugin_pool_size: 1")
     ));
     let database = Database::open(&config).await.unwrap();
+    let alpha = plugin_db(&database, &config, "alpha");
+    let beta = plugin_db(&database, &config, "beta");
     let alpha_role = db.role("alpha");
 
     // alpha keeps a secret in its schema (search_path is its schema).
-    let mut tx = begin(&database, &config, "alpha").await;
+    let mut tx = begin(&alpha).await;
     tx.execute("CREATE TABLE secret (s TEXT)", vec![])
         .await
         .unwrap();
@@ -424,9 +428,7 @@ async fn a_hostile_plugin_stays_inside_its_schema() {
     .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(
-        attempt(&database, &config, "alpha", "SELECT s FROM alpha.secret")
-            .await
-            .unwrap(),
+        attempt(&alpha, "SELECT s FROM alpha.secret").await.unwrap(),
         "\"alpha's\""
     );
 
@@ -445,7 +447,7 @@ async fn a_hostile_plugin_stays_inside_its_schema() {
         "SELECT * FROM sandpipe.plugin_state",
         "SELECT * FROM sandpipe.plugin_role",
     ] {
-        denied(attempt(&database, &config, "beta", sql).await, sql);
+        denied(attempt(&beta, sql).await, sql);
     }
     // System catalogs beyond what every role sees: password hashes, server
     // files, other sessions' queries.
@@ -455,12 +457,10 @@ async fn a_hostile_plugin_stays_inside_its_schema() {
         "SELECT pg_ls_dir('.')",
         "SELECT lo_import('/etc/passwd')",
     ] {
-        denied(attempt(&database, &config, "beta", sql).await, sql);
+        denied(attempt(&beta, sql).await, sql);
     }
     let visible = attempt(
-        &database,
-        &config,
-        "beta",
+        &beta,
         "SELECT count(*) FROM pg_stat_activity \
          WHERE usename IS DISTINCT FROM current_user AND query IS NOT NULL \
          AND query <> '<insufficient privilege>'",
@@ -478,9 +478,9 @@ async fn a_hostile_plugin_stays_inside_its_schema() {
         "ALTER ROLE CURRENT_USER BYPASSRLS",
         &format!("GRANT \"{alpha_role}\" TO CURRENT_USER"),
     ] {
-        denied(attempt(&database, &config, "beta", sql).await, sql);
+        denied(attempt(&beta, sql).await, sql);
     }
-    let mut tx = begin(&database, &config, "beta").await;
+    let mut tx = begin(&beta).await;
     tx.execute("RESET ROLE", vec![]).await.unwrap();
     let who = tx
         .query("SELECT current_user::text, session_user::text", vec![], 1)
@@ -505,7 +505,7 @@ async fn a_hostile_plugin_stays_inside_its_schema() {
         format!("COPY (SELECT 1) TO '{}'", marker.display()),
         "COPY alpha.secret FROM PROGRAM 'id'".to_owned(),
     ] {
-        denied(attempt(&database, &config, "beta", &sql).await, &sql);
+        denied(attempt(&beta, &sql).await, &sql);
     }
     assert!(!marker.exists(), "a plugin ran a program on the server");
 
@@ -517,20 +517,14 @@ async fn a_hostile_plugin_stays_inside_its_schema() {
         "CREATE TABLE sandpipe.planted (x int)",
         "CREATE SCHEMA planted",
     ] {
-        denied(attempt(&database, &config, "beta", sql).await, sql);
+        denied(attempt(&beta, sql).await, sql);
     }
     refused(
-        attempt(&database, &config, "beta", "CREATE EXTENSION dblink").await,
+        attempt(&beta, "CREATE EXTENSION dblink").await,
         "CREATE EXTENSION dblink",
     );
     refused(
-        attempt(
-            &database,
-            &config,
-            "beta",
-            &format!("CREATE DATABASE {}_x", db.name),
-        )
-        .await,
+        attempt(&beta, &format!("CREATE DATABASE {}_x", db.name)).await,
         "CREATE DATABASE",
     );
 
@@ -544,9 +538,9 @@ async fn a_hostile_plugin_stays_inside_its_schema() {
         "SAVEPOINT s",
         "PREPARE TRANSACTION 'x'",
     ] {
-        denied(attempt(&database, &config, "beta", sql).await, sql);
+        denied(attempt(&beta, sql).await, sql);
     }
-    let mut tx = begin(&database, &config, "beta").await;
+    let mut tx = begin(&beta).await;
     tx.execute("CREATE TABLE kept (x int)", vec![])
         .await
         .unwrap();
@@ -566,7 +560,7 @@ async fn a_hostile_plugin_stays_inside_its_schema() {
 
     // Session state does not outlive the invocation (pool of one
     // connection: the next invocation gets the same one).
-    let mut tx = begin(&database, &config, "alpha").await;
+    let mut tx = begin(&alpha).await;
     tx.execute("SET work_mem = '1MB'", vec![]).await.unwrap();
     tx.query("SELECT pg_advisory_lock(4242)", vec![], 1)
         .await
@@ -574,8 +568,17 @@ async fn a_hostile_plugin_stays_inside_its_schema() {
     tx.execute("CREATE TEMP TABLE scratch (x int)", vec![])
         .await
         .unwrap();
+    let before = tx
+        .query("SELECT pg_backend_pid()", vec![], 1)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    let mut tx = begin(&database, &config, "alpha").await;
+    let mut tx = begin(&alpha).await;
+    let after = tx
+        .query("SELECT pg_backend_pid()", vec![], 1)
+        .await
+        .unwrap();
+    assert_eq!(table(&before), table(&after), "not the same connection");
     let settings = tx
         .query(
             "SELECT current_setting('work_mem'), current_setting('search_path'), \
@@ -588,19 +591,14 @@ async fn a_hostile_plugin_stays_inside_its_schema() {
     assert_eq!(table(&settings), "\"4MB\", \"alpha\", \"1s\"");
     tx.rollback().await;
     assert_eq!(
-        attempt(
-            &database,
-            &config,
-            "beta",
-            "SELECT pg_try_advisory_lock(4242)"
-        )
-        .await
-        .unwrap(),
+        attempt(&beta, "SELECT pg_try_advisory_lock(4242)")
+            .await
+            .unwrap(),
         "true",
         "an advisory lock outlived the invocation that took it"
     );
     refused(
-        attempt(&database, &config, "alpha", "SELECT * FROM scratch").await,
+        attempt(&alpha, "SELECT * FROM scratch").await,
         "a temporary table outlived its invocation",
     );
 }
@@ -613,10 +611,11 @@ async fn runaway_statements_end_at_the_deadline_and_results_at_the_row_limit() {
         db.yaml("")
     ));
     let database = Database::open(&config).await.unwrap();
+    let alpha = plugin_db(&database, &config, "alpha");
 
     // statement_timeout stops it.
     let started = Instant::now();
-    let result = attempt(&database, &config, "alpha", "SELECT pg_sleep(60)").await;
+    let result = attempt(&alpha, "SELECT pg_sleep(60)").await;
     assert!(
         matches!(result, Err(WitError::LimitExceeded(_))),
         "{result:?}"
@@ -629,7 +628,7 @@ async fn runaway_statements_end_at_the_deadline_and_results_at_the_row_limit() {
 
     // The plugin turns statement_timeout off: the host's deadline stops it.
     let started = Instant::now();
-    let mut tx = begin(&database, &config, "alpha").await;
+    let mut tx = begin(&alpha).await;
     tx.execute("SET LOCAL statement_timeout = 0", vec![])
         .await
         .unwrap();
@@ -663,22 +662,11 @@ async fn runaway_statements_end_at_the_deadline_and_results_at_the_row_limit() {
     }
     assert_eq!(sleeping, 0, "the cancelled statement still runs");
     // The plugin carries on with its next invocation.
-    assert_eq!(
-        attempt(&database, &config, "alpha", "SELECT 7")
-            .await
-            .unwrap(),
-        "7"
-    );
+    assert_eq!(attempt(&alpha, "SELECT 7").await.unwrap(), "7");
 
     // Rows past the limit: limit-exceeded, without reading them all.
     let started = Instant::now();
-    let result = attempt(
-        &database,
-        &config,
-        "alpha",
-        "SELECT generate_series(1, 100000000) AS g",
-    )
-    .await;
+    let result = attempt(&alpha, "SELECT generate_series(1, 100000000) AS g").await;
     assert!(
         matches!(&result, Err(WitError::LimitExceeded(m)) if m.contains("100 rows")),
         "{result:?}"
@@ -689,14 +677,9 @@ async fn runaway_statements_end_at_the_deadline_and_results_at_the_row_limit() {
         started.elapsed()
     );
     assert!(
-        attempt(
-            &database,
-            &config,
-            "alpha",
-            "SELECT g FROM generate_series(1, 100) g"
-        )
-        .await
-        .is_ok()
+        attempt(&alpha, "SELECT g FROM generate_series(1, 100) g")
+            .await
+            .is_ok()
     );
 }
 
@@ -708,7 +691,8 @@ async fn values_map_to_postgres_types_and_back() {
         db.yaml("")
     ));
     let database = Database::open(&config).await.unwrap();
-    let mut tx = begin(&database, &config, "alpha").await;
+    let alpha = plugin_db(&database, &config, "alpha");
+    let mut tx = begin(&alpha).await;
     tx.execute(
         "CREATE TABLE v (s SMALLINT, i INTEGER, b BIGINT, r REAL, d DOUBLE PRECISION, \
          n NUMERIC(12, 3), t TEXT, vc VARCHAR(10), j JSON, jb JSONB, by BYTEA, \
@@ -795,6 +779,63 @@ async fn values_map_to_postgres_types_and_back() {
         "{err}"
     );
     tx.rollback().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn user_defined_types_work_across_invocations_on_one_connection() {
+    // Enums and domains are looked up by the client with statements it
+    // keeps prepared; cleaning the session between invocations must not
+    // pull them from under it (pool of one: every invocation reuses it).
+    let db = TestDb::new().await;
+    let config = parse(&format!(
+        "listener: {{ type: dir, path: spool }}\n{}plugins:\n  grants:\n    alpha: {{ sql: true }}\n",
+        db.yaml(", plugin_pool_size: 1")
+    ));
+    let database = Database::open(&config).await.unwrap();
+    let alpha = plugin_db(&database, &config, "alpha");
+    let mut tx = begin(&alpha).await;
+    for sql in [
+        "CREATE TYPE mood AS ENUM ('sad', 'happy')",
+        "CREATE TYPE color AS ENUM ('red', 'blue')",
+        "CREATE DOMAIN positive AS integer CHECK (VALUE > 0)",
+        "CREATE TABLE feelings (m mood, c color, p positive)",
+        "INSERT INTO feelings VALUES ('happy', 'blue', 3)",
+        "PREPARE mine AS SELECT 1",
+    ] {
+        tx.execute(sql, vec![]).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let mut backends = std::collections::BTreeSet::new();
+    for (sql, expected) in [
+        ("SELECT m FROM feelings", "\"happy\""),
+        ("SELECT c FROM feelings", "\"blue\""),
+        ("SELECT p FROM feelings", "3"),
+        ("SELECT m, p FROM feelings WHERE m = $1", "\"happy\", 3"),
+    ] {
+        let mut tx = begin(&alpha).await;
+        let params = if sql.contains("$1") {
+            vec![Value::Text("happy".into())]
+        } else {
+            vec![]
+        };
+        let rows = tx.query(sql, params, 10).await.unwrap();
+        assert_eq!(table(&rows), expected, "{sql}");
+        let pid = tx
+            .query("SELECT pg_backend_pid()", vec![], 1)
+            .await
+            .unwrap();
+        backends.insert(table(&pid));
+        // The plugin's own PREPAREd statement did not outlive its invocation.
+        tx.execute("PREPARE mine AS SELECT 2", vec![])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(
+        backends.len(),
+        1,
+        "the connection was not reused: {backends:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -27,10 +27,10 @@
 //!   PostgreSQL itself refuses a `COMMIT` from `DO` or a procedure.
 //! - Query results are read through a portal that fetches at most
 //!   `limits.sql_rows + 1` rows, so an oversized result stops at the server.
-//! - A plugin connection goes back to its pool only after `DISCARD ALL`
-//!   (settings, prepared statements, temporary tables, advisory locks,
-//!   `LISTEN`s all gone); one whose transaction did not end cleanly is
-//!   closed instead.
+//! - A plugin connection goes back to its pool only after its session is
+//!   cleaned as by `DISCARD ALL` (settings, the plugin's prepared
+//!   statements, cursors, temporary tables, advisory locks, `LISTEN`s all
+//!   gone); one whose transaction did not end cleanly is closed instead.
 //!
 //! A failed statement aborts the invocation's transaction, as PostgreSQL
 //! does: later statements of the same invocation fail until it ends (use
@@ -752,13 +752,40 @@ async fn connection_task(
         // statements, cursors, temporary tables, advisory locks, LISTENs)
         // goes now, not when the connection is next taken: an advisory
         // lock must not outlive the invocation that took it.
-        reusable = client.batch_execute("DISCARD ALL").await.is_ok();
+        reusable = clean_session(&client).await.is_ok();
     }
     if !reusable {
         // Closed, never reused: a late cancel request can then reach no
         // one else's statement.
         drop(Object::take(client));
     }
+}
+
+/// `DISCARD ALL` but for the client's own prepared statements (its type
+/// lookups), which it would otherwise find gone: the plugin's `PREPARE`d
+/// statements are deallocated by name.
+async fn clean_session(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    let messages = client
+        .simple_query(
+            "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
+             SELECT pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; DISCARD SEQUENCES; \
+             SELECT name FROM pg_prepared_statements WHERE from_sql",
+        )
+        .await?;
+    let mut deallocate = String::new();
+    for message in messages {
+        // Only the last query's rows (`pg_advisory_unlock_all` has one too).
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = message
+            && row.columns().first().map(|c| c.name()) == Some("name")
+            && let Some(name) = row.get(0)
+        {
+            deallocate.push_str(&format!("DEALLOCATE {};", quote_ident(name)));
+        }
+    }
+    if !deallocate.is_empty() {
+        client.batch_execute(&deallocate).await?;
+    }
+    Ok(())
 }
 
 /// Serve the invocation's commands; whether the connection is clean to reuse.
