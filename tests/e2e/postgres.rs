@@ -249,6 +249,59 @@ async fn a_failed_invocations_sql_is_rolled_back() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn whatever_the_init_script_gives_a_plugin_role_is_taken_back() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("init.sql");
+    std::fs::write(
+        &init,
+        "DO $$
+         DECLARE r regrole;
+         BEGIN
+             SELECT nspowner::regrole INTO r FROM pg_namespace WHERE nspname = 'alpha';
+             EXECUTE format('ALTER ROLE %s SUPERUSER CREATEROLE BYPASSRLS INHERIT', r);
+             EXECUTE format('GRANT pg_read_server_files, pg_execute_server_program TO %s', r);
+         END $$;",
+    )
+    .unwrap();
+    let config = parse(&format!(
+        "listener: {{ type: dir, path: spool }}\n{}plugins:\n  grants:\n    alpha: {{ sql: true }}\n",
+        db.yaml(&format!(", init: \"{}\"", init.display()))
+    ));
+    let database = Database::open(&config).await.unwrap();
+    let alpha = plugin_db(&database, &config, "alpha");
+    let admin = db.admin().await;
+    let role = db.role("alpha");
+    let row = admin
+        .query_one(
+            "SELECT rolsuper OR rolcreaterole OR rolbypassrls OR rolinherit, rolcanlogin,
+                    (SELECT count(*) FROM pg_auth_members WHERE member = r.oid)
+             FROM pg_roles r WHERE rolname = $1",
+            &[&role],
+        )
+        .await
+        .unwrap();
+    assert!(!row.get::<_, bool>(0), "{role} kept a privileged attribute");
+    assert!(row.get::<_, bool>(1));
+    assert_eq!(
+        row.get::<_, i64>(2),
+        0,
+        "{role} is still a member of a role"
+    );
+    for sql in [
+        "SELECT pg_read_file('/etc/passwd')",
+        "COPY (SELECT 1) TO PROGRAM 'true'",
+        "SET ROLE pg_read_server_files",
+    ] {
+        let result = attempt(&alpha, sql).await;
+        assert!(
+            matches!(result, Err(WitError::AccessDenied(_))),
+            "{sql}: {result:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn after_a_failed_statement_the_invocation_cannot_commit() {
     // PostgreSQL aborts the transaction at the first error and would answer
     // a later COMMIT by rolling back silently: the engine refuses to commit

@@ -77,7 +77,36 @@ pub fn table_of(headers: &[(String, String)]) -> FieldTable {
     table
 }
 
-fn exchange_kind(kind: &str) -> ExchangeKind {
+/// Publish persistently on a confirm-mode channel and wait for the
+/// broker's confirm: a nack or no confirm within `timeout` is an error.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties.with_delivery_mode(2),
+        )
+        .await?;
+    let confirmation = tokio::time::timeout(timeout, confirm)
+        .await
+        .map_err(|_| anyhow::anyhow!("no publisher confirm within {timeout:?}"))??;
+    if confirmation.is_nack() {
+        anyhow::bail!("the broker refused (nacked) the message");
+    }
+    Ok(())
+}
+
+/// The lapin exchange kind of a config `type`.
+pub fn exchange_kind(kind: &str) -> ExchangeKind {
     match kind {
         "direct" => ExchangeKind::Direct,
         "fanout" => ExchangeKind::Fanout,
@@ -236,27 +265,15 @@ impl Shared {
             .await
             .clone()
             .ok_or_else(|| anyhow::anyhow!("not connected to RabbitMQ"))?;
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                properties.with_delivery_mode(2),
-            )
-            .await?;
-        let confirmation = tokio::time::timeout(self.config.confirm_timeout, confirm)
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "no publisher confirm within {:?}",
-                    self.config.confirm_timeout
-                )
-            })??;
-        if confirmation.is_nack() {
-            anyhow::bail!("the broker refused (nacked) the message");
-        }
-        Ok(())
+        publish_confirmed(
+            &channel,
+            exchange,
+            routing_key,
+            body,
+            properties,
+            self.config.confirm_timeout,
+        )
+        .await
     }
 }
 

@@ -4,15 +4,15 @@
 //! on first use and remade after any failure.
 
 use anyhow::Context as _;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Mutex;
 
 use super::Origin;
 use crate::capability::Emit;
 use crate::config::RabbitmqOutputConfig;
-use crate::listener::rabbitmq::{connect, table_of};
+use crate::listener::rabbitmq::{connect, exchange_kind, publish_confirmed, table_of};
 
 /// A RabbitMQ output.
 pub struct RabbitmqOutput {
@@ -32,13 +32,7 @@ impl RabbitmqOutput {
     async fn open(&self) -> anyhow::Result<(Connection, Channel)> {
         let connection = connect(&self.config.url).await?;
         let channel = connection.create_channel().await?;
-        let kind = match self.config.exchange.kind.as_str() {
-            "direct" => ExchangeKind::Direct,
-            "fanout" => ExchangeKind::Fanout,
-            "topic" => ExchangeKind::Topic,
-            "headers" => ExchangeKind::Headers,
-            other => ExchangeKind::Custom(other.to_owned()),
-        };
+        let kind = exchange_kind(&self.config.exchange.kind);
         channel
             .exchange_declare(
                 self.config.exchange.name.as_str().into(),
@@ -74,36 +68,20 @@ impl RabbitmqOutput {
         headers.push(("x-sandpipe-message-id".into(), origin.message_id.to_owned()));
         headers.push(("x-sandpipe-plugin".into(), origin.plugin.to_owned()));
         let properties = BasicProperties::default()
-            .with_delivery_mode(2)
             .with_message_id(
                 format!("{}.{}.{seq}", origin.message_id, origin.plugin)
                     .as_str()
                     .into(),
             )
             .with_headers(table_of(&headers));
-        let result = async {
-            let confirm = channel
-                .basic_publish(
-                    self.config.exchange.name.as_str().into(),
-                    self.config.routing_key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &emit.payload,
-                    properties,
-                )
-                .await?;
-            let confirmation = tokio::time::timeout(self.config.confirm_timeout, confirm)
-                .await
-                .map_err(|_| {
-                    anyhow::anyhow!(
-                        "no publisher confirm within {:?}",
-                        self.config.confirm_timeout
-                    )
-                })??;
-            if confirmation.is_nack() {
-                anyhow::bail!("the broker refused (nacked) the message");
-            }
-            Ok(())
-        }
+        let result = publish_confirmed(
+            channel,
+            &self.config.exchange.name,
+            &self.config.routing_key,
+            &emit.payload,
+            properties,
+            self.config.confirm_timeout,
+        )
         .await;
         if result.is_err() {
             // Start over with a new connection next time.

@@ -449,21 +449,48 @@ impl Postgres {
             .map_err(|e| anyhow::anyhow!("closing the engine's schema {s}: {}", describe(&e)))?;
         for (plugin, r) in roles {
             let role = quote_ident(&r.role);
+            let fail = |e: tokio_postgres::Error| {
+                anyhow::anyhow!(
+                    "plugin `{plugin}`: setting up role {}: {}",
+                    r.role,
+                    describe(&e)
+                )
+            };
+            // Only the attributes that are wrong are named, so an admin that
+            // is not a superuser can do it as long as nothing needs one.
+            let now = client
+                .query_one(
+                    "SELECT rolsuper, rolcreatedb, rolcreaterole, rolinherit, rolreplication,
+                            rolbypassrls, rolcanlogin, rolconnlimit = -1
+                     FROM pg_roles WHERE rolname = $1",
+                    &[&r.role],
+                )
+                .await
+                .map_err(fail)?;
+            let wrong = [
+                (now.get::<_, bool>(0), "NOSUPERUSER"),
+                (now.get(1), "NOCREATEDB"),
+                (now.get(2), "NOCREATEROLE"),
+                (now.get(3), "NOINHERIT"),
+                (now.get(4), "NOREPLICATION"),
+                (now.get(5), "NOBYPASSRLS"),
+                (!now.get::<_, bool>(6), "LOGIN"),
+                (!now.get::<_, bool>(7), "CONNECTION LIMIT -1"),
+            ];
+            let fix: Vec<&str> = wrong
+                .iter()
+                .filter(|(is_wrong, _)| *is_wrong)
+                .map(|(_, attribute)| *attribute)
+                .collect();
             let verifier = postgres_protocol::password::scram_sha_256(r.password.as_bytes());
             client
                 .batch_execute(&format!(
-                    "ALTER ROLE {role} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT \
-                     NOREPLICATION NOBYPASSRLS CONNECTION LIMIT -1 PASSWORD {}",
+                    "ALTER ROLE {role} WITH {} PASSWORD {}",
+                    fix.join(" "),
                     quote_literal(&verifier)
                 ))
                 .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "plugin `{plugin}`: setting up role {}: {}",
-                        r.role,
-                        describe(&e)
-                    )
-                })?;
+                .map_err(fail)?;
             let granted = client
                 .query(
                     "SELECT g.rolname FROM pg_auth_members m
