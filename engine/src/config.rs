@@ -417,9 +417,9 @@ pub enum DatabaseConfig {
     /// each plugin granted `sql` gets a schema and a login role of its own.
     Postgres {
         /// The admin connection, `postgres://user[:password]@host[:port]/database`.
-        /// The user must be able to create roles and schemas (a superuser,
-        /// or CREATEROLE with CREATE on the database). Use `${ENV}` for the
-        /// password.
+        /// The user is a superuser, or a role with CREATEROLE and CREATE on
+        /// the database that is a member of the plugin roles it makes. Use
+        /// `${ENV}` for the password.
         url: String,
         /// An SQL script run with the admin connection at every start
         /// (after the roles and schemas exist, so it may grant to them);
