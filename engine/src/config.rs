@@ -418,8 +418,9 @@ pub enum DatabaseConfig {
     Postgres {
         /// The admin connection, `postgres://user[:password]@host[:port]/database`.
         /// The user is a superuser, or a role with CREATEROLE and CREATE on
-        /// the database that is a member of the plugin roles it makes. Use
-        /// `${ENV}` for the password.
+        /// the database (it makes itself a member of the plugin roles it
+        /// creates, to give them their schemas). Use `${ENV}` for the
+        /// password.
         url: String,
         /// An SQL script run with the admin connection at every start
         /// (after the roles and schemas exist, so it may grant to them);

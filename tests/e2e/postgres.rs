@@ -302,6 +302,64 @@ async fn whatever_the_init_script_gives_a_plugin_role_is_taken_back() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_admin_that_is_not_a_superuser_will_do() {
+    let db = TestDb::new().await;
+    let admin_role = format!("sandpipe_{}_admin", db.name);
+    db.admin()
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {admin_role} LOGIN CREATEROLE;
+             GRANT CREATE ON DATABASE {} TO {admin_role};",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let url = format!(
+        "{}/{}",
+        server().replacen("postgres@", &format!("{admin_role}@"), 1),
+        db.name
+    );
+    let config = parse(&format!(
+        "listener: {{ type: dir, path: spool }}\ndatabase: {{ type: postgres, url: \"{url}\" }}\n\
+         plugins:\n  grants:\n    alpha: {{ sql: true }}\n    beta: {{ sql: true }}\n"
+    ));
+    let database = Database::open(&config).await.unwrap();
+    let alpha = plugin_db(&database, &config, "alpha");
+    let beta = plugin_db(&database, &config, "beta");
+    let mut tx = begin(&alpha).await;
+    tx.execute("CREATE TABLE mine (x int)", vec![])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        attempt(&alpha, "SELECT count(*) FROM mine").await.unwrap(),
+        "0"
+    );
+    let denied = attempt(&beta, "SELECT count(*) FROM alpha.mine").await;
+    assert!(
+        matches!(denied, Err(WitError::AccessDenied(_))),
+        "{denied:?}"
+    );
+    let denied = attempt(&beta, "SELECT count(*) FROM sandpipe.status").await;
+    assert!(
+        matches!(denied, Err(WitError::AccessDenied(_))),
+        "{denied:?}"
+    );
+    let log = sandpipe::status::StatusLog::new(database.clone()).unwrap();
+    log.record(vec![sandpipe::status::Entry::message(
+        "m",
+        1,
+        sandpipe::status::Status::Received,
+        "",
+    )])
+    .await
+    .unwrap();
+    assert_eq!(log.rows("m").await.unwrap().len(), 1);
+    // And again, now that everything exists.
+    Database::open(&config).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn after_a_failed_statement_the_invocation_cannot_commit() {
     // PostgreSQL aborts the transaction at the first error and would answer
     // a later COMMIT by rolling back silently: the engine refuses to commit

@@ -341,6 +341,14 @@ impl Postgres {
             .batch_execute(&ddl)
             .await
             .map_err(|e| anyhow::anyhow!("creating the engine's schema {s}: {}", describe(&e)))?;
+        let superuser: bool = client
+            .query_one(
+                "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", describe(&e)))?
+            .get(0);
         let mut out = BTreeMap::new();
         for (plugin, (role, schema)) in wanted {
             let fail = |what: &str, e: tokio_postgres::Error| {
@@ -374,19 +382,35 @@ impl Postgres {
                 .is_some();
             let r = quote_ident(role);
             let q = quote_ident(schema);
-            let mut sql = String::new();
             if !exists {
-                sql.push_str(&format!("CREATE ROLE {r} NOLOGIN;"));
+                client
+                    .batch_execute(&format!("CREATE ROLE {r} NOLOGIN"))
+                    .await
+                    .map_err(|e| fail("creating its role", e))?;
             }
-            sql.push_str(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {q} AUTHORIZATION {r};
-                 ALTER SCHEMA {q} OWNER TO {r};
-                 REVOKE ALL ON SCHEMA {q} FROM PUBLIC;"
-            ));
+            if !superuser {
+                // A non-superuser admin gives the schema to the role only as
+                // a member of it (the plugin role is a member of nothing).
+                let member: bool = client
+                    .query_one("SELECT pg_has_role(current_user, $1, 'MEMBER')", &[role])
+                    .await
+                    .map_err(|e| fail("looking up its role", e))?
+                    .get(0);
+                if !member {
+                    client
+                        .batch_execute(&format!("GRANT {r} TO CURRENT_USER"))
+                        .await
+                        .map_err(|e| fail("joining its role", e))?;
+                }
+            }
             client
-                .batch_execute(&sql)
+                .batch_execute(&format!(
+                    "CREATE SCHEMA IF NOT EXISTS {q} AUTHORIZATION {r};
+                     ALTER SCHEMA {q} OWNER TO {r};
+                     REVOKE ALL ON SCHEMA {q} FROM PUBLIC;"
+                ))
                 .await
-                .map_err(|e| fail("creating its role and schema", e))?;
+                .map_err(|e| fail("creating its schema", e))?;
             out.insert(
                 plugin.clone(),
                 PluginRole {
