@@ -11,7 +11,10 @@
 //! the real fx-probe component — cannot read another plugin's tables or the
 //! status log, cannot become another role, cannot run programs or write
 //! files, cannot create outside its schema, cannot end the engine's
-//! transaction, and cannot outlast its deadline or its row limit.
+//! transaction, and cannot outlast its deadline or its row limit. Also:
+//! values map both ways, whatever an init script grants a plugin role is
+//! taken back, a lost connection is `unavailable`, pooled connections come
+//! back clean, and an admin that is not a superuser will do.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -299,6 +302,32 @@ async fn whatever_the_init_script_gives_a_plugin_role_is_taken_back() {
             "{sql}: {result:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_connection_is_unavailable_and_the_next_invocation_reconnects() {
+    let db = TestDb::new().await;
+    let config = parse(&format!(
+        "listener: {{ type: dir, path: spool }}\n{}plugins:\n  grants:\n    alpha: {{ sql: true }}\n",
+        db.yaml(", plugin_pool_size: 1")
+    ));
+    let database = Database::open(&config).await.unwrap();
+    let alpha = plugin_db(&database, &config, "alpha");
+    let mut tx = begin(&alpha).await;
+    let pid = tx
+        .query("SELECT pg_backend_pid()", vec![], 1)
+        .await
+        .unwrap();
+    let pid: i32 = table(&pid).parse().unwrap();
+    db.admin()
+        .await
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let lost = tx.query("SELECT 1", vec![], 1).await;
+    assert!(matches!(lost, Err(WitError::Unavailable(_))), "{lost:?}");
+    assert!(tx.commit().await.is_err());
+    assert_eq!(attempt(&alpha, "SELECT 1").await.unwrap(), "1");
 }
 
 #[tokio::test(flavor = "multi_thread")]
