@@ -33,8 +33,12 @@
 //!   gone); one whose transaction did not end cleanly is closed instead.
 //!
 //! A failed statement aborts the invocation's transaction, as PostgreSQL
-//! does: later statements of the same invocation fail until it ends (use
-//! `ON CONFLICT` rather than catching a unique violation).
+//! does: later statements of the same invocation fail, and its commit is
+//! refused (PostgreSQL would roll back silently), so the plugin fails and is
+//! retried. Use `ON CONFLICT` rather than catching a unique violation.
+//!
+//! The host's deadline runs from the invocation's first statement (when its
+//! transaction begins) for the plugin's `timeout`, as SQLite's does.
 
 use std::collections::BTreeMap;
 use std::path::Path;
