@@ -766,6 +766,10 @@ pub struct Grant {
     /// `emit`: the outputs the plugin may publish to.
     #[serde(default)]
     pub emit: Vec<String>,
+    /// `emit` to any output name: set only by `sandpipe exec`, which
+    /// captures emits and publishes nothing; the YAML cannot set it.
+    #[serde(skip)]
+    pub emit_any: bool,
     /// `blob`: `true` (the message's data object only) or a map.
     #[serde(default, deserialize_with = "bool_or_map")]
     pub blob: Option<BlobGrant>,
@@ -1215,5 +1219,46 @@ mod tests {
         assert_eq!(b.delay(2), Duration::from_secs(2));
         assert_eq!(b.delay(3), Duration::from_secs(4));
         assert_eq!(b.delay(30), Duration::from_secs(60));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever the text, loading returns (never panics), and an error
+        /// always names the file.
+        #[test]
+        fn any_text_loads_or_fails_naming_the_file(text in "\\PC{0,300}") {
+            if let Err(e) = Config::parse(Path::new("/etc/x/fuzz.yaml"), &text) {
+                prop_assert!(e.to_string().contains("/etc/x/fuzz.yaml"), "{}", e);
+            }
+        }
+
+        /// YAML-shaped text built from real keys and random values: the same.
+        #[test]
+        fn yaml_shaped_text_loads_or_fails_naming_the_file(
+            keys in proptest::collection::vec(
+                prop::sample::select(vec![
+                    "listener", "type", "path", "plugins", "grants", "limits", "memory",
+                    "timeout", "fuel", "sql", "emit", "blob", "retry", "max_attempts",
+                    "outputs", "database", "url", "queue", "exchange", "name", "server",
+                ]),
+                1..8,
+            ),
+            values in proptest::collection::vec("[a-z0-9:/.${}\\[\\] -]{0,12}", 1..8),
+        ) {
+            let mut text = String::from("listener: { type: dir, path: s }\n");
+            for (depth, (k, v)) in keys.iter().zip(values.iter().cycle()).enumerate() {
+                text.push_str(&"  ".repeat(depth % 3));
+                text.push_str(&format!("{k}: {v}\n"));
+            }
+            if let Err(e) = Config::parse(Path::new("/etc/x/fuzz.yaml"), &text) {
+                prop_assert!(e.to_string().contains("/etc/x/fuzz.yaml"), "{}", e);
+            }
+        }
     }
 }

@@ -176,3 +176,49 @@ mod tests {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever the bytes, parsing returns (never panics), and a
+        /// refusal always says why.
+        #[test]
+        fn any_bytes_parse_or_are_refused_with_a_reason(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Err(e) = parse(&body, &MessageFields::default()) {
+                prop_assert!(!e.reason.is_empty());
+            }
+        }
+
+        /// A JSON object with string fields parses exactly when the required
+        /// ones are present and non-empty, and keeps their values.
+        #[test]
+        fn objects_parse_exactly_when_required_fields_are_there(
+            id in proptest::option::of("[a-z0-9-]{0,12}"),
+            kind in proptest::option::of("[a-z]{1,8}/[a-z]{0,8}"),
+            data in proptest::option::of("[a-z/]{0,16}"),
+            extra in proptest::collection::btree_map("[a-z_]{1,10}", any::<i64>(), 0..4),
+        ) {
+            let mut object = serde_json::Map::new();
+            for (k, v) in &extra {
+                object.insert(k.clone(), Value::from(*v));
+            }
+            if let Some(id) = &id { object.insert("uuid_ref".into(), Value::from(id.clone())); }
+            if let Some(kind) = &kind { object.insert("data_type".into(), Value::from(kind.clone())); }
+            if let Some(data) = &data { object.insert("data_location".into(), Value::from(data.clone())); }
+            let body = serde_json::to_vec(&Value::Object(object)).unwrap_or_default();
+            let result = parse(&body, &MessageFields::default());
+            let complete = id.as_ref().is_some_and(|s| !s.is_empty())
+                && kind.as_ref().is_some_and(|s| !s.is_empty());
+            prop_assert_eq!(result.is_ok(), complete, "{:?}", result);
+            if let Ok(e) = result {
+                prop_assert_eq!(Some(e.id), id);
+                prop_assert_eq!(Some(e.kind), kind);
+                prop_assert_eq!(e.data_location, data.filter(|d| !d.is_empty()));
+            }
+        }
+    }
+}

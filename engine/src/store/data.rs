@@ -221,3 +221,29 @@ mod tests {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use std::path::{Component, Path};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Any location that is accepted stays below the root: joined to a
+        /// root it has only normal components.
+        #[test]
+        fn accepted_locations_never_leave_the_root(location in "[a-z./%\\\\:~ -]{0,24}") {
+            if let Ok(path) = parse_location(&location) {
+                let joined = Path::new("/root").join(path.as_ref());
+                prop_assert!(joined.starts_with("/root"));
+                prop_assert!(
+                    joined.components().skip(2).all(|c| matches!(c, Component::Normal(_))),
+                    "{location:?} -> {joined:?}"
+                );
+                prop_assert!(!location.split('/').any(|s| s == ".."));
+            }
+        }
+    }
+}
