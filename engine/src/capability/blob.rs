@@ -4,9 +4,10 @@
 use bytes::Bytes;
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
+use serde_json::json;
 use wasmtime::component::Resource;
 
-use crate::capability::Interface;
+use crate::capability::{Interface, journal};
 use crate::config::list_or_none;
 use crate::sandbox::InvocationState;
 use crate::sandbox::bindings::WitError;
@@ -100,8 +101,8 @@ impl InvocationState {
     }
 }
 
-impl Host for InvocationState {
-    async fn open_data(&mut self) -> Result<Resource<BlobReader>, WitError> {
+impl InvocationState {
+    async fn blob_open_data(&mut self) -> Result<Resource<BlobReader>, WitError> {
         self.host.enter(Interface::Blob, "open-data")?;
         let message = self.host.message()?;
         let location = message.data_location.clone().ok_or_else(|| {
@@ -118,7 +119,7 @@ impl Host for InvocationState {
         self.open_reader(object)
     }
 
-    async fn open(&mut self, location: String) -> Result<Resource<BlobReader>, WitError> {
+    async fn blob_open(&mut self, location: String) -> Result<Resource<BlobReader>, WitError> {
         self.host.enter(Interface::Blob, "open")?;
         let own = self
             .host
@@ -140,7 +141,7 @@ impl Host for InvocationState {
         self.open_reader(object)
     }
 
-    async fn put(&mut self, location: String, bytes: Vec<u8>) -> Result<(), WitError> {
+    async fn blob_put(&mut self, location: String, bytes: Vec<u8>) -> Result<(), WitError> {
         self.host.enter(Interface::Blob, "put")?;
         self.check_prefix(&location, "write")?;
         let plugin = self.host.plugin.clone();
@@ -162,8 +163,8 @@ impl Host for InvocationState {
     }
 }
 
-impl HostReader for InvocationState {
-    async fn read(&mut self, reader: Resource<BlobReader>, max: u32) -> Result<Vec<u8>, WitError> {
+impl InvocationState {
+    async fn blob_read(&mut self, reader: Resource<BlobReader>, max: u32) -> Result<Vec<u8>, WitError> {
         self.host.enter(Interface::Blob, "reader.read")?;
         let cap = self.host.plugin.limits.blob_chunk.as_u64();
         let max = (max as u64).min(cap) as usize;
@@ -178,8 +179,56 @@ impl HostReader for InvocationState {
         Ok(chunk.to_vec())
     }
 
+}
+
+/// The WIT functions: each journaled (see [`journal`]), then run.
+impl Host for InvocationState {
+    async fn open_data(&mut self) -> Result<Resource<BlobReader>, WitError> {
+        let call = self
+            .host
+            .journal_call(Interface::Blob, "open-data", || json!({}));
+        let result = self.blob_open_data().await;
+        self.host.journal_result(call, &result, |_| json!("reader"));
+        result
+    }
+
+    async fn open(&mut self, location: String) -> Result<Resource<BlobReader>, WitError> {
+        let call = self
+            .host
+            .journal_call(Interface::Blob, "open", || json!({ "location": location }));
+        let result = self.blob_open(location).await;
+        self.host.journal_result(call, &result, |_| json!("reader"));
+        result
+    }
+
+    async fn put(&mut self, location: String, bytes: Vec<u8>) -> Result<(), WitError> {
+        let call = self.host.journal_call(Interface::Blob, "put", || {
+            json!({ "location": location, "bytes": journal::bytes(&bytes) })
+        });
+        let result = self.blob_put(location, bytes).await;
+        self.host.journal_result(call, &result, |_| json!(null));
+        result
+    }
+}
+
+impl HostReader for InvocationState {
+    async fn read(&mut self, reader: Resource<BlobReader>, max: u32) -> Result<Vec<u8>, WitError> {
+        let call = self
+            .host
+            .journal_call(Interface::Blob, "reader.read", || json!({ "max": max }));
+        let result = self.blob_read(reader, max).await;
+        self.host
+            .journal_result(call, &result, |chunk| journal::bytes(chunk));
+        result
+    }
+
     async fn size(&mut self, reader: Resource<BlobReader>) -> Option<u64> {
-        self.table.get(&reader).ok().and_then(|r| r.size)
+        let call = self
+            .host
+            .journal_call(Interface::Blob, "reader.size", || json!({}));
+        let size = self.table.get(&reader).ok().and_then(|r| r.size);
+        self.host.journal_result(call, &Ok(size), |s| json!(s));
+        size
     }
 
     async fn drop(&mut self, reader: Resource<BlobReader>) -> wasmtime::Result<()> {

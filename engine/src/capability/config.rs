@@ -1,5 +1,7 @@
 //! `config`: the plugin's own values from the YAML grant. Always granted.
 
+use serde_json::json;
+
 use crate::capability::Interface;
 use crate::sandbox::InvocationState;
 use crate::sandbox::bindings::WitError;
@@ -7,12 +9,26 @@ use crate::sandbox::bindings::sandpipe::connector::config::Host;
 
 impl Host for InvocationState {
     async fn get(&mut self, key: String) -> Result<Option<String>, WitError> {
-        self.host.enter(Interface::Config, "get")?;
-        Ok(self.host.plugin.config.get(&key).cloned())
+        let call = self
+            .host
+            .journal_call(Interface::Config, "get", || json!({ "key": key }));
+        let result = self
+            .host
+            .enter(Interface::Config, "get")
+            .map(|()| self.host.plugin.config.get(&key).cloned());
+        self.host.journal_result(call, &result, |v| json!(v));
+        result
     }
 
     async fn keys(&mut self) -> Result<Vec<String>, WitError> {
-        self.host.enter(Interface::Config, "keys")?;
-        Ok(self.host.plugin.config.keys().cloned().collect())
+        let call = self
+            .host
+            .journal_call(Interface::Config, "keys", || json!({}));
+        let result = self
+            .host
+            .enter(Interface::Config, "keys")
+            .map(|()| self.host.plugin.config.keys().cloned().collect());
+        self.host.journal_result(call, &result, |v| json!(v));
+        result
     }
 }

@@ -1,7 +1,7 @@
 //! `emit`: queue messages for outputs the grant lists. Published by the
 //! pipeline only when the plugin's outcome is `done`, before the ack.
 
-use crate::capability::{Emit, Interface};
+use crate::capability::{Emit, Interface, journal};
 use crate::config::list_or_none;
 use crate::sandbox::InvocationState;
 use crate::sandbox::bindings::WitError;
@@ -14,9 +14,29 @@ impl Host for InvocationState {
         payload: Vec<u8>,
         headers: Vec<(String, String)>,
     ) -> Result<(), WitError> {
+        let call = self.host.journal_call(Interface::Emit, "publish", || {
+            serde_json::json!({
+                "output": output,
+                "headers": journal::headers(&headers),
+                "payload": journal::bytes(&payload),
+            })
+        });
+        let result = self.publish_inner(output, payload, headers);
+        self.host.journal_result(call, &result, |_| serde_json::Value::Null);
+        result
+    }
+}
+
+impl InvocationState {
+    fn publish_inner(
+        &mut self,
+        output: String,
+        payload: Vec<u8>,
+        headers: Vec<(String, String)>,
+    ) -> Result<(), WitError> {
         let host = &mut self.host;
         host.enter(Interface::Emit, "publish")?;
-        if !host.plugin.grant.emit.contains(&output) {
+        if !host.plugin.grant.emit_any && !host.plugin.grant.emit.contains(&output) {
             let message = format!(
                 "plugin `{}` may not emit to output `{output}` (granted: {})",
                 host.plugin.name,

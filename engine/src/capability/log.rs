@@ -20,6 +20,17 @@ impl Level {
 
 impl Host for InvocationState {
     async fn write(&mut self, level: Level, message: String) -> Result<(), WitError> {
+        let call = self.host.journal_call(Interface::Log, "write", || {
+            serde_json::json!({ "level": level.as_str(), "message": message })
+        });
+        let result = self.write_inner(level, message);
+        self.host.journal_result(call, &result, |_| serde_json::Value::Null);
+        result
+    }
+}
+
+impl InvocationState {
+    fn write_inner(&mut self, level: Level, message: String) -> Result<(), WitError> {
         let host = &mut self.host;
         host.enter(Interface::Log, "write")?;
         let limit = host.plugin.limits.log_bytes.as_u64();

@@ -1,7 +1,9 @@
 //! `meta`: the message's metadata, and a small key-value state of the
 //! plugin's own (changes applied only on `done`).
 
-use crate::capability::{Interface, StateOp, render_value};
+use serde_json::json;
+
+use crate::capability::{Interface, StateOp, journal, render_value};
 use crate::sandbox::InvocationState;
 use crate::sandbox::bindings::WitError;
 use crate::sandbox::bindings::sandpipe::connector::meta::Host;
@@ -11,20 +13,20 @@ const MAX_KEY: usize = 512;
 /// Largest state value.
 const MAX_VALUE: usize = 1 << 20;
 
-impl Host for InvocationState {
-    async fn all(&mut self) -> Result<String, WitError> {
+impl InvocationState {
+    async fn meta_all(&mut self) -> Result<String, WitError> {
         self.host.enter(Interface::Meta, "all")?;
         let message = self.host.message()?;
         serde_json::to_string(&message.metadata).map_err(|e| WitError::Internal(e.to_string()))
     }
 
-    async fn get(&mut self, key: String) -> Result<Option<String>, WitError> {
+    async fn meta_get(&mut self, key: String) -> Result<Option<String>, WitError> {
         self.host.enter(Interface::Meta, "get")?;
         let message = self.host.message()?;
         Ok(message.metadata.get(&key).map(render_value))
     }
 
-    async fn state_get(&mut self, key: String) -> Result<Option<Vec<u8>>, WitError> {
+    async fn meta_state_get(&mut self, key: String) -> Result<Option<Vec<u8>>, WitError> {
         self.host.enter(Interface::Meta, "state-get")?;
         check_key(&key)?;
         // Read your own pending writes first.
@@ -42,7 +44,7 @@ impl Host for InvocationState {
         }
     }
 
-    async fn state_set(&mut self, key: String, value: Vec<u8>) -> Result<(), WitError> {
+    async fn meta_state_set(&mut self, key: String, value: Vec<u8>) -> Result<(), WitError> {
         self.host.enter(Interface::Meta, "state-set")?;
         check_key(&key)?;
         if value.len() > MAX_VALUE {
@@ -59,11 +61,58 @@ impl Host for InvocationState {
         Ok(())
     }
 
-    async fn state_delete(&mut self, key: String) -> Result<(), WitError> {
+    async fn meta_state_delete(&mut self, key: String) -> Result<(), WitError> {
         self.host.enter(Interface::Meta, "state-delete")?;
         check_key(&key)?;
         self.host.effects.state.push(StateOp::Delete(key));
         Ok(())
+    }
+}
+
+/// The WIT functions: each journaled (see [`journal`]), then run.
+impl Host for InvocationState {
+    async fn all(&mut self) -> Result<String, WitError> {
+        let call = self.host.journal_call(Interface::Meta, "all", || json!({}));
+        let result = self.meta_all().await;
+        self.host.journal_result(call, &result, |v| json!(v));
+        result
+    }
+
+    async fn get(&mut self, key: String) -> Result<Option<String>, WitError> {
+        let call = self
+            .host
+            .journal_call(Interface::Meta, "get", || json!({ "key": key }));
+        let result = self.meta_get(key).await;
+        self.host.journal_result(call, &result, |v| json!(v));
+        result
+    }
+
+    async fn state_get(&mut self, key: String) -> Result<Option<Vec<u8>>, WitError> {
+        let call = self
+            .host
+            .journal_call(Interface::Meta, "state-get", || json!({ "key": key }));
+        let result = self.meta_state_get(key).await;
+        self.host
+            .journal_result(call, &result, |v| v.as_deref().map_or(json!(null), journal::bytes));
+        result
+    }
+
+    async fn state_set(&mut self, key: String, value: Vec<u8>) -> Result<(), WitError> {
+        let call = self.host.journal_call(Interface::Meta, "state-set", || {
+            json!({ "key": key, "value": journal::bytes(&value) })
+        });
+        let result = self.meta_state_set(key, value).await;
+        self.host.journal_result(call, &result, |_| json!(null));
+        result
+    }
+
+    async fn state_delete(&mut self, key: String) -> Result<(), WitError> {
+        let call = self
+            .host
+            .journal_call(Interface::Meta, "state-delete", || json!({ "key": key }));
+        let result = self.meta_state_delete(key).await;
+        self.host.journal_result(call, &result, |_| json!(null));
+        result
     }
 }
 

@@ -14,6 +14,7 @@
 pub mod blob;
 pub mod config;
 pub mod emit;
+pub mod journal;
 pub mod log;
 pub mod meta;
 pub mod sql;
@@ -165,6 +166,9 @@ pub struct HostState {
     /// Backend outages met by host calls: a failure after one of these is
     /// the infrastructure's, not the message's.
     pub outages: Vec<String>,
+    /// Every host call with its result, when on (`sandpipe exec`); see
+    /// [`journal`].
+    pub journal: Option<Vec<journal::HostCall>>,
     calls: u64,
     log_bytes: u64,
 }
@@ -224,7 +228,7 @@ impl Interface {
             Self::Blob => grant.blob.is_some(),
             Self::Meta => grant.meta.is_some(),
             Self::Sql => grant.sql.is_some(),
-            Self::Emit => !grant.emit.is_empty(),
+            Self::Emit => grant.emit_any || !grant.emit.is_empty(),
         }
     }
 
@@ -251,6 +255,7 @@ impl HostState {
             denials: Vec::new(),
             logs: Vec::new(),
             outages: Vec::new(),
+            journal: None,
             calls: 0,
             log_bytes: 0,
         }

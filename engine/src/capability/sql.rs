@@ -6,7 +6,9 @@
 //! the plugin's own (see `store::database::postgres`). [`Transaction`] is
 //! the same for both: the host interface and the tests drive it alike.
 
-use crate::capability::Interface;
+use serde_json::json;
+
+use crate::capability::{Interface, journal};
 use crate::sandbox::InvocationState;
 use crate::sandbox::bindings::WitError;
 use crate::sandbox::bindings::sandpipe::connector::sql::{Host, Rows, Value};
@@ -151,16 +153,29 @@ impl InvocationState {
 
 impl Host for InvocationState {
     async fn query(&mut self, statement: String, params: Vec<Value>) -> Result<Rows, WitError> {
-        match self.sql("query", statement, params, true).await? {
-            Outcome::Rows(rows) => Ok(rows),
-            Outcome::Changed(_) => Err(WitError::Internal("expected rows".into())),
-        }
+        let call = self.host.journal_call(Interface::Sql, "query", || {
+            json!({ "statement": statement, "params": journal::sql_params(&params) })
+        });
+        let result = match self.sql("query", statement, params, true).await {
+            Ok(Outcome::Rows(rows)) => Ok(rows),
+            Ok(Outcome::Changed(_)) => Err(WitError::Internal("expected rows".into())),
+            Err(e) => Err(e),
+        };
+        self.host.journal_result(call, &result, journal::sql_rows);
+        result
     }
 
     async fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<u64, WitError> {
-        match self.sql("execute", statement, params, false).await? {
-            Outcome::Changed(n) => Ok(n),
-            Outcome::Rows(_) => Err(WitError::Internal("expected a row count".into())),
-        }
+        let call = self.host.journal_call(Interface::Sql, "execute", || {
+            json!({ "statement": statement, "params": journal::sql_params(&params) })
+        });
+        let result = match self.sql("execute", statement, params, false).await {
+            Ok(Outcome::Changed(n)) => Ok(n),
+            Ok(Outcome::Rows(_)) => Err(WitError::Internal("expected a row count".into())),
+            Err(e) => Err(e),
+        };
+        self.host
+            .journal_result(call, &result, |n| json!({ "changed": n }));
+        result
     }
 }
