@@ -8,6 +8,7 @@ mod examples;
 mod harness;
 mod outage;
 mod plugins;
+mod poison;
 mod postgres;
 mod quickstart;
 mod rabbitmq;
