@@ -164,7 +164,11 @@ impl InvocationState {
 }
 
 impl InvocationState {
-    async fn blob_read(&mut self, reader: Resource<BlobReader>, max: u32) -> Result<Vec<u8>, WitError> {
+    async fn blob_read(
+        &mut self,
+        reader: Resource<BlobReader>,
+        max: u32,
+    ) -> Result<Vec<u8>, WitError> {
         self.host.enter(Interface::Blob, "reader.read")?;
         let cap = self.host.plugin.limits.blob_chunk.as_u64();
         let max = (max as u64).min(cap) as usize;
@@ -178,7 +182,6 @@ impl InvocationState {
         };
         Ok(chunk.to_vec())
     }
-
 }
 
 /// The WIT functions: each journaled (see [`journal`]), then run.
@@ -193,18 +196,20 @@ impl Host for InvocationState {
     }
 
     async fn open(&mut self, location: String) -> Result<Resource<BlobReader>, WitError> {
-        let call = self
-            .host
-            .journal_call(Interface::Blob, "open", || json!({ "location": location }));
+        let call =
+            self.host
+                .journal_call(Interface::Blob, "open", || json!({ "location": location }));
         let result = self.blob_open(location).await;
         self.host.journal_result(call, &result, |_| json!("reader"));
         result
     }
 
     async fn put(&mut self, location: String, bytes: Vec<u8>) -> Result<(), WitError> {
-        let call = self.host.journal_call(Interface::Blob, "put", || {
-            json!({ "location": location, "bytes": journal::bytes(&bytes) })
-        });
+        let call = self.host.journal_call(
+            Interface::Blob,
+            "put",
+            || json!({ "location": location, "bytes": journal::bytes(&bytes) }),
+        );
         let result = self.blob_put(location, bytes).await;
         self.host.journal_result(call, &result, |_| json!(null));
         result

@@ -22,7 +22,8 @@ impl Host for InvocationState {
             })
         });
         let result = self.publish_inner(output, payload, headers);
-        self.host.journal_result(call, &result, |_| serde_json::Value::Null);
+        self.host
+            .journal_result(call, &result, |_| serde_json::Value::Null);
         result
     }
 }

@@ -20,11 +20,14 @@ impl Level {
 
 impl Host for InvocationState {
     async fn write(&mut self, level: Level, message: String) -> Result<(), WitError> {
-        let call = self.host.journal_call(Interface::Log, "write", || {
-            serde_json::json!({ "level": level.as_str(), "message": message })
-        });
+        let call = self.host.journal_call(
+            Interface::Log,
+            "write",
+            || serde_json::json!({ "level": level.as_str(), "message": message }),
+        );
         let result = self.write_inner(level, message);
-        self.host.journal_result(call, &result, |_| serde_json::Value::Null);
+        self.host
+            .journal_result(call, &result, |_| serde_json::Value::Null);
         result
     }
 }

@@ -92,24 +92,27 @@ impl Host for InvocationState {
             .host
             .journal_call(Interface::Meta, "state-get", || json!({ "key": key }));
         let result = self.meta_state_get(key).await;
-        self.host
-            .journal_result(call, &result, |v| v.as_deref().map_or(json!(null), journal::bytes));
+        self.host.journal_result(call, &result, |v| {
+            v.as_deref().map_or(json!(null), journal::bytes)
+        });
         result
     }
 
     async fn state_set(&mut self, key: String, value: Vec<u8>) -> Result<(), WitError> {
-        let call = self.host.journal_call(Interface::Meta, "state-set", || {
-            json!({ "key": key, "value": journal::bytes(&value) })
-        });
+        let call = self.host.journal_call(
+            Interface::Meta,
+            "state-set",
+            || json!({ "key": key, "value": journal::bytes(&value) }),
+        );
         let result = self.meta_state_set(key, value).await;
         self.host.journal_result(call, &result, |_| json!(null));
         result
     }
 
     async fn state_delete(&mut self, key: String) -> Result<(), WitError> {
-        let call = self
-            .host
-            .journal_call(Interface::Meta, "state-delete", || json!({ "key": key }));
+        let call =
+            self.host
+                .journal_call(Interface::Meta, "state-delete", || json!({ "key": key }));
         let result = self.meta_state_delete(key).await;
         self.host.journal_result(call, &result, |_| json!(null));
         result

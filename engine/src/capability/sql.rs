@@ -153,9 +153,11 @@ impl InvocationState {
 
 impl Host for InvocationState {
     async fn query(&mut self, statement: String, params: Vec<Value>) -> Result<Rows, WitError> {
-        let call = self.host.journal_call(Interface::Sql, "query", || {
-            json!({ "statement": statement, "params": journal::sql_params(&params) })
-        });
+        let call = self.host.journal_call(
+            Interface::Sql,
+            "query",
+            || json!({ "statement": statement, "params": journal::sql_params(&params) }),
+        );
         let result = match self.sql("query", statement, params, true).await {
             Ok(Outcome::Rows(rows)) => Ok(rows),
             Ok(Outcome::Changed(_)) => Err(WitError::Internal("expected rows".into())),
@@ -166,9 +168,11 @@ impl Host for InvocationState {
     }
 
     async fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<u64, WitError> {
-        let call = self.host.journal_call(Interface::Sql, "execute", || {
-            json!({ "statement": statement, "params": journal::sql_params(&params) })
-        });
+        let call = self.host.journal_call(
+            Interface::Sql,
+            "execute",
+            || json!({ "statement": statement, "params": journal::sql_params(&params) }),
+        );
         let result = match self.sql("execute", statement, params, false).await {
             Ok(Outcome::Changed(n)) => Ok(n),
             Ok(Outcome::Rows(_)) => Err(WitError::Internal("expected a row count".into())),
