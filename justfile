@@ -19,7 +19,7 @@ plugins_dir := justfile_directory() / "target" / "plugins"
 
 # Every guest crate: built together in one cargo invocation.
 guest_connectors := "-p image-meta -p text-stats"
-guest_fixtures := "-p fx-panic -p fx-loop -p fx-memory -p fx-recurse -p fx-probe"
+guest_fixtures := "-p fx-panic -p fx-loop -p fx-memory -p fx-recurse -p fx-probe -p fx-hostile"
 
 # The connectors are copied under their plugin names (dashes, not the crate's
 # underscores); the fixtures stay in target/guests/wasm32-wasip2/guest/ as
@@ -121,3 +121,7 @@ example-redis-s3: guests test-deps
     cargo build -q -p sandpipe
     cargo run -q -p sandpipe -- run --once -c "$cfg"
     redis-cli XRANGE sandpipe-example-stats - +
+
+# Micro-benchmarks of the sandbox (see docs/benchmarks.md).
+bench: guests
+    env -u RUST_BACKTRACE cargo bench --profile dev --bench sandbox

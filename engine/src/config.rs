@@ -593,6 +593,12 @@ pub struct PipelineConfig {
     pub concurrency: usize,
     /// Plugins run at once for one message. Default 4.
     pub plugin_concurrency: usize,
+    /// The largest delivery accepted; a larger one is dead-lettered unread
+    /// (the dir listener reads no more than this plus one byte). Default 1MiB.
+    pub max_message_bytes: ByteSize,
+    /// The largest metadata object fetched from the metadata store; a
+    /// larger one dead-letters the message. Default 1MiB.
+    pub max_metadata_bytes: ByteSize,
 }
 
 impl Default for PipelineConfig {
@@ -600,6 +606,8 @@ impl Default for PipelineConfig {
         Self {
             concurrency: 16,
             plugin_concurrency: 4,
+            max_message_bytes: ByteSize::mib(1),
+            max_metadata_bytes: ByteSize::mib(1),
         }
     }
 }
@@ -614,6 +622,10 @@ pub struct SandboxConfig {
     /// Plugin instances alive at once (the pooling allocator's size).
     /// Default 128.
     pub max_instances: u32,
+    /// Use wasmtime's pooling allocator (pre-reserved slots, copy-on-write
+    /// memory images); `false` allocates each instance on demand. Default
+    /// true. See docs/benchmarks.md for what each costs.
+    pub pooling: bool,
 }
 
 impl Default for SandboxConfig {
@@ -621,6 +633,7 @@ impl Default for SandboxConfig {
         Self {
             cache_dir: PathBuf::from("state/cache"),
             max_instances: 128,
+            pooling: true,
         }
     }
 }
@@ -670,6 +683,9 @@ pub struct Limits {
     pub emit_bytes: ByteSize,
     /// Rows one SQL query may return. Default 10000.
     pub sql_rows: u32,
+    /// Bytes of values one SQL query may return (text and blobs by their
+    /// length, every other value 8). Default 16MiB.
+    pub sql_bytes: ByteSize,
     /// Bytes one `blob.read` returns at most. Default 1MiB.
     pub blob_chunk: ByteSize,
     /// Bytes written through `blob.put` per invocation. Default 64MiB.
@@ -689,6 +705,7 @@ impl Default for Limits {
             emits: 1000,
             emit_bytes: ByteSize::mib(16),
             sql_rows: 10_000,
+            sql_bytes: ByteSize::mib(16),
             blob_chunk: ByteSize::mib(1),
             blob_put_bytes: ByteSize::mib(64),
             host_calls: 100_000,
@@ -717,6 +734,8 @@ pub struct LimitOverrides {
     pub emit_bytes: Option<ByteSize>,
     /// See [`Limits::sql_rows`].
     pub sql_rows: Option<u32>,
+    /// See [`Limits::sql_bytes`].
+    pub sql_bytes: Option<ByteSize>,
     /// See [`Limits::blob_chunk`].
     pub blob_chunk: Option<ByteSize>,
     /// See [`Limits::blob_put_bytes`].
@@ -741,6 +760,7 @@ impl LimitOverrides {
             emits: self.emits.unwrap_or(base.emits),
             emit_bytes: self.emit_bytes.unwrap_or(base.emit_bytes),
             sql_rows: self.sql_rows.unwrap_or(base.sql_rows),
+            sql_bytes: self.sql_bytes.unwrap_or(base.sql_bytes),
             blob_chunk: self.blob_chunk.unwrap_or(base.blob_chunk),
             blob_put_bytes: self.blob_put_bytes.unwrap_or(base.blob_put_bytes),
             host_calls: self.host_calls.unwrap_or(base.host_calls),

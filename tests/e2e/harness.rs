@@ -2,62 +2,16 @@
 //! then reused from cargo's cache), a temporary deployment folder, and
 //! helpers to run the engine and read its status log.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 
 use sandpipe::pipeline::Summary;
 use sandpipe::status::{Row, StatusLog};
 use sandpipe::store::database::Database;
 
-/// The workspace root.
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
-/// Where the guest components are built (same rule as the justfile).
-fn guest_target_dir() -> PathBuf {
-    std::env::var_os("SANDPIPE_GUEST_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target").join("guests"))
-}
-
-/// Build every guest crate once per test process; returns the folder
-/// holding the `.wasm` files (named after the crates, with underscores).
-pub fn guests() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let target = guest_target_dir();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(root())
-            .env("CARGO_TARGET_DIR", &target)
-            .args([
-                "build",
-                "--target",
-                "wasm32-wasip2",
-                "--profile",
-                "guest",
-                "--workspace",
-                "--exclude",
-                "sandpipe",
-            ])
-            .status();
-        assert!(
-            matches!(status, Ok(s) if s.success()),
-            "building the guest components failed: {status:?}"
-        );
-        target.join("wasm32-wasip2").join("guest")
-    })
-}
-
-/// The built component of crate `name` (dashes allowed).
-pub fn component(name: &str) -> PathBuf {
-    guests().join(format!("{}.wasm", name.replace('-', "_")))
-}
+#[path = "../support/guests.rs"]
+mod guests;
+pub use guests::{component, guest_target_dir, root};
 
 /// A code cache shared by all tests, so each component compiles once.
 pub fn shared_cache() -> PathBuf {

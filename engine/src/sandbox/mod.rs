@@ -157,8 +157,12 @@ impl Sandbox {
         wasm.wasm_component_model(true)
             .epoch_interruption(true)
             .consume_fuel(fuel)
-            .memory_init_cow(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            .memory_init_cow(true);
+        if config.pooling {
+            wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        } else {
+            wasm.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+        }
         let engine = Engine::new(&wasm).map_err(anyhow::Error::from)?;
 
         let mut linker = Linker::new(&engine);
