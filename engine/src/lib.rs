@@ -5,6 +5,7 @@
 pub mod app;
 pub mod capability;
 pub mod config;
+pub mod exec;
 pub mod listener;
 pub mod metrics;
 pub mod output;

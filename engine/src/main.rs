@@ -51,17 +51,26 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Run one plugin on one message with in-memory capabilities and print
+    /// what it did (exit 0: done or skip; 1: it failed; 2: usage error).
+    Exec(sandpipe::exec::ExecArgs),
+    /// Run a plugin build against a recording made by `exec --record` and
+    /// show any difference (exit 0: none; 1: some; 2: usage error).
+    Replay(sandpipe::exec::ReplayArgs),
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // exec and replay print everything themselves.
+    let quiet = matches!(cli.command, Command::Exec(_) | Command::Replay(_));
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("SANDPIPE_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("warn,sandpipe=info")),
+            EnvFilter::try_from_env("SANDPIPE_LOG").unwrap_or_else(|_| {
+                EnvFilter::new(if quiet { "off" } else { "warn,sandpipe=info" })
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -100,6 +109,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("sent {} to {at}", message.display());
         }
         Command::Compile { config } => sandpipe::app::compile(&config, &mut stdout)?,
+        Command::Exec(args) => return Ok(sandpipe::exec::exec(args).await),
+        Command::Replay(args) => return Ok(sandpipe::exec::replay(args).await),
     }
     Ok(ExitCode::SUCCESS)
 }
