@@ -19,6 +19,10 @@ pub const INVOCATION_SECONDS: &str = "sandpipe_invocation_seconds";
 pub const FUEL: &str = "sandpipe_fuel_consumed_total";
 /// Host calls denied by policy, labelled `plugin`.
 pub const DENIED: &str = "sandpipe_denied_calls_total";
+/// Host calls refused by a quota, labelled `plugin` and `limit` (the key
+/// under `limits`); deliveries refused by a pipeline limit, labelled `limit`
+/// (`max_message_bytes`, `max_metadata_bytes`).
+pub const LIMIT_EXCEEDED: &str = "sandpipe_limit_exceeded_total";
 /// Messages being processed now.
 pub const IN_FLIGHT: &str = "sandpipe_messages_in_flight";
 /// Reconnections to the broker or another backend, labelled `backend`.
@@ -56,6 +60,10 @@ pub fn describe() {
     );
     metrics::describe_counter!(FUEL, "Fuel consumed per plugin (when metered).");
     metrics::describe_counter!(DENIED, "Host calls denied by policy, per plugin.");
+    metrics::describe_counter!(
+        LIMIT_EXCEEDED,
+        "Host calls refused by a quota per plugin and limit; deliveries refused by a pipeline limit."
+    );
     metrics::describe_gauge!(IN_FLIGHT, "Messages being processed now.");
     metrics::describe_counter!(RECONNECTS, "Reconnections per backend.");
 }

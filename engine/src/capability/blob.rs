@@ -1,7 +1,7 @@
 //! `blob`: the message's data object as a bounded stream, reads under
 //! granted prefixes, and writes under granted prefixes (applied on `done`).
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use serde_json::json;
@@ -20,6 +20,8 @@ pub struct BlobReader {
     pending: Bytes,
     size: Option<u64>,
     done: bool,
+    /// A store error met after some bytes of a read: reported by the next.
+    failed: Option<DataError>,
 }
 
 impl From<ObjectStream> for BlobReader {
@@ -29,21 +31,54 @@ impl From<ObjectStream> for BlobReader {
             pending: Bytes::new(),
             size: object.size,
             done: false,
+            failed: None,
         }
     }
 }
 
 impl BlobReader {
-    /// Up to `max` bytes; empty at the end.
+    /// Up to `max` bytes, gathered from as many of the store's chunks as it
+    /// takes (a disk object streams in 8 KiB chunks), so a large object
+    /// takes few host calls; empty at the end. Never holds more than `max`
+    /// bytes plus one store chunk.
     pub async fn read(&mut self, max: usize) -> Result<Bytes, DataError> {
-        while self.pending.is_empty() && !self.done {
-            match self.stream.next().await {
-                Some(chunk) => self.pending = chunk?,
-                None => self.done = true,
+        if let Some(err) = self.failed.take() {
+            return Err(err);
+        }
+        let mut out: Option<BytesMut> = None;
+        loop {
+            let have = out.as_ref().map_or(0, BytesMut::len);
+            if have >= max {
+                break;
+            }
+            if self.pending.is_empty() {
+                if self.done {
+                    break;
+                }
+                match self.stream.next().await {
+                    Some(Ok(chunk)) => self.pending = chunk,
+                    Some(Err(err)) if have == 0 => return Err(err),
+                    Some(Err(err)) => {
+                        self.failed = Some(err);
+                        break;
+                    }
+                    None => self.done = true,
+                }
+                continue;
+            }
+            let part = self.pending.split_to(self.pending.len().min(max - have));
+            match &mut out {
+                // The store's chunk alone fills the read: no copy.
+                None if part.len() == max => return Ok(part),
+                None => {
+                    let mut buf = BytesMut::with_capacity(max);
+                    buf.extend_from_slice(&part);
+                    out = Some(buf);
+                }
+                Some(buf) => buf.extend_from_slice(&part),
             }
         }
-        let n = self.pending.len().min(max);
-        Ok(self.pending.split_to(n))
+        Ok(out.map(BytesMut::freeze).unwrap_or_default())
     }
 }
 
@@ -150,13 +185,18 @@ impl InvocationState {
             .data
             .check_location(&location)
             .map_err(data_error)?;
-        let limit = plugin.limits.blob_put_bytes.as_u64();
-        let effects = &mut self.host.effects;
-        if effects.put_bytes + bytes.len() as u64 > limit {
-            return Err(WitError::LimitExceeded(format!(
-                "blob writes would exceed {limit} bytes in one invocation"
-            )));
+        let limit = plugin.limits.blob_put_bytes;
+        let written = self.host.effects.put_bytes;
+        if written + bytes.len() as u64 > limit.as_u64() {
+            return Err(self.host.limit(
+                "blob_put_bytes",
+                format!(
+                    "writing {} more bytes would exceed {limit} in one invocation ({written} already written)",
+                    bytes.len()
+                ),
+            ));
         }
+        let effects = &mut self.host.effects;
         effects.put_bytes += bytes.len() as u64;
         effects.puts.push((location, Bytes::from(bytes)));
         Ok(())
@@ -279,5 +319,23 @@ mod tests {
         }
         assert_eq!(all, b"hello world");
         Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_read_gathers_small_store_chunks_and_reports_a_late_error_next() {
+        let mut items: Vec<Result<Bytes, DataError>> = (0..10)
+            .map(|_| Ok(Bytes::from_static(b"12345678")))
+            .collect();
+        items.push(Err(DataError::Unavailable("gone".into())));
+        let mut r = BlobReader::from(ObjectStream {
+            stream: futures::stream::iter(items).boxed(),
+            size: None,
+        });
+        // 8-byte store chunks fill a 20-byte read: one host call, not three.
+        assert_eq!(r.read(20).await.ok().map(|b| b.len()), Some(20));
+        assert_eq!(r.read(8).await.ok().map(|b| b.len()), Some(8));
+        // The rest (52 bytes) comes back, then the store's error.
+        assert_eq!(r.read(1000).await.ok().map(|b| b.len()), Some(52));
+        assert!(matches!(r.read(1000).await, Err(DataError::Unavailable(_))));
     }
 }

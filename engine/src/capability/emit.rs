@@ -45,23 +45,26 @@ impl InvocationState {
             );
             return Err(host.deny(message));
         }
-        let limits = &host.plugin.limits;
-        if host.effects.emits.len() as u64 >= u64::from(limits.emits) {
-            return Err(WitError::LimitExceeded(format!(
-                "more than {} emits in one invocation",
-                limits.emits
-            )));
+        let (max_emits, max_bytes) = (host.plugin.limits.emits, host.plugin.limits.emit_bytes);
+        if host.effects.emits.len() as u64 >= u64::from(max_emits) {
+            return Err(host.limit(
+                "emits",
+                format!("more than {max_emits} emits in one invocation"),
+            ));
         }
         let size = payload.len() as u64
             + headers
                 .iter()
                 .map(|(k, v)| (k.len() + v.len()) as u64)
                 .sum::<u64>();
-        if host.effects.emit_bytes + size > limits.emit_bytes.as_u64() {
-            return Err(WitError::LimitExceeded(format!(
-                "emitted bytes would exceed {} in one invocation",
-                limits.emit_bytes
-            )));
+        if host.effects.emit_bytes + size > max_bytes.as_u64() {
+            return Err(host.limit(
+                "emit_bytes",
+                format!(
+                    "emitting {size} more bytes would exceed {max_bytes} in one invocation ({} already emitted)",
+                    host.effects.emit_bytes
+                ),
+            ));
         }
         host.effects.emit_bytes += size;
         host.effects.emits.push(Emit {

@@ -36,12 +36,16 @@ impl InvocationState {
     fn write_inner(&mut self, level: Level, message: String) -> Result<(), WitError> {
         let host = &mut self.host;
         host.enter(Interface::Log, "write")?;
-        let limit = host.plugin.limits.log_bytes.as_u64();
+        let limit = host.plugin.limits.log_bytes;
         host.log_bytes += message.len() as u64;
-        if host.log_bytes > limit {
-            return Err(WitError::LimitExceeded(format!(
-                "log quota of {limit} bytes per invocation exceeded"
-            )));
+        if host.log_bytes > limit.as_u64() {
+            return Err(host.limit(
+                "log_bytes",
+                format!(
+                    "log quota of {limit} per invocation exceeded ({} bytes written or asked for)",
+                    host.log_bytes
+                ),
+            ));
         }
         let plugin = host.plugin.name.as_str();
         let id = host.message.as_ref().map_or("", |m| m.id.as_str());

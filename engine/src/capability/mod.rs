@@ -265,10 +265,13 @@ impl HostState {
     pub fn enter(&mut self, interface: Interface, function: &str) -> Result<(), WitError> {
         self.calls += 1;
         if self.calls > self.plugin.limits.host_calls {
-            return Err(WitError::LimitExceeded(format!(
-                "more than {} host calls in one invocation",
-                self.plugin.limits.host_calls
-            )));
+            return Err(self.limit(
+                "host_calls",
+                format!(
+                    "more than {} host calls in one invocation",
+                    self.plugin.limits.host_calls
+                ),
+            ));
         }
         if interface.granted(&self.plugin.grant) {
             Ok(())
@@ -291,6 +294,21 @@ impl HostState {
             self.denials.push(message.clone());
         }
         WitError::AccessDenied(message)
+    }
+
+    /// Count a refused call over the quota `plugins.*.limits.KEY` and
+    /// return the error for the guest, naming the key.
+    pub fn limit(&self, key: &'static str, message: String) -> WitError {
+        tracing::warn!(plugin = %self.plugin.name, limit = key, "limit exceeded: {message}");
+        self.count_limit(key);
+        WitError::LimitExceeded(format!("{message} (limits.{key})"))
+    }
+
+    /// Count a refused call over the quota `limits.KEY` in the metrics.
+    pub fn count_limit(&self, key: &'static str) {
+        let plugin = self.plugin.name.clone();
+        metrics::counter!(crate::metrics::LIMIT_EXCEEDED, "plugin" => plugin, "limit" => key)
+            .increment(1);
     }
 
     /// Record a backend outage and return the error for the guest.

@@ -9,10 +9,11 @@
 use serde_json::json;
 
 use crate::capability::{Interface, journal};
+use crate::config::Limits;
 use crate::sandbox::InvocationState;
 use crate::sandbox::bindings::WitError;
 use crate::sandbox::bindings::sandpipe::connector::sql::{Host, Rows, Value};
-use crate::store::database::{Outcome, PluginConn, PluginDb, postgres, sqlite};
+use crate::store::database::{Outcome, PluginConn, PluginDb, ResultLimit, postgres, sqlite};
 
 /// An invocation's open transaction.
 pub struct Transaction {
@@ -48,14 +49,14 @@ impl Transaction {
         Ok(Self { inner })
     }
 
-    /// Run one statement: rows for a `query` (at most `max_rows`, else
+    /// Run one statement: rows for a `query` (within `limit`, else
     /// `limit-exceeded`), else the number of rows changed.
     pub async fn run(
         &mut self,
         statement: String,
         params: Vec<Value>,
         query: bool,
-        max_rows: u32,
+        limit: ResultLimit,
     ) -> Result<Outcome, WitError> {
         match &mut self.inner {
             Inner::Sqlite { conn, .. } => {
@@ -65,7 +66,7 @@ impl Transaction {
                     ));
                 };
                 let (c, result) = tokio::task::spawn_blocking(move || {
-                    let result = sqlite::run(&c, &statement, params, query, max_rows);
+                    let result = sqlite::run(&c, &statement, params, query, limit);
                     (c, result)
                 })
                 .await
@@ -73,21 +74,23 @@ impl Transaction {
                 *conn = Some(c);
                 result
             }
-            Inner::Postgres(tx) => tx.run(statement, params, query, max_rows).await,
+            Inner::Postgres(tx) => tx.run(statement, params, query, limit).await,
         }
     }
 
-    /// Run a query and return its rows.
+    /// Run a query and return its rows (at most `max_rows`, and the default
+    /// `limits.sql_bytes`).
     pub async fn query(
         &mut self,
         statement: &str,
         params: Vec<Value>,
         max_rows: u32,
     ) -> Result<Rows, WitError> {
-        match self
-            .run(statement.to_owned(), params, true, max_rows)
-            .await?
-        {
+        let limit = ResultLimit {
+            rows: max_rows,
+            ..ResultLimit::of(&Limits::default())
+        };
+        match self.run(statement.to_owned(), params, true, limit).await? {
             Outcome::Rows(rows) => Ok(rows),
             Outcome::Changed(_) => Err(WitError::Internal("expected rows".into())),
         }
@@ -95,7 +98,8 @@ impl Transaction {
 
     /// Run a statement and return the number of rows it changed.
     pub async fn execute(&mut self, statement: &str, params: Vec<Value>) -> Result<u64, WitError> {
-        match self.run(statement.to_owned(), params, false, 0).await? {
+        let limit = ResultLimit::of(&Limits::default());
+        match self.run(statement.to_owned(), params, false, limit).await? {
             Outcome::Changed(n) => Ok(n),
             Outcome::Rows(_) => Err(WitError::Internal("expected a row count".into())),
         }
@@ -146,8 +150,17 @@ impl InvocationState {
             Some(tx) => tx,
             empty => empty.insert(Transaction::begin(db).await?),
         };
-        tx.run(statement, params, query, plugin.limits.sql_rows)
-            .await
+        let result = tx
+            .run(statement, params, query, ResultLimit::of(&plugin.limits))
+            .await;
+        if let Err(WitError::LimitExceeded(message)) = &result {
+            for key in ["sql_rows", "sql_bytes"] {
+                if message.ends_with(&format!("(limits.{key})")) {
+                    self.host.count_limit(key);
+                }
+            }
+        }
+        result
     }
 }
 

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use crate::capability::StateOp;
 use crate::config::{Config, DatabaseConfig, Limits};
+use crate::sandbox::bindings::WitError;
 use crate::sandbox::bindings::sandpipe::connector::sql::Rows;
 
 pub use postgres::Postgres;
@@ -30,6 +31,49 @@ pub enum Outcome {
     Rows(Rows),
     /// The number of rows a statement changed.
     Changed(u64),
+}
+
+/// How much one plugin query may return: `limits.sql_rows` rows and
+/// `limits.sql_bytes` bytes of values (text and blobs by their length,
+/// every other value 8). Checked value by value, before the value is
+/// copied out of the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResultLimit {
+    /// Rows.
+    pub rows: u32,
+    /// Bytes of values.
+    pub bytes: u64,
+}
+
+impl ResultLimit {
+    /// The limits of `limits`.
+    pub fn of(limits: &Limits) -> Self {
+        Self {
+            rows: limits.sql_rows,
+            bytes: limits.sql_bytes.as_u64(),
+        }
+    }
+
+    /// `limit-exceeded` for a query with more than `rows` rows.
+    pub fn too_many_rows(&self) -> WitError {
+        WitError::LimitExceeded(format!(
+            "query returned more than {} rows (limits.sql_rows)",
+            self.rows
+        ))
+    }
+
+    /// Count a value of `len` bytes (`None`: a fixed-size value) into
+    /// `used`; `limit-exceeded` once the query's values pass `bytes`.
+    pub fn count(&self, used: &mut u64, len: Option<usize>) -> Result<(), WitError> {
+        *used = used.saturating_add(len.map_or(8, |l| l as u64));
+        if *used > self.bytes {
+            return Err(WitError::LimitExceeded(format!(
+                "query returned more than {} of values (limits.sql_bytes)",
+                bytesize::ByteSize::b(self.bytes)
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The opened database.

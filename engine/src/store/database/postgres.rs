@@ -55,7 +55,7 @@ use tokio::time::Instant;
 use tokio_postgres::types::{FromSql, IsNull, Kind, ToSql, Type, to_sql_checked};
 use tokio_postgres::{CancelToken, NoTls};
 
-use super::Outcome;
+use super::{Outcome, ResultLimit};
 use crate::capability::StateOp;
 use crate::config::{Config, DatabaseConfig};
 use crate::sandbox::bindings::WitError;
@@ -672,7 +672,7 @@ enum Command {
         statement: String,
         params: Vec<Value>,
         query: bool,
-        max_rows: u32,
+        limit: ResultLimit,
         reply: oneshot::Sender<Result<Outcome, Failed>>,
     },
     Finish {
@@ -870,10 +870,10 @@ async fn serve(
                 statement,
                 params,
                 query,
-                max_rows,
+                limit,
                 reply,
             } => {
-                let result = run(&tx, &statement, params, query, max_rows).await;
+                let result = run(&tx, &statement, params, query, limit).await;
                 let _ = reply.send(result);
             }
             Command::Finish {
@@ -898,14 +898,14 @@ async fn serve(
 }
 
 impl PluginTx {
-    /// Run one plugin statement: rows for a query (at most `max_rows`), else
+    /// Run one plugin statement: rows for a query (at most `limit`), else
     /// the number of rows changed.
     pub async fn run(
         &mut self,
         statement: String,
         params: Vec<Value>,
         query: bool,
-        max_rows: u32,
+        limit: ResultLimit,
     ) -> Result<Outcome, WitError> {
         if let Some(why) = &self.broken {
             return Err(WitError::Invalid(format!(
@@ -922,7 +922,7 @@ impl PluginTx {
             statement,
             params,
             query,
-            max_rows,
+            limit,
             reply,
         };
         if self.commands.send(command).await.is_err() {
@@ -1289,6 +1289,27 @@ impl ToSql for Param {
     to_sql_checked!();
 }
 
+/// Rows fetched from a plugin query's portal at a time.
+const FETCH_BATCH: i64 = 256;
+
+/// The length of a result cell's wire value (`None` for NULL), read
+/// without copying it.
+struct RawLen(Option<usize>);
+
+impl<'a> FromSql<'a> for RawLen {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Self(Some(raw.len())))
+    }
+
+    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Self(None))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
 /// One result cell, decoded by its column's type.
 struct Cell(Value);
 
@@ -1345,7 +1366,7 @@ async fn run(
     statement: &str,
     params: Vec<Value>,
     query: bool,
-    max_rows: u32,
+    limit: ResultLimit,
 ) -> Result<Outcome, Failed> {
     let stmt = tx.prepare(statement).await.map_err(Failed::server)?;
     let types = stmt.params();
@@ -1371,43 +1392,59 @@ async fn run(
             .map_err(Failed::server);
     }
     let columns: Vec<String> = stmt.columns().iter().map(|c| c.name().to_owned()).collect();
+    let mut sized = Vec::with_capacity(columns.len());
     for column in stmt.columns() {
-        if class(column.type_()).is_none() {
+        let Some(class) = class(column.type_()) else {
             return Err(Failed::local(WitError::Invalid(format!(
                 "column `{}` has type {}, which the sql interface does not return; cast it in the query, e.g. `{}::text`",
                 column.name(),
                 column.type_(),
                 column.name()
             ))));
-        }
+        };
+        // Values counted by their length in `limits.sql_bytes`.
+        sized.push(matches!(
+            class,
+            Class::Text | Class::Json | Class::Jsonb | Class::Bytea | Class::Numeric
+        ));
     }
     let portal = tx
         .bind_raw(&stmt, params.iter())
         .await
         .map_err(Failed::server)?;
-    // One row more than allowed tells "too many" without fetching them all.
-    let fetch = i32::try_from(max_rows)
-        .unwrap_or(i32::MAX)
-        .saturating_add(1);
-    let stream = tx
-        .query_portal_raw(&portal, fetch)
-        .await
-        .map_err(Failed::server)?;
-    futures::pin_mut!(stream);
+    // Rows are fetched a batch at a time, so no more than a batch is ever
+    // held beyond the limits; one row more than allowed tells "too many".
+    let max_rows = i64::from(limit.rows);
     let mut values = Vec::new();
-    while let Some(row) = stream.try_next().await.map_err(Failed::server)? {
-        if values.len() >= max_rows as usize {
-            return Err(Failed::local(WitError::LimitExceeded(format!(
-                "query returned more than {max_rows} rows (limits.sql_rows)"
-            ))));
+    let mut bytes = 0;
+    loop {
+        let wanted = (max_rows + 1 - values.len() as i64).clamp(1, FETCH_BATCH);
+        let stream = tx
+            .query_portal_raw(&portal, wanted as i32)
+            .await
+            .map_err(Failed::server)?;
+        futures::pin_mut!(stream);
+        let mut fetched = 0;
+        while let Some(row) = stream.try_next().await.map_err(Failed::server)? {
+            fetched += 1;
+            if values.len() as i64 >= max_rows {
+                return Err(Failed::local(limit.too_many_rows()));
+            }
+            let mut out = Vec::with_capacity(columns.len());
+            for (i, sized) in sized.iter().enumerate() {
+                let RawLen(len) = row.try_get(i).map_err(|e| Failed::local(pg_error(&e)))?;
+                limit
+                    .count(&mut bytes, len.filter(|_| *sized))
+                    .map_err(Failed::local)?;
+                // Decoding happens here, not on the server: nothing aborted.
+                let cell: Cell = row.try_get(i).map_err(|e| Failed::local(pg_error(&e)))?;
+                out.push(cell.0);
+            }
+            values.push(out);
         }
-        let mut out = Vec::with_capacity(columns.len());
-        for i in 0..columns.len() {
-            // Decoding happens here, not on the server: nothing aborted.
-            let cell: Cell = row.try_get(i).map_err(|e| Failed::local(pg_error(&e)))?;
-            out.push(cell.0);
+        if fetched < wanted {
+            break;
         }
-        values.push(out);
     }
     Ok(Outcome::Rows(Rows { columns, values }))
 }

@@ -17,7 +17,7 @@ use rusqlite::limits::Limit;
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension as _};
 
-use super::Outcome;
+use super::{Outcome, ResultLimit};
 use crate::capability::StateOp;
 use crate::sandbox::bindings::WitError;
 use crate::sandbox::bindings::sandpipe::connector::sql::{Rows, Value};
@@ -356,13 +356,13 @@ fn sql_error(err: rusqlite::Error) -> WitError {
 }
 
 /// Run one plugin statement on `conn` (blocking): rows for a query (at most
-/// `max_rows`), else the number of rows changed.
+/// `limit`), else the number of rows changed.
 pub fn run(
     conn: &PluginConn,
     statement: &str,
     params: Vec<Value>,
     query: bool,
-    max_rows: u32,
+    limit: ResultLimit,
 ) -> Result<Outcome, WitError> {
     let mut stmt = conn.conn.prepare(statement).map_err(sql_error)?;
     let params = rusqlite::params_from_iter(params.into_iter().map(to_sql));
@@ -376,15 +376,21 @@ pub fn run(
     let width = columns.len();
     let mut rows = stmt.query(params).map_err(sql_error)?;
     let mut values = Vec::new();
+    let mut bytes = 0;
     while let Some(row) = rows.next().map_err(sql_error)? {
-        if values.len() >= max_rows as usize {
-            return Err(WitError::LimitExceeded(format!(
-                "query returned more than {max_rows} rows"
-            )));
+        if values.len() >= limit.rows as usize {
+            return Err(limit.too_many_rows());
         }
         let mut out = Vec::with_capacity(width);
         for i in 0..width {
-            out.push(from_sql(row.get_ref(i).map_err(sql_error)?));
+            let value = row.get_ref(i).map_err(sql_error)?;
+            let len = match value {
+                ValueRef::Text(b) | ValueRef::Blob(b) => Some(b.len()),
+                _ => None,
+            };
+            // Counted before it is copied out of SQLite.
+            limit.count(&mut bytes, len)?;
+            out.push(from_sql(value));
         }
         values.push(out);
     }
@@ -397,6 +403,13 @@ mod tests {
 
     use super::*;
 
+    fn rows(rows: u32) -> ResultLimit {
+        ResultLimit {
+            rows,
+            bytes: 1 << 20,
+        }
+    }
+
     fn open(timeout: Duration) -> (tempfile::TempDir, Arc<PluginDb>, PluginConn) {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = Arc::new(PluginDb::new(dir.path(), "p", timeout).expect("db"));
@@ -405,7 +418,7 @@ mod tests {
     }
 
     fn exec(conn: &PluginConn, sql: &str) -> Result<u64, WitError> {
-        match run(conn, sql, Vec::new(), false, 100)? {
+        match run(conn, sql, Vec::new(), false, rows(100))? {
             Outcome::Changed(n) => Ok(n),
             Outcome::Rows(_) => Ok(0),
         }
@@ -445,10 +458,16 @@ mod tests {
                 Value::Float(0.5),
             ],
             false,
-            100,
+            rows(100),
         );
         assert!(matches!(n, Ok(Outcome::Changed(1))));
-        let rows = run(&conn, "SELECT a, b, c, d FROM t", Vec::new(), true, 100);
+        let rows = run(
+            &conn,
+            "SELECT a, b, c, d FROM t",
+            Vec::new(),
+            true,
+            rows(100),
+        );
         let Ok(Outcome::Rows(rows)) = rows else {
             panic!("query failed")
         };
@@ -461,7 +480,7 @@ mod tests {
     fn runaway_queries_and_huge_results_are_limited() {
         let (_dir, _db, conn) = open(Duration::from_millis(200));
         let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
-        let result = run(&conn, endless, Vec::new(), true, 100);
+        let result = run(&conn, endless, Vec::new(), true, rows(100));
         assert!(
             matches!(result, Err(WitError::LimitExceeded(_))),
             "{:?}",
@@ -469,12 +488,29 @@ mod tests {
         );
         conn.arm_deadline(Duration::from_secs(5));
         let many = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000) SELECT x FROM c";
-        let result = run(&conn, many, Vec::new(), true, 100);
+        let result = run(&conn, many, Vec::new(), true, rows(100));
         assert!(
-            matches!(&result, Err(WitError::LimitExceeded(m)) if m.contains("more than 100 rows")),
+            matches!(&result, Err(WitError::LimitExceeded(m)) if m.contains("more than 100 rows (limits.sql_rows)")),
             "{:?}",
             result.err()
         );
+        // Few rows, but more bytes than allowed: refused before the value
+        // is copied out of SQLite.
+        let wide = "SELECT zeroblob(2000000)";
+        let result = run(&conn, wide, Vec::new(), true, rows(100));
+        assert!(
+            matches!(&result, Err(WitError::LimitExceeded(m)) if m.contains("more than 1.0 MiB of values (limits.sql_bytes)")),
+            "{:?}",
+            result.err()
+        );
+        let under = run(
+            &conn,
+            "SELECT zeroblob(1000000)",
+            Vec::new(),
+            true,
+            rows(100),
+        );
+        assert!(under.is_ok(), "{:?}", under.err());
     }
 
     #[test]
@@ -486,7 +522,8 @@ mod tests {
         exec(&conn, "INSERT INTO t VALUES (1)").expect("insert");
         db.rollback(conn);
         let conn = db.begin().expect("begin");
-        let Ok(Outcome::Rows(rows)) = run(&conn, "SELECT count(*) FROM t", Vec::new(), true, 10)
+        let Ok(Outcome::Rows(rows)) =
+            run(&conn, "SELECT count(*) FROM t", Vec::new(), true, rows(10))
         else {
             panic!("query failed")
         };
