@@ -5,6 +5,7 @@
 
 mod crash;
 mod examples;
+mod exec;
 mod harness;
 mod outage;
 mod plugins;

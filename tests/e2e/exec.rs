@@ -1,0 +1,494 @@
+//! `sandpipe exec` and `sandpipe replay` through the binary: real
+//! connectors and fixtures, the printed report, the exit codes, and
+//! record → replay.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::harness::{component, root, shared_cache};
+
+/// Run the `sandpipe` binary with `args` and the shared code cache.
+fn sandpipe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sandpipe"))
+        .args(args)
+        .arg("--cache-dir")
+        .arg(shared_cache())
+        .env_remove("SANDPIPE_LOG")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run sandpipe: {e}"))
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A folder with files for one test.
+struct Files(tempfile::TempDir);
+
+impl Files {
+    fn new() -> Self {
+        Self(tempfile::tempdir().unwrap())
+    }
+
+    fn write(&self, name: &str, bytes: &[u8]) -> String {
+        let p = self.0.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.display().to_string()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+}
+
+fn wasm(name: &str) -> String {
+    component(name).display().to_string()
+}
+
+fn text_message(files: &Files) -> (String, String) {
+    let message = files.write(
+        "message.json",
+        br#"{"uuid_ref":"m-text","data_type":"text/plain","data_location":"texts/a.txt"}"#,
+    );
+    let data = files.write("a.txt", b"hello world\nsecond line\n");
+    (message, data)
+}
+
+#[test]
+fn text_stats_prints_its_outcome_sql_emit_logs_and_fuel() {
+    let f = Files::new();
+    let (message, data) = text_message(&f);
+    let plugin = wasm("text-stats");
+    let out = sandpipe(&[
+        "exec",
+        &plugin,
+        "--message",
+        &message,
+        "--data",
+        &data,
+        "--config",
+        "output=counts",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(text.contains("outcome   done"), "{text}");
+    assert!(
+        text.contains("grants    log, config, blob, sql, emit (any output)"),
+        "{text}"
+    );
+    // Both statements, the upsert with its parameters and result.
+    assert!(
+        text.contains("1. execute CREATE TABLE IF NOT EXISTS text_stats"),
+        "{text}"
+    );
+    assert!(text.contains("2. execute INSERT INTO text_stats"), "{text}");
+    assert!(
+        text.contains(r#"params $1 = "m-text", $2 = "texts/a.txt", $3 = 2, $4 = 4, $5 = 24"#),
+        "{text}"
+    );
+    assert!(text.contains("→ 1 row changed"), "{text}");
+    // The emit went to the configured output, captured with its header.
+    assert!(
+        text.contains("1. → counts (") && text.contains("[content-type: application/json]"),
+        "{text}"
+    );
+    assert!(text.contains(r#""lines":2"#), "{text}");
+    assert!(
+        text.contains("info  texts/a.txt: 2 lines, 4 words, 24 bytes -> counts"),
+        "{text}"
+    );
+    let fuel_line = text.lines().find(|l| l.starts_with("fuel")).unwrap();
+    let fuel: u64 = fuel_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(fuel > 0, "{fuel_line}");
+    assert!(text.contains("duration  "), "{text}");
+
+    // The same as JSON.
+    let out = sandpipe(&[
+        "exec",
+        &plugin,
+        "--message",
+        &message,
+        "--data",
+        &data,
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"]["status"], "done");
+    assert_eq!(v["exit_code"], 0);
+    assert_eq!(v["sql"].as_array().unwrap().len(), 2);
+    assert_eq!(v["sql"][1]["result"]["ok"]["changed"], 1);
+    assert_eq!(v["emits"][0]["output"], "stats");
+    assert_eq!(v["logs"][0]["level"], "info");
+    assert!(v["fuel"].as_u64().unwrap() > 0);
+    let calls: Vec<String> = v["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!(
+                "{}.{}",
+                c["interface"].as_str().unwrap(),
+                c["function"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(calls[0], "blob.open-data");
+    assert!(calls.contains(&"emit.publish".to_owned()), "{calls:?}");
+}
+
+#[test]
+fn image_meta_records_the_dimensions_of_a_png() {
+    let f = Files::new();
+    let message = f.write(
+        "message.json",
+        br#"{"uuid_ref":"m-png","data_type":"image/png","data_location":"images/red-square.png"}"#,
+    );
+    let png = root().join("examples/quickstart/data/images/red-square.png");
+    let out = sandpipe(&[
+        "exec",
+        &wasm("image-meta"),
+        "--message",
+        &message,
+        "--data",
+        &png.display().to_string(),
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(text.contains("outcome   done"), "{text}");
+    assert!(
+        text.contains("grants    log, config, blob, sql\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"params $1 = "m-png", $2 = "images/red-square.png", $3 = "png", $4 = 16, $5 = 16, $6 = 83"#),
+        "{text}"
+    );
+    assert!(text.contains("emits (0)"), "{text}");
+}
+
+#[test]
+fn probe_sees_meta_and_config_and_a_narrowed_grant_is_denied() {
+    let f = Files::new();
+    let message = f.write(
+        "echo-meta.json",
+        br#"{"uuid_ref":"m-meta","data_type":"test/probe","action":"echo-meta","metadata":{"inline":1}}"#,
+    );
+    let probe = wasm("fx-probe");
+    let out = sandpipe(&[
+        "exec",
+        &probe,
+        "--message",
+        &message,
+        "--meta",
+        "owner=ann",
+        "--meta",
+        "n=[1,2]",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(
+        text.contains(r#"outcome   skip: {"inline":1,"n":[1,2],"owner":"ann"}"#),
+        "{text}"
+    );
+
+    let message = f.write(
+        "echo-config.json",
+        br#"{"uuid_ref":"m-config","data_type":"test/probe","action":"echo-config"}"#,
+    );
+    let out = sandpipe(&[
+        "exec",
+        &probe,
+        "--message",
+        &message,
+        "--config",
+        "greeting=hi",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("outcome   skip: greeting=hi"),
+        "{}",
+        stdout(&out)
+    );
+
+    // State changes are captured, and shown.
+    let message = f.write(
+        "state.json",
+        br#"{"uuid_ref":"m-state","data_type":"test/probe","action":"state"}"#,
+    );
+    let out = sandpipe(&["exec", &probe, "--message", &message]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("state changes (1)\n  set counter = 1"),
+        "{text}"
+    );
+
+    // --grant narrows: emit is not granted, so the call is denied.
+    let message = f.write(
+        "emit.json",
+        br#"{"uuid_ref":"m-emit","data_type":"test/probe","action":"emit","output":"out"}"#,
+    );
+    let out = sandpipe(&["exec", &probe, "--message", &message, "--grant", "sql,meta"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("grants    log, config, sql, meta\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("outcome   failed: denied-call: access-denied: plugin `fx_probe` called emit.publish but has no `emit` grant"),
+        "{text}"
+    );
+    // emit:OUTPUT grants that output only.
+    let out = sandpipe(&["exec", &probe, "--message", &message, "--grant", "emit:out"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("1. → out (5 bytes)\n       hello"),
+        "{}",
+        stdout(&out)
+    );
+    let out = sandpipe(&[
+        "exec",
+        &probe,
+        "--message",
+        &message,
+        "--grant",
+        "emit:other",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("may not emit to output `out` (granted: other)"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn sql_queries_show_their_rows_and_failed_statements_their_error() {
+    let f = Files::new();
+    let probe = wasm("fx-probe");
+    let message = f.write(
+        "query.json",
+        br#"{"uuid_ref":"m-q","data_type":"test/probe","action":"sql-query","sql":"SELECT 1 AS one, 'x' AS two"}"#,
+    );
+    let out = sandpipe(&["exec", &probe, "--message", &message]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(r#"→ 1 row ["one","two"] [[1,"x"]]"#),
+        "{text}"
+    );
+    // The plugin database is locked down as under `run`.
+    let message = f.write(
+        "pragma.json",
+        br#"{"uuid_ref":"m-a","data_type":"test/probe","action":"sql-exec","sql":"PRAGMA writable_schema = ON"}"#,
+    );
+    let out = sandpipe(&["exec", &probe, "--message", &message]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("→ error: access-denied: statement not allowed"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_panicking_plugin_exits_1_with_its_panic_message() {
+    let f = Files::new();
+    let message = f.write(
+        "m.json",
+        br#"{"uuid_ref":"m-panic","data_type":"test/panic"}"#,
+    );
+    let out = sandpipe(&["exec", &wasm("fx-panic"), "--message", &message]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("outcome   failed: panic: plugin panicked: fixture panic: m-panic"),
+        "{text}"
+    );
+    let out = sandpipe(&["exec", &wasm("fx-panic"), "--message", &message, "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"]["failure"], "panic");
+}
+
+#[test]
+fn an_endless_loop_runs_out_of_the_fuel_given() {
+    let f = Files::new();
+    let message = f.write(
+        "m.json",
+        br#"{"uuid_ref":"m-loop","data_type":"test/loop"}"#,
+    );
+    let out = sandpipe(&[
+        "exec",
+        &wasm("fx-loop"),
+        "--message",
+        &message,
+        "--fuel",
+        "200000",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("outcome   failed: out-of-fuel: plugin ran out of fuel (limit 200000)"),
+        "{text}"
+    );
+    assert!(text.contains("fuel      200000\n"), "{text}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let f = Files::new();
+    let (message, data) = text_message(&f);
+    let plugin = wasm("text-stats");
+    for (args, expected) in [
+        (
+            vec!["exec", &plugin, "--message", &message],
+            "give its content with --data FILE",
+        ),
+        (
+            vec!["exec", &plugin, "--message", "/nonexistent/m.json"],
+            "cannot read the message",
+        ),
+        (
+            vec![
+                "exec",
+                &plugin,
+                "--message",
+                &message,
+                "--data",
+                &data,
+                "--grant",
+                "disk",
+            ],
+            "--grant \"disk\"",
+        ),
+        (
+            vec![
+                "exec",
+                &plugin,
+                "--message",
+                &message,
+                "--data",
+                &data,
+                "--meta",
+                "novalue",
+            ],
+            "expected KEY=VALUE",
+        ),
+        (
+            vec!["exec", &message, "--message", &message, "--data", &data],
+            "cannot compile",
+        ),
+        (
+            vec!["replay", "/nonexistent", &plugin],
+            "is not a recording",
+        ),
+    ] {
+        let out = sandpipe(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+fn record(f: &Files, dir: &Path) {
+    let (message, data) = text_message(f);
+    let out = sandpipe(&[
+        "exec",
+        &wasm("text-stats"),
+        "--message",
+        &message,
+        "--data",
+        &data,
+        "--record",
+        &dir.display().to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&format!("recorded in {}", dir.display())));
+    for file in ["message.json", "data", "recording.json"] {
+        assert!(dir.join(file).exists(), "{file} was not recorded");
+    }
+}
+
+#[test]
+fn replaying_the_same_build_shows_no_difference() {
+    let f = Files::new();
+    let dir = f.path("rec");
+    record(&f, &dir);
+    let rec = dir.display().to_string();
+    let out = sandpipe(&["replay", &rec, &wasm("text-stats")]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("no difference: the outcome and all 8 host calls match"),
+        "{text}"
+    );
+    let out = sandpipe(&["replay", &rec, &wasm("text-stats"), "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["same"], true);
+}
+
+#[test]
+fn replaying_changed_data_or_another_component_shows_the_difference() {
+    let f = Files::new();
+    let dir = f.path("rec");
+    record(&f, &dir);
+    let rec = dir.display().to_string();
+
+    // Another component: a different outcome, none of the calls.
+    let out = sandpipe(&["replay", &rec, &wasm("image-meta")]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("outcome differs\n  recorded: done\n  replayed: skip: type \"text/plain\" is not image/png"),
+        "{text}"
+    );
+    assert!(
+        text.contains("call 1 missing in the replay\n  recorded: blob.open-data"),
+        "{text}"
+    );
+
+    // Changed data: the read, the upsert's parameters, the emit and the log differ.
+    std::fs::write(dir.join("data"), b"hello world\nsecond line\nthird\n").unwrap();
+    let out = sandpipe(&["replay", &rec, &wasm("text-stats")]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(!text.contains("outcome differs"), "{text}");
+    assert!(
+        text.contains("call 2 blob.reader.read: result differs"),
+        "{text}"
+    );
+    assert!(
+        text.contains("call 5 sql.execute: arguments differ"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"replayed: sql.execute {"params":["m-text","texts/a.txt",3,5,30]"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("call 7 emit.publish: arguments differ"),
+        "{text}"
+    );
+    assert!(text.contains("\n4 differences\n"), "{text}");
+    let out = sandpipe(&["replay", &rec, &wasm("text-stats"), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["same"], false);
+    assert_eq!(v["changes"].as_array().unwrap().len(), 4);
+    assert_eq!(v["changes"][0]["change"], "changed");
+}
