@@ -201,6 +201,25 @@ fn probe_sees_meta_and_config_and_a_narrowed_grant_is_denied() {
         "{text}"
     );
 
+    // --meta-file stands for the metadata store, under --meta.
+    let meta = f.write("meta.json", br#"{"owner":"bob","title":"T"}"#);
+    let out = sandpipe(&[
+        "exec",
+        &probe,
+        "--message",
+        &message,
+        "--meta-file",
+        &meta,
+        "--meta",
+        "owner=ann",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(r#"outcome   skip: {"inline":1,"owner":"ann","title":"T"}"#),
+        "{}",
+        stdout(&out)
+    );
+
     let message = f.write(
         "echo-config.json",
         br#"{"uuid_ref":"m-config","data_type":"test/probe","action":"echo-config"}"#,

@@ -66,6 +66,10 @@ pub struct ExecArgs {
     /// read as JSON when it parses, else as a string. Repeatable.
     #[arg(long = "meta", value_name = "KEY=VALUE")]
     pub meta: Vec<String>,
+    /// A JSON object of metadata, as the metadata store would return it for
+    /// the message's `meta_location` (under the --meta values).
+    #[arg(long, value_name = "FILE")]
+    pub meta_file: Option<PathBuf>,
     /// A value for the `config` interface, read like --meta. Repeatable.
     #[arg(long = "config", value_name = "KEY=VALUE")]
     pub config: Vec<String>,
@@ -228,6 +232,18 @@ impl Inputs {
             )));
         }
         let mut meta = Map::new();
+        if let Some(file) = &args.meta_file {
+            let text = read(file, "the metadata")?;
+            match serde_json::from_slice(&text) {
+                Ok(Json::Object(map)) => meta = map,
+                _ => {
+                    return Err(usage(format!(
+                        "--meta-file {}: not a JSON object",
+                        file.display()
+                    )));
+                }
+            }
+        }
         for arg in &args.meta {
             let (k, v) = key_value(arg, "--meta")?;
             meta.insert(k, v);
@@ -418,9 +434,9 @@ pub async fn run(path: &Path, inputs: &Inputs, cache_dir: Option<&Path>) -> anyh
             "the message has no data_location: the data is served at `{location}`"
         ));
     }
-    if envelope.meta_location.is_some() {
+    if envelope.meta_location.is_some() && inputs.meta.is_empty() {
         report.notes.push(
-            "the message's meta_location is not read by exec: give metadata with --meta".into(),
+            "the message's meta_location is not read by exec: give its metadata with --meta-file or --meta".into(),
         );
     }
 
@@ -503,7 +519,9 @@ pub async fn exec(args: ExecArgs) -> ExitCode {
             None => Ok(()),
         })
     };
-    if let Err(e) = printed {
+    if let Err(e) = printed
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
         eprintln!("error: cannot print the report: {e}");
     }
     ExitCode::from(report.exit_code)
@@ -526,7 +544,9 @@ pub async fn replay(args: ReplayArgs) -> ExitCode {
     } else {
         record::print(&mut out, &comparison, &recording.report, &report)
     };
-    if let Err(e) = printed {
+    if let Err(e) = printed
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
         eprintln!("error: cannot print the comparison: {e}");
     }
     ExitCode::from(if comparison.is_same() {
