@@ -7,6 +7,7 @@ mod crash;
 mod examples;
 mod exec;
 mod harness;
+mod hostile;
 mod outage;
 mod plugins;
 mod poison;

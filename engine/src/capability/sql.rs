@@ -153,14 +153,20 @@ impl InvocationState {
         let result = tx
             .run(statement, params, query, ResultLimit::of(&plugin.limits))
             .await;
-        if let Err(WitError::LimitExceeded(message)) = &result {
-            for key in ["sql_rows", "sql_bytes"] {
-                if message.ends_with(&format!("(limits.{key})")) {
-                    self.host.count_limit(key);
+        match result {
+            // The database's policy (SQLite's authorizer, PostgreSQL's
+            // transaction control) refused it: a denial like any other.
+            Err(WitError::AccessDenied(message)) => Err(self.host.deny(message)),
+            Err(WitError::LimitExceeded(message)) => {
+                for key in ["sql_rows", "sql_bytes"] {
+                    if message.ends_with(&format!("(limits.{key})")) {
+                        self.host.count_limit(key);
+                    }
                 }
+                Err(WitError::LimitExceeded(message))
             }
+            other => other,
         }
-        result
     }
 }
 

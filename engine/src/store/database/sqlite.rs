@@ -338,6 +338,10 @@ fn sql_error(err: rusqlite::Error) -> WitError {
         {
             WitError::AccessDenied(format!("statement not allowed in a plugin database: {err}"))
         }
+        // A function the authorizer refuses is reported as a plain error.
+        _ if err.to_string().starts_with("not authorized") => {
+            WitError::AccessDenied(format!("statement not allowed in a plugin database: {err}"))
+        }
         rusqlite::Error::SqliteFailure(e, _)
             if e.code == rusqlite::ErrorCode::OperationInterrupted =>
         {
