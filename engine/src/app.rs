@@ -134,8 +134,15 @@ pub async fn run(
     if let Some(server) = &assembled.config.server {
         crate::server::serve(server.listen, ready.clone(), shutdown.clone()).await?;
     }
-    let listener: Arc<dyn listener::Listener> =
-        Arc::from(listener::build(&assembled.config.listener, once, ready.clone()).await?);
+    let listener: Arc<dyn listener::Listener> = Arc::from(
+        listener::build(
+            &assembled.config.listener,
+            once,
+            assembled.config.pipeline.max_message_bytes.as_u64(),
+            ready.clone(),
+        )
+        .await?,
+    );
     let pipeline = Arc::new(Pipeline::new(
         assembled.config.clone(),
         assembled.sandbox.clone(),

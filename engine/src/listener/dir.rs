@@ -11,6 +11,7 @@
 //! At start, files left in `.work/` by a process that died are put back
 //! for immediate redelivery with their attempt number, so nothing is lost.
 
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,6 +46,9 @@ pub struct DirListener {
     spool: Arc<Spool>,
     poll: Duration,
     once: bool,
+    /// Bytes read of a message file at most, plus one (so the pipeline can
+    /// tell it is too large without reading it all).
+    max_bytes: u64,
 }
 
 impl DirListener {
@@ -69,7 +73,19 @@ impl DirListener {
                 tracing::warn!(file = %original, "recovered a message left in progress by a previous run");
             }
         }
-        Ok(Self { spool, poll, once })
+        Ok(Self {
+            spool,
+            poll,
+            once,
+            max_bytes: u64::MAX,
+        })
+    }
+
+    /// Read no more than `max` bytes (plus one) of a message file:
+    /// `pipeline.max_message_bytes`.
+    pub fn with_max_message_bytes(mut self, max: u64) -> Self {
+        self.max_bytes = max;
+        self
     }
 
     fn sorted(dir: &Path) -> anyhow::Result<Vec<String>> {
@@ -93,8 +109,13 @@ impl DirListener {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("cannot claim {}", from.display())),
         }
-        let body =
-            std::fs::read(&work).with_context(|| format!("cannot read {}", work.display()))?;
+        let mut body = Vec::new();
+        std::fs::File::open(&work)
+            .and_then(|f| {
+                f.take(self.max_bytes.saturating_add(1))
+                    .read_to_end(&mut body)
+            })
+            .with_context(|| format!("cannot read {}", work.display()))?;
         self.spool.inflight.fetch_add(1, Ordering::SeqCst);
         Ok(Some(Delivery {
             body: Bytes::from(body),
@@ -244,6 +265,30 @@ impl Acker for DirAcker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_message_file_is_read_no_further_than_the_limit() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let l = DirListener::new(dir.path(), Duration::from_millis(10), true)?
+            .with_max_message_bytes(100);
+        DirListener::send_to(dir.path(), &[b' '; 10_000], "big.json")?;
+        let big = l
+            .recv()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no delivery"))?;
+        assert_eq!(big.body.len(), 101, "read past the limit");
+        let name = big.name.clone();
+        big.acker
+            .settle(Settlement::DeadLetter {
+                reason: "too large".into(),
+                report: serde_json::Value::Null,
+            })
+            .await?;
+        // The dead letter is the whole original file, not what was read.
+        let kept = std::fs::metadata(dir.path().join("dead").join(&name))?;
+        assert_eq!(kept.len(), 10_000);
+        Ok(())
+    }
 
     #[tokio::test]
     async fn claims_settles_and_drains_in_once_mode() -> anyhow::Result<()> {

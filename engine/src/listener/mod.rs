@@ -81,10 +81,13 @@ pub trait Listener: Send + Sync {
 }
 
 /// Build the configured listener. `once`: drain what is there, then end.
-/// The listener reports its connection state to `ready`.
+/// A message file is read no further than `max_message_bytes` plus one
+/// (a broker hands over whole messages: its own limit bounds them). The
+/// listener reports its connection state to `ready`.
 pub async fn build(
     config: &ListenerConfig,
     once: bool,
+    max_message_bytes: u64,
     ready: Readiness,
 ) -> anyhow::Result<Box<dyn Listener>> {
     match config {
@@ -92,7 +95,8 @@ pub async fn build(
             path,
             poll_interval,
         } => {
-            let listener = DirListener::new(path, *poll_interval, once)?;
+            let listener = DirListener::new(path, *poll_interval, once)?
+                .with_max_message_bytes(max_message_bytes);
             ready.ready("listener");
             Ok(Box::new(listener))
         }

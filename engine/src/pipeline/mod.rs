@@ -238,6 +238,20 @@ impl Pipeline {
         attempt: u32,
         name: &str,
     ) -> anyhow::Result<Settlement> {
+        let max = self.config.pipeline.max_message_bytes;
+        if body.len() as u64 > max.as_u64() {
+            // Not parsed: its id is unknown, and parsing is what a huge
+            // message would attack.
+            let id = format!("delivery:{name}");
+            metrics::counter!(crate::metrics::LIMIT_EXCEEDED, "limit" => "max_message_bytes")
+                .increment(1);
+            let received = Entry::message(&id, attempt, Status::Received, "");
+            let reason = format!(
+                "message too large: {} bytes or more, larger than {max} (pipeline.max_message_bytes); not parsed",
+                body.len()
+            );
+            return self.dead(&id, attempt, reason, vec![received]).await;
+        }
         let envelope = match envelope::parse(body, &self.config.message_fields) {
             Ok(e) => e,
             Err(err) => {
@@ -456,10 +470,19 @@ impl Pipeline {
         }
         let mut metadata = envelope.metadata.clone();
         if let Some(location) = &envelope.meta_location {
-            match self.meta.fetch(location).await {
+            match self
+                .meta
+                .fetch(location, self.config.pipeline.max_metadata_bytes)
+                .await
+            {
                 Ok(found) => metadata.extend(found),
                 Err(e @ MetaError::Unavailable(_)) => {
                     return Err(Resolution::Transient(e.to_string()));
+                }
+                Err(e @ MetaError::TooLarge(..)) => {
+                    metrics::counter!(crate::metrics::LIMIT_EXCEEDED, "limit" => "max_metadata_bytes")
+                        .increment(1);
+                    return Err(Resolution::Permanent(e.to_string()));
                 }
                 Err(e) => return Err(Resolution::Permanent(e.to_string())),
             }

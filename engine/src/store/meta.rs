@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
+use bytesize::ByteSize;
 use serde_json::{Map, Value};
+use tokio::io::AsyncReadExt as _;
 
 use crate::config::MetaStoreConfig;
 use crate::store::data::parse_location;
@@ -19,6 +21,10 @@ pub enum MetaError {
     /// The store failed; retrying later may work.
     #[error("metadata store unavailable: {0}")]
     Unavailable(String),
+    /// The object is larger than `pipeline.max_metadata_bytes`; it was not
+    /// read.
+    #[error("metadata `{0}` is larger than {1} (pipeline.max_metadata_bytes)")]
+    TooLarge(String, ByteSize),
 }
 
 /// The configured metadata store.
@@ -47,51 +53,80 @@ impl MetaStore {
         })
     }
 
-    /// The JSON object at `location`.
-    pub async fn fetch(&self, location: &str) -> Result<Map<String, Value>, MetaError> {
+    /// The JSON object at `location`; `TooLarge`, unread, past `max`
+    /// bytes.
+    pub async fn fetch(
+        &self,
+        location: &str,
+        max: ByteSize,
+    ) -> Result<Map<String, Value>, MetaError> {
+        let too_large = || MetaError::TooLarge(location.to_owned(), max);
         match self {
             Self::Inline => Err(MetaError::Invalid(format!(
                 "the message names meta_location `{location}` but meta_store is `inline`"
             ))),
-            Self::Redis(conn) => fetch_redis(conn.clone(), location).await,
+            Self::Redis(conn) => fetch_redis(conn.clone(), location, max).await,
             Self::File { root } => {
                 let path =
                     parse_location(location).map_err(|e| MetaError::Invalid(e.to_string()))?;
                 let file = root.join(path.as_ref());
-                let bytes = match tokio::fs::read(&file).await {
-                    Ok(b) => b,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        return Err(MetaError::NotFound(location.to_owned()));
-                    }
-                    Err(e) => {
-                        return Err(MetaError::Unavailable(format!("{}: {e}", file.display())));
+                let unavailable = |e: std::io::Error| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        MetaError::NotFound(location.to_owned())
+                    } else {
+                        MetaError::Unavailable(format!("{}: {e}", file.display()))
                     }
                 };
-                if bytes.len() > 1 << 20 {
-                    return Err(MetaError::Invalid(format!(
-                        "metadata `{location}` is larger than 1 MiB"
-                    )));
+                let opened = tokio::fs::File::open(&file).await.map_err(unavailable)?;
+                if opened.metadata().await.map_err(unavailable)?.len() > max.as_u64() {
+                    return Err(too_large());
                 }
-                match serde_json::from_slice::<Value>(&bytes) {
-                    Ok(Value::Object(map)) => Ok(map),
-                    Ok(_) => Err(MetaError::Invalid(format!(
-                        "metadata `{location}` is not a JSON object"
-                    ))),
-                    Err(e) => Err(MetaError::Invalid(format!(
-                        "metadata `{location}` is not valid JSON: {e}"
-                    ))),
+                // Never more than the limit, even if the file grows meanwhile.
+                let mut bytes = Vec::new();
+                opened
+                    .take(max.as_u64().saturating_add(1))
+                    .read_to_end(&mut bytes)
+                    .await
+                    .map_err(unavailable)?;
+                if bytes.len() as u64 > max.as_u64() {
+                    return Err(too_large());
                 }
+                json_object(location, &bytes)
             }
         }
     }
 }
+
+fn json_object(location: &str, bytes: &[u8]) -> Result<Map<String, Value>, MetaError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(MetaError::Invalid(format!(
+            "metadata `{location}` is not a JSON object"
+        ))),
+        Err(e) => Err(MetaError::Invalid(format!(
+            "metadata `{location}` is not valid JSON: {e}"
+        ))),
+    }
+}
+
+/// A hash's fields and values, or (when together they pass `ARGV[1]`
+/// bytes) only their total size, so a huge hash never leaves Redis.
+const HASH_WITHIN: &str = r"
+local all = redis.call('HGETALL', KEYS[1])
+local n = 0
+for i = 1, #all do n = n + #all[i] end
+if n > tonumber(ARGV[1]) then return n end
+return all
+";
 
 /// sqAPI deployments store a JSON object as a string; others use a hash.
 /// Read whichever the key holds.
 async fn fetch_redis(
     mut conn: redis::aio::ConnectionManager,
     location: &str,
+    max: ByteSize,
 ) -> Result<Map<String, Value>, MetaError> {
+    let too_large = || MetaError::TooLarge(location.to_owned(), max);
     let unavailable = |e: redis::RedisError| MetaError::Unavailable(format!("Redis: {e}"));
     let kind: String = redis::cmd("TYPE")
         .arg(location)
@@ -101,36 +136,53 @@ async fn fetch_redis(
     match kind.as_str() {
         "none" => Err(MetaError::NotFound(location.to_owned())),
         "string" => {
-            let text: Vec<u8> = redis::cmd("GET")
+            let len: u64 = redis::cmd("STRLEN")
                 .arg(location)
                 .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            if text.len() > 1 << 20 {
-                return Err(MetaError::Invalid(format!(
-                    "metadata `{location}` is larger than 1 MiB"
-                )));
+            if len > max.as_u64() {
+                return Err(too_large());
             }
-            match serde_json::from_slice::<Value>(&text) {
-                Ok(Value::Object(map)) => Ok(map),
-                Ok(_) => Err(MetaError::Invalid(format!(
-                    "metadata `{location}` is not a JSON object"
-                ))),
-                Err(e) => Err(MetaError::Invalid(format!(
-                    "metadata `{location}` is not valid JSON: {e}"
-                ))),
+            // GETRANGE, not GET: never more than the limit, even if the
+            // value grew since STRLEN.
+            let text: Vec<u8> = redis::cmd("GETRANGE")
+                .arg(location)
+                .arg(0)
+                .arg(max.as_u64())
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if text.len() as u64 > max.as_u64() {
+                return Err(too_large());
             }
+            json_object(location, &text)
         }
         "hash" => {
-            let pairs: Vec<(String, String)> = redis::cmd("HGETALL")
-                .arg(location)
-                .query_async(&mut conn)
+            let reply: redis::Value = redis::Script::new(HASH_WITHIN)
+                .key(location)
+                .arg(max.as_u64())
+                .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            Ok(pairs
-                .into_iter()
-                .map(|(k, v)| (k, Value::String(v)))
-                .collect())
+            let redis::Value::Array(items) = reply else {
+                return Err(too_large());
+            };
+            let text = |v: &redis::Value| match v {
+                redis::Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+                other => Err(MetaError::Invalid(format!(
+                    "metadata key `{location}`: unexpected Redis reply {other:?}"
+                ))),
+            };
+            items
+                .chunks(2)
+                .map(|pair| match pair {
+                    [k, v] => Ok((text(k)?, Value::String(text(v)?))),
+                    _ => Err(MetaError::Invalid(format!(
+                        "metadata key `{location}`: odd HGETALL reply"
+                    ))),
+                })
+                .collect()
         }
         other => Err(MetaError::Invalid(format!(
             "metadata key `{location}` holds a Redis {other}, not a string or a hash"
