@@ -8,6 +8,7 @@ mod examples;
 mod exec;
 mod harness;
 mod hostile;
+mod limits;
 mod outage;
 mod plugins;
 mod poison;
