@@ -136,9 +136,28 @@ fn with_stderr(stderr: &str) -> String {
 }
 
 /// Rust's panic output is `thread '<unnamed>' panicked at src/lib.rs:3:5:\n<message>`;
-/// keep the message and the place.
+/// keep the message and the place. What the guest wrote before the panic
+/// line (the Python or JavaScript runtimes print the script's traceback,
+/// then panic) follows on the next lines, its last [`PRINTED_LINES`] lines.
 fn panic_message(stderr: &str) -> String {
     let text = stderr.trim();
+    let Some((before, _)) = text.split_once("panicked at ") else {
+        return format!("plugin panicked: {text}");
+    };
+    let printed = before.rsplit_once('\n').map_or("", |(p, _)| p).trim();
+    let message = rust_panic_message(text);
+    if printed.is_empty() {
+        return message;
+    }
+    let lines: Vec<&str> = printed.lines().collect();
+    let tail = lines[lines.len().saturating_sub(PRINTED_LINES)..].join("\n");
+    format!("{message}\n{tail}")
+}
+
+/// How many lines of what a guest printed before panicking are kept.
+const PRINTED_LINES: usize = 20;
+
+fn rust_panic_message(text: &str) -> String {
     match text.split_once("panicked at ") {
         Some((_, rest)) => match rest.split_once('\n') {
             Some((place, message)) => {
@@ -174,6 +193,16 @@ mod tests {
         assert_eq!(
             panic_message(stderr),
             "plugin panicked: fixture panic: m1 (at src/lib.rs:12:9)"
+        );
+    }
+
+    #[test]
+    fn a_traceback_printed_before_the_panic_follows_the_message() {
+        let stderr = "Traceback (most recent call last):\n  File \"app.py\", line 3, in execute\nValueError: bad\nthread '<unnamed>' panicked at runtime/src/lib.rs:1:2:\nPython function threw an unexpected exception\n";
+        assert_eq!(
+            panic_message(stderr),
+            "plugin panicked: Python function threw an unexpected exception (at runtime/src/lib.rs:1:2)\n\
+             Traceback (most recent call last):\n  File \"app.py\", line 3, in execute\nValueError: bad"
         );
     }
 }
