@@ -47,6 +47,23 @@ guest-lint: guest-toolchain
     CARGO_TARGET_DIR="{{guest_target_dir}}" cargo clippy --target wasm32-wasip2 -p sandpipe-sdk {{guest_connectors}} {{guest_fixtures}} -- -D warnings
 
 # ---------------------------------------------------------------------------
+# Plugins in Python and JavaScript (examples/plugins/): each script installs
+# its pinned tool when missing (componentize-py into a virtualenv under the
+# guest target dir, componentize-js + jco with `npm ci` in the example).
+# ---------------------------------------------------------------------------
+
+# Build examples/plugins/python-csv with componentize-py into target/plugins/
+py-plugin:
+    examples/plugins/componentize-py.sh examples/plugins/python-csv app "{{plugins_dir}}/python-csv.wasm"
+
+# Build examples/plugins/js-validate with componentize-js into target/plugins/
+js-plugin:
+    examples/plugins/componentize-js.sh examples/plugins/js-validate/validate.js "{{plugins_dir}}/js-validate.wasm"
+
+# Build both non-Rust example plugins
+polyglot: py-plugin js-plugin
+
+# ---------------------------------------------------------------------------
 # The engine.
 # ---------------------------------------------------------------------------
 

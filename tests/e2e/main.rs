@@ -12,6 +12,7 @@ mod limits;
 mod outage;
 mod plugins;
 mod poison;
+mod polyglot;
 mod postgres;
 mod quickstart;
 mod rabbitmq;

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Build a Python plugin into a wasm component with componentize-py, installing
+# the pinned componentize-py into a virtualenv first when it is missing.
+#
+#   examples/plugins/componentize-py.sh SRC_DIR MODULE OUT.wasm
+#
+# SRC_DIR holds MODULE.py (a `class WitWorld(wit_world.WitWorld)`); the world
+# is `plugin` of wit/sandpipe.wit. The virtualenv lives in
+# $SANDPIPE_TOOLS_DIR/venv (default: the guest target dir's polyglot/ folder,
+# outside git). Exit status 75 means the tool could not be installed.
+set -euo pipefail
+
+COMPONENTIZE_PY_VERSION=0.25.1
+
+if [ $# -ne 3 ]; then
+    echo "usage: $0 SRC_DIR MODULE OUT.wasm" >&2
+    exit 2
+fi
+src=$1 module=$2 out=$3
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+guests=${SANDPIPE_GUEST_TARGET_DIR:-$root/target/guests}
+tools=${SANDPIPE_TOOLS_DIR:-$guests/polyglot}
+venv=$tools/venv
+tool=$venv/bin/componentize-py
+
+if ! { [ -x "$tool" ] && "$tool" --version 2>/dev/null | grep -qx "componentize-py $COMPONENTIZE_PY_VERSION"; }; then
+    echo "installing componentize-py $COMPONENTIZE_PY_VERSION into $venv" >&2
+    python=$(command -v python3 || command -v python || true)
+    if [ -z "$python" ]; then
+        echo "cannot install componentize-py: no python3 on PATH" >&2
+        exit 75
+    fi
+    mkdir -p "$tools"
+    if ! { "$python" -m venv "$venv" >&2 \
+        && "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+            "componentize-py==$COMPONENTIZE_PY_VERSION" >&2; }; then
+        echo "cannot install componentize-py $COMPONENTIZE_PY_VERSION from PyPI with $python" >&2
+        exit 75
+    fi
+fi
+
+mkdir -p "$(dirname "$out")"
+# Build next to the output and rename, so a half-written file is never used.
+tmp=$out.tmp.$$
+trap 'rm -f "$tmp"' EXIT
+"$tool" -d "$root/wit" -w plugin componentize -p "$src" "$module" -o "$tmp" >&2
+mv "$tmp" "$out"
+echo "built $out ($(wc -c <"$out") bytes)" >&2
