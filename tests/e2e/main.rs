@@ -8,6 +8,7 @@ mod examples;
 mod exec;
 mod harness;
 mod hostile;
+mod leaks;
 mod limits;
 mod outage;
 mod plugins;

@@ -1,0 +1,151 @@
+//! Leaks between instances: a plugin leaves a secret in its linear memory;
+//! the next instance in the same pooling slot — of the same component, and
+//! of another one — scans all of its own memory and must not find it (a
+//! regression test for the pooling allocator's data-leak advisories).
+//!
+//! With `sandbox.max_instances: 1` the pool has two memory slots and one
+//! message runs at a time. An instance of the same component always gets
+//! the slot its last instance used (wasmtime's module affinity). For
+//! another component, three components take turns — the writer, a filler
+//! that traps, the scanner — so the scanner always gets the slot the writer
+//! just left: with no slot affine to it, it takes the least recently freed.
+
+use crate::harness::{Deployment, shared_cache};
+
+/// A fresh secret, and its bytes XOR 0xA5 in hex (what the scanner gets).
+fn secret() -> (String, String) {
+    let secret = format!("sandpipe-secret-{}", uuid::Uuid::new_v4().simple());
+    let masked = secret
+        .bytes()
+        .map(|b| format!("{:02x}", b ^ 0xA5))
+        .collect();
+    (secret, masked)
+}
+
+fn one_at_a_time(extra: &str) -> String {
+    format!(
+        "sandbox: {{ cache_dir: \"{}\", max_instances: 1, pooling: true }}\npipeline: {{ concurrency: 1 }}\nretry: {{ max_attempts: 1, backoff: {{ initial: 10ms }} }}\n{extra}",
+        shared_cache().display()
+    )
+}
+
+fn hostile(d: &Deployment, id: &str, fields: serde_json::Value) {
+    crate::hostile::hostile(d, id, fields);
+}
+
+/// The byte count of a scan's `clean: scanned N bytes`, or a panic with
+/// what it found.
+fn clean(id: &str, info: &str) -> usize {
+    info.strip_prefix("clean: scanned ")
+        .and_then(|rest| rest.strip_suffix(" bytes"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{id}: the scan saw another instance's secret: {info}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_next_instance_of_the_same_component_cannot_read_a_secret_left_in_memory() {
+    let d = Deployment::new(&[("fx-hostile", "leaky")], &one_at_a_time(""));
+    let (secret, masked) = secret();
+    // The scanner finds a secret that is there.
+    hostile(
+        &d,
+        "r0-selftest",
+        serde_json::json!({"action": "leak-selftest", "secret": secret, "masked": masked}),
+    );
+    const ROUNDS: usize = 4;
+    for r in 1..=ROUNDS {
+        // Every other writer traps after writing: a trapped instance's slot
+        // is reused too.
+        let write = serde_json::json!({"action": "leak-write", "secret": secret, "mib": 8, "trap": r % 2 == 0});
+        hostile(&d, &format!("r{r}-a-write"), write);
+        let scan = serde_json::json!({"action": "leak-scan", "masked": masked, "grow_mib": 16});
+        hostile(&d, &format!("r{r}-b-scan"), scan);
+    }
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(summary.processed, 1 + 2 * ROUNDS as u64, "{summary}");
+
+    let selftest = d.last("r0-selftest", "leaky").await.info;
+    assert!(
+        selftest.starts_with("found "),
+        "the scanner cannot see a secret: {selftest}"
+    );
+    let mut written = 0;
+    for r in 1..=ROUNDS {
+        let write = d.last(&format!("r{r}-a-write"), "leaky").await;
+        if r % 2 == 0 {
+            assert_eq!(write.status, "failed", "{write:?}");
+            assert!(write.info.contains("unreachable"), "{}", write.info);
+        } else {
+            let memory: usize = write
+                .info
+                .rsplit(" in ")
+                .next()
+                .and_then(|m| m.strip_suffix(" bytes of memory"))
+                .and_then(|m| m.parse().ok())
+                .unwrap_or_else(|| panic!("{}", write.info));
+            written = written.max(memory);
+        }
+        let id = format!("r{r}-b-scan");
+        let scanned = clean(&id, &d.last(&id, "leaky").await.info);
+        assert!(
+            scanned > written,
+            "{id} scanned {scanned} bytes, less than the writer's {written}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_of_another_component_cannot_read_a_secret_left_in_memory() {
+    let d = Deployment::new(
+        &[
+            ("fx-probe", "reader"),
+            ("fx-panic", "crasher"),
+            ("fx-hostile", "scanner"),
+        ],
+        &one_at_a_time("plugins:\n  grants:\n    reader: { blob: true }\n"),
+    );
+    let (secret, masked) = secret();
+    // The reader streams a data object full of the secret through its
+    // memory (fx-probe's `blob` action).
+    d.data(
+        "secret.txt",
+        secret.repeat((4 << 20) / secret.len()).as_bytes(),
+    );
+    hostile(
+        &d,
+        "r0-selftest",
+        serde_json::json!({"action": "leak-selftest", "secret": secret, "masked": masked}),
+    );
+    const ROUNDS: usize = 4;
+    for r in 1..=ROUNDS {
+        d.message(
+            &format!("r{r}-a-read.json"),
+            &serde_json::json!({"uuid_ref": format!("r{r}-a-read"), "data_type": "test/probe", "action": "blob", "data_location": "secret.txt"}).to_string(),
+        );
+        d.sqapi(
+            &format!("r{r}-b-crash.json"),
+            &format!("r{r}-b-crash"),
+            "test/panic",
+            None,
+        );
+        let scan = serde_json::json!({"action": "leak-scan", "masked": masked, "grow_mib": 16});
+        hostile(&d, &format!("r{r}-c-scan"), scan);
+    }
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(summary.processed, 1 + 3 * ROUNDS as u64, "{summary}");
+
+    let selftest = d.last("r0-selftest", "scanner").await.info;
+    assert!(
+        selftest.starts_with("found "),
+        "the scanner cannot see a secret: {selftest}"
+    );
+    for r in 1..=ROUNDS {
+        let read = d.last(&format!("r{r}-a-read"), "reader").await;
+        assert_eq!(read.status, "done", "{read:?}");
+        let crash = d.last(&format!("r{r}-b-crash"), "crasher").await;
+        assert!(crash.info.starts_with("panic"), "{}", crash.info);
+        let id = format!("r{r}-c-scan");
+        let scanned = clean(&id, &d.last(&id, "scanner").await.info);
+        assert!(scanned > 16 << 20, "{id} scanned only {scanned} bytes");
+    }
+}
