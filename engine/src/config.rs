@@ -690,6 +690,12 @@ pub struct Limits {
     pub blob_chunk: ByteSize,
     /// Bytes written through `blob.put` per invocation. Default 64MiB.
     pub blob_put_bytes: ByteSize,
+    /// Objects open for reading at once in one invocation (each holds a
+    /// file or a connection of the engine's). Default 16.
+    pub blob_readers: u32,
+    /// Bytes of state changes (keys and values) queued per invocation.
+    /// Default 16MiB.
+    pub state_bytes: ByteSize,
     /// Host calls per invocation. Default 100000.
     pub host_calls: u64,
 }
@@ -708,6 +714,8 @@ impl Default for Limits {
             sql_bytes: ByteSize::mib(16),
             blob_chunk: ByteSize::mib(1),
             blob_put_bytes: ByteSize::mib(64),
+            blob_readers: 16,
+            state_bytes: ByteSize::mib(16),
             host_calls: 100_000,
         }
     }
@@ -740,6 +748,10 @@ pub struct LimitOverrides {
     pub blob_chunk: Option<ByteSize>,
     /// See [`Limits::blob_put_bytes`].
     pub blob_put_bytes: Option<ByteSize>,
+    /// See [`Limits::blob_readers`].
+    pub blob_readers: Option<u32>,
+    /// See [`Limits::state_bytes`].
+    pub state_bytes: Option<ByteSize>,
     /// See [`Limits::host_calls`].
     pub host_calls: Option<u64>,
 }
@@ -763,6 +775,8 @@ impl LimitOverrides {
             sql_bytes: self.sql_bytes.unwrap_or(base.sql_bytes),
             blob_chunk: self.blob_chunk.unwrap_or(base.blob_chunk),
             blob_put_bytes: self.blob_put_bytes.unwrap_or(base.blob_put_bytes),
+            blob_readers: self.blob_readers.unwrap_or(base.blob_readers),
+            state_bytes: self.state_bytes.unwrap_or(base.state_bytes),
             host_calls: self.host_calls.unwrap_or(base.host_calls),
         }
     }

@@ -494,6 +494,133 @@ async fn a_data_object_far_larger_than_the_memory_limit_is_streamed_to_done() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn holding_data_objects_open_cannot_exhaust_the_engines_files() {
+    let (d, port) = served(
+        &[("fx-hostile", "hl-open"), ("fx-probe", "hl-open-probe")],
+        "plugins:\n  grants:\n    hl-open: { blob: true }\n    hl-open-probe: { sql: true }\n",
+    );
+    d.data("x.bin", b"x");
+    // Each open reader holds a file of the engine's: 100000 of them would
+    // run the process out of file descriptors.
+    hostile(
+        &d,
+        "m-open-many",
+        serde_json::json!({"action": "blob-open-many", "count": 100_000, "data_location": "x.bin"}),
+    );
+    hostile(
+        &d,
+        "m-open-fine",
+        serde_json::json!({"action": "blob-open-many", "count": 16, "data_location": "x.bin"}),
+    );
+    probe(&d, "m-open-probe", "sql");
+    let served = serve(&d, port, 3).await;
+    assert_ready(&served);
+    let row = d.last("m-open-many", "hl-open").await;
+    assert!(
+        row.info.starts_with("plugin-error: limit-exceeded: more than 16 objects open at once in one invocation (drop a reader to open another) (limits.blob_readers)"),
+        "{}",
+        row.info
+    );
+    assert_eq!(d.last("m-open-fine", "hl-open").await.status, "done");
+    assert_eq!(d.last("m-open-probe", "hl-open-probe").await.status, "done");
+    let m = &served.metrics;
+    assert_eq!(
+        metric(
+            m,
+            r#"sandpipe_limit_exceeded_total{plugin="hl-open",limit="blob_readers"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_reasons_denials_and_state_changes_are_bounded() {
+    let (d, port) = served(
+        &[("fx-hostile", "hl-big"), ("fx-probe", "hl-big-probe")],
+        "outputs:\n  out: { type: dir, path: out }\nplugins:\n  grants:\n    hl-big: { emit: [out], meta: true }\n",
+    );
+    // A 10 MiB error message: the status log keeps 16 KiB of it.
+    hostile(
+        &d,
+        "m-error-big",
+        serde_json::json!({"action": "error-big", "bytes": 10 << 20}),
+    );
+    // 1000 denied emits, each naming a 1 MiB output: each denial keeps
+    // 1 KiB, the status log 16 KiB of them all.
+    hostile(
+        &d,
+        "m-deny-big",
+        serde_json::json!({"action": "deny-big", "count": 1000, "bytes": 1 << 20}),
+    );
+    // 100 state values of 1 MiB: past the 16 MiB of state changes.
+    hostile(
+        &d,
+        "m-state-flood",
+        serde_json::json!({"action": "state-flood", "count": 100, "bytes": 1 << 20}),
+    );
+    probe(&d, "m-big-probe", "done");
+    let served = serve(&d, port, 4).await;
+    assert_ready(&served);
+    let max = sandpipe::pipeline::MAX_INFO + 64;
+
+    let error = d.last("m-error-big", "hl-big").await;
+    assert_eq!(error.status, "failed");
+    assert!(
+        error.info.starts_with("plugin-error: invalid: eeee"),
+        "{}",
+        &error.info[..100]
+    );
+    assert!(
+        error.info.len() <= max
+            && error
+                .info
+                .ends_with(&format!("(cut, {} bytes in all)", 23 + (10 << 20))),
+        "{} bytes: …{}",
+        error.info.len(),
+        &error.info[error.info.len() - 60..]
+    );
+
+    let denied = d.last("m-deny-big", "hl-big").await;
+    assert_eq!(denied.status, "done");
+    assert!(
+        denied
+            .info
+            .starts_with(" [denied: plugin `hl-big` may not emit to output `oooo"),
+        "{}",
+        &denied.info[..100]
+    );
+    assert!(
+        denied.info.contains("… (cut, 1048632 bytes in all)"),
+        "…{}",
+        &denied.info[..1200]
+    );
+    assert!(denied.info.len() <= max, "{} bytes", denied.info.len());
+
+    let state = d.last("m-state-flood", "hl-big").await;
+    assert!(
+        state.info.starts_with("plugin-error: limit-exceeded: a state change of 1048579 bytes would exceed 16.0 MiB in one invocation")
+            && state.info.ends_with("(limits.state_bytes)"),
+        "{}",
+        state.info
+    );
+    assert_eq!(d.last("m-big-probe", "hl-big-probe").await.status, "done");
+    let m = &served.metrics;
+    assert_eq!(
+        metric(m, r#"sandpipe_denied_calls_total{plugin="hl-big"}"#),
+        1000.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            m,
+            r#"sandpipe_limit_exceeded_total{plugin="hl-big",limit="state_bytes"}"#
+        ),
+        1.0
+    );
+}
+
 /// Every file under `dir` (recursively) whose content is what `blob-put`
 /// writes, relative to `dir`.
 fn escaped_files(dir: &std::path::Path) -> Vec<String> {

@@ -199,7 +199,7 @@ async fn metadata_larger_than_max_metadata_bytes_is_dead_lettered_from_redis() {
 async fn each_quota_lets_the_limit_through_refuses_past_it_and_is_overridable_per_plugin() {
     let (d, port) = served(
         &[("fx-hostile", "quota")],
-        "outputs:\n  out: { type: dir, path: out }\nplugins:\n  grants:\n    quota:\n      emit: [out]\n      sql: true\n      limits: { log_bytes: 1000, emits: 3, emit_bytes: 100, sql_rows: 5, sql_bytes: 1000, host_calls: 50 }\n",
+        "outputs:\n  out: { type: dir, path: out }\nplugins:\n  grants:\n    quota:\n      emit: [out]\n      sql: true\n      blob: true\n      limits: { log_bytes: 1000, emits: 3, emit_bytes: 100, sql_rows: 5, sql_bytes: 1000, host_calls: 50, blob_readers: 3, state_bytes: 1000 }\n      meta: true\n",
     );
     let rows = |n: u32| {
         format!(
@@ -268,7 +268,34 @@ async fn each_quota_lets_the_limit_through_refuses_past_it_and_is_overridable_pe
             serde_json::json!({"action": "calls", "count": 51}),
             Some("host_calls"),
         ),
+        (
+            "readers-at",
+            serde_json::json!({"action": "blob-open-many", "count": 3, "data_location": "x.bin"}),
+            None,
+        ),
+        (
+            "readers-past",
+            serde_json::json!({"action": "blob-open-many", "count": 4, "data_location": "x.bin"}),
+            Some("blob_readers"),
+        ),
+        (
+            "state-at",
+            serde_json::json!({"action": "state-flood", "count": 2, "bytes": 498}),
+            None,
+        ),
+        (
+            "state-past",
+            serde_json::json!({"action": "state-flood", "count": 2, "bytes": 499}),
+            Some("state_bytes"),
+        ),
+        // Dropped readers make room for new ones.
+        (
+            "readers-dropped",
+            serde_json::json!({"action": "blob-open-many", "count": 20, "keep": false, "data_location": "x.bin"}),
+            None,
+        ),
     ];
+    d.data("x.bin", b"x");
     for (id, request, _) in &cases {
         hostile(&d, id, request.clone());
     }

@@ -129,10 +129,26 @@ impl InvocationState {
         Err(self.host.deny(message))
     }
 
+    /// Deny before opening when `limits.blob_readers` are open already:
+    /// each holds one of the engine's files or connections.
+    fn check_readers(&mut self) -> Result<(), WitError> {
+        let limit = self.host.plugin.limits.blob_readers;
+        if self.host.readers >= limit {
+            return Err(self.host.limit(
+                "blob_readers",
+                format!("more than {limit} objects open at once in one invocation (drop a reader to open another)"),
+            ));
+        }
+        Ok(())
+    }
+
     fn open_reader(&mut self, object: ObjectStream) -> Result<Resource<BlobReader>, WitError> {
-        self.table
+        let reader = self
+            .table
             .push(BlobReader::from(object))
-            .map_err(|e| WitError::LimitExceeded(format!("too many open readers: {e}")))
+            .map_err(|e| WitError::LimitExceeded(format!("too many open readers: {e}")))?;
+        self.host.readers += 1;
+        Ok(reader)
     }
 }
 
@@ -143,6 +159,7 @@ impl InvocationState {
         let location = message.data_location.clone().ok_or_else(|| {
             WitError::NotFound(format!("message `{}` has no data location", message.id))
         })?;
+        self.check_readers()?;
         let object = self
             .host
             .plugin
@@ -165,6 +182,7 @@ impl InvocationState {
         if !own {
             self.check_prefix(&location, "read")?;
         }
+        self.check_readers()?;
         let object = self
             .host
             .plugin
@@ -278,6 +296,7 @@ impl HostReader for InvocationState {
 
     async fn drop(&mut self, reader: Resource<BlobReader>) -> wasmtime::Result<()> {
         self.table.delete(reader)?;
+        self.host.readers = self.host.readers.saturating_sub(1);
         Ok(())
     }
 }

@@ -52,11 +52,7 @@ impl InvocationState {
                 "state values are limited to {MAX_VALUE} bytes"
             )));
         }
-        if self.host.effects.state.len() >= 10_000 {
-            return Err(WitError::LimitExceeded(
-                "more than 10000 state changes in one invocation".into(),
-            ));
-        }
+        self.queue_state(key.len() + value.len())?;
         self.host.effects.state.push(StateOp::Set(key, value));
         Ok(())
     }
@@ -64,7 +60,30 @@ impl InvocationState {
     async fn meta_state_delete(&mut self, key: String) -> Result<(), WitError> {
         self.host.enter(Interface::Meta, "state-delete")?;
         check_key(&key)?;
+        self.queue_state(key.len())?;
         self.host.effects.state.push(StateOp::Delete(key));
+        Ok(())
+    }
+
+    /// Room for one more state change of `size` bytes (key and value):
+    /// at most 10000 changes and `limits.state_bytes` per invocation.
+    fn queue_state(&mut self, size: usize) -> Result<(), WitError> {
+        if self.host.effects.state.len() >= 10_000 {
+            return Err(WitError::LimitExceeded(
+                "more than 10000 state changes in one invocation".into(),
+            ));
+        }
+        let limit = self.host.plugin.limits.state_bytes;
+        let queued = self.host.effects.state_bytes;
+        if queued + size as u64 > limit.as_u64() {
+            return Err(self.host.limit(
+                "state_bytes",
+                format!(
+                    "a state change of {size} bytes would exceed {limit} in one invocation ({queued} already queued)"
+                ),
+            ));
+        }
+        self.host.effects.state_bytes += size as u64;
         Ok(())
     }
 }

@@ -142,6 +142,7 @@ pub struct Effects {
     pub state: Vec<StateOp>,
     emit_bytes: u64,
     put_bytes: u64,
+    state_bytes: u64,
 }
 
 impl Effects {
@@ -171,6 +172,27 @@ pub struct HostState {
     pub journal: Option<Vec<journal::HostCall>>,
     calls: u64,
     log_bytes: u64,
+    /// Blob readers open now.
+    readers: u32,
+}
+
+/// The longest denial message kept (see [`HostState::deny`]).
+pub const MAX_DENIAL: usize = 1024;
+
+/// `text` cut to at most `max` bytes (on a character boundary), saying how
+/// long it was: for text a plugin controls that the engine keeps or logs.
+pub fn cut(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let total = text.len();
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(&format!("… (cut, {total} bytes in all)"));
+    text
 }
 
 /// The interfaces, as the grants name them.
@@ -258,6 +280,7 @@ impl HostState {
             journal: None,
             calls: 0,
             log_bytes: 0,
+            readers: 0,
         }
     }
 
@@ -287,9 +310,13 @@ impl HostState {
         }
     }
 
-    /// Record a denial and return the error for the guest.
+    /// Record a denial and return the error for the guest. The message is
+    /// cut to [`MAX_DENIAL`] bytes: it may quote what the plugin passed.
     pub fn deny(&mut self, message: String) -> WitError {
+        let message = cut(message, MAX_DENIAL);
         tracing::warn!(plugin = %self.plugin.name, "denied: {message}");
+        let plugin = self.plugin.name.clone();
+        metrics::counter!(crate::metrics::DENIED, "plugin" => plugin).increment(1);
         if self.denials.len() < 100 {
             self.denials.push(message.clone());
         }
@@ -341,6 +368,14 @@ impl crate::sandbox::bindings::sandpipe::connector::types::Host for InvocationSt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cut_keeps_short_text_and_cuts_long_text_on_a_char_boundary() {
+        assert_eq!(cut("short".into(), 10), "short");
+        let long = format!("{}é{}", "a".repeat(9), "b".repeat(100));
+        let kept = cut(long, 10);
+        assert_eq!(kept, format!("{}… (cut, 111 bytes in all)", "a".repeat(9)));
+    }
 
     #[test]
     fn imports_map_to_interfaces_whatever_the_version() {

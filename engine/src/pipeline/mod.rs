@@ -61,6 +61,9 @@ struct Counters {
     dead: AtomicU64,
 }
 
+/// The longest status-log reason of one plugin on one message.
+pub const MAX_INFO: usize = 16 * 1024;
+
 /// What one plugin made of one message.
 struct PluginResult {
     plugin: Arc<LoadedPlugin>,
@@ -524,11 +527,9 @@ impl Pipeline {
         let denials = std::mem::take(&mut host.denials);
         let outages = std::mem::take(&mut host.outages);
         let mut outage = false;
+        // Denials are counted as they happen (`HostState::deny`): the list
+        // keeps only the first 100.
         let label = plugin.name.clone();
-        if !denials.is_empty() {
-            metrics::counter!(crate::metrics::DENIED, "plugin" => label.clone())
-                .increment(denials.len() as u64);
-        }
         metrics::histogram!(crate::metrics::INVOCATION_SECONDS, "plugin" => label.clone())
             .record(usage.duration.as_secs_f64());
         if let Some(fuel) = usage.fuel {
@@ -601,6 +602,9 @@ impl Pipeline {
         } else {
             format!("{info} [unavailable: {}]", outages.join("; "))
         };
+        // A plugin's reason (skip, retry, dead-letter, error) is its own
+        // text: the status log keeps no more than MAX_INFO of it.
+        let info = crate::capability::cut(info, MAX_INFO);
         metrics::counter!(crate::metrics::PLUGIN_RESULTS, "plugin" => label, "status" => status.as_str())
             .increment(1);
         match status {
