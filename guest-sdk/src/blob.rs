@@ -24,8 +24,7 @@
 
 use std::io;
 
-use crate::Error;
-use crate::bindings::sandpipe::connector::blob as wit;
+use crate::{Error, host};
 
 /// The chunk size [`Reader`]'s [`io::Read`] implementation asks the host for:
 /// 64 KiB.
@@ -35,19 +34,21 @@ pub const DEFAULT_CHUNK: u32 = 64 * 1024;
 ///
 /// [`Error::NotFound`] if the message has none or the object does not exist.
 pub fn open_data() -> Result<Reader, Error> {
-    wit::open_data().map(Reader::new).map_err(Error::from)
+    host::blob_open_data().map(Reader::new).map_err(Error::from)
 }
 
 /// Open an object under a location prefix the grant's `blob.read` lists.
 pub fn open(location: &str) -> Result<Reader, Error> {
-    wit::open(location).map(Reader::new).map_err(Error::from)
+    host::blob_open(location)
+        .map(Reader::new)
+        .map_err(Error::from)
 }
 
 /// Write an object under a location prefix the grant's `blob.write` lists.
 /// The object is written only if the plugin's outcome is
 /// [`Outcome::Done`](crate::Outcome::Done).
 pub fn put(location: &str, bytes: &[u8]) -> Result<(), Error> {
-    wit::put(location, bytes).map_err(Error::from)
+    host::blob_put(location, bytes).map_err(Error::from)
 }
 
 /// An open object, read front to back.
@@ -58,7 +59,7 @@ pub fn put(location: &str, bytes: &[u8]) -> Result<(), Error> {
 /// surface from `Read` as [`io::Error`]s that convert back into the original
 /// [`Error`] with `?` or `Error::from`.
 pub struct Reader {
-    inner: wit::Reader,
+    inner: host::Reader,
     /// Bytes fetched from the host but not yet handed out.
     pending: Vec<u8>,
     /// How many bytes of `pending` were already handed out.
@@ -70,7 +71,7 @@ pub struct Reader {
 }
 
 impl Reader {
-    fn new(inner: wit::Reader) -> Self {
+    fn new(inner: host::Reader) -> Self {
         Self {
             inner,
             pending: Vec::new(),
@@ -82,7 +83,7 @@ impl Reader {
 
     /// The object's size in bytes, when the store knows it.
     pub fn size(&self) -> Option<u64> {
-        self.inner.size()
+        host::reader_size(&self.inner)
     }
 
     /// How many bytes were read from this reader so far.
@@ -158,7 +159,7 @@ impl Reader {
         if self.eof {
             return Ok(Vec::new());
         }
-        let chunk = self.inner.read(max).map_err(Error::from)?;
+        let chunk = host::reader_read(&mut self.inner, max).map_err(Error::from)?;
         if chunk.is_empty() {
             self.eof = true;
         }

@@ -20,12 +20,11 @@
 use std::fmt::Display;
 use std::str::FromStr;
 
-use crate::Error;
-use crate::bindings::sandpipe::connector::config as wit;
+use crate::{Error, host};
 
 /// The value of `key`, or `None` if it is not set.
 pub fn get(key: &str) -> Result<Option<String>, Error> {
-    wit::get(key).map_err(Error::from)
+    host::config_get(key).map_err(Error::from)
 }
 
 /// The value of `key`, or `default` if it is not set.
@@ -48,7 +47,7 @@ where
 
 /// Every configured key, sorted.
 pub fn keys() -> Result<Vec<String>, Error> {
-    wit::keys().map_err(Error::from)
+    host::config_keys().map_err(Error::from)
 }
 
 fn parse_value<T>(key: &str, raw: &str) -> Result<T, Error>

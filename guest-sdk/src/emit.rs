@@ -15,8 +15,7 @@
 //! # }
 //! ```
 
-use crate::Error;
-use crate::bindings::sandpipe::connector::emit as wit;
+use crate::{Error, host};
 
 /// Queue `payload` with `headers` for the output named `output`.
 pub fn publish(output: &str, payload: &[u8], headers: &[(&str, &str)]) -> Result<(), Error> {
@@ -24,7 +23,7 @@ pub fn publish(output: &str, payload: &[u8], headers: &[(&str, &str)]) -> Result
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    wit::publish(output, payload, &headers).map_err(Error::from)
+    host::emit_publish(output, payload, &headers).map_err(Error::from)
 }
 
 /// Queue `value`, serialised as compact JSON, for the output named `output`

@@ -100,12 +100,16 @@
 //! `crate-type = ["cdylib"]`); the `.wasm` file in
 //! `target/wasm32-wasip2/release/` is the component.
 //!
-//! # Host builds
+//! # Testing
 //!
-//! The SDK also compiles for the host target so that a plugin's pure logic
-//! can be unit tested with `cargo test`. On the host every capability
-//! function is a stub that aborts when called: test the parsing and
-//! computing code, not the host calls.
+//! The SDK also compiles for the host target, so a plugin is unit-tested
+//! with a plain `cargo test`. On the host the capability functions answer
+//! from in-memory fakes: [`testing::run`] runs [`Plugin::execute`] against
+//! a [`testing::FakeHost`] (config, data object, metadata, state, objects,
+//! an SQLite database, outputs) and returns a [`testing::Report`] of
+//! everything the plugin did. A [`testing::Scenario`] runs the same inputs
+//! natively and, written to a folder, in the real sandbox with
+//! `sandpipe exec`. Outside [`testing::run`] a capability function panics.
 #![deny(missing_docs)]
 
 /// The bindings `wit-bindgen` generates for the `sandpipe:connector/plugin`
@@ -134,10 +138,13 @@ pub mod blob;
 pub mod config;
 pub mod emit;
 mod error;
+mod host;
 pub mod log;
 pub mod meta;
 mod plugin;
 pub mod sql;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
 mod types;
 
 pub use error::Error;

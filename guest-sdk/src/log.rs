@@ -20,15 +20,15 @@
 //! # }
 //! ```
 
-use crate::Error;
 use crate::bindings::sandpipe::connector::log as wit;
+use crate::{Error, host};
 
 /// How important a log line is.
 pub use wit::Level;
 
 /// Write one log line at `level`.
 pub fn write(level: Level, message: &str) -> Result<(), Error> {
-    wit::write(level, message).map_err(Error::from)
+    host::log_write(level, message).map_err(Error::from)
 }
 
 /// Write one line at [`Level::Trace`].

@@ -20,13 +20,12 @@
 //! # }
 //! ```
 
-use crate::Error;
-use crate::bindings::sandpipe::connector::meta as wit;
+use crate::{Error, host};
 
 /// The message's metadata as one JSON object (`{}` if it has none), as
 /// text.
 pub fn all() -> Result<String, Error> {
-    wit::all().map_err(Error::from)
+    host::meta_all().map_err(Error::from)
 }
 
 /// The message's metadata parsed as JSON.
@@ -38,12 +37,12 @@ pub fn all_json() -> Result<serde_json::Value, Error> {
 /// One metadata value: strings as they are, other values as JSON text.
 /// `None` if the key is not set.
 pub fn get(key: &str) -> Result<Option<String>, Error> {
-    wit::get(key).map_err(Error::from)
+    host::meta_get(key).map_err(Error::from)
 }
 
 /// Read a key of the plugin's own state.
 pub fn state_get(key: &str) -> Result<Option<Vec<u8>>, Error> {
-    wit::state_get(key).map_err(Error::from)
+    host::meta_state_get(key).map_err(Error::from)
 }
 
 /// Read a key of the plugin's own state as UTF-8 text
@@ -60,11 +59,11 @@ pub fn state_get_str(key: &str) -> Result<Option<String>, Error> {
 /// Set a key of the plugin's own state. Written only if the plugin's outcome
 /// is [`Outcome::Done`](crate::Outcome::Done).
 pub fn state_set(key: &str, value: &[u8]) -> Result<(), Error> {
-    wit::state_set(key, value).map_err(Error::from)
+    host::meta_state_set(key, value).map_err(Error::from)
 }
 
 /// Delete a key of the plugin's own state. Applied only if the plugin's
 /// outcome is [`Outcome::Done`](crate::Outcome::Done).
 pub fn state_delete(key: &str) -> Result<(), Error> {
-    wit::state_delete(key).map_err(Error::from)
+    host::meta_state_delete(key).map_err(Error::from)
 }

@@ -35,8 +35,8 @@
 //! # }
 //! ```
 
-use crate::Error;
 use crate::bindings::sandpipe::connector::sql as wit;
+use crate::{Error, host};
 
 /// A typed SQL value, used for parameters and results.
 ///
@@ -57,13 +57,13 @@ pub use wit::Rows;
 /// Run one statement that changes data or schema; returns the number of
 /// rows changed.
 pub fn execute(statement: &str, params: &[Value]) -> Result<u64, Error> {
-    wit::execute(statement, params).map_err(Error::from)
+    host::sql_execute(statement, params).map_err(Error::from)
 }
 
 /// Run one statement that returns rows. Fails with
 /// [`Error::LimitExceeded`] past the configured row limit.
 pub fn query(statement: &str, params: &[Value]) -> Result<Rows, Error> {
-    wit::query(statement, params).map_err(Error::from)
+    host::sql_query(statement, params).map_err(Error::from)
 }
 
 /// Build a `Vec<`[`Value`]`>` of SQL parameters from values that convert
