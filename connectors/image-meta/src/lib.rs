@@ -111,3 +111,163 @@ impl Plugin for ImageMeta {
 }
 
 sandpipe_sdk::export_plugin!(ImageMeta);
+
+/// `execute` as a whole, natively, against the SDK's fake host
+/// (`sandpipe_sdk::testing`), on the quickstart's sample images.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandpipe_sdk::testing::{self, FakeHost, Report, Scenario};
+
+    const PNG_ID: &str = "705f6acb-8dbe-5ff4-a033-9efa0c943932";
+    const JPEG_ID: &str = "ffca5292-7e74-5dcf-be68-823a878fc2cb";
+    const GIF_ID: &str = "29d321a6-ee09-5a7e-aa52-fd9a21d7dd6b";
+    const RED_SQUARE: &[u8] =
+        include_bytes!("../../../examples/quickstart/data/images/red-square.png");
+    const GRADIENT: &[u8] = include_bytes!("../../../examples/quickstart/data/images/gradient.jpg");
+    const CHECKER: &[u8] = include_bytes!("../../../examples/quickstart/data/images/checker.gif");
+
+    /// The quickstart's three image messages (examples/quickstart/spool).
+    fn images() -> [Scenario; 3] {
+        [
+            Scenario::new(PNG_ID, "image/png").data("images/red-square.png", RED_SQUARE),
+            Scenario::new(JPEG_ID, "image/jpeg").data("images/gradient.jpg", GRADIENT),
+            Scenario::new(GIF_ID, "image/gif").data("images/checker.gif", CHECKER),
+        ]
+    }
+
+    type Row = (String, String, String, i64, i64, i64);
+
+    fn row(id: &str, location: &str, format: &str, w: i64, h: i64, bytes: i64) -> Row {
+        (id.into(), location.into(), format.into(), w, h, bytes)
+    }
+
+    /// The rows of `image_meta`.
+    fn rows(report: &Report) -> Vec<Row> {
+        let rows = report
+            .query(
+                "SELECT message_id, location, format, width, height, bytes \
+                 FROM image_meta ORDER BY location",
+                &[],
+            )
+            .expect("image_meta");
+        rows.iter()
+            .map(|r| {
+                let text = |c: &str| r.get_str(c).unwrap_or_default().to_owned();
+                let int = |c: &str| r.get_i64(c).unwrap_or(-1);
+                (
+                    text("message_id"),
+                    text("location"),
+                    text("format"),
+                    int("width"),
+                    int("height"),
+                    int("bytes"),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_quickstart_image_gets_its_row() {
+        let expected = [
+            row(PNG_ID, "images/red-square.png", "png", 16, 16, 83),
+            row(JPEG_ID, "images/gradient.jpg", "jpeg", 32, 24, 715),
+            row(GIF_ID, "images/checker.gif", "gif", 20, 10, 96),
+        ];
+        for (scenario, expected) in images().iter().zip(&expected) {
+            let report = scenario.run::<ImageMeta>();
+            report.assert_done();
+            assert_eq!(rows(&report), std::slice::from_ref(expected));
+            assert_eq!(report.logs.len(), 1);
+            assert!(report.emits.is_empty() && report.denials.is_empty());
+        }
+        let png = images()[0].run::<ImageMeta>();
+        assert_eq!(
+            png.logs[0].message,
+            "images/red-square.png: PNG 16x16, 83 bytes"
+        );
+        assert_eq!(png.sql[1].statement, UPSERT);
+        assert_eq!(
+            png.sql[1].params,
+            sandpipe_sdk::params![PNG_ID, "images/red-square.png", "png", 16, 16, 83]
+        );
+    }
+
+    #[test]
+    fn all_three_in_one_database_and_redelivery_upserts() {
+        // The three messages, then the PNG again, against one host.
+        let mut host = FakeHost::new();
+        for scenario in images().iter().chain(&images()[..1]) {
+            let data = scenario.data.clone().unwrap_or_default();
+            let report = testing::run::<ImageMeta>(scenario.message(), host.data(data));
+            report.assert_done();
+            host = report.into_host();
+        }
+        let count: i64 = host
+            .db()
+            .query_row("SELECT count(*) FROM image_meta", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(count, 3);
+    }
+
+    #[test]
+    fn the_missing_object_is_dead_lettered() {
+        // examples/quickstart/spool/missing.json
+        let message = Message {
+            data_location: Some("images/does-not-exist.png".into()),
+            ..testing::message("a7fa7047-9abd-53f3-aab7-f52b187cfbcd", "image/png")
+        };
+        let report = testing::run::<ImageMeta>(message, FakeHost::new());
+        assert_eq!(
+            report.outcome,
+            Ok(Outcome::dead_letter(
+                "no data object: no object at `images/does-not-exist.png`"
+            ))
+        );
+        assert!(report.sql.is_empty());
+    }
+
+    #[test]
+    fn a_text_posing_as_a_png_is_dead_lettered() {
+        let hello = include_bytes!("../../../examples/quickstart/data/texts/hello.txt");
+        let report = Scenario::new("m-fake", "image/png")
+            .data("images/fake.png", &hello[..])
+            .run::<ImageMeta>();
+        assert_eq!(
+            report.outcome,
+            Ok(Outcome::dead_letter(
+                "not a valid PNG: missing PNG signature"
+            ))
+        );
+        assert!(report.sql.is_empty());
+    }
+
+    #[test]
+    fn other_types_are_skipped_without_reading() {
+        let report = Scenario::new("m-text", "text/plain")
+            .data("texts/a.txt", "hello")
+            .run::<ImageMeta>();
+        assert_eq!(
+            report.outcome,
+            Ok(Outcome::skip(
+                "type \"text/plain\" is not image/png, image/jpeg or image/gif"
+            ))
+        );
+        assert!(report.calls.is_empty());
+    }
+
+    #[test]
+    fn without_the_sql_grant_the_message_fails_and_says_why() {
+        let scenario = &images()[0];
+        let host = scenario.host().grant(&[Capability::Blob]);
+        let report = testing::run::<ImageMeta>(scenario.message(), host);
+        assert_eq!(
+            report.outcome,
+            Err(Error::access_denied(
+                "plugin `image-meta` called sql.execute but has no `sql` grant \
+                 (add `sql: true` under plugins.grants.image-meta)"
+            ))
+        );
+        assert_eq!(report.denials.len(), 1);
+    }
+}

@@ -283,3 +283,240 @@ mod tests {
         assert_eq!(v["location"], serde_json::Value::Null);
     }
 }
+
+/// `execute` as a whole, natively, against the SDK's fake host
+/// (`sandpipe_sdk::testing`), on the quickstart's sample texts.
+#[cfg(test)]
+mod execute_tests {
+    use super::*;
+    use sandpipe_sdk::testing::{self, FakeHost, Scenario};
+    use std::path::Path;
+
+    const HELLO_ID: &str = "82c514aa-327a-5c08-a8e7-b0dba562b3cd";
+    const POEM_ID: &str = "88a80731-ef50-51f8-909d-680111c209b4";
+    const ROWS: &str =
+        "SELECT message_id, location, lines, words, bytes FROM text_stats ORDER BY message_id";
+
+    /// examples/quickstart/spool/text-hello.json with its data, its metadata
+    /// (inline and meta/hello.json) and the quickstart's config for
+    /// text-stats. Kept as a folder in tests/scenarios/hello, which the
+    /// engine's end-to-end test (tests/e2e/sdk_scenarios.rs) runs through
+    /// `sandpipe exec` on the built component, expecting what
+    /// `hello_natively` asserts.
+    fn hello() -> Scenario {
+        let meta = include_bytes!("../../../examples/quickstart/meta/hello.json");
+        Scenario::new(HELLO_ID, "text/plain")
+            .data(
+                "texts/hello.txt",
+                &include_bytes!("../../../examples/quickstart/data/texts/hello.txt")[..],
+            )
+            .meta("source", "quickstart")
+            .meta_json(serde_json::from_slice(meta).expect("meta/hello.json"))
+            .config("output", "stats")
+    }
+
+    /// examples/quickstart/spool/text-poem.json with its data.
+    fn poem() -> Scenario {
+        Scenario::new(POEM_ID, "text/plain")
+            .data(
+                "texts/poem.txt",
+                &include_bytes!("../../../examples/quickstart/data/texts/poem.txt")[..],
+            )
+            .meta("source", "quickstart")
+            .config("output", "stats")
+    }
+
+    /// The rows of `text_stats` as (message_id, location, lines, words, bytes).
+    fn rows(report: &testing::Report) -> Vec<(String, String, i64, i64, i64)> {
+        let rows = report.query(ROWS, &[]).expect("text_stats");
+        rows.iter()
+            .map(|r| {
+                (
+                    r.get_str("message_id").unwrap_or_default().to_owned(),
+                    r.get_str("location").unwrap_or_default().to_owned(),
+                    r.get_i64("lines").unwrap_or(-1),
+                    r.get_i64("words").unwrap_or(-1),
+                    r.get_i64("bytes").unwrap_or(-1),
+                )
+            })
+            .collect()
+    }
+
+    fn row(
+        id: &str,
+        location: &str,
+        lines: i64,
+        words: i64,
+        bytes: i64,
+    ) -> (String, String, i64, i64, i64) {
+        (id.into(), location.into(), lines, words, bytes)
+    }
+
+    #[test]
+    fn hello_natively() {
+        let report = hello().run::<TextStatsPlugin>();
+        report.assert_done();
+        assert_eq!(rows(&report), [row(HELLO_ID, "texts/hello.txt", 2, 6, 41)]);
+        // The upsert, with its parameters.
+        assert_eq!(report.sql.len(), 2);
+        assert_eq!(report.sql[1].statement, UPSERT);
+        assert_eq!(
+            report.sql[1].params,
+            sandpipe_sdk::params![HELLO_ID, "texts/hello.txt", 2, 6, 41]
+        );
+        assert_eq!(report.sql[1].changed(), Some(1));
+        // One summary to the configured output.
+        assert_eq!(report.emits.len(), 1);
+        let emit = &report.emits[0];
+        assert_eq!(emit.output, "stats");
+        assert_eq!(emit.header("content-type"), Some("application/json"));
+        assert_eq!(
+            emit.text(),
+            Some(
+                r#"{"bytes":41,"lines":2,"location":"texts/hello.txt","message_id":"82c514aa-327a-5c08-a8e7-b0dba562b3cd","words":6}"#
+            )
+        );
+        assert_eq!(report.logs.len(), 1);
+        assert_eq!(
+            report.logs[0].message,
+            "texts/hello.txt: 2 lines, 6 words, 41 bytes -> stats"
+        );
+        // Nothing else.
+        assert!(report.blob_writes.is_empty() && report.state_changes.is_empty());
+        assert!(report.denials.is_empty());
+        assert_eq!(
+            report.calls,
+            [
+                "blob.open-data",
+                "blob.reader.read",
+                "blob.reader.read",
+                "sql.execute",
+                "sql.execute",
+                "config.get",
+                "emit.publish",
+                "log.write",
+            ]
+        );
+    }
+
+    #[test]
+    fn poem_natively_and_redelivery_upserts() {
+        let first = hello().run::<TextStatsPlugin>();
+        first.assert_done();
+        let poem = poem();
+        let second = testing::run::<TextStatsPlugin>(
+            poem.message(),
+            first
+                .into_host()
+                .data(poem.data.clone().unwrap_or_default()),
+        );
+        second.assert_done();
+        assert_eq!(
+            second.emits[0].json().ok(),
+            Some(json!({
+                "message_id": POEM_ID, "location": "texts/poem.txt",
+                "lines": 6, "words": 37, "bytes": 180,
+            }))
+        );
+        // Redelivered: the same row, not a second one.
+        let third = testing::run::<TextStatsPlugin>(poem.message(), second.into_host());
+        third.assert_done();
+        assert_eq!(
+            rows(&third),
+            [
+                row(HELLO_ID, "texts/hello.txt", 2, 6, 41),
+                row(POEM_ID, "texts/poem.txt", 6, 37, 180),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_large_object_is_streamed_in_bounded_chunks() {
+        let text = "one two three\n".repeat(200_000); // 2.8 MB
+        let scenario = Scenario::new("m-big", "text/plain").data("texts/big.txt", text.clone());
+        let report = scenario.run::<TextStatsPlugin>();
+        report.assert_done();
+        assert_eq!(
+            rows(&report),
+            [row("m-big", "texts/big.txt", 200_000, 600_000, 2_800_000)]
+        );
+        let reads = report
+            .calls
+            .iter()
+            .filter(|c| *c == "blob.reader.read")
+            .count();
+        // 64 KiB at a time, plus the empty read at the end.
+        assert_eq!(reads, text.len().div_ceil(64 * 1024) + 1);
+    }
+
+    #[test]
+    fn the_output_defaults_to_stats() {
+        let scenario = Scenario::new("m-1", "text/plain").data("a.txt", "a b\n");
+        let report = scenario.run::<TextStatsPlugin>();
+        report.assert_done();
+        assert_eq!(report.emits_to("stats").count(), 1);
+    }
+
+    #[test]
+    fn a_missing_data_object_is_dead_lettered_without_effects() {
+        let message = sandpipe_sdk::Message {
+            data_location: Some("texts/gone.txt".into()),
+            ..testing::message("m-gone", "text/plain")
+        };
+        let report = testing::run::<TextStatsPlugin>(message, FakeHost::new());
+        assert_eq!(
+            report.outcome,
+            Ok(Outcome::dead_letter(
+                "no data object: no object at `texts/gone.txt`"
+            ))
+        );
+        assert!(report.sql.is_empty() && report.emits.is_empty());
+    }
+
+    #[test]
+    fn an_undeclared_output_fails_the_message_and_nothing_is_committed() {
+        let host = hello().host().outputs(["other"]);
+        let report = testing::run::<TextStatsPlugin>(hello().message(), host);
+        assert!(
+            matches!(&report.outcome, Err(Error::AccessDenied(m)) if m.contains("may not emit to output `stats`")),
+            "{report}"
+        );
+        // The statements ran, and were rolled back.
+        assert_eq!(report.sql.len(), 2);
+        let tables = report
+            .query(
+                "SELECT name FROM sqlite_master WHERE name = 'text_stats'",
+                &[],
+            )
+            .expect("sqlite_master");
+        assert!(tables.is_empty());
+    }
+
+    #[test]
+    fn a_database_outage_fails_the_message_before_emitting() {
+        let host = hello()
+            .host()
+            .fail(Capability::Sql, Error::unavailable("database down"));
+        let report = testing::run::<TextStatsPlugin>(hello().message(), host);
+        assert_eq!(report.outcome, Err(Error::unavailable("database down")));
+        assert!(report.emits.is_empty());
+    }
+
+    /// tests/scenarios/hello is `hello()` written by `Scenario::write_to`;
+    /// `UPDATE_SCENARIOS=1 cargo test -p text-stats` rewrites it.
+    #[test]
+    fn the_hello_scenario_folder_is_current() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/hello");
+        if std::env::var_os("UPDATE_SCENARIOS").is_some() {
+            hello().write_to(&dir).expect("write the scenario");
+        }
+        for (name, bytes) in hello().files() {
+            let kept = std::fs::read(dir.join(name)).unwrap_or_default();
+            assert!(
+                kept == bytes,
+                "{}/{name} is stale: run UPDATE_SCENARIOS=1 cargo test -p text-stats",
+                dir.display()
+            );
+        }
+    }
+}
