@@ -19,5 +19,6 @@ mod quickstart;
 mod rabbitmq;
 mod s3;
 mod sandbox;
+mod sdk_scenarios;
 mod server;
 mod with_redis;
