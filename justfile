@@ -37,7 +37,7 @@ guests: guest-toolchain
 guest-toolchain:
     rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
-# Unit tests of the SDK and the connectors' pure logic, on the host.
+# Unit tests of the SDK and the connectors, on the host (whole plugins against sandpipe_sdk::testing's fakes).
 guest-test:
     CARGO_TARGET_DIR="{{guest_target_dir}}" cargo test -p sandpipe-sdk {{guest_connectors}}
 
