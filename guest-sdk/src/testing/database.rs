@@ -120,16 +120,19 @@ fn authorize(action: &AuthAction<'_>) -> Authorization {
             pragma_name,
             pragma_value,
         } => {
-            const READ_ONLY: [&str; 6] = [
+            // Introspection pragmas take a table or index name as their
+            // "value" and only read; `user_version` only reads without one.
+            const INTROSPECTION: [&str; 6] = [
                 "table_info",
                 "table_xinfo",
                 "index_list",
                 "index_info",
+                "index_xinfo",
                 "foreign_key_list",
-                "user_version",
             ];
-            if pragma_value.is_none()
-                && READ_ONLY.contains(&pragma_name.to_ascii_lowercase().as_str())
+            let name = pragma_name.to_ascii_lowercase();
+            if INTROSPECTION.contains(&name.as_str())
+                || (name == "user_version" && pragma_value.is_none())
             {
                 Authorization::Allow
             } else {

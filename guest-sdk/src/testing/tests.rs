@@ -250,10 +250,14 @@ fn plugin_sql_may_not_control_the_transaction_or_reach_other_files() {
                 "{statement}: {result:?}"
             );
         }
-        // Read-only pragmas without an argument are fine (as in the engine,
-        // `PRAGMA table_info(t)` is not: SQLite passes `t` as its value);
-        // two statements at once are not.
+        // Introspection pragmas are fine (as in the engine), and
+        // `user_version` without a value; two statements at once are not.
         sql::query("PRAGMA user_version", &[])?;
+        sql::query("PRAGMA table_info(t)", &[])?;
+        assert!(matches!(
+            sql::execute("PRAGMA user_version = 3", &[]),
+            Err(Error::AccessDenied(_))
+        ));
         assert!(matches!(
             sql::execute("CREATE TABLE a (x); CREATE TABLE b (x)", &[]),
             Err(Error::Invalid(_))

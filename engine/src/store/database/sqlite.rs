@@ -279,16 +279,19 @@ fn authorize(action: &AuthAction<'_>, engine_mode: bool) -> Authorization {
             pragma_name,
             pragma_value,
         } => {
-            const READ_ONLY: [&str; 6] = [
+            // Introspection pragmas take a table or index name as their
+            // "value" and only read; `user_version` only reads without one.
+            const INTROSPECTION: [&str; 6] = [
                 "table_info",
                 "table_xinfo",
                 "index_list",
                 "index_info",
+                "index_xinfo",
                 "foreign_key_list",
-                "user_version",
             ];
-            if pragma_value.is_none()
-                && READ_ONLY.contains(&pragma_name.to_ascii_lowercase().as_str())
+            let name = pragma_name.to_ascii_lowercase();
+            if INTROSPECTION.contains(&name.as_str())
+                || (name == "user_version" && pragma_value.is_none())
             {
                 Authorization::Allow
             } else {
@@ -437,6 +440,7 @@ mod tests {
             format!("VACUUM INTO '{}'", outside.display()),
             "PRAGMA journal_mode = DELETE".to_owned(),
             "PRAGMA writable_schema = ON".to_owned(),
+            "PRAGMA user_version = 3".to_owned(),
             "COMMIT".to_owned(),
             "ROLLBACK".to_owned(),
             "SAVEPOINT s".to_owned(),
@@ -465,6 +469,13 @@ mod tests {
             rows(100),
         );
         assert!(matches!(n, Ok(Outcome::Changed(1))));
+        // Introspection pragmas read, so they are allowed, argument and all.
+        let columns = run(&conn, "PRAGMA table_info(t)", Vec::new(), true, rows(100));
+        assert!(
+            matches!(&columns, Ok(Outcome::Rows(r)) if r.values.len() == 4),
+            "{:?}",
+            columns.err()
+        );
         let rows = run(
             &conn,
             "SELECT a, b, c, d FROM t",
