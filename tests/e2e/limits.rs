@@ -326,3 +326,85 @@ async fn each_quota_lets_the_limit_through_refuses_past_it_and_is_overridable_pe
     // the refused invocations.
     assert_eq!(d.files("out").len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sql_rows_and_bytes_are_limits_on_postgresql_too() {
+    let db = crate::postgres::TestDb::new().await;
+    let (d, port) = served(
+        &[("fx-hostile", "pgq")],
+        &format!(
+            "database: {{ type: postgres, url: \"{}\" }}\nplugins:\n  grants:\n    pgq:\n      sql: true\n      limits: {{ sql_rows: 300, sql_bytes: 4000 }}\n",
+            db.url()
+        ),
+    );
+    let query = |sql: &str| serde_json::json!({"action": "sql-query", "sql": sql});
+    // (id, query, the limit it passes)
+    let cases = [
+        // More than one fetch batch (256 rows), exactly at the limit.
+        ("rows-at", "SELECT 1 FROM generate_series(1, 300)", None),
+        (
+            "rows-past",
+            "SELECT 1 FROM generate_series(1, 100000)",
+            Some("sql_rows"),
+        ),
+        ("text-at", "SELECT repeat('x', 4000)", None),
+        ("text-past", "SELECT repeat('x', 4001)", Some("sql_bytes")),
+        (
+            "bytea-past",
+            "SELECT decode(repeat('ab', 4001), 'hex')",
+            Some("sql_bytes"),
+        ),
+        (
+            "many-past",
+            "SELECT repeat('x', 100) FROM generate_series(1, 41)",
+            Some("sql_bytes"),
+        ),
+        // Fixed-size values count 8 bytes each.
+        (
+            "ints-at",
+            "SELECT g, g FROM generate_series(1, 250) g",
+            None,
+        ),
+        (
+            "ints-past",
+            "SELECT g, g FROM generate_series(1, 251) g",
+            Some("sql_bytes"),
+        ),
+    ];
+    for (id, sql, _) in &cases {
+        hostile(&d, id, query(sql));
+    }
+    let served = serve(&d, port, cases.len()).await;
+    assert_eq!(served.ready, Some((200, "ready\n".to_owned())));
+    for (id, sql, limit) in &cases {
+        let row = d.last(id, "pgq").await;
+        match limit {
+            None => assert_eq!(row.status, "skipped", "{sql}: {row:?}"),
+            Some(key) => assert!(
+                row.status == "failed"
+                    && row
+                        .info
+                        .starts_with("plugin-error: limit-exceeded: query returned more than")
+                    && row.info.ends_with(&format!("(limits.{key})")),
+                "{sql}: {row:?}"
+            ),
+        }
+    }
+    assert_eq!(d.last("rows-at", "pgq").await.info, "rows: 300");
+    let m = &served.metrics;
+    assert_eq!(
+        metric(
+            m,
+            r#"sandpipe_limit_exceeded_total{plugin="pgq",limit="sql_bytes"}"#
+        ),
+        4.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            m,
+            r#"sandpipe_limit_exceeded_total{plugin="pgq",limit="sql_rows"}"#
+        ),
+        1.0
+    );
+}
