@@ -621,6 +621,44 @@ async fn huge_reasons_denials_and_state_changes_are_bounded() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn wasi_random_of_the_plugins_size_is_refused_before_the_engine_allocates_it() {
+    let (d, port) = served(
+        &[("fx-hostile", "hl-random"), ("fx-probe", "hl-random-probe")],
+        "plugins:\n  grants:\n    hl-random: { limits: { memory: 16MiB } }\n",
+    );
+    // 32 MiB asked of the host (under wasmtime's own 64 MiB cap), by a
+    // plugin with 16 MiB of memory: without the engine's cap, the host
+    // allocated it all, then the plugin failed to take it.
+    hostile(
+        &d,
+        "m-random-big",
+        serde_json::json!({"action": "wasi-random", "bytes": 32 << 20}),
+    );
+    hostile(
+        &d,
+        "m-random-fine",
+        serde_json::json!({"action": "wasi-random", "bytes": 4096}),
+    );
+    probe(&d, "m-random-probe", "done");
+    let served = serve(&d, port, 3).await;
+    assert_ready(&served);
+    let big = d.last("m-random-big", "hl-random").await;
+    assert_eq!(big.status, "failed");
+    assert_eq!(
+        big.info,
+        "trap: requested len 33554432 exceeds limit 1048576"
+    );
+    assert_eq!(
+        d.last("m-random-fine", "hl-random").await.info,
+        "got 4096 random bytes"
+    );
+    assert_eq!(
+        d.last("m-random-probe", "hl-random-probe").await.status,
+        "done"
+    );
+}
+
 /// Every file under `dir` (recursively) whose content is what `blob-put`
 /// writes, relative to `dir`.
 fn escaped_files(dir: &std::path::Path) -> Vec<String> {

@@ -37,6 +37,9 @@ pub use trap::{Failure, FailureKind};
 /// guests yield to other tasks, at this granularity.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// The most bytes one `wasi:random` call may ask the host for.
+pub const MAX_RANDOM_BYTES: u64 = 1 << 20;
+
 /// The data of one invocation's [`Store`].
 pub struct InvocationState {
     wasi: WasiCtx,
@@ -253,7 +256,10 @@ impl Sandbox {
         wasi.stderr(capture.clone())
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false);
+            .allow_ip_name_lookup(false)
+            // wasi:random allocates what the guest asks for on the host
+            // (wasmtime's default cap is 64 MiB, past any plugin's need).
+            .max_random_size(MAX_RANDOM_BYTES);
         let state = InvocationState {
             wasi: wasi.build(),
             table: ResourceTable::new(),

@@ -178,9 +178,23 @@ fn rust_panic_message(text: &str) -> String {
     }
 }
 
+/// What went wrong, without the wasm backtrace wasmtime wraps a host
+/// error in (which hid e.g. WASI's "requested len ... exceeds limit").
 fn root_cause(err: &wasmtime::Error) -> String {
-    let text = format!("{err:#}");
-    text.lines().next().unwrap_or_default().to_owned()
+    let causes: Vec<String> = err
+        .chain()
+        .filter_map(|cause| cause.to_string().lines().next().map(str::to_owned))
+        .filter(|line| !line.starts_with("error while executing at wasm backtrace"))
+        .collect();
+    if causes.is_empty() {
+        format!("{err:#}")
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    } else {
+        causes.join(": ")
+    }
 }
 
 #[cfg(test)]
