@@ -89,6 +89,48 @@ pub struct Pipeline {
     outages: AtomicU64,
     /// No new deliveries are taken before this instant.
     pause_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Message ids being processed now.
+    busy_ids: KeyedLocks,
+}
+
+/// One async lock per key, made on demand and dropped when unused.
+#[derive(Default)]
+struct KeyedLocks {
+    locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Holds the lock of one key; releases (and forgets an unused key) on drop.
+struct KeyGuard<'a> {
+    locks: &'a KeyedLocks,
+    key: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyedLocks {
+    async fn lock(&self, key: &str) -> KeyGuard<'_> {
+        let lock = match self.locks.lock() {
+            Ok(mut map) => map.entry(key.to_owned()).or_default().clone(),
+            Err(_) => Arc::new(tokio::sync::Mutex::new(())),
+        };
+        KeyGuard {
+            locks: self,
+            key: key.to_owned(),
+            guard: Some(lock.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        if let Ok(mut map) = self.locks.locks.lock()
+            && map
+                .get(&self.key)
+                .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
 }
 
 impl Pipeline {
@@ -111,6 +153,7 @@ impl Pipeline {
             counters: Counters::default(),
             outages: AtomicU64::new(0),
             pause_until: std::sync::Mutex::new(None),
+            busy_ids: KeyedLocks::default(),
         }
     }
 
@@ -275,6 +318,11 @@ impl Pipeline {
         } else {
             envelope.id.clone()
         };
+        // A broker redelivers what a dropped connection left unacked, possibly
+        // while this process still works on the first copy: one copy of a
+        // message at a time, so the second sees the first's durable status
+        // and does not run its plugins again.
+        let _one_at_a_time = self.busy_ids.lock(&id).await;
         let received = Entry::message(&id, attempt, Status::Received, envelope.kind.clone());
 
         let routed: Vec<Arc<LoadedPlugin>> = self
@@ -681,5 +729,37 @@ pub fn wit_error_text(error: &WitError) -> String {
         WitError::Invalid(m) => format!("invalid: {m}"),
         WitError::Unavailable(m) => format!("unavailable: {m}"),
         WitError::Internal(m) => format!("internal: {m}"),
+    }
+}
+
+#[cfg(test)]
+mod keyed_lock_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn one_holder_per_key_and_unused_keys_are_forgotten() {
+        let locks = Arc::new(KeyedLocks::default());
+        let inside = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (locks, inside, most) = (locks.clone(), inside.clone(), most.clone());
+            tasks.push(tokio::spawn(async move {
+                let _g = locks.lock("m").await;
+                let n = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(n, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+            }));
+        }
+        let other = locks.lock("other").await; // another key is not blocked
+        drop(other);
+        for t in tasks {
+            t.await.unwrap_or_default();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 1);
+        assert!(locks.locks.lock().map(|m| m.is_empty()).unwrap_or(false));
     }
 }
