@@ -39,7 +39,7 @@ guest-toolchain:
 
 # Unit tests of the SDK and the connectors, on the host (whole plugins against sandpipe_sdk::testing's fakes).
 guest-test:
-    CARGO_TARGET_DIR="{{guest_target_dir}}" cargo test -p sandpipe-sdk {{guest_connectors}}
+    CARGO_TARGET_DIR="{{guest_target_dir}}" cargo test -p sandpipe-sdk -p sandpipe-sqlite-policy {{guest_connectors}}
 
 # Format check and clippy (wasm target, warnings denied) for every guest crate.
 guest-lint: guest-toolchain

@@ -40,6 +40,8 @@ pub fn guests() -> &'static Path {
                 "--workspace",
                 "--exclude",
                 "sandpipe",
+                "--exclude",
+                "sandpipe-sqlite-policy",
             ])
             .status();
         assert!(

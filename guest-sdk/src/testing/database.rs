@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rusqlite::Connection;
-use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::hooks::AuthContext;
 use rusqlite::types::{Value as SqlValue, ValueRef};
 
 use super::SqlAnswer;
@@ -29,9 +29,9 @@ impl Database {
         let mode = plugin_mode.clone();
         conn.authorizer(Some(move |ctx: AuthContext<'_>| {
             if mode.load(Ordering::SeqCst) {
-                authorize(&ctx.action)
+                sandpipe_sqlite_policy::authorize(&ctx.action, false)
             } else {
-                Authorization::Allow
+                rusqlite::hooks::Authorization::Allow
             }
         }))?;
         Ok(Self { conn, plugin_mode })
@@ -102,56 +102,6 @@ pub(super) fn run(
         values.push(out);
     }
     Ok(SqlAnswer::Rows(Rows { columns, values }))
-}
-
-/// The engine's policy for plugin SQL (its `store::database::sqlite`):
-/// no transaction control (the host owns the transaction), no other
-/// database files, no virtual tables, only read-only pragmas, no
-/// extension loading or file functions.
-fn authorize(action: &AuthAction<'_>) -> Authorization {
-    match action {
-        AuthAction::Attach { .. }
-        | AuthAction::Detach { .. }
-        | AuthAction::Transaction { .. }
-        | AuthAction::Savepoint { .. }
-        | AuthAction::CreateVtable { .. }
-        | AuthAction::DropVtable { .. } => Authorization::Deny,
-        AuthAction::Pragma {
-            pragma_name,
-            pragma_value,
-        } => {
-            // Introspection pragmas take a table or index name as their
-            // "value" and only read; `user_version` only reads without one.
-            const INTROSPECTION: [&str; 6] = [
-                "table_info",
-                "table_xinfo",
-                "index_list",
-                "index_info",
-                "index_xinfo",
-                "foreign_key_list",
-            ];
-            let name = pragma_name.to_ascii_lowercase();
-            if INTROSPECTION.contains(&name.as_str())
-                || (name == "user_version" && pragma_value.is_none())
-            {
-                Authorization::Allow
-            } else {
-                Authorization::Deny
-            }
-        }
-        AuthAction::Function { function_name } => {
-            let name = function_name.to_ascii_lowercase();
-            if name == "load_extension"
-                || name.starts_with("readfile")
-                || name.starts_with("writefile")
-            {
-                Authorization::Deny
-            } else {
-                Authorization::Allow
-            }
-        }
-        _ => Authorization::Allow,
-    }
 }
 
 fn to_sql(value: Value) -> SqlValue {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::hooks::AuthContext;
 use rusqlite::limits::Limit;
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension as _};
@@ -208,7 +208,7 @@ impl PluginDb {
         {
             let engine_mode = engine_mode.clone();
             conn.authorizer(Some(move |ctx: AuthContext<'_>| {
-                authorize(&ctx.action, engine_mode.load(Ordering::SeqCst))
+                sandpipe_sqlite_policy::authorize(&ctx.action, engine_mode.load(Ordering::SeqCst))
             }))?;
         }
         {
@@ -260,56 +260,6 @@ impl PluginDb {
         {
             pool.push(conn);
         }
-    }
-}
-
-/// The policy for plugin SQL.
-fn authorize(action: &AuthAction<'_>, engine_mode: bool) -> Authorization {
-    match action {
-        AuthAction::Transaction { .. } | AuthAction::Savepoint { .. } if engine_mode => {
-            Authorization::Allow
-        }
-        AuthAction::Attach { .. }
-        | AuthAction::Detach { .. }
-        | AuthAction::Transaction { .. }
-        | AuthAction::Savepoint { .. }
-        | AuthAction::CreateVtable { .. }
-        | AuthAction::DropVtable { .. } => Authorization::Deny,
-        AuthAction::Pragma {
-            pragma_name,
-            pragma_value,
-        } => {
-            // Introspection pragmas take a table or index name as their
-            // "value" and only read; `user_version` only reads without one.
-            const INTROSPECTION: [&str; 6] = [
-                "table_info",
-                "table_xinfo",
-                "index_list",
-                "index_info",
-                "index_xinfo",
-                "foreign_key_list",
-            ];
-            let name = pragma_name.to_ascii_lowercase();
-            if INTROSPECTION.contains(&name.as_str())
-                || (name == "user_version" && pragma_value.is_none())
-            {
-                Authorization::Allow
-            } else {
-                Authorization::Deny
-            }
-        }
-        AuthAction::Function { function_name } => {
-            let name = function_name.to_ascii_lowercase();
-            if name == "load_extension"
-                || name.starts_with("readfile")
-                || name.starts_with("writefile")
-            {
-                Authorization::Deny
-            } else {
-                Authorization::Allow
-            }
-        }
-        _ => Authorization::Allow,
     }
 }
 
