@@ -1,30 +1,9 @@
 //! The HTTP server: health, readiness and Prometheus metrics of a running
 //! engine.
 
-use std::io::{Read as _, Write as _};
 use std::time::{Duration, Instant};
 
-use crate::harness::Deployment;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A plain HTTP/1.0 GET: (status code, body).
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
-}
+use crate::harness::{Deployment, free_port, get};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn health_readiness_and_metrics_are_served() {
