@@ -35,7 +35,10 @@ pub const EXEC_SCRIPT: &str = "exec.sh";
 /// # use sandpipe_sdk::prelude::*;
 /// # struct MyPlugin;
 /// # impl Plugin for MyPlugin {
-/// #     fn describe() -> Description { unimplemented!() }
+/// #     fn describe() -> Description {
+/// #         Description { name: "my-plugin".into(), version: "0.1.0".into(),
+/// #             mime_types: vec!["text/plain".into()], capabilities: vec![] }
+/// #     }
 /// #     fn execute(_: Message) -> Result<Outcome, Error> { Ok(Outcome::Done) }
 /// # }
 /// use sandpipe_sdk::testing::Scenario;
