@@ -101,6 +101,16 @@ fn probe(id: &str, action: &str) -> String {
     serde_json::json!({"uuid_ref": id, "data_type": "test/probe", "action": action}).to_string()
 }
 
+/// `n` fx-probe messages `PREFIX-i` that each burn `ms` of CPU, then insert.
+fn busy_messages(prefix: &str, n: usize, ms: u64) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            serde_json::json!({"uuid_ref": format!("{prefix}-{i}"), "data_type": "test/probe", "action": "busy", "ms": ms})
+                .to_string()
+        })
+        .collect()
+}
+
 const GRANTS: &str = "plugins:\n  grants:\n    probe: { sql: true }\n";
 
 #[tokio::test(flavor = "multi_thread")]
@@ -192,12 +202,7 @@ async fn busy_plugins_never_starve_the_heartbeat() {
             b.listener_yaml("")
         ),
     );
-    let bodies: Vec<String> = (0..24)
-        .map(|i| {
-            serde_json::json!({"uuid_ref": format!("rmq-hb-{i}"), "data_type": "test/probe", "action": "busy", "ms": 400})
-                .to_string()
-        })
-        .collect();
+    let bodies = busy_messages("rmq-hb", 24, 400);
     b.publish(&d, &bodies).await;
     let summary = d.run_once().await.unwrap();
     assert_eq!((summary.processed, summary.done), (24, 24), "{summary}");
@@ -233,12 +238,7 @@ async fn sigterm_requeues_nothing_it_has_not_settled() {
             b.listener_yaml("")
         ),
     );
-    let bodies: Vec<String> = (0..20)
-        .map(|i| {
-            serde_json::json!({"uuid_ref": format!("rmq-stop-{i}"), "data_type": "test/probe", "action": "busy", "ms": 100})
-                .to_string()
-        })
-        .collect();
+    let bodies = busy_messages("rmq-stop", 20, 100);
     b.publish(&d, &bodies).await;
     let (tx, rx) = tokio::sync::watch::channel(false);
     let config = d.config.clone();
@@ -417,12 +417,7 @@ async fn a_closed_connection_is_reopened_and_nothing_is_lost_or_redone() {
             b.listener_yaml("  reconnect: { initial: 200ms, max: 1s }\n")
         ),
     );
-    let bodies: Vec<String> = (0..30)
-        .map(|i| {
-            serde_json::json!({"uuid_ref": format!("rmq-rc-{i}"), "data_type": "test/probe", "action": "busy", "ms": 100})
-                .to_string()
-        })
-        .collect();
+    let bodies = busy_messages("rmq-rc", 30, 100);
     b.publish(&d, &bodies).await;
     let (tx, rx) = tokio::sync::watch::channel(false);
     let config = d.config.clone();

@@ -153,22 +153,28 @@ impl InvocationState {
 }
 
 impl InvocationState {
-    async fn blob_open_data(&mut self) -> Result<Resource<BlobReader>, WitError> {
-        self.host.enter(Interface::Blob, "open-data")?;
-        let message = self.host.message()?;
-        let location = message.data_location.clone().ok_or_else(|| {
-            WitError::NotFound(format!("message `{}` has no data location", message.id))
-        })?;
+    /// Open `location` (already allowed) as a new reader, within the
+    /// open-readers limit; an outage of the store is recorded as one.
+    async fn open_object(&mut self, location: &str) -> Result<Resource<BlobReader>, WitError> {
         self.check_readers()?;
         let object = self
             .host
             .plugin
             .services
             .data
-            .open(&location)
+            .open(location)
             .await
             .map_err(|e| self.host.note(data_error(e)))?;
         self.open_reader(object)
+    }
+
+    async fn blob_open_data(&mut self) -> Result<Resource<BlobReader>, WitError> {
+        self.host.enter(Interface::Blob, "open-data")?;
+        let message = self.host.message()?;
+        let location = message.data_location.clone().ok_or_else(|| {
+            WitError::NotFound(format!("message `{}` has no data location", message.id))
+        })?;
+        self.open_object(&location).await
     }
 
     async fn blob_open(&mut self, location: String) -> Result<Resource<BlobReader>, WitError> {
@@ -182,16 +188,7 @@ impl InvocationState {
         if !own {
             self.check_prefix(&location, "read")?;
         }
-        self.check_readers()?;
-        let object = self
-            .host
-            .plugin
-            .services
-            .data
-            .open(&location)
-            .await
-            .map_err(|e| self.host.note(data_error(e)))?;
-        self.open_reader(object)
+        self.open_object(&location).await
     }
 
     async fn blob_put(&mut self, location: String, bytes: Vec<u8>) -> Result<(), WitError> {
