@@ -19,7 +19,7 @@ plugins_dir := justfile_directory() / "target" / "plugins"
 
 # Every guest crate: built together in one cargo invocation.
 guest_connectors := "-p image-meta -p text-stats"
-guest_fixtures := "-p fx-panic -p fx-loop -p fx-memory -p fx-recurse -p fx-probe -p fx-hostile"
+guest_fixtures := "-p fx-panic -p fx-loop -p fx-memory -p fx-recurse -p fx-probe -p fx-hostile -p fx-v01"
 
 # The connectors are copied under their plugin names (dashes, not the crate's
 # underscores); the fixtures stay in target/guests/wasm32-wasip2/guest/ as
@@ -92,9 +92,67 @@ test-deps:
 
 
 
+# Fuzz the parsers of untrusted input (fuzz/: the message envelope and the
+# configuration loader) with cargo-fuzz, `seconds` per target. Installs
+# cargo-fuzz when missing; uses the nightly toolchain when one is installed,
+# else stable with RUSTC_BOOTSTRAP=1 (cargo-fuzz needs unstable flags).
+# The corpus grows in target/fuzz-corpus/<target>, crashes land in
+# fuzz/artifacts/<target>/ and the recipe fails.
+fuzz seconds="60":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    if rustup run nightly rustc --version >/dev/null 2>&1; then fuzz=(cargo +nightly fuzz); else export RUSTC_BOOTSTRAP=1; fuzz=(cargo fuzz); fi
+    cd fuzz
+    for target in envelope config; do
+        corpus="{{justfile_directory()}}/target/fuzz-corpus/$target"
+        mkdir -p "$corpus"
+        dict=(); [ -f "$target.dict" ] && dict=(-dict="$target.dict")
+        echo "fuzzing $target for {{seconds}} s"
+        "${fuzz[@]}" run "$target" "$corpus" "seeds/$target" -- \
+            -max_total_time={{seconds}} -timeout=10 -rss_limit_mb=2048 -max_len=65536 "${dict[@]}" -print_final_stats=1
+    done
+
+# Check Cargo.lock and fuzz/Cargo.lock against the RustSec advisory
+# database with cargo-audit (installed when missing): a dependency with a
+# published vulnerability — a wasmtime advisory above all — fails. The
+# database comes from SANDPIPE_ADVISORY_DB (a checkout of
+# github.com/rustsec/advisory-db), else a local mirror of it, else cargo
+# audit's own fetch from GitHub. A canary lock file with a vulnerable
+# wasmtime must fail, proving the database loaded. With no database
+# reachable the recipe says SKIPPED and succeeds, unless
+# SANDPIPE_REQUIRE_AUDIT=1.
+audit:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v cargo-audit >/dev/null || cargo install cargo-audit --locked
+    db="${SANDPIPE_ADVISORY_DB:-}"
+    mirror=/work/.mirror/rustsec+advisory-db/repo
+    if [ -z "$db" ] && [ -d "$mirror" ]; then
+        db="${CARGO_TARGET_DIR:-{{justfile_directory()}}/target}/advisory-db"
+        if [ -d "$db/.git" ]; then git -C "$db" pull -q --ff-only || true; else git clone -q "$mirror" "$db"; fi
+    fi
+    if [ -z "$db" ]; then
+        db="${CARGO_TARGET_DIR:-{{justfile_directory()}}/target}/advisory-db-fetched"
+        if ! timeout 120 cargo audit --db "$db" --stale -f tests/fixtures/audit-canary/Cargo.lock >/dev/null 2>&1 && [ ! -d "$db/crates" ]; then
+            echo "SKIPPED: no RustSec advisory database reachable (set SANDPIPE_ADVISORY_DB to a checkout of github.com/rustsec/advisory-db)"
+            [ "${SANDPIPE_REQUIRE_AUDIT:-0}" = 1 ] && exit 1
+            exit 0
+        fi
+    fi
+    audit=(cargo audit --db "$db" --no-fetch --stale)
+    echo "advisory database: $db ($(git -C "$db" log -1 --format=%cs 2>/dev/null || echo 'date unknown'))"
+    if "${audit[@]}" -f tests/fixtures/audit-canary/Cargo.lock >/dev/null 2>&1; then
+        echo "the canary (wasmtime 41.0.0) passed the audit: the advisory database did not load"
+        exit 1
+    fi
+    "${audit[@]}" -f Cargo.lock
+    "${audit[@]}" -f fuzz/Cargo.lock
+
 # Formatting and clippy, warnings denied, for the engine and the guests.
 lint: guest-lint
     cargo fmt --all -- --check
+    cd fuzz && cargo fmt -- --check
     cargo clippy --all-targets -- -D warnings
 
 # Run examples/rabbitmq-redis-postgres end to end against the local

@@ -4,7 +4,7 @@
 
 pub mod app;
 pub mod capability;
-pub mod config;
+pub use sandpipe_config as config;
 pub mod exec;
 pub mod listener;
 pub mod metrics;

@@ -5,7 +5,7 @@
 //! after every routed plugin's effects are committed and its status is
 //! durable in the status log.
 
-pub mod envelope;
+pub use sandpipe_config::envelope;
 pub mod routing;
 
 use std::collections::HashSet;

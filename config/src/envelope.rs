@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::config::{FieldSpec, MessageFields};
+use crate::{FieldSpec, MessageFields};
 
 /// A parsed envelope.
 #[derive(Debug, Clone, PartialEq)]

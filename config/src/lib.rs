@@ -9,6 +9,10 @@
 //!
 //! YAML parsing is confined to [`Config::parse`], so the YAML crate can
 //! change in one place.
+//!
+//! This crate also holds the message [`envelope`] parser. Both read untrusted
+//! or operator input and need nothing from the sandbox, so they live apart
+//! from the engine: the fuzz targets in `fuzz/` build them without wasmtime.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +20,8 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use serde::Deserialize;
+
+pub mod envelope;
 
 /// A configuration that could not be loaded. Always names the file.
 #[derive(Debug, thiserror::Error)]
