@@ -69,6 +69,19 @@ impl Error {
         Self::Internal(msg.into())
     }
 
+    /// The same kind of error with its text changed by `f`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn map_message(self, f: impl FnOnce(String) -> String) -> Self {
+        match self {
+            Self::AccessDenied(m) => Self::AccessDenied(f(m)),
+            Self::LimitExceeded(m) => Self::LimitExceeded(f(m)),
+            Self::NotFound(m) => Self::NotFound(f(m)),
+            Self::Invalid(m) => Self::Invalid(f(m)),
+            Self::Unavailable(m) => Self::Unavailable(f(m)),
+            Self::Internal(m) => Self::Internal(f(m)),
+        }
+    }
+
     /// The variant's name as the WIT contract spells it: `access-denied`,
     /// `limit-exceeded`, `not-found`, `invalid`, `unavailable` or `internal`.
     pub fn kind(&self) -> &'static str {

@@ -82,6 +82,13 @@ mod imports {
         sql::execute(statement, params)
     }
 
+    pub(crate) fn sql_execute_batch(
+        statement: &str,
+        batch: &[Vec<Value>],
+    ) -> Result<u64, WitError> {
+        sql::execute_batch(statement, batch)
+    }
+
     pub(crate) fn emit_publish(
         output: &str,
         payload: &[u8],

@@ -60,6 +60,27 @@ pub fn execute(statement: &str, params: &[Value]) -> Result<u64, Error> {
     host::sql_execute(statement, params).map_err(Error::from)
 }
 
+/// Run one statement that changes data once per parameter list in `batch`,
+/// in order, with one host call (the engine prepares it once); returns the
+/// total number of rows changed. The first failing list stops the batch,
+/// and the error names its index (`parameter list 3 of 500: ...`). Needs an
+/// engine that links `sandpipe:connector@0.2`.
+///
+/// ```no_run
+/// use sandpipe_sdk::{params, sql};
+///
+/// # fn run() -> Result<(), sandpipe_sdk::Error> {
+/// let words = ["alpha", "beta", "gamma"];
+/// let batch: Vec<_> = words.iter().map(|w| params![*w, w.len() as i64]).collect();
+/// let changed = sql::execute_batch("INSERT INTO words (word, len) VALUES ($1, $2)", &batch)?;
+/// assert_eq!(changed, 3);
+/// # Ok(())
+/// # }
+/// ```
+pub fn execute_batch(statement: &str, batch: &[Vec<Value>]) -> Result<u64, Error> {
+    host::sql_execute_batch(statement, batch).map_err(Error::from)
+}
+
 /// Run one statement that returns rows. Fails with
 /// [`Error::LimitExceeded`] past the configured row limit.
 pub fn query(statement: &str, params: &[Value]) -> Result<Rows, Error> {

@@ -3,6 +3,7 @@
 //! defaults. One test binary; the components are built once per run.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod compat;
 mod crash;
 mod examples;
 mod exec;

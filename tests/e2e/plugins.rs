@@ -355,3 +355,55 @@ async fn send_then_run_processes_the_message_and_sigterm_stops_cleanly() {
     );
     assert_eq!(d.last("m-sent", "probe").await.status, "done");
 }
+
+/// A message asking fx-probe for one `sql.execute-batch` of `rows`.
+pub(crate) fn batch(d: &Deployment, id: &str, rows: serde_json::Value) {
+    d.message(
+        &format!("{id}.json"),
+        &serde_json::json!({"uuid_ref": id, "data_type": "test/probe", "action": "sql-batch", "rows": rows})
+            .to_string(),
+    );
+}
+
+/// The failing batch's skip reason names the list and the constraint.
+pub(crate) fn assert_batch_failure(info: &str) {
+    assert!(
+        info.starts_with("error: invalid: parameter list 1 of 3: "),
+        "{info}"
+    );
+    assert!(info.to_lowercase().contains("null"), "{info}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn execute_batch_applies_every_list_or_names_the_failing_one() {
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        "pipeline: { concurrency: 1 }\nplugins:\n  grants:\n    probe: { sql: true }\n",
+    );
+    batch(
+        &d,
+        "m-ok",
+        serde_json::json!([["a", 1], ["b", 2], ["c", 3]]),
+    );
+    batch(
+        &d,
+        "m-bad",
+        serde_json::json!([["d", 4], ["e", null], ["f", 6]]),
+    );
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(summary.done, 2, "{summary}");
+    assert_eq!(d.last("m-ok", "probe").await.status, "done");
+    let bad = d.last("m-bad", "probe").await;
+    assert_eq!(bad.status, "skipped", "{bad:?}");
+    assert_batch_failure(&bad.info);
+    // The good batch committed; the skipped one committed nothing.
+    let ids: Vec<String> = d
+        .plugin_db("probe")
+        .prepare("SELECT id FROM b ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(ids, ["a", "b", "c"]);
+}

@@ -225,6 +225,43 @@ async fn components_store_in_postgres_and_the_status_log_lands_there() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn execute_batch_applies_every_list_or_names_the_failing_one() {
+    let db = TestDb::new().await;
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        &format!(
+            "{}pipeline: {{ concurrency: 1 }}\nplugins:\n  grants:\n    probe: {{ sql: true }}\n",
+            db.yaml("")
+        ),
+    );
+    let rows: Vec<_> = (0..200)
+        .map(|i| serde_json::json!([format!("r{i}"), i]))
+        .collect();
+    crate::plugins::batch(&d, "m-ok", serde_json::json!(rows));
+    crate::plugins::batch(
+        &d,
+        "m-bad",
+        serde_json::json!([["d", 4], ["e", null], ["f", 6]]),
+    );
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(summary.done, 2, "{summary}");
+    assert_eq!(d.last("m-ok", "probe").await.status, "done");
+    let bad = d.last("m-bad", "probe").await;
+    assert_eq!(bad.status, "skipped", "{bad:?}");
+    crate::plugins::assert_batch_failure(&bad.info);
+    let admin = db.admin().await;
+    assert_eq!(count(&admin, "SELECT count(*) FROM probe.b").await, 200);
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM probe.b WHERE id IN ('d', 'e', 'f')"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_failed_invocations_sql_is_rolled_back() {
     let db = TestDb::new().await;
     let d = Deployment::new(

@@ -42,6 +42,8 @@ pub fn guests() -> &'static Path {
                 "sandpipe",
                 "--exclude",
                 "sandpipe-sqlite-policy",
+                "--exclude",
+                "sandpipe-config",
             ])
             .status();
         assert!(

@@ -152,6 +152,12 @@ pub fn sql_params(params: &[Value]) -> Json {
     Json::Array(params.iter().map(sql_value).collect())
 }
 
+/// A batch's parameter lists: their count and the first [`MAX_ROWS`].
+pub fn sql_batch(batch: &[Vec<Value>]) -> Json {
+    let lists: Vec<Json> = batch.iter().take(MAX_ROWS).map(|p| sql_params(p)).collect();
+    json!({ "count": batch.len(), "lists": lists })
+}
+
 /// A query's rows: columns, count, and the first [`MAX_ROWS`].
 pub fn sql_rows(rows: &Rows) -> Json {
     let values: Vec<Json> = rows

@@ -13,7 +13,7 @@ use crate::config::Limits;
 use crate::sandbox::InvocationState;
 use crate::sandbox::bindings::WitError;
 use crate::sandbox::bindings::sandpipe::connector::sql::{Host, Rows, Value};
-use crate::store::database::{Outcome, PluginConn, PluginDb, ResultLimit, postgres, sqlite};
+use crate::store::database::{Outcome, PluginConn, PluginDb, ResultLimit, Work, postgres, sqlite};
 
 /// An invocation's open transaction.
 pub struct Transaction {
@@ -49,13 +49,12 @@ impl Transaction {
         Ok(Self { inner })
     }
 
-    /// Run one statement: rows for a `query` (within `limit`, else
+    /// Run one statement: rows for a query (within `limit`, else
     /// `limit-exceeded`), else the number of rows changed.
     pub async fn run(
         &mut self,
         statement: String,
-        params: Vec<Value>,
-        query: bool,
+        work: Work,
         limit: ResultLimit,
     ) -> Result<Outcome, WitError> {
         match &mut self.inner {
@@ -66,7 +65,7 @@ impl Transaction {
                     ));
                 };
                 let (c, result) = tokio::task::spawn_blocking(move || {
-                    let result = sqlite::run(&c, &statement, params, query, limit);
+                    let result = sqlite::run(&c, &statement, work, limit);
                     (c, result)
                 })
                 .await
@@ -74,7 +73,7 @@ impl Transaction {
                 *conn = Some(c);
                 result
             }
-            Inner::Postgres(tx) => tx.run(statement, params, query, limit).await,
+            Inner::Postgres(tx) => tx.run(statement, work, limit).await,
         }
     }
 
@@ -90,7 +89,10 @@ impl Transaction {
             rows: max_rows,
             ..ResultLimit::of(&Limits::default())
         };
-        match self.run(statement.to_owned(), params, true, limit).await? {
+        match self
+            .run(statement.to_owned(), Work::Query(params), limit)
+            .await?
+        {
             Outcome::Rows(rows) => Ok(rows),
             Outcome::Changed(_) => Err(WitError::Internal("expected rows".into())),
         }
@@ -99,7 +101,10 @@ impl Transaction {
     /// Run a statement and return the number of rows it changed.
     pub async fn execute(&mut self, statement: &str, params: Vec<Value>) -> Result<u64, WitError> {
         let limit = ResultLimit::of(&Limits::default());
-        match self.run(statement.to_owned(), params, false, limit).await? {
+        match self
+            .run(statement.to_owned(), Work::Execute(vec![params]), limit)
+            .await?
+        {
             Outcome::Changed(n) => Ok(n),
             Outcome::Rows(_) => Err(WitError::Internal("expected a row count".into())),
         }
@@ -136,8 +141,7 @@ impl InvocationState {
         &mut self,
         function: &str,
         statement: String,
-        params: Vec<Value>,
-        query: bool,
+        work: Work,
     ) -> Result<Outcome, WitError> {
         self.host.enter(Interface::Sql, function)?;
         let plugin = self.host.plugin.clone();
@@ -151,7 +155,7 @@ impl InvocationState {
             empty => empty.insert(Transaction::begin(db).await?),
         };
         let result = tx
-            .run(statement, params, query, ResultLimit::of(&plugin.limits))
+            .run(statement, work, ResultLimit::of(&plugin.limits))
             .await;
         match result {
             // The database's policy (SQLite's authorizer, PostgreSQL's
@@ -177,7 +181,7 @@ impl Host for InvocationState {
             "query",
             || json!({ "statement": statement, "params": journal::sql_params(&params) }),
         );
-        let result = match self.sql("query", statement, params, true).await {
+        let result = match self.sql("query", statement, Work::Query(params)).await {
             Ok(Outcome::Rows(rows)) => Ok(rows),
             Ok(Outcome::Changed(_)) => Err(WitError::Internal("expected rows".into())),
             Err(e) => Err(e),
@@ -192,13 +196,44 @@ impl Host for InvocationState {
             "execute",
             || json!({ "statement": statement, "params": journal::sql_params(&params) }),
         );
-        let result = match self.sql("execute", statement, params, false).await {
-            Ok(Outcome::Changed(n)) => Ok(n),
-            Ok(Outcome::Rows(_)) => Err(WitError::Internal("expected a row count".into())),
-            Err(e) => Err(e),
-        };
+        let result = self
+            .changes("execute", statement, Work::Execute(vec![params]))
+            .await;
         self.host
             .journal_result(call, &result, |n| json!({ "changed": n }));
         result
+    }
+
+    async fn execute_batch(
+        &mut self,
+        statement: String,
+        batch: Vec<Vec<Value>>,
+    ) -> Result<u64, WitError> {
+        let call = self.host.journal_call(
+            Interface::Sql,
+            "execute-batch",
+            || json!({ "statement": statement, "batch": journal::sql_batch(&batch) }),
+        );
+        let result = self
+            .changes("execute-batch", statement, Work::Execute(batch))
+            .await;
+        self.host
+            .journal_result(call, &result, |n| json!({ "changed": n }));
+        result
+    }
+}
+
+impl InvocationState {
+    /// `execute` and `execute-batch`: the number of rows changed.
+    async fn changes(
+        &mut self,
+        function: &str,
+        statement: String,
+        work: Work,
+    ) -> Result<u64, WitError> {
+        match self.sql(function, statement, work).await? {
+            Outcome::Changed(n) => Ok(n),
+            Outcome::Rows(_) => Err(WitError::Internal("expected a row count".into())),
+        }
     }
 }

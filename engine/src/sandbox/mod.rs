@@ -8,6 +8,7 @@
 
 pub mod bindings;
 mod cache;
+pub mod compat;
 mod stdio;
 mod trap;
 
@@ -172,6 +173,12 @@ impl Sandbox {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from)?;
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state: &mut InvocationState| state)
             .map_err(anyhow::Error::from)?;
+        // The previous minor version's imports, served by the same code.
+        bindings::v0_1::Plugin::add_to_linker::<_, HasSelf<_>>(
+            &mut linker,
+            |state: &mut InvocationState| state,
+        )
+        .map_err(anyhow::Error::from)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         {
@@ -217,7 +224,10 @@ impl Sandbox {
             .component_type()
             .imports(&self.engine)
             .map(|(name, _)| name.to_owned())
-            .collect();
+            .collect::<Vec<_>>();
+        if let Some(why) = compat::unsupported(&imports) {
+            anyhow::bail!("cannot load {}: {why}", path.display());
+        }
         let pre = self
             .linker
             .instantiate_pre(&component)

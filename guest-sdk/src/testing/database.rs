@@ -75,6 +75,31 @@ impl Database {
     }
 }
 
+impl Database {
+    /// Run one statement once per parameter list, as the engine's
+    /// `execute-batch` does: prepared once, stopped at the first failure,
+    /// whose message names the list.
+    pub(super) fn run_batch(
+        &self,
+        statement: &str,
+        batch: &[Vec<Value>],
+    ) -> Result<SqlAnswer, Error> {
+        let mut stmt = self.conn.prepare(statement).map_err(sql_error)?;
+        let mut changed = 0;
+        for (index, params) in batch.iter().enumerate() {
+            let params = rusqlite::params_from_iter(params.iter().cloned().map(to_sql));
+            changed += stmt.execute(params).map_err(|e| {
+                let e = sql_error(e);
+                if batch.len() <= 1 {
+                    return e;
+                }
+                e.map_message(|m| format!("parameter list {index} of {}: {m}", batch.len()))
+            })? as u64;
+        }
+        Ok(SqlAnswer::Changed(changed))
+    }
+}
+
 /// See [`Database::run`]; also used for inspection queries.
 pub(super) fn run(
     conn: &Connection,

@@ -321,21 +321,21 @@ fn sql(
     function: SqlFunction,
     statement: &str,
     params: &[Value],
+    batch: &[Vec<Value>],
 ) -> Result<super::SqlAnswer, WitError> {
     with(|s| {
-        let name = match function {
-            SqlFunction::Query => "query",
-            SqlFunction::Execute => "execute",
+        s.enter(Capability::Sql, function.name())?;
+        let db = &s.host.db;
+        let result = match function {
+            SqlFunction::Query => db.run(statement, params, true),
+            SqlFunction::Execute => db.run(statement, params, false),
+            SqlFunction::ExecuteBatch => db.run_batch(statement, batch),
         };
-        s.enter(Capability::Sql, name)?;
-        let result = s
-            .host
-            .db
-            .run(statement, params, function == SqlFunction::Query);
         s.effects.sql.push(SqlCall {
             function,
             statement: statement.to_owned(),
             params: params.to_vec(),
+            batch: batch.to_vec(),
             result: result.clone(),
         });
         result
@@ -343,7 +343,7 @@ fn sql(
 }
 
 pub(crate) fn sql_query(statement: &str, params: &[Value]) -> Result<Rows, WitError> {
-    match sql(SqlFunction::Query, statement, params)? {
+    match sql(SqlFunction::Query, statement, params, &[])? {
         super::SqlAnswer::Rows(rows) => Ok(rows),
         super::SqlAnswer::Changed(_) => Ok(Rows {
             columns: Vec::new(),
@@ -353,7 +353,14 @@ pub(crate) fn sql_query(statement: &str, params: &[Value]) -> Result<Rows, WitEr
 }
 
 pub(crate) fn sql_execute(statement: &str, params: &[Value]) -> Result<u64, WitError> {
-    match sql(SqlFunction::Execute, statement, params)? {
+    match sql(SqlFunction::Execute, statement, params, &[])? {
+        super::SqlAnswer::Changed(n) => Ok(n),
+        super::SqlAnswer::Rows(_) => Ok(0),
+    }
+}
+
+pub(crate) fn sql_execute_batch(statement: &str, batch: &[Vec<Value>]) -> Result<u64, WitError> {
+    match sql(SqlFunction::ExecuteBatch, statement, &[], batch)? {
         super::SqlAnswer::Changed(n) => Ok(n),
         super::SqlAnswer::Rows(_) => Ok(0),
     }

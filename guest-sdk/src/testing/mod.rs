@@ -372,13 +372,26 @@ pub struct LogLine {
     pub message: String,
 }
 
-/// `sql::query` or `sql::execute`.
+/// `sql::query`, `sql::execute` or `sql::execute_batch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SqlFunction {
     /// [`sql::query`](crate::sql::query).
     Query,
     /// [`sql::execute`](crate::sql::execute).
     Execute,
+    /// [`sql::execute_batch`](crate::sql::execute_batch).
+    ExecuteBatch,
+}
+
+impl SqlFunction {
+    /// The WIT function's name (`query`, `execute`, `execute-batch`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Query => "query",
+            Self::Execute => "execute",
+            Self::ExecuteBatch => "execute-batch",
+        }
+    }
 }
 
 /// What a SQL statement answered.
@@ -397,8 +410,10 @@ pub struct SqlCall {
     pub function: SqlFunction,
     /// The statement.
     pub statement: String,
-    /// Its parameters, `$1` first.
+    /// Its parameters, `$1` first (empty for `execute-batch`).
     pub params: Vec<Value>,
+    /// For `execute-batch`: every parameter list, in order.
+    pub batch: Vec<Vec<Value>>,
     /// What it answered.
     pub result: Result<SqlAnswer, Error>,
 }
@@ -598,11 +613,10 @@ impl fmt::Display for Report {
         }
         writeln!(f, "sql ({})", self.sql.len())?;
         for (i, c) in self.sql.iter().enumerate() {
-            let function = match c.function {
-                SqlFunction::Query => "query",
-                SqlFunction::Execute => "execute",
-            };
-            writeln!(f, "  {}. {function} {}", i + 1, c.statement)?;
+            writeln!(f, "  {}. {} {}", i + 1, c.function.name(), c.statement)?;
+            if !c.batch.is_empty() {
+                writeln!(f, "       batch of {} parameter lists", c.batch.len())?;
+            }
             if !c.params.is_empty() {
                 let params: Vec<String> = c
                     .params

@@ -229,6 +229,36 @@ fn sql_binds_dollar_parameters_and_commits_only_when_done() {
     }
 }
 
+#[test]
+fn sql_batches_run_once_per_list_and_name_the_failing_list() {
+    let host = FakeHost::new().sql("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER NOT NULL)");
+    let report = exec(message("m", "t"), host, |_| {
+        let insert = "INSERT INTO t VALUES ($1, $2)";
+        let batch = vec![params!["a", 1], params!["b", 2], params!["c", 3]];
+        assert_eq!(sql::execute_batch(insert, &batch)?, 3);
+        let failing = vec![params!["d", 4], params!["e", None::<i64>]];
+        let err = sql::execute_batch(insert, &failing).expect_err("NOT NULL");
+        assert_eq!(err.kind(), "invalid");
+        assert!(
+            err.message().starts_with("parameter list 1 of 2: "),
+            "{err}"
+        );
+        Ok(Outcome::Done)
+    });
+    report.assert_done();
+    assert_eq!(report.sql.len(), 2);
+    assert_eq!(report.sql[0].function, SqlFunction::ExecuteBatch);
+    assert_eq!(report.sql[0].batch.len(), 3);
+    assert_eq!(report.sql[0].changed(), Some(3));
+    // The list before the failing one is applied, as in the engine.
+    let rows = report.query("SELECT id FROM t ORDER BY id", &[]).unwrap();
+    assert_eq!(rows.len(), 4);
+    assert!(
+        report.to_string().contains("batch of 3 parameter lists"),
+        "{report}"
+    );
+}
+
 fn report_host() -> FakeHost {
     FakeHost::new().sql("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)")
 }

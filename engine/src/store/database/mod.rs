@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::capability::StateOp;
 use crate::config::{Config, DatabaseConfig, Limits};
 use crate::sandbox::bindings::WitError;
-use crate::sandbox::bindings::sandpipe::connector::sql::Rows;
+use crate::sandbox::bindings::sandpipe::connector::sql::{Rows, Value};
 
 pub use postgres::Postgres;
 pub use sqlite::{PluginConn, Sqlite};
@@ -31,6 +31,36 @@ pub enum Outcome {
     Rows(Rows),
     /// The number of rows a statement changed.
     Changed(u64),
+}
+
+/// What one plugin statement is run for.
+#[derive(Debug)]
+pub enum Work {
+    /// `query`: its rows, within a [`ResultLimit`].
+    Query(Vec<Value>),
+    /// `execute` (one parameter list) or `execute-batch` (one or more):
+    /// the statement is prepared once and run once per list, in order;
+    /// the outcome is the total number of rows changed.
+    Execute(Vec<Vec<Value>>),
+}
+
+impl Work {
+    /// Name the failing parameter list of a batch in its error; a single
+    /// `execute` keeps the driver's message as it is.
+    pub fn failed_at(error: WitError, index: usize, lists: usize) -> WitError {
+        if lists <= 1 {
+            return error;
+        }
+        let at = |m: String| format!("parameter list {index} of {lists}: {m}");
+        match error {
+            WitError::AccessDenied(m) => WitError::AccessDenied(at(m)),
+            WitError::LimitExceeded(m) => WitError::LimitExceeded(at(m)),
+            WitError::NotFound(m) => WitError::NotFound(at(m)),
+            WitError::Invalid(m) => WitError::Invalid(at(m)),
+            WitError::Unavailable(m) => WitError::Unavailable(at(m)),
+            WitError::Internal(m) => WitError::Internal(at(m)),
+        }
+    }
 }
 
 /// How much one plugin query may return: `limits.sql_rows` rows and

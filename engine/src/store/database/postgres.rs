@@ -55,7 +55,7 @@ use tokio::time::Instant;
 use tokio_postgres::types::{FromSql, IsNull, Kind, ToSql, Type, to_sql_checked};
 use tokio_postgres::{CancelToken, NoTls};
 
-use super::{Outcome, ResultLimit};
+use super::{Outcome, ResultLimit, Work};
 use crate::capability::StateOp;
 use crate::config::{Config, DatabaseConfig};
 use crate::sandbox::bindings::WitError;
@@ -670,8 +670,7 @@ pub struct PluginDb {
 enum Command {
     Run {
         statement: String,
-        params: Vec<Value>,
-        query: bool,
+        work: Work,
         limit: ResultLimit,
         reply: oneshot::Sender<Result<Outcome, Failed>>,
     },
@@ -868,12 +867,11 @@ async fn serve(
         match command {
             Command::Run {
                 statement,
-                params,
-                query,
+                work,
                 limit,
                 reply,
             } => {
-                let result = run(&tx, &statement, params, query, limit).await;
+                let result = run(&tx, &statement, work, limit).await;
                 let _ = reply.send(result);
             }
             Command::Finish {
@@ -903,8 +901,7 @@ impl PluginTx {
     pub async fn run(
         &mut self,
         statement: String,
-        params: Vec<Value>,
-        query: bool,
+        work: Work,
         limit: ResultLimit,
     ) -> Result<Outcome, WitError> {
         if let Some(why) = &self.broken {
@@ -920,8 +917,7 @@ impl PluginTx {
         let (reply, answer) = oneshot::channel();
         let command = Command::Run {
             statement,
-            params,
-            query,
+            work,
             limit,
             reply,
         };
@@ -1364,33 +1360,45 @@ impl<'a> FromSql<'a> for Cell {
 async fn run(
     tx: &tokio_postgres::Transaction<'_>,
     statement: &str,
-    params: Vec<Value>,
-    query: bool,
+    work: Work,
     limit: ResultLimit,
 ) -> Result<Outcome, Failed> {
     let stmt = tx.prepare(statement).await.map_err(Failed::server)?;
     let types = stmt.params();
-    if types.len() != params.len() {
-        return Err(Failed::local(WitError::Invalid(format!(
-            "the statement has {} placeholder(s) but {} parameter(s) were given",
-            types.len(),
-            params.len()
-        ))));
-    }
-    let params = params
-        .into_iter()
-        .zip(types)
-        .enumerate()
-        .map(|(i, (value, ty))| Param::new(i + 1, value, ty))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(Failed::local)?;
-    if !query {
-        return tx
-            .execute_raw(&stmt, params.iter())
-            .await
-            .map(Outcome::Changed)
-            .map_err(Failed::server);
-    }
+    let bind = |params: Vec<Value>| {
+        if types.len() != params.len() {
+            return Err(WitError::Invalid(format!(
+                "the statement has {} placeholder(s) but {} parameter(s) were given",
+                types.len(),
+                params.len()
+            )));
+        }
+        params
+            .into_iter()
+            .zip(types)
+            .enumerate()
+            .map(|(i, (value, ty))| Param::new(i + 1, value, ty))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let params = match work {
+        Work::Query(params) => bind(params).map_err(Failed::local)?,
+        Work::Execute(batch) => {
+            let lists = batch.len();
+            let mut changed = 0;
+            for (index, params) in batch.into_iter().enumerate() {
+                let params =
+                    bind(params).map_err(|e| Failed::local(Work::failed_at(e, index, lists)))?;
+                changed += tx
+                    .execute_raw(&stmt, params.iter())
+                    .await
+                    .map_err(|e| Failed {
+                        error: Work::failed_at(pg_error(&e), index, lists),
+                        aborted: true,
+                    })?;
+            }
+            return Ok(Outcome::Changed(changed));
+        }
+    };
     let columns: Vec<String> = stmt.columns().iter().map(|c| c.name().to_owned()).collect();
     let mut sized = Vec::with_capacity(columns.len());
     for column in stmt.columns() {

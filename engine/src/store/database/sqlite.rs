@@ -17,7 +17,7 @@ use rusqlite::limits::Limit;
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension as _};
 
-use super::{Outcome, ResultLimit};
+use super::{Outcome, ResultLimit, Work};
 use crate::capability::StateOp;
 use crate::sandbox::bindings::WitError;
 use crate::sandbox::bindings::sandpipe::connector::sql::{Rows, Value};
@@ -317,18 +317,26 @@ fn sql_error(err: rusqlite::Error) -> WitError {
 pub fn run(
     conn: &PluginConn,
     statement: &str,
-    params: Vec<Value>,
-    query: bool,
+    work: Work,
     limit: ResultLimit,
 ) -> Result<Outcome, WitError> {
     let mut stmt = conn.conn.prepare(statement).map_err(sql_error)?;
+    let params = match work {
+        Work::Query(params) => params,
+        Work::Execute(batch) => {
+            let lists = batch.len();
+            let mut changed = 0u64;
+            for (index, params) in batch.into_iter().enumerate() {
+                let params = rusqlite::params_from_iter(params.into_iter().map(to_sql));
+                changed += stmt
+                    .execute(params)
+                    .map_err(|e| Work::failed_at(sql_error(e), index, lists))?
+                    as u64;
+            }
+            return Ok(Outcome::Changed(changed));
+        }
+    };
     let params = rusqlite::params_from_iter(params.into_iter().map(to_sql));
-    if !query {
-        return stmt
-            .execute(params)
-            .map(|n| Outcome::Changed(n as u64))
-            .map_err(sql_error);
-    }
     let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
     let width = columns.len();
     let mut rows = stmt.query(params).map_err(sql_error)?;
@@ -375,9 +383,59 @@ mod tests {
     }
 
     fn exec(conn: &PluginConn, sql: &str) -> Result<u64, WitError> {
-        match run(conn, sql, Vec::new(), false, rows(100))? {
+        match run(conn, sql, Work::Execute(vec![Vec::new()]), rows(100))? {
             Outcome::Changed(n) => Ok(n),
             Outcome::Rows(_) => Ok(0),
+        }
+    }
+
+    #[test]
+    fn a_batch_runs_once_per_list_and_names_the_list_that_fails() {
+        let (_dir, _db, conn) = open(Duration::from_secs(5));
+        exec(
+            &conn,
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT NOT NULL)",
+        )
+        .expect("create");
+        let list = |id: i64, name: Option<&str>| {
+            vec![
+                Value::Int(id),
+                name.map_or(Value::Null, |n| Value::Text(n.into())),
+            ]
+        };
+        let insert = "INSERT INTO t (id, name) VALUES (?1, ?2)";
+        let batch = vec![list(1, Some("a")), list(2, Some("b")), list(3, Some("c"))];
+        match run(&conn, insert, Work::Execute(batch), rows(10)) {
+            Ok(Outcome::Changed(n)) => assert_eq!(n, 3),
+            other => panic!("{other:?}"),
+        }
+        let batch = vec![list(4, Some("d")), list(5, None), list(6, Some("f"))];
+        match run(&conn, insert, Work::Execute(batch), rows(10)) {
+            Err(WitError::Invalid(m)) => {
+                assert!(m.starts_with("parameter list 1 of 3: "), "{m}");
+                assert!(m.contains("NOT NULL"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The lists before the failing one stay applied; the rest never ran.
+        match run(
+            &conn,
+            "SELECT id FROM t ORDER BY id",
+            Work::Query(Vec::new()),
+            rows(10),
+        ) {
+            Ok(Outcome::Rows(r)) => {
+                let ids: Vec<_> = r
+                    .values
+                    .iter()
+                    .map(|row| match row[0] {
+                        Value::Int(id) => id,
+                        _ => -1,
+                    })
+                    .collect();
+                assert_eq!(ids, [1, 2, 3, 4]);
+            }
+            other => panic!("{other:?}"),
         }
     }
 
@@ -409,18 +467,22 @@ mod tests {
         let n = run(
             &conn,
             "INSERT INTO t VALUES ($1, $2, $3, $4)",
-            vec![
+            Work::Execute(vec![vec![
                 Value::Int(7),
                 Value::Text("x".into()),
                 Value::Bytes(vec![1, 2]),
                 Value::Float(0.5),
-            ],
-            false,
+            ]]),
             rows(100),
         );
         assert!(matches!(n, Ok(Outcome::Changed(1))));
         // Introspection pragmas read, so they are allowed, argument and all.
-        let columns = run(&conn, "PRAGMA table_info(t)", Vec::new(), true, rows(100));
+        let columns = run(
+            &conn,
+            "PRAGMA table_info(t)",
+            Work::Query(Vec::new()),
+            rows(100),
+        );
         assert!(
             matches!(&columns, Ok(Outcome::Rows(r)) if r.values.len() == 4),
             "{:?}",
@@ -429,8 +491,7 @@ mod tests {
         let rows = run(
             &conn,
             "SELECT a, b, c, d FROM t",
-            Vec::new(),
-            true,
+            Work::Query(Vec::new()),
             rows(100),
         );
         let Ok(Outcome::Rows(rows)) = rows else {
@@ -445,7 +506,7 @@ mod tests {
     fn runaway_queries_and_huge_results_are_limited() {
         let (_dir, _db, conn) = open(Duration::from_millis(200));
         let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
-        let result = run(&conn, endless, Vec::new(), true, rows(100));
+        let result = run(&conn, endless, Work::Query(Vec::new()), rows(100));
         assert!(
             matches!(result, Err(WitError::LimitExceeded(_))),
             "{:?}",
@@ -453,7 +514,7 @@ mod tests {
         );
         conn.arm_deadline(Duration::from_secs(5));
         let many = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000) SELECT x FROM c";
-        let result = run(&conn, many, Vec::new(), true, rows(100));
+        let result = run(&conn, many, Work::Query(Vec::new()), rows(100));
         assert!(
             matches!(&result, Err(WitError::LimitExceeded(m)) if m.contains("more than 100 rows (limits.sql_rows)")),
             "{:?}",
@@ -462,7 +523,7 @@ mod tests {
         // Few rows, but more bytes than allowed: refused before the value
         // is copied out of SQLite.
         let wide = "SELECT zeroblob(2000000)";
-        let result = run(&conn, wide, Vec::new(), true, rows(100));
+        let result = run(&conn, wide, Work::Query(Vec::new()), rows(100));
         assert!(
             matches!(&result, Err(WitError::LimitExceeded(m)) if m.contains("more than 1.0 MiB of values (limits.sql_bytes)")),
             "{:?}",
@@ -471,8 +532,7 @@ mod tests {
         let under = run(
             &conn,
             "SELECT zeroblob(1000000)",
-            Vec::new(),
-            true,
+            Work::Query(Vec::new()),
             rows(100),
         );
         assert!(under.is_ok(), "{:?}", under.err());
@@ -487,9 +547,12 @@ mod tests {
         exec(&conn, "INSERT INTO t VALUES (1)").expect("insert");
         db.rollback(conn);
         let conn = db.begin().expect("begin");
-        let Ok(Outcome::Rows(rows)) =
-            run(&conn, "SELECT count(*) FROM t", Vec::new(), true, rows(10))
-        else {
+        let Ok(Outcome::Rows(rows)) = run(
+            &conn,
+            "SELECT count(*) FROM t",
+            Work::Query(Vec::new()),
+            rows(10),
+        ) else {
             panic!("query failed")
         };
         assert!(matches!(rows.values[0][0], Value::Int(0)));
