@@ -12,6 +12,7 @@ pub mod output;
 pub mod pipeline;
 pub mod plugins;
 pub mod sandbox;
+pub mod scaffold;
 pub mod server;
 pub mod status;
 pub mod store;

@@ -1,5 +1,6 @@
 //! The `sandpipe` command line.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -57,6 +58,26 @@ enum Command {
     /// Run a plugin build against a recording made by `exec --record` and
     /// show any difference (exit 0: none; 1: some; 2: usage error).
     Replay(sandpipe::exec::ReplayArgs),
+    /// Make something new: `sandpipe new plugin NAME --lang rust|python|js`.
+    #[command(subcommand)]
+    New(New),
+}
+
+#[derive(Subcommand)]
+enum New {
+    /// A plugin project that builds and passes its own test: the plugin,
+    /// build.sh, test.sh (runs it in the sandbox with `sandpipe exec`), a
+    /// README and the WIT package (Rust: plus the guest SDK, vendored).
+    Plugin {
+        /// The plugin's name (lowercase letters, digits and dashes).
+        name: String,
+        /// Its language.
+        #[arg(long, value_enum)]
+        lang: sandpipe::scaffold::Lang,
+        /// Where to create it (default: ./NAME). Must not exist or be empty.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -111,6 +132,21 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Compile { config } => sandpipe::app::compile(&config, &mut stdout)?,
         Command::Exec(args) => return Ok(sandpipe::exec::exec(args).await),
         Command::Replay(args) => return Ok(sandpipe::exec::replay(args).await),
+        Command::New(New::Plugin { name, lang, dir }) => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            let files = sandpipe::scaffold::new_plugin(&name, lang, &dir)?;
+            let how = match lang {
+                sandpipe::scaffold::Lang::Rust => "cargo test && ./test.sh",
+                _ => "./test.sh",
+            };
+            writeln!(
+                stdout,
+                "created {} ({} files): cd {} && {how}",
+                dir.display(),
+                files.len(),
+                dir.display()
+            )?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

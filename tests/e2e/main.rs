@@ -20,6 +20,7 @@ mod quickstart;
 mod rabbitmq;
 mod s3;
 mod sandbox;
+mod scaffold;
 mod sdk_scenarios;
 mod server;
 mod with_redis;

@@ -138,22 +138,36 @@ fn loud(text: &str) {
     let _ = writeln!(std::io::stderr(), "{text}");
 }
 
+/// The component of `recipe`, or `None` after a loud SKIPPED line when its
+/// tool cannot be installed.
+fn built(test: &str, recipe: &Recipe) -> Option<PathBuf> {
+    match component(recipe) {
+        Ok(path) => Some(path),
+        Err(why) => {
+            loud(&format!(
+                "\n*** SKIPPED {test}: the toolchain for {} cannot be installed on this machine:\n*** {}\n",
+                recipe.name,
+                why.replace('\n', "\n*** ")
+            ));
+            None
+        }
+    }
+}
+
+/// Whether the Python (componentize-py, in `<guest target>/polyglot/venv`)
+/// or JavaScript (componentize-js, in the js-validate example's
+/// node_modules) toolchain is installed, installing it by building the
+/// example; `false` after a loud SKIPPED line when it cannot be.
+pub(crate) fn toolchain(test: &str, python: bool) -> bool {
+    built(test, if python { &PYTHON_CSV } else { &JS_VALIDATE }).is_some()
+}
+
 /// A deployment running the components of `recipes` (copied under their
 /// names), or `None` after a loud SKIPPED line when a tool is missing.
 fn deployment(test: &str, recipes: &[&Recipe], extra: &str) -> Option<Deployment> {
     let mut wasm = Vec::new();
     for recipe in recipes {
-        match component(recipe) {
-            Ok(path) => wasm.push((recipe.name, path)),
-            Err(why) => {
-                loud(&format!(
-                    "\n*** SKIPPED {test}: the toolchain for {} cannot be installed on this machine:\n*** {}\n",
-                    recipe.name,
-                    why.replace('\n', "\n*** ")
-                ));
-                return None;
-            }
-        }
+        wasm.push((recipe.name, built(test, recipe)?));
     }
     let d = Deployment::new(&[], extra);
     for (name, path) in wasm {
