@@ -632,6 +632,13 @@ pub struct SandboxConfig {
     /// memory images); `false` allocates each instance on demand. Default
     /// true. See docs/benchmarks.md for what each costs.
     pub pooling: bool,
+    /// With the pooling allocator: how much of each slot's linear memory
+    /// (and of its tables and async stack) stays resident between
+    /// instances, zeroed in place, instead of being handed back to the
+    /// kernel and faulted in again by the next instance. Either way the
+    /// next instance sees none of the last one's data (tests/e2e/leaks.rs).
+    /// Default 1MiB; `0` returns everything to the kernel.
+    pub keep_resident: ByteSize,
 }
 
 impl Default for SandboxConfig {
@@ -640,6 +647,7 @@ impl Default for SandboxConfig {
             cache_dir: PathBuf::from("state/cache"),
             max_instances: 128,
             pooling: true,
+            keep_resident: ByteSize::mib(1),
         }
     }
 }
@@ -822,6 +830,37 @@ pub struct Grant {
     /// Limit overrides for this plugin (same keys as `plugins.defaults`).
     #[serde(default)]
     pub limits: LimitOverrides,
+    /// Opt-in: reuse warm instances across messages instead of a fresh
+    /// instance per message (see [`Reuse`]). Absent: a fresh instance for
+    /// every message, the default and the strongest isolation.
+    #[serde(default)]
+    pub reuse: Option<Reuse>,
+}
+
+/// Warm-instance reuse for one plugin: trades isolation between messages
+/// for throughput, for guests whose instantiation is expensive (Python,
+/// JavaScript). What the plugin keeps in its memory — globals, caches,
+/// anything a message left there — is seen by the next messages that reuse
+/// the instance; effects, SQL transactions, limits, host calls and blob
+/// readers stay per message. An instance is discarded after any trap,
+/// after `messages` messages, or if a message leaves a blob reader open.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Reuse {
+    /// Idle warm instances kept (each holds a slot of
+    /// `sandbox.max_instances`). Default 2.
+    pub instances: u32,
+    /// Messages one instance serves before it is discarded. Default 1000.
+    pub messages: u32,
+}
+
+impl Default for Reuse {
+    fn default() -> Self {
+        Self {
+            instances: 2,
+            messages: 1000,
+        }
+    }
 }
 
 /// The `sql` grant.

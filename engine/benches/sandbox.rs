@@ -67,12 +67,7 @@ async fn invoke(assembled: &Assembled, plugin: &Arc<LoadedPlugin>, action: &str)
     let host = HostState::new(plugin.context.clone(), Some(context));
     let (result, host, _) = assembled
         .sandbox
-        .invoke(
-            &plugin.component,
-            &plugin.context.limits,
-            host,
-            move |p, store| Box::pin(async move { p.call_execute(store, &message).await }),
-        )
+        .execute(&plugin.component, &plugin.context.limits, host, message)
         .await;
     assert!(matches!(result, Ok(Ok(_))), "{action}: {:?}", result.err());
     if let Some(tx) = host.effects.sql {
@@ -88,6 +83,7 @@ fn instantiate(c: &mut Criterion) {
     let mut group = c.benchmark_group("instantiate_and_call");
     for (name, sandbox, fuel) in [
         ("pooling", "", ""),
+        ("pooling_nothing_resident", ", keep_resident: 0", ""),
         ("on_demand", ", pooling: false", ""),
         ("pooling_fuel", "", ", fuel: 1000000000"),
     ] {
@@ -129,7 +125,7 @@ fn load(c: &mut Criterion) {
             let config = sandpipe::config::SandboxConfig {
                 cache_dir: cache.path().to_owned(),
                 max_instances: 4,
-                pooling: true,
+                ..Default::default()
             };
             let sandbox = sandpipe::sandbox::Sandbox::new(&config, 64 << 20, false).unwrap();
             assert!(!sandbox.load(&path).unwrap().from_cache);
@@ -139,7 +135,7 @@ fn load(c: &mut Criterion) {
     let config = sandpipe::config::SandboxConfig {
         cache_dir: cache.path().to_owned(),
         max_instances: 4,
-        pooling: true,
+        ..Default::default()
     };
     let sandbox = sandpipe::sandbox::Sandbox::new(&config, 64 << 20, false).unwrap();
     sandbox.load(&path).unwrap();

@@ -39,6 +39,16 @@ pub struct Assembled {
 
 /// Build the stores, the sandbox and the plugins of `config`.
 pub async fn assemble(config: Config) -> anyhow::Result<Assembled> {
+    assemble_with(config, Vec::new()).await
+}
+
+/// [`assemble`], plus native baseline plugins under the given names, with
+/// the grants the config gives those names (benchmarks only; see
+/// [`crate::sandbox::NativePlugin`]).
+pub async fn assemble_with(
+    config: Config,
+    natives: Vec<(String, Arc<dyn crate::sandbox::NativePlugin>)>,
+) -> anyhow::Result<Assembled> {
     let config = Arc::new(config);
     let database = Database::open(&config).await?;
     let status = StatusLog::new(database.clone())?;
@@ -49,7 +59,18 @@ pub async fn assemble(config: Config) -> anyhow::Result<Assembled> {
     });
     let (max_memory, fuel) = plugins::engine_shape(&config);
     let sandbox = Arc::new(Sandbox::new(&config.sandbox, max_memory, fuel)?);
-    let (plugins, problems) = plugins::load_all(&config, &sandbox, &services, &database).await;
+    let native: Vec<&str> = natives.iter().map(|(name, _)| name.as_str()).collect();
+    let (mut plugins, mut problems) =
+        plugins::load_all(&config, &sandbox, &services, &database, &native).await;
+    for (name, native) in natives {
+        match plugins::load_native(&config, &sandbox, &services, &database, &name, native).await {
+            Ok(plugin) => plugins.push(Arc::new(plugin)),
+            Err(message) => problems.push(plugins::Problem {
+                plugin: name,
+                message,
+            }),
+        }
+    }
     Ok(Assembled {
         meta: MetaStore::new(&config.meta_store).await?,
         config,

@@ -28,6 +28,13 @@ pub const IN_FLIGHT: &str = "sandpipe_messages_in_flight";
 /// Reconnections to the broker or another backend, labelled `backend`.
 pub const RECONNECTS: &str = "sandpipe_reconnects_total";
 
+/// Status-log transactions committed (group commit: each may hold the
+/// writes of several messages).
+pub const STATUS_COMMITS: &str = "sandpipe_status_commits_total";
+/// Status-log writes (`StatusLog::record` calls) committed; divided by
+/// [`STATUS_COMMITS`], the mean group size.
+pub const STATUS_WRITES: &str = "sandpipe_status_writes_total";
+
 /// The process's Prometheus recorder (installed on first use).
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::capability::{HostState, Interface, PluginContext, Services};
 use crate::config::{Config, Grant};
 use crate::sandbox::bindings::{Capability, Description};
-use crate::sandbox::{LoadedComponent, Sandbox};
+use crate::sandbox::{Code, LoadedComponent, NativePlugin, Sandbox, WarmPool};
 use crate::store::database::Database;
 
 /// A plugin ready to run.
@@ -87,12 +87,15 @@ pub fn engine_shape(config: &Config) -> (u64, bool) {
 }
 
 /// Load every plugin. Problems are collected, not fatal, so `check` can
-/// list them all; `run` refuses to start if there are any.
+/// list them all; `run` refuses to start if there are any. A grant needs a
+/// component file unless its name is in `native` (the benchmarks' native
+/// baselines, loaded by [`load_native`]).
 pub async fn load_all(
     config: &Config,
     sandbox: &Sandbox,
     services: &Arc<Services>,
     database: &Database,
+    native: &[&str],
 ) -> (Vec<Arc<LoadedPlugin>>, Vec<Problem>) {
     let mut plugins = Vec::new();
     let mut problems = Vec::new();
@@ -107,7 +110,7 @@ pub async fn load_all(
         }
     };
     for name in config.plugins.grants.keys() {
-        if !found.iter().any(|(n, _)| n == name) {
+        if !found.iter().any(|(n, _)| n == name) && !native.contains(&name.as_str()) {
             problems.push(Problem {
                 plugin: name.clone(),
                 message: format!(
@@ -137,9 +140,49 @@ async fn load_one(
     name: &str,
     path: &Path,
 ) -> Result<LoadedPlugin, String> {
+    let component = sandbox.load(path).map_err(|e| format!("{e:#}"))?;
+    prepare(config, sandbox, services, database, name, path, component).await
+}
+
+/// A native baseline plugin under `name`, with the grant and limits the
+/// config gives that name, ready for the pipeline like a loaded component
+/// (see [`NativePlugin`]: benchmarks only).
+pub async fn load_native(
+    config: &Config,
+    sandbox: &Sandbox,
+    services: &Arc<Services>,
+    database: &Database,
+    name: &str,
+    plugin: Arc<dyn NativePlugin>,
+) -> Result<LoadedPlugin, String> {
+    let component = LoadedComponent {
+        code: Code::Native(plugin),
+        warm: None,
+        sha256: "native".into(),
+        imports: Vec::new(),
+        from_cache: false,
+    };
+    let path = Path::new("(native)");
+    prepare(config, sandbox, services, database, name, path, component).await
+}
+
+/// Check `component` against its grant, open what the grant gives it and
+/// ask it to describe itself.
+async fn prepare(
+    config: &Config,
+    sandbox: &Sandbox,
+    services: &Arc<Services>,
+    database: &Database,
+    name: &str,
+    path: &Path,
+    component: LoadedComponent,
+) -> Result<LoadedPlugin, String> {
     let grant: Grant = config.plugins.grants.get(name).cloned().unwrap_or_default();
     let limits = config.limits_for(name);
-    let component = sandbox.load(path).map_err(|e| format!("{e:#}"))?;
+    let mut component = component;
+    if let (Some(reuse), Code::Wasm(_)) = (&grant.reuse, &component.code) {
+        component.warm = Some(WarmPool::new(reuse));
+    }
     if let Some(pin) = &grant.sha256
         && !pin.eq_ignore_ascii_case(&component.sha256)
     {
@@ -182,11 +225,7 @@ async fn load_one(
         services.clone(),
     ));
     let host = HostState::new(context.clone(), None);
-    let (result, _, _) = sandbox
-        .invoke(&component, &limits, host, |plugin, store| {
-            Box::pin(plugin.call_describe(store))
-        })
-        .await;
+    let (result, _, _) = sandbox.describe(&component, &limits, host).await;
     let description = result.map_err(|f| format!("`describe` failed: {f}"))?;
     let mime = grant
         .mime

@@ -9,9 +9,18 @@
 //! The log lives in the engine's database: table `status` of the SQLite
 //! file, or of the engine's schema on PostgreSQL (closed to every other
 //! role, plugins' included).
+//!
+//! Writes are group-committed: [`StatusLog::record`] still returns only
+//! once its entries are durable, but the entries of every message that
+//! records while a transaction is being committed go together into the
+//! next one, so concurrent messages share a commit (and its fsync) instead
+//! of paying one each. See [`GroupCommit`].
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
 
 use serde::Serialize;
 
@@ -120,6 +129,46 @@ pub struct Row {
 #[derive(Clone)]
 pub struct StatusLog {
     db: Backend,
+    commits: Arc<GroupCommit>,
+}
+
+/// A caller waiting for its entries to be committed.
+type Waiter = (Vec<Entry>, oneshot::Sender<Result<(), String>>);
+
+/// Group commit: callers queue their entries; while no commit is running,
+/// the first caller starts a writer task, which takes everything queued,
+/// writes it in one transaction, tells each caller the result, and repeats
+/// until the queue is empty. The writer is a task of its own, so a caller
+/// that stops waiting never strands the others.
+#[derive(Default)]
+struct GroupCommit {
+    state: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Waiter>,
+    /// A writer task is running.
+    writing: bool,
+}
+
+impl GroupCommit {
+    /// Queue `entries`; true when the caller must start the writer.
+    fn enqueue(&self, waiter: Waiter) -> bool {
+        let mut queue = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        queue.waiting.push(waiter);
+        !std::mem::replace(&mut queue.writing, true)
+    }
+
+    /// Everything queued, or `None` (and the writer stops) when empty.
+    fn take(&self) -> Option<Vec<Waiter>> {
+        let mut queue = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.waiting.is_empty() {
+            queue.writing = false;
+            return None;
+        }
+        Some(std::mem::take(&mut queue.waiting))
+    }
 }
 
 #[derive(Clone)]
@@ -137,22 +186,67 @@ impl StatusLog {
                 create_sqlite_table(&engine)?;
                 Ok(Self {
                     db: Backend::Sqlite(engine),
+                    commits: Arc::default(),
                 })
             }
             Database::Postgres(pg) => Ok(Self {
                 db: Backend::Postgres(pg),
+                commits: Arc::default(),
             }),
         }
     }
 
-    /// Append `entries` in one transaction; returns once they are durable.
+    /// Append `entries`, all in one transaction (possibly shared with other
+    /// callers' entries); returns once they are durable.
     pub async fn record(&self, entries: Vec<Entry>) -> anyhow::Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
-        match &self.db {
-            Backend::Sqlite(db) => sqlite_record(db, entries).await,
-            Backend::Postgres(pg) => pg_record(pg, entries).await,
+        match self.submit(entries).await {
+            Ok(result) => result.map_err(|e| anyhow::anyhow!(e)),
+            Err(_) => anyhow::bail!("writing the status log: the writer stopped"),
+        }
+    }
+
+    /// Queue `entries` for the next commit without waiting for it. For rows
+    /// whose loss in a crash is harmless (a message was received, a plugin
+    /// started): anything the caller records later commits after them, in
+    /// the same transaction or a later one, so when a later `record`
+    /// returns these are durable too. A failure to write them is reported
+    /// to that later `record`, which meets the same database.
+    pub fn record_soon(&self, entries: Vec<Entry>) {
+        if entries.is_empty() {
+            return;
+        }
+        drop(self.submit(entries));
+    }
+
+    /// Queue `entries`, starting the writer if none runs; the receiver
+    /// answers once they are committed.
+    fn submit(&self, entries: Vec<Entry>) -> oneshot::Receiver<Result<(), String>> {
+        let (done, committed) = oneshot::channel();
+        if self.commits.enqueue((entries, done)) {
+            let log = self.clone();
+            tokio::spawn(async move { log.write_queued().await });
+        }
+        committed
+    }
+
+    /// The writer task: commit what is queued until nothing is.
+    async fn write_queued(&self) {
+        while let Some(batch) = self.commits.take() {
+            let (entries, waiters): (Vec<Vec<Entry>>, Vec<_>) = batch.into_iter().unzip();
+            let entries: Vec<Entry> = entries.into_iter().flatten().collect();
+            metrics::counter!(crate::metrics::STATUS_COMMITS).increment(1);
+            metrics::counter!(crate::metrics::STATUS_WRITES).increment(waiters.len() as u64);
+            let result = match &self.db {
+                Backend::Sqlite(db) => sqlite_record(db, entries).await,
+                Backend::Postgres(pg) => pg_record(pg, entries).await,
+            }
+            .map_err(|e| format!("{e:#}"));
+            for waiter in waiters {
+                let _ = waiter.send(result.clone());
+            }
         }
     }
 
@@ -312,7 +406,7 @@ async fn sqlite_record(db: &Sqlite, entries: Vec<Entry>) -> anyhow::Result<()> {
 
 async fn sqlite_finished(db: &Sqlite, message_id: &str) -> anyhow::Result<HashSet<String>> {
     let id = message_id.to_owned();
-    db.call(move |c| {
+    db.read(move |c| {
         let mut stmt = c.prepare_cached(
             "SELECT DISTINCT plugin FROM status
              WHERE message_id = ?1 AND plugin != '' AND status IN ('done', 'skipped')",
@@ -325,7 +419,7 @@ async fn sqlite_finished(db: &Sqlite, message_id: &str) -> anyhow::Result<HashSe
 
 async fn sqlite_rows(db: &Sqlite, message_id: &str) -> anyhow::Result<Vec<Row>> {
     let id = message_id.to_owned();
-    db.call(move |c| {
+    db.read(move |c| {
         let mut stmt = c.prepare_cached(
             "SELECT plugin, plugin_version, component_sha256, attempt, status, info,
                     duration_ms, fuel_used

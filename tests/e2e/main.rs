@@ -18,6 +18,7 @@ mod polyglot;
 mod postgres;
 mod quickstart;
 mod rabbitmq;
+mod reuse;
 mod s3;
 mod sandbox;
 mod scaffold;

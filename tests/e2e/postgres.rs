@@ -584,7 +584,7 @@ async fn attempt(db: &PluginDb, sql: &str) -> Result<String, WitError> {
 async fn a_hostile_plugin_stays_inside_its_schema() {
     let db = TestDb::new().await;
     let config = parse(&format!(
-        "listener: {{ type: dir, path: spool }}\n{}plugins:\n  defaults: {{ timeout: 1s, sql_rows: 100 }}\n  grants:\n    alpha: {{ sql: true }}\n    beta: {{ sql: {{ schema: beta_data }} }}\n",
+        "listener: {{ type: dir, path: spool }}\n{}plugins:\n  defaults: {{ timeout: 20s, sql_rows: 100 }}\n  grants:\n    alpha: {{ sql: true }}\n    beta: {{ sql: {{ schema: beta_data }} }}\n",
         db.yaml(", plugin_pool_size: 1")
     ));
     let database = Database::open(&config).await.unwrap();
@@ -765,7 +765,7 @@ async fn a_hostile_plugin_stays_inside_its_schema() {
         )
         .await
         .unwrap();
-    assert_eq!(table(&settings), "\"4MB\", \"alpha\", \"1s\"");
+    assert_eq!(table(&settings), "\"4MB\", \"alpha\", \"20s\"");
     tx.rollback().await;
     assert_eq!(
         attempt(&beta, "SELECT pg_try_advisory_lock(4242)")

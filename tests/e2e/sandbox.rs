@@ -115,7 +115,7 @@ async fn a_restart_loads_compiled_code_from_the_cache() {
     let config = SandboxConfig {
         cache_dir: dir.path().to_owned(),
         max_instances: 4,
-        pooling: true,
+        ..Default::default()
     };
     let path = component("fx-probe");
     let first = Sandbox::new(&config, 64 << 20, false)

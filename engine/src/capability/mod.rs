@@ -284,6 +284,11 @@ impl HostState {
         }
     }
 
+    /// Blob readers the plugin has open now.
+    pub fn open_readers(&self) -> u32 {
+        self.readers
+    }
+
     /// Count a host call and check the interface is granted.
     pub fn enter(&mut self, interface: Interface, function: &str) -> Result<(), WitError> {
         self.calls += 1;

@@ -442,12 +442,7 @@ pub async fn run(path: &Path, inputs: &Inputs, cache_dir: Option<&Path>) -> anyh
 
     // describe(), as `run` does when it loads a plugin.
     let (described, _, _) = sandbox
-        .invoke(
-            &component,
-            &limits,
-            HostState::new(context.clone(), None),
-            |plugin, store| Box::pin(plugin.call_describe(store)),
-        )
+        .describe(&component, &limits, HostState::new(context.clone(), None))
         .await;
     let description = match described {
         Ok(d) => d,
@@ -481,9 +476,7 @@ pub async fn run(path: &Path, inputs: &Inputs, cache_dir: Option<&Path>) -> anyh
     let mut host = HostState::new(context, Some(message));
     host.journal = Some(Vec::new());
     let (result, host, cost) = sandbox
-        .invoke(&component, &limits, host, move |instance, store| {
-            Box::pin(async move { instance.call_execute(store, &wit_message).await })
-        })
+        .execute(&component, &limits, host, wit_message)
         .await;
     report.finish(result, &host, &cost);
     if let Some(tx) = host.effects.sql {

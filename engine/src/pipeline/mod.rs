@@ -372,7 +372,9 @@ impl Pipeline {
                 .iter()
                 .map(|p| self.plugin_entry(p, &id, attempt, Status::Running, String::new())),
         );
-        self.status.record(entries).await?;
+        // Not waited for: losing these rows in a crash is harmless, and the
+        // final rows below commit after them (see `record_soon`).
+        self.status.record_soon(entries);
 
         let results: Vec<PluginResult> = futures::stream::iter(to_run)
             .map(|plugin| self.run_plugin(plugin, message.clone(), attempt))
@@ -568,9 +570,7 @@ impl Pipeline {
         let limits = &plugin.context.limits;
         let (result, mut host, usage) = self
             .sandbox
-            .invoke(&plugin.component, limits, host, move |instance, store| {
-                Box::pin(async move { instance.call_execute(store, &wit_message).await })
-            })
+            .execute(&plugin.component, limits, host, wit_message)
             .await;
         let denials = std::mem::take(&mut host.denials);
         let outages = std::mem::take(&mut host.outages);

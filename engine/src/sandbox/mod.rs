@@ -102,10 +102,86 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
-/// A component compiled and linked, ready to instantiate.
+/// What runs a plugin.
+pub enum Code {
+    /// A component, pre-linked against every host interface.
+    Wasm(PluginPre<InvocationState>),
+    /// Native Rust code, unsandboxed: see [`NativePlugin`].
+    Native(Arc<dyn NativePlugin>),
+}
+
+/// A plugin compiled into the engine and run without a sandbox: the native
+/// baseline the benchmarks measure the sandbox against (docs/benchmarks.md).
+/// It gets the same [`InvocationState`], so every capability goes through
+/// the same host code as a component's imports (`capability::*`'s `Host`
+/// implementations); only the wasm boundary, the instance and the limits
+/// that live in it (memory, fuel) are missing. The deadline still applies.
+/// Not a way to deploy plugins: only `app::assemble_with` takes them, and
+/// only the benchmarks call it with any.
+pub trait NativePlugin: Send + Sync {
+    /// As the world's `describe`.
+    fn describe(&self) -> bindings::Description;
+
+    /// As the world's `execute`.
+    fn execute<'a>(
+        &'a self,
+        state: &'a mut InvocationState,
+        msg: bindings::Message,
+    ) -> BoxFuture<'a, Result<bindings::Outcome, bindings::WitError>>;
+}
+
+/// Warm instances of one component kept between messages: the grant's
+/// opt-in `reuse` (`config::Reuse`, which says what carries over).
+pub struct WarmPool {
+    idle: std::sync::Mutex<Vec<Warm>>,
+    keep: usize,
+    messages: u32,
+}
+
+/// One warm instance with its store.
+struct Warm {
+    store: Store<InvocationState>,
+    plugin: Plugin,
+    capture: Capture,
+    served: u32,
+}
+
+impl WarmPool {
+    /// A pool keeping at most `reuse.instances` idle instances, each
+    /// serving at most `reuse.messages` messages.
+    pub fn new(reuse: &crate::config::Reuse) -> Self {
+        Self {
+            idle: std::sync::Mutex::new(Vec::new()),
+            keep: reuse.instances as usize,
+            messages: reuse.messages.max(1),
+        }
+    }
+
+    fn take(&self) -> Option<Warm> {
+        self.idle.lock().ok().and_then(|mut idle| idle.pop())
+    }
+
+    fn put(&self, warm: Warm) {
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < self.keep
+        {
+            idle.push(warm);
+        }
+    }
+
+    /// Idle instances now.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().map(|idle| idle.len()).unwrap_or_default()
+    }
+}
+
+/// A plugin's code, ready to run: a component compiled and linked, or a
+/// native baseline.
 pub struct LoadedComponent {
-    /// The component, pre-linked against every host interface.
-    pub pre: PluginPre<InvocationState>,
+    /// What runs it.
+    pub code: Code,
+    /// Warm instances, when the plugin's grant opts into `reuse`.
+    pub warm: Option<WarmPool>,
     /// sha256 of the `.wasm` file, hex.
     pub sha256: String,
     /// Every import of the component, as named in the component.
@@ -156,6 +232,10 @@ impl Sandbox {
             .max_core_instances_per_component(200)
             .max_memories_per_component(4)
             .max_tables_per_component(64);
+        let resident = usize::try_from(config.keep_resident.as_u64()).unwrap_or(usize::MAX);
+        pool.linear_memory_keep_resident(resident)
+            .table_keep_resident(resident.min(1 << 16))
+            .async_stack_keep_resident(resident.min(1 << 16));
 
         let mut wasm = wasmtime::Config::new();
         wasm.wasm_component_model(true)
@@ -242,7 +322,8 @@ impl Sandbox {
                 )
             })?;
         Ok(LoadedComponent {
-            pre,
+            code: Code::Wasm(pre),
+            warm: None,
             sha256,
             imports,
             from_cache,
@@ -258,7 +339,7 @@ impl Sandbox {
         Ok((sha256, from_cache))
     }
 
-    fn store(&self, limits: &Limits, host: HostState, capture: &Capture) -> Store<InvocationState> {
+    fn state(limits: &Limits, host: HostState, capture: &Capture) -> InvocationState {
         let mut wasi = WasiCtx::builder();
         // Nothing behind WASI: no preopens, no environment, no arguments,
         // no network (every address denied, no name lookup); stdout is
@@ -270,7 +351,7 @@ impl Sandbox {
             // wasi:random allocates what the guest asks for on the host
             // (wasmtime's default cap is 64 MiB, past any plugin's need).
             .max_random_size(MAX_RANDOM_BYTES);
-        let state = InvocationState {
+        InvocationState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
             limiter: MemoryLimiter {
@@ -278,9 +359,18 @@ impl Sandbox {
                 hit: None,
             },
             host,
-        };
-        let mut store = Store::new(&self.engine, state);
+        }
+    }
+
+    fn store(&self, limits: &Limits, host: HostState, capture: &Capture) -> Store<InvocationState> {
+        let mut store = Store::new(&self.engine, Self::state(limits, host, capture));
         store.limiter(|s| &mut s.limiter);
+        self.arm(&mut store, limits);
+        store
+    }
+
+    /// Give `store` the invocation's fuel and deadline.
+    fn arm(&self, store: &mut Store<InvocationState>, limits: &Limits) {
         if self.fuel {
             // Unmetered plugins still run on a fuel-enabled engine.
             let _ = store.set_fuel(limits.fuel.unwrap_or(u64::MAX));
@@ -296,15 +386,169 @@ impl Sandbox {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
-        store
     }
 
-    /// Instantiate `component` in a fresh store and run `call` on it.
-    /// Returns the call's result (or its classified failure), the host
-    /// state (with the invocation's pending effects) and the usage.
-    pub async fn invoke<T, F>(
+    /// Call `describe` (in a fresh instance, for a component).
+    pub async fn describe(
         &self,
         component: &LoadedComponent,
+        limits: &Limits,
+        host: HostState,
+    ) -> (Result<bindings::Description, Failure>, HostState, Usage) {
+        match &component.code {
+            Code::Wasm(pre) => {
+                self.invoke(pre, limits, host, |plugin, store| {
+                    Box::pin(plugin.call_describe(store))
+                })
+                .await
+            }
+            Code::Native(native) => (Ok(native.describe()), host, Usage::default()),
+        }
+    }
+
+    /// Call `execute` on `message` (in a fresh instance, for a component):
+    /// the plugin's result, or why it failed outside its result (a trap, a
+    /// limit), with the host state holding its effects and what it cost.
+    pub async fn execute(
+        &self,
+        component: &LoadedComponent,
+        limits: &Limits,
+        host: HostState,
+        message: bindings::Message,
+    ) -> (
+        Result<Result<bindings::Outcome, bindings::WitError>, Failure>,
+        HostState,
+        Usage,
+    ) {
+        match &component.code {
+            Code::Wasm(pre) => match &component.warm {
+                Some(pool) => self.execute_warm(pre, pool, limits, host, message).await,
+                None => {
+                    self.invoke(pre, limits, host, move |plugin, store| {
+                        Box::pin(async move { plugin.call_execute(store, &message).await })
+                    })
+                    .await
+                }
+            },
+            Code::Native(native) => {
+                let capture = Capture::new(0);
+                let permit = self.instances.clone().acquire_owned().await;
+                let started = Instant::now();
+                let mut state = Self::state(limits, host, &capture);
+                let result =
+                    tokio::time::timeout(limits.timeout, native.execute(&mut state, message))
+                        .await
+                        .map_err(|_| {
+                            Failure::new(
+                                FailureKind::Deadline,
+                                format!("ran past its deadline ({:?})", limits.timeout),
+                            )
+                        });
+                drop(permit);
+                let usage = Usage {
+                    duration: started.elapsed(),
+                    fuel: None,
+                };
+                (result, state.host, usage)
+            }
+        }
+    }
+
+    /// `execute` on a warm instance from `pool` (or a new one), which goes
+    /// back to the pool unless it trapped, served its quota of messages or
+    /// left a blob reader open.
+    async fn execute_warm(
+        &self,
+        pre: &PluginPre<InvocationState>,
+        pool: &WarmPool,
+        limits: &Limits,
+        host: HostState,
+        message: bindings::Message,
+    ) -> (
+        Result<Result<bindings::Outcome, bindings::WitError>, Failure>,
+        HostState,
+        Usage,
+    ) {
+        let permit = self.instances.clone().acquire_owned().await;
+        let started = Instant::now();
+        let plugin_context = host.plugin.clone();
+        let mut warm = match pool.take() {
+            Some(mut warm) => {
+                warm.capture.clear();
+                let state = warm.store.data_mut();
+                state.host = host;
+                state.limiter.hit = None;
+                self.arm(&mut warm.store, limits);
+                warm
+            }
+            None => {
+                let capture = Capture::new(limits.stderr_bytes.as_u64() as usize);
+                let mut store = self.store(limits, host, &capture);
+                match pre.instantiate_async(&mut store).await {
+                    Ok(plugin) => Warm {
+                        store,
+                        plugin,
+                        capture,
+                        served: 0,
+                    },
+                    Err(err) => {
+                        let state = store.into_data();
+                        let failure = trap::classify(
+                            &err,
+                            limits,
+                            state.limiter.hit,
+                            &state.host.denials,
+                            &capture.text(),
+                        );
+                        let usage = Usage {
+                            duration: started.elapsed(),
+                            fuel: None,
+                        };
+                        return (Err(failure), state.host, usage);
+                    }
+                }
+            }
+        };
+        let fuel_before = warm.store.get_fuel().ok();
+        let result = warm.plugin.call_execute(&mut warm.store, &message).await;
+        let fuel = match (self.fuel, fuel_before, warm.store.get_fuel().ok()) {
+            (true, Some(before), Some(after)) => Some(before.saturating_sub(after)),
+            _ => None,
+        };
+        let usage = Usage {
+            duration: started.elapsed(),
+            fuel,
+        };
+        let idle = HostState::new(plugin_context, None);
+        let host = std::mem::replace(&mut warm.store.data_mut().host, idle);
+        let result = match result {
+            Ok(result) => {
+                warm.served += 1;
+                if warm.served < pool.messages && host.open_readers() == 0 {
+                    pool.put(warm);
+                }
+                Ok(result)
+            }
+            // A trap poisons the store: the instance is dropped.
+            Err(err) => Err(trap::classify(
+                &err,
+                limits,
+                warm.store.data().limiter.hit,
+                &host.denials,
+                &warm.capture.text(),
+            )),
+        };
+        drop(permit);
+        (result, host, usage)
+    }
+
+    /// Instantiate `pre` in a fresh store with `limits` and `host`, run
+    /// `call` on it, and return its result (or the classified failure), the
+    /// host state (with the effects to commit or discard) and what it cost.
+    /// The instance and its store are dropped before returning.
+    async fn invoke<T, F>(
+        &self,
+        pre: &PluginPre<InvocationState>,
         limits: &Limits,
         host: HostState,
         call: F,
@@ -322,7 +566,7 @@ impl Sandbox {
         let started = Instant::now();
         let mut store = self.store(limits, host, &capture);
         let fuel_before = store.get_fuel().ok();
-        let result = match component.pre.instantiate_async(&mut store).await {
+        let result = match pre.instantiate_async(&mut store).await {
             Ok(plugin) => call(&plugin, &mut store).await,
             Err(err) => Err(err),
         };

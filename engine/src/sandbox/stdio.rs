@@ -31,6 +31,13 @@ impl Capture {
         String::from_utf8_lossy(&buffer).trim().to_owned()
     }
 
+    /// Forget what was captured (a reused instance's next message).
+    pub fn clear(&self) {
+        if let Ok(mut buffer) = self.buffer.lock() {
+            buffer.clear();
+        }
+    }
+
     fn push(&self, bytes: &[u8]) {
         if let Ok(mut buffer) = self.buffer.lock() {
             let room = self.capacity.saturating_sub(buffer.len());

@@ -22,10 +22,14 @@ use crate::capability::StateOp;
 use crate::sandbox::bindings::WitError;
 use crate::sandbox::bindings::sandpipe::connector::sql::{Rows, Value};
 
-/// A SQLite connection used from async code through `spawn_blocking`.
+/// A SQLite database used from async code through `spawn_blocking`: one
+/// connection for writes (and reads inside them), and one for reads alone,
+/// so that a read never waits behind a write's commit (WAL readers do not
+/// block on the writer).
 #[derive(Clone)]
 pub struct Sqlite {
     conn: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
 }
 
 impl Sqlite {
@@ -35,14 +39,39 @@ impl Sqlite {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let conn = Connection::open(path)
-            .with_context(|| format!("cannot open database {}", path.display()))?;
-        conn.busy_timeout(Duration::from_secs(30))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        let open = || -> anyhow::Result<Connection> {
+            let conn = Connection::open(path)
+                .with_context(|| format!("cannot open database {}", path.display()))?;
+            conn.busy_timeout(Duration::from_secs(30))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            Ok(conn)
+        };
+        let conn = open()?;
+        let reader = open()?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            reader: Arc::new(Mutex::new(reader)),
         })
+    }
+
+    /// Run the read-only `f` on the reading connection on a blocking
+    /// thread: it sees what is committed, without waiting for a commit in
+    /// progress.
+    pub async fn read<T, F>(&self, f: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> anyhow::Result<T> + Send + 'static,
+    {
+        let conn = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = conn
+                .lock()
+                .map_err(|_| anyhow::anyhow!("database connection poisoned"))?;
+            f(&conn)
+        })
+        .await
+        .context("database task failed")?
     }
 
     /// Run `f` on the connection on a blocking thread.

@@ -1,0 +1,675 @@
+//! End-to-end benchmark of the embedded path, sandboxed against native.
+//!
+//! The whole pipeline runs — envelope, routing, the plugin, effects, the
+//! SQLite status log, the dir output, settlement — fed by an in-memory
+//! listener, for a trivial plugin and for text-stats on 4 KiB texts. Each
+//! plugin runs twice: as its wasm component, and as the native baseline,
+//! the same logic compiled into the engine (`sandpipe::sandbox::NativePlugin`:
+//! the same host code for every capability, no wasm boundary). Each run is
+//! a child process (so peak RSS is the run's own); native and sandboxed runs
+//! alternate, and the report gives medians over the runs and the ratio of
+//! the medians, measured side by side in one invocation.
+//!
+//! `just bench` runs it (`cargo bench --profile dev --bench pipeline`);
+//! `-- --messages N --runs R` change the size. Results: docs/benchmarks.md.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../../tests/support/guests.rs"]
+mod guests;
+
+use std::collections::VecDeque;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use sandpipe::app::assemble_with;
+use sandpipe::config::Config;
+use sandpipe::listener::{Acker, Delivery, Listener, Settlement};
+use sandpipe::pipeline::Pipeline;
+use sandpipe::sandbox::bindings::sandpipe::connector::{blob, config, emit, log, sql};
+use sandpipe::sandbox::bindings::{Description, Message, Outcome, WitError};
+use sandpipe::sandbox::{InvocationState, NativePlugin};
+use wasmtime::component::Resource;
+
+/// One workload: a plugin, its grant, its messages.
+struct Scenario {
+    name: &'static str,
+    /// The component: a guest crate, or `polyglot:NAME` for a Python or
+    /// JavaScript example built by the polyglot tests / `just polyglot`.
+    krate: &'static str,
+    /// The plugin name (the same in every mode).
+    plugin: &'static str,
+    grant: &'static str,
+    /// Message `i`'s body.
+    body: fn(usize) -> String,
+    /// Whether a native baseline exists.
+    native: bool,
+    /// Runs use a quarter of the messages (milliseconds per message).
+    heavy: bool,
+}
+
+/// How a run executes the plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The native baseline (`NativePlugin`).
+    Native,
+    /// The component, a fresh instance per message (the default).
+    Fresh,
+    /// The component with the grant's `reuse` (warm instances).
+    Reused,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Native => "native",
+            Mode::Fresh => "sandboxed, fresh instance",
+            Mode::Reused => "sandboxed, reused instance",
+        }
+    }
+
+    fn arg(self) -> &'static str {
+        match self {
+            Mode::Native => "native",
+            Mode::Fresh => "fresh",
+            Mode::Reused => "reused",
+        }
+    }
+
+    fn parse(arg: &str) -> Self {
+        match arg {
+            "native" => Mode::Native,
+            "fresh" => Mode::Fresh,
+            _ => Mode::Reused,
+        }
+    }
+}
+
+const SCENARIOS: [Scenario; 4] = [
+    Scenario {
+        name: "trivial",
+        krate: "fx-probe",
+        plugin: "probe",
+        grant: "{}",
+        body: |i| format!(r#"{{"uuid_ref":"m-{i}","data_type":"test/probe","action":"done"}}"#),
+        native: true,
+        heavy: false,
+    },
+    Scenario {
+        name: "text-stats-4k",
+        krate: "text-stats",
+        plugin: "text-stats",
+        grant: "{ blob: true, sql: true, emit: [stats], config: { output: stats } }",
+        body: |i| {
+            format!(r#"{{"uuid_ref":"m-{i}","data_type":"text/plain","data_location":"t4k.txt"}}"#)
+        },
+        native: true,
+        heavy: false,
+    },
+    Scenario {
+        name: "python-csv",
+        krate: "polyglot:python-csv",
+        plugin: "python-csv",
+        grant: "{ blob: true, sql: true, limits: { memory: 128MiB, timeout: 20s } }",
+        body: |i| {
+            format!(r#"{{"uuid_ref":"m-{i}","data_type":"text/csv","data_location":"people.csv"}}"#)
+        },
+        native: false,
+        heavy: true,
+    },
+    Scenario {
+        name: "js-validate",
+        krate: "polyglot:js-validate",
+        plugin: "js-validate",
+        grant: "{ blob: true, emit: [stats], config: { output: stats, schema: '{\"type\": \"object\", \"required\": [\"id\"], \"properties\": {\"id\": {\"type\": \"integer\", \"minimum\": 1}}}' }, limits: { memory: 128MiB, timeout: 20s } }",
+        body: |i| {
+            format!(
+                r#"{{"uuid_ref":"m-{i}","data_type":"application/json","data_location":"order.json"}}"#
+            )
+        },
+        native: false,
+        heavy: true,
+    },
+];
+
+/// The component of `scenario`, or `None` for a polyglot example that has
+/// not been built.
+fn component(scenario: &Scenario) -> Option<std::path::PathBuf> {
+    let Some(name) = scenario.krate.strip_prefix("polyglot:") else {
+        return Some(guests::component(scenario.krate));
+    };
+    let built = guests::guest_target_dir().join("polyglot").join("built");
+    let prefix = format!("{name}-");
+    std::fs::read_dir(built)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+    peak_rss_kib: f64,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    if let Some(i) = args.iter().position(|a| a == "--loaded") {
+        let (rss, per_message_us) = loaded(args[i + 1].parse().unwrap());
+        println!("{rss} {per_message_us}");
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        let scenario = SCENARIOS.iter().find(|s| s.name == args[i + 1]).unwrap();
+        let m = child(
+            scenario,
+            Mode::parse(&args[i + 2]),
+            arg("--messages").unwrap(),
+        );
+        println!(
+            "{} {} {} {}",
+            m.per_second, m.p50_us, m.p99_us, m.peak_rss_kib
+        );
+        return;
+    }
+    // `cargo bench` passes `--bench`; other arguments are ours.
+    let messages = arg("--messages").unwrap_or(4000);
+    let runs = arg("--runs").unwrap_or(5);
+    guests::guests();
+    println!(
+        "embedded path: {messages} messages per run ({} for Python and JavaScript), {runs} runs per mode, medians; ratio = this mode / the first mode of the workload",
+        messages / 4
+    );
+    println!();
+    println!(
+        "| workload | mode | msg/s | p50 latency | p99 latency | peak RSS | throughput ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for scenario in &SCENARIOS {
+        if component(scenario).is_none() {
+            println!(
+                "| {} | not built: run `just polyglot` (or the polyglot tests) first | | | | | |",
+                scenario.name
+            );
+            continue;
+        }
+        let modes: &[Mode] = if scenario.native {
+            &[Mode::Native, Mode::Fresh, Mode::Reused]
+        } else {
+            &[Mode::Fresh, Mode::Reused]
+        };
+        let count = if scenario.heavy {
+            messages / 4
+        } else {
+            messages
+        };
+        let mut results: Vec<Vec<Measured>> = vec![Vec::new(); modes.len()];
+        for run in 0..runs {
+            // Rotate which goes first, so drift hits every mode alike.
+            for k in 0..modes.len() {
+                let index = (k + run) % modes.len();
+                results[index].push(spawn(scenario, modes[index], count));
+            }
+        }
+        let medians: Vec<Measured> = results.iter().map(|r| median_of(r)).collect();
+        let base = medians[0].per_second;
+        for (index, (mode, m)) in modes.iter().zip(&medians).enumerate() {
+            let ratio = if index == 0 {
+                String::new()
+            } else {
+                format!("**{:.2}**", m.per_second / base)
+            };
+            println!(
+                "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.1} MiB | {ratio} |",
+                scenario.name,
+                mode.name(),
+                m.per_second,
+                m.p50_us,
+                m.p99_us,
+                m.peak_rss_kib / 1024.0
+            );
+        }
+    }
+    scaling(runs.min(3));
+}
+
+/// RSS with 1, 10 and 100 plugins loaded and idle, and the per-message
+/// cost with that many loaded (the messages go to one of them).
+fn scaling(runs: usize) {
+    println!();
+    println!(
+        "| plugins loaded | RSS, loaded and idle | trivial message, µs each (sandboxed, 1000 messages) |"
+    );
+    println!("|---|---|---|");
+    for n in [1usize, 10, 100] {
+        let mut rss = Vec::new();
+        let mut cost = Vec::new();
+        for _ in 0..runs {
+            let out = Command::new(std::env::current_exe().unwrap())
+                .args(["--loaded", &n.to_string()])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8_lossy(&out.stdout);
+            let v: Vec<f64> = text
+                .split_whitespace()
+                .map(|x| x.parse().unwrap())
+                .collect();
+            rss.push(v[0]);
+            cost.push(v[1]);
+        }
+        println!(
+            "| {n} | {:.1} MiB | {:.0} |",
+            median(rss) / 1024.0,
+            median(cost)
+        );
+    }
+}
+
+/// Load `n` copies of fx-probe (probe-0 .. probe-N-1, each its own MIME
+/// type), measure RSS once idle, then run 1000 trivial messages to probe-0.
+fn loaded(n: usize) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("plugins")).unwrap();
+    let mut grants = String::new();
+    for i in 0..n {
+        std::fs::copy(
+            guests::component("fx-probe"),
+            root.join("plugins").join(format!("probe-{i}.wasm")),
+        )
+        .unwrap();
+        grants.push_str(&format!("    probe-{i}: {{ mime: [test/probe-{i}] }}\n"));
+    }
+    let cache = guests::guest_target_dir().join("bench-code-cache");
+    let yaml = format!(
+        "listener: {{ type: dir, path: unused }}\n\
+         database: {{ type: sqlite }}\n\
+         sandbox: {{ cache_dir: \"{}\" }}\n\
+         plugins:\n  grants:\n{grants}",
+        cache.display()
+    );
+    let file = root.join("sandpipe.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let config = Config::load(&file).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let assembled = assemble_with(config, Vec::new()).await.unwrap();
+        assert!(assembled.problems.is_empty(), "{:?}", assembled.problems);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let rss = current_rss_kib();
+        let pipeline = Arc::new(Pipeline::new(
+            assembled.config.clone(),
+            assembled.sandbox.clone(),
+            assembled.plugins.clone(),
+            assembled.status.clone(),
+            assembled.meta.clone(),
+            assembled.services.clone(),
+        ));
+        let messages = 1000;
+        let listener = Arc::new(MemoryListener::new(
+            (0..messages)
+                .map(|i| {
+                    format!(r#"{{"uuid_ref":"m-{i}","data_type":"test/probe-0","action":"done"}}"#)
+                })
+                .collect(),
+        ));
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let started = Instant::now();
+        let summary = pipeline.run(listener, shutdown).await.unwrap();
+        assert_eq!(summary.done, messages as u64, "{summary}");
+        (rss, started.elapsed().as_secs_f64() * 1e6 / messages as f64)
+    })
+}
+
+/// The process's resident set size now (VmRSS), in KiB.
+fn current_rss_kib() -> f64 {
+    proc_status_kib("VmRSS:")
+}
+
+fn proc_status_kib(key: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
+
+fn median_of(runs: &[Measured]) -> Measured {
+    let of = |f: fn(&Measured) -> f64| median(runs.iter().map(f).collect());
+    Measured {
+        per_second: of(|m| m.per_second),
+        p50_us: of(|m| m.p50_us),
+        p99_us: of(|m| m.p99_us),
+        peak_rss_kib: of(|m| m.peak_rss_kib),
+    }
+}
+
+fn spawn(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--child", scenario.name, mode.arg(), "--messages"])
+        .arg(messages.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} {mode:?}: {}",
+        scenario.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    Measured {
+        per_second: v[0],
+        p50_us: v[1],
+        p99_us: v[2],
+        peak_rss_kib: v[3],
+    }
+}
+
+/// One run in this process: assemble, feed `messages`, drain, measure.
+fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
+    let native = mode == Mode::Native;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("plugins")).unwrap();
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    std::fs::write(root.join("data/t4k.txt"), text_4k()).unwrap();
+    let examples = guests::root().join("examples/plugins");
+    std::fs::copy(
+        examples.join("python-csv/sample/people.csv"),
+        root.join("data/people.csv"),
+    )
+    .unwrap();
+    std::fs::copy(
+        examples.join("js-validate/sample/order.json"),
+        root.join("data/order.json"),
+    )
+    .unwrap();
+    if !native {
+        std::fs::copy(
+            component(scenario).unwrap(),
+            root.join("plugins")
+                .join(format!("{}.wasm", scenario.plugin)),
+        )
+        .unwrap();
+    }
+    // The reused mode adds `reuse` to the grant.
+    let grant = match (mode, scenario.grant) {
+        (Mode::Reused, "{}") => "{ reuse: { instances: 4 } }".to_owned(),
+        (Mode::Reused, grant) => format!("{{ reuse: {{ instances: 4 }}, {}", &grant[2..]),
+        _ => scenario.grant.to_owned(),
+    };
+    let cache = guests::guest_target_dir().join("bench-code-cache");
+    let yaml = format!(
+        "listener: {{ type: dir, path: unused }}\n\
+         data_store: {{ type: disk, root: data }}\n\
+         database: {{ type: sqlite }}\n\
+         outputs: {{ stats: {{ type: dir, path: out }} }}\n\
+         sandbox: {{ cache_dir: \"{}\" }}\n\
+         plugins:\n  grants:\n    {}: {}\n",
+        cache.display(),
+        scenario.plugin,
+        grant
+    );
+    let file = root.join("sandpipe.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let config = Config::load(&file).unwrap();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let natives: Vec<(String, Arc<dyn NativePlugin>)> = match (native, scenario.name) {
+            (false, _) => Vec::new(),
+            (true, "trivial") => vec![(scenario.plugin.into(), Arc::new(Trivial))],
+            (true, _) => vec![(scenario.plugin.into(), Arc::new(TextStats))],
+        };
+        let assembled = assemble_with(config, natives).await.unwrap();
+        assert!(assembled.problems.is_empty(), "{:?}", assembled.problems);
+        let pipeline = Arc::new(Pipeline::new(
+            assembled.config.clone(),
+            assembled.sandbox.clone(),
+            assembled.plugins.clone(),
+            assembled.status.clone(),
+            assembled.meta.clone(),
+            assembled.services.clone(),
+        ));
+        let listener = Arc::new(MemoryListener::new(
+            (0..messages).map(|i| (scenario.body)(i)).collect(),
+        ));
+        let latencies = listener.latencies.clone();
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let started = Instant::now();
+        let summary = pipeline.run(listener, shutdown).await.unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!(summary.done, messages as u64, "{summary}");
+        let mut latencies: Vec<f64> = latencies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_secs_f64() * 1e6)
+            .collect();
+        latencies.sort_by(f64::total_cmp);
+        let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+        Measured {
+            per_second: messages as f64 / elapsed.as_secs_f64(),
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+            peak_rss_kib: peak_rss_kib(),
+        }
+    })
+}
+
+/// 4 KiB of words and lines.
+fn text_4k() -> Vec<u8> {
+    let line = b"the quick brown fox jumps over the lazy dog, again and again\n";
+    line.iter().copied().cycle().take(4096).collect()
+}
+
+/// The process's peak resident set size (VmHWM), in KiB.
+fn peak_rss_kib() -> f64 {
+    proc_status_kib("VmHWM:")
+}
+
+/// Every message there from the start; each delivery's latency is from the
+/// moment the pipeline takes it to its settlement.
+struct MemoryListener {
+    queue: Mutex<VecDeque<String>>,
+    latencies: Arc<Mutex<Vec<Duration>>>,
+}
+
+impl MemoryListener {
+    fn new(bodies: Vec<String>) -> Self {
+        let n = bodies.len();
+        Self {
+            queue: Mutex::new(bodies.into()),
+            latencies: Arc::new(Mutex::new(Vec::with_capacity(n))),
+        }
+    }
+}
+
+#[async_trait]
+impl Listener for MemoryListener {
+    async fn recv(&self) -> anyhow::Result<Option<Delivery>> {
+        let Some(body) = self.queue.lock().unwrap().pop_front() else {
+            return Ok(None);
+        };
+        Ok(Some(Delivery {
+            body: Bytes::from(body),
+            headers: Vec::new(),
+            attempt: 1,
+            name: String::new(),
+            acker: Box::new(Timer {
+                taken: Instant::now(),
+                latencies: self.latencies.clone(),
+            }),
+        }))
+    }
+}
+
+struct Timer {
+    taken: Instant,
+    latencies: Arc<Mutex<Vec<Duration>>>,
+}
+
+#[async_trait]
+impl Acker for Timer {
+    async fn settle(self: Box<Self>, settlement: Settlement) -> anyhow::Result<()> {
+        assert!(matches!(settlement, Settlement::Ack), "{settlement:?}");
+        self.latencies.lock().unwrap().push(self.taken.elapsed());
+        Ok(())
+    }
+}
+
+/// fx-probe's `done` action natively: parse the body, find the action.
+struct Trivial;
+
+impl NativePlugin for Trivial {
+    fn describe(&self) -> Description {
+        Description {
+            name: "fx-probe".into(),
+            version: "native".into(),
+            mime_types: vec!["test/probe".into()],
+            capabilities: Vec::new(),
+        }
+    }
+
+    fn execute<'a>(
+        &'a self,
+        _: &'a mut InvocationState,
+        msg: Message,
+    ) -> BoxFuture<'a, Result<Outcome, WitError>> {
+        Box::pin(async move {
+            let body: serde_json::Value =
+                serde_json::from_slice(&msg.body).map_err(|e| WitError::Invalid(e.to_string()))?;
+            match body.get("action").and_then(|a| a.as_str()) {
+                Some("done") => Ok(Outcome::Done),
+                other => Err(WitError::Invalid(format!("unexpected action {other:?}"))),
+            }
+        })
+    }
+}
+
+/// text-stats natively: its own counter and summary (the crate, linked as
+/// a library), through the same host calls its component makes.
+struct TextStats;
+
+const CREATE: &str = "CREATE TABLE IF NOT EXISTS text_stats (message_id TEXT PRIMARY KEY, location TEXT, lines INTEGER NOT NULL, words INTEGER NOT NULL, bytes INTEGER NOT NULL)";
+const UPSERT: &str = "INSERT INTO text_stats (message_id, location, lines, words, bytes) VALUES ($1, $2, $3, $4, $5) ON CONFLICT(message_id) DO UPDATE SET location = excluded.location, lines = excluded.lines, words = excluded.words, bytes = excluded.bytes";
+
+impl NativePlugin for TextStats {
+    fn describe(&self) -> Description {
+        Description {
+            name: "text-stats".into(),
+            version: "native".into(),
+            mime_types: vec!["text/plain".into()],
+            capabilities: Vec::new(),
+        }
+    }
+
+    fn execute<'a>(
+        &'a self,
+        state: &'a mut InvocationState,
+        msg: Message,
+    ) -> BoxFuture<'a, Result<Outcome, WitError>> {
+        Box::pin(async move {
+            let reader = match blob::Host::open_data(state).await {
+                Ok(reader) => reader,
+                Err(WitError::NotFound(what)) => {
+                    return Ok(Outcome::DeadLetter(format!("no data object: {what}")));
+                }
+                Err(other) => return Err(other),
+            };
+            let mut counter = text_stats::TextCounter::new();
+            loop {
+                let borrowed = Resource::new_borrow(reader.rep());
+                let chunk = blob::HostReader::read(state, borrowed, 64 * 1024).await?;
+                if chunk.is_empty() {
+                    break;
+                }
+                counter.feed(&chunk);
+            }
+            blob::HostReader::drop(state, reader)
+                .await
+                .map_err(|e| WitError::Internal(e.to_string()))?;
+            let stats = counter.stats();
+            let location = msg.data_location.clone();
+            sql::Host::execute(state, CREATE.into(), Vec::new()).await?;
+            let int = |n: u64| sql::Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
+            sql::Host::execute(
+                state,
+                UPSERT.into(),
+                vec![
+                    sql::Value::Text(msg.id.clone()),
+                    location.clone().map_or(sql::Value::Null, sql::Value::Text),
+                    int(stats.lines),
+                    int(stats.words),
+                    int(stats.bytes),
+                ],
+            )
+            .await?;
+            let output = config::Host::get(state, "output".into())
+                .await?
+                .unwrap_or_else(|| "stats".into());
+            let summary = text_stats::summary(&msg.id, location.as_deref(), stats);
+            emit::Host::publish(
+                state,
+                output.clone(),
+                serde_json::to_vec(&summary).unwrap_or_default(),
+                vec![("content-type".into(), "application/json".into())],
+            )
+            .await?;
+            log::Host::write(
+                state,
+                log::Level::Info,
+                format!(
+                    "{}: {} lines, {} words, {} bytes -> {output}",
+                    location.as_deref().unwrap_or(&msg.id),
+                    stats.lines,
+                    stats.words,
+                    stats.bytes
+                ),
+            )
+            .await?;
+            Ok(Outcome::Done)
+        })
+    }
+}
