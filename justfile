@@ -197,6 +197,13 @@ example-redis-s3: guests test-deps
     cargo run -q -p sandpipe -- run --once -c "$cfg"
     redis-cli XRANGE sandpipe-example-stats - +
 
-# Micro-benchmarks of the sandbox (see docs/benchmarks.md).
-bench: guests
+# Every benchmark (see docs/benchmarks.md).
+bench: bench-pipeline bench-micro
+
+# The end-to-end embedded path, sandboxed against native (engine/benches/pipeline.rs).
+bench-pipeline: guests
+    env -u RUST_BACKTRACE cargo bench --profile dev --bench pipeline
+
+# Criterion micro-benchmarks of the sandbox (engine/benches/sandbox.rs).
+bench-micro: guests
     env -u RUST_BACKTRACE cargo bench --profile dev --bench sandbox

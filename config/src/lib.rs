@@ -637,7 +637,8 @@ pub struct SandboxConfig {
     /// instances, zeroed in place, instead of being handed back to the
     /// kernel and faulted in again by the next instance. Either way the
     /// next instance sees none of the last one's data (tests/e2e/leaks.rs).
-    /// Default 1MiB; `0` returns everything to the kernel.
+    /// Default `0`: everything goes back to the kernel, which measured
+    /// fastest for small guests (docs/benchmarks.md).
     pub keep_resident: ByteSize,
 }
 
@@ -647,7 +648,7 @@ impl Default for SandboxConfig {
             cache_dir: PathBuf::from("state/cache"),
             max_instances: 128,
             pooling: true,
-            keep_resident: ByteSize::mib(1),
+            keep_resident: ByteSize::b(0),
         }
     }
 }

@@ -137,19 +137,26 @@ const SCENARIOS: [Scenario; 4] = [
 ];
 
 /// The component of `scenario`, or `None` for a polyglot example that has
-/// not been built.
+/// not been built: the newest of `target/plugins/NAME.wasm` (`just
+/// polyglot`) and the polyglot tests' builds.
 fn component(scenario: &Scenario) -> Option<std::path::PathBuf> {
     let Some(name) = scenario.krate.strip_prefix("polyglot:") else {
         return Some(guests::component(scenario.krate));
     };
     let built = guests::guest_target_dir().join("polyglot").join("built");
     let prefix = format!("{name}-");
-    std::fs::read_dir(built)
-        .ok()?
+    let tested = std::fs::read_dir(built)
+        .into_iter()
+        .flatten()
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
-        .map(|e| e.path())
+        .map(|e| e.path());
+    let recipe = guests::root()
+        .join("target/plugins")
+        .join(format!("{name}.wasm"));
+    tested
+        .chain(std::iter::once(recipe).filter(|p| p.exists()))
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
 }
 
 /// What one run measured.
@@ -200,7 +207,15 @@ fn main() {
         "| workload | mode | msg/s | p50 latency | p99 latency | peak RSS | throughput ratio |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for scenario in &SCENARIOS {
+    // `--only NAME`: one workload (and no scaling table).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1));
+    for scenario in SCENARIOS
+        .iter()
+        .filter(|s| only.is_none_or(|o| o == s.name))
+    {
         if component(scenario).is_none() {
             println!(
                 "| {} | not built: run `just polyglot` (or the polyglot tests) first | | | | | |",
@@ -245,7 +260,9 @@ fn main() {
             );
         }
     }
-    scaling(runs.min(3));
+    if only.is_none() {
+        scaling(runs.min(3));
+    }
 }
 
 /// RSS with 1, 10 and 100 plugins loaded and idle, and the per-message

@@ -83,7 +83,8 @@ fn instantiate(c: &mut Criterion) {
     let mut group = c.benchmark_group("instantiate_and_call");
     for (name, sandbox, fuel) in [
         ("pooling", "", ""),
-        ("pooling_nothing_resident", ", keep_resident: 0", ""),
+        ("pooling_1mib_resident", ", keep_resident: 1MiB", ""),
+        ("pooling_64kib_resident", ", keep_resident: 64KiB", ""),
         ("on_demand", ", pooling: false", ""),
         ("pooling_fuel", "", ", fuel: 1000000000"),
     ] {

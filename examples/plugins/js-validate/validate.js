@@ -55,7 +55,16 @@ export function execute(msg) {
   }
   const maxBytes = positive(get("max_bytes"), 1024 * 1024, "max_bytes");
 
-  const bytes = readAll(openData(), maxBytes);
+  // Close the reader when done, rather than leaving it to the garbage
+  // collector: an instance that ends a message with a reader open is not
+  // reused (a grant's `reuse`).
+  const reader = openData();
+  let bytes;
+  try {
+    bytes = readAll(reader, maxBytes);
+  } finally {
+    reader[Symbol.dispose ?? Symbol.for("dispose")]?.();
+  }
   if (bytes === null) {
     return deadLetter(`${msg.dataLocation}: larger than max_bytes (${maxBytes})`);
   }
