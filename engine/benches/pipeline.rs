@@ -176,6 +176,16 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .and_then(|v| v.parse::<usize>().ok())
     };
+    if let Some(i) = args.iter().position(|a| a == "--rabbit") {
+        let prefetch: u16 = args[i + 1].parse().unwrap();
+        let m = rabbit_child(
+            prefetch,
+            Mode::parse(&args[i + 2]),
+            arg("--messages").unwrap(),
+        );
+        println!("{} {}", m.per_second, m.peak_rss_kib);
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--loaded") {
         let (rss, per_message_us) = loaded(args[i + 1].parse().unwrap());
         println!("{rss} {per_message_us}");
@@ -198,20 +208,22 @@ fn main() {
     let messages = arg("--messages").unwrap_or(4000);
     let runs = arg("--runs").unwrap_or(5);
     guests::guests();
-    println!(
-        "embedded path: {messages} messages per run ({} for Python and JavaScript), {runs} runs per mode, medians; ratio = this mode / the first mode of the workload",
-        messages / 4
-    );
-    println!();
-    println!(
-        "| workload | mode | msg/s | p50 latency | p99 latency | peak RSS | throughput ratio |"
-    );
-    println!("|---|---|---|---|---|---|---|");
     // `--only NAME`: one workload (and no scaling table).
     let only = args
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1));
+    if only.is_none_or(|o| SCENARIOS.iter().any(|s| s.name == o)) {
+        println!(
+            "embedded path: {messages} messages per run ({} for Python and JavaScript), {runs} runs per mode, medians; ratio = this mode / the first mode of the workload",
+            messages / 4
+        );
+        println!();
+        println!(
+            "| workload | mode | msg/s | p50 latency | p99 latency | peak RSS | throughput ratio |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+    }
     for scenario in SCENARIOS
         .iter()
         .filter(|s| only.is_none_or(|o| o == s.name))
@@ -263,6 +275,251 @@ fn main() {
     if only.is_none() {
         scaling(runs.min(3));
     }
+    if only.is_none_or(|o| o == "rabbitmq") {
+        rabbitmq(runs, messages / 2);
+    }
+}
+
+/// text-stats through RabbitMQ, Redis metadata and the PostgreSQL status
+/// log and plugin database, at prefetch 1, 16 and 128: natively, sandboxed
+/// and with reuse, each run a child process against its own queue, Redis
+/// key and database.
+fn rabbitmq(runs: usize, messages: usize) {
+    println!();
+    println!(
+        "RabbitMQ path (text-stats, 4 KiB texts, Redis metadata, PostgreSQL): {messages} messages per run, {runs} runs per mode, medians"
+    );
+    println!();
+    println!("| prefetch | mode | msg/s | peak RSS | throughput ratio |");
+    println!("|---|---|---|---|---|");
+    let modes = [Mode::Native, Mode::Fresh, Mode::Reused];
+    for prefetch in [1u16, 16, 128] {
+        let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); modes.len()];
+        for run in 0..runs {
+            for k in 0..modes.len() {
+                let index = (k + run) % modes.len();
+                let out = Command::new(std::env::current_exe().unwrap())
+                    .args([
+                        "--rabbit",
+                        &prefetch.to_string(),
+                        modes[index].arg(),
+                        "--messages",
+                    ])
+                    .arg(messages.to_string())
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "rabbitmq {prefetch} {:?}: {}",
+                    modes[index],
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let text = String::from_utf8_lossy(&out.stdout);
+                let v: Vec<f64> = text
+                    .split_whitespace()
+                    .map(|x| x.parse().unwrap())
+                    .collect();
+                results[index].push((v[0], v[1]));
+            }
+        }
+        let medians: Vec<(f64, f64)> = results
+            .iter()
+            .map(|r| {
+                (
+                    median(r.iter().map(|x| x.0).collect()),
+                    median(r.iter().map(|x| x.1).collect()),
+                )
+            })
+            .collect();
+        for (index, (mode, (rate, rss))) in modes.iter().zip(&medians).enumerate() {
+            let ratio = if index == 0 {
+                String::new()
+            } else {
+                format!("**{:.2}**", rate / medians[0].0)
+            };
+            println!(
+                "| {prefetch} | {} | {rate:.0} | {:.1} MiB | {ratio} |",
+                mode.name(),
+                rss / 1024.0
+            );
+        }
+    }
+}
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+
+/// One RabbitMQ run: publish `messages`, then drain the queue with
+/// `run --once` semantics; everything it made is removed afterwards.
+fn rabbit_child(prefetch: u16, mode: Mode, messages: usize) -> Measured {
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let (queue, exchange, db, meta_key) = (
+        format!("q_bench_{id}"),
+        format!("x_bench_{id}"),
+        format!("sp_bench_{id}"),
+        format!("sp_bench:{id}:meta"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("plugins")).unwrap();
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    std::fs::write(root.join("data/t4k.txt"), text_4k()).unwrap();
+    if mode != Mode::Native {
+        std::fs::copy(
+            guests::component("text-stats"),
+            root.join("plugins/text-stats.wasm"),
+        )
+        .unwrap();
+    }
+    let reuse = if mode == Mode::Reused {
+        "reuse: { instances: 4 }, "
+    } else {
+        ""
+    };
+    let cache = guests::guest_target_dir().join("bench-code-cache");
+    let yaml = format!(
+        "listener:\n  type: rabbitmq\n  url: \"{AMQP}\"\n  exchange: {{ name: {exchange}, type: fanout }}\n  queue: {queue}\n  prefetch: {prefetch}\n\
+         data_store: {{ type: disk, root: data }}\n\
+         meta_store: {{ type: redis, url: \"redis://127.0.0.1:6379\" }}\n\
+         database: {{ type: postgres, url: \"{POSTGRES}/{db}\" }}\n\
+         outputs: {{ stats: {{ type: dir, path: out }} }}\n\
+         sandbox: {{ cache_dir: \"{}\" }}\n\
+         pipeline: {{ concurrency: {} }}\n\
+         plugins:\n  grants:\n    text-stats: {{ {reuse}blob: true, sql: true, emit: [stats], config: {{ output: stats }} }}\n",
+        cache.display(),
+        prefetch.max(1)
+    );
+    let file = root.join("sandpipe.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let config = Config::load(&file).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let admin = postgres_admin("postgres").await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        let redis = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+        let mut redis = redis.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(&meta_key)
+            .arg(r#"{"source": "bench"}"#)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+
+        let body = |i: usize| {
+            format!(
+                r#"{{"uuid_ref":"m-{i}","data_type":"text/plain","data_location":"t4k.txt","meta_location":"{meta_key}"}}"#
+            )
+        };
+        // The first message declares the topology; the rest go on one
+        // confirm-mode channel.
+        sandpipe::listener::send(&config.listener, body(0).as_bytes(), "m.json")
+            .await
+            .unwrap();
+        let connection = sandpipe::listener::rabbitmq::connect(AMQP).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        for i in 1..messages {
+            sandpipe::listener::rabbitmq::publish_confirmed(
+                &channel,
+                &exchange,
+                "",
+                body(i).as_bytes(),
+                lapin::BasicProperties::default(),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        }
+
+        let natives: Vec<(String, Arc<dyn NativePlugin>)> = if mode == Mode::Native {
+            vec![("text-stats".into(), Arc::new(TextStats))]
+        } else {
+            Vec::new()
+        };
+        let assembled = assemble_with(config, natives).await.unwrap();
+        assert!(assembled.problems.is_empty(), "{:?}", assembled.problems);
+        let listener: Arc<dyn Listener> = Arc::from(
+            sandpipe::listener::build(
+                &assembled.config.listener,
+                true,
+                assembled.config.pipeline.max_message_bytes.as_u64(),
+                sandpipe::server::Readiness::default(),
+            )
+            .await
+            .unwrap(),
+        );
+        let pipeline = Arc::new(Pipeline::new(
+            assembled.config.clone(),
+            assembled.sandbox.clone(),
+            assembled.plugins.clone(),
+            assembled.status.clone(),
+            assembled.meta.clone(),
+            assembled.services.clone(),
+        ));
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let started = Instant::now();
+        let summary = pipeline.run(listener, shutdown).await.unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!(summary.done, messages as u64, "{summary}");
+        let measured = Measured {
+            per_second: messages as f64 / elapsed.as_secs_f64(),
+            p50_us: 0.0,
+            p99_us: 0.0,
+            peak_rss_kib: peak_rss_kib(),
+        };
+
+        // Clean up: queues, exchanges, the Redis key, the database and
+        // the roles made for it.
+        for q in [queue.clone(), format!("{queue}.retry"), format!("{queue}.dead")] {
+            let _ = channel
+                .queue_delete(q.as_str().into(), lapin::options::QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [exchange.clone(), format!("{queue}.dead")] {
+            let _ = channel
+                .exchange_delete(x.as_str().into(), lapin::options::ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _: () = redis::cmd("DEL").arg(&meta_key).query_async(&mut redis).await.unwrap();
+        drop(assembled);
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .await
+            .unwrap();
+        let roles = admin
+            .query(
+                "SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1)",
+                &[&format!("sandpipe_{db}_")],
+            )
+            .await
+            .unwrap();
+        for row in roles {
+            let role: String = row.get(0);
+            admin
+                .batch_execute(&format!("DROP ROLE \"{role}\""))
+                .await
+                .unwrap();
+        }
+        measured
+    })
+}
+
+async fn postgres_admin(db: &str) -> tokio_postgres::Client {
+    let (client, connection) =
+        tokio_postgres::connect(&format!("{POSTGRES}/{db}"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    client
 }
 
 /// RSS with 1, 10 and 100 plugins loaded and idle, and the per-message
