@@ -17,6 +17,8 @@
 
 #[path = "../../tests/support/guests.rs"]
 mod guests;
+#[path = "../../tests/support/postgres.rs"]
+mod pg_support;
 
 use std::collections::VecDeque;
 use std::process::Command;
@@ -29,7 +31,6 @@ use futures::future::BoxFuture;
 use sandpipe::app::assemble_with;
 use sandpipe::config::Config;
 use sandpipe::listener::{Acker, Delivery, Listener, Settlement};
-use sandpipe::pipeline::Pipeline;
 use sandpipe::sandbox::bindings::sandpipe::connector::{blob, config, emit, log, sql};
 use sandpipe::sandbox::bindings::{Description, Message, Outcome, WitError};
 use sandpipe::sandbox::{InvocationState, NativePlugin};
@@ -457,14 +458,7 @@ fn rabbit_child(prefetch: u16, mode: Mode, messages: usize) -> Measured {
             .await
             .unwrap(),
         );
-        let pipeline = Arc::new(Pipeline::new(
-            assembled.config.clone(),
-            assembled.sandbox.clone(),
-            assembled.plugins.clone(),
-            assembled.status.clone(),
-            assembled.meta.clone(),
-            assembled.services.clone(),
-        ));
+        let pipeline = assembled.pipeline();
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
         let started = Instant::now();
         let summary = pipeline.run(listener, shutdown).await.unwrap();
@@ -491,24 +485,7 @@ fn rabbit_child(prefetch: u16, mode: Mode, messages: usize) -> Measured {
         }
         let _: () = redis::cmd("DEL").arg(&meta_key).query_async(&mut redis).await.unwrap();
         drop(assembled);
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            .await
-            .unwrap();
-        let roles = admin
-            .query(
-                "SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1)",
-                &[&format!("sandpipe_{db}_")],
-            )
-            .await
-            .unwrap();
-        for row in roles {
-            let role: String = row.get(0);
-            admin
-                .batch_execute(&format!("DROP ROLE \"{role}\""))
-                .await
-                .unwrap();
-        }
+        pg_support::drop_database(&admin, &db).await;
         measured
     })
 }
@@ -594,14 +571,7 @@ fn loaded(n: usize) -> (f64, f64) {
         assert!(assembled.problems.is_empty(), "{:?}", assembled.problems);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let rss = current_rss_kib();
-        let pipeline = Arc::new(Pipeline::new(
-            assembled.config.clone(),
-            assembled.sandbox.clone(),
-            assembled.plugins.clone(),
-            assembled.status.clone(),
-            assembled.meta.clone(),
-            assembled.services.clone(),
-        ));
+        let pipeline = assembled.pipeline();
         let messages = 1000;
         let listener = Arc::new(MemoryListener::new(
             (0..messages)
@@ -738,14 +708,7 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
         };
         let assembled = assemble_with(config, natives).await.unwrap();
         assert!(assembled.problems.is_empty(), "{:?}", assembled.problems);
-        let pipeline = Arc::new(Pipeline::new(
-            assembled.config.clone(),
-            assembled.sandbox.clone(),
-            assembled.plugins.clone(),
-            assembled.status.clone(),
-            assembled.meta.clone(),
-            assembled.services.clone(),
-        ));
+        let pipeline = assembled.pipeline();
         let listener = Arc::new(MemoryListener::new(
             (0..messages).map(|i| (scenario.body)(i)).collect(),
         ));

@@ -37,6 +37,20 @@ pub struct Assembled {
     pub meta: MetaStore,
 }
 
+impl Assembled {
+    /// A pipeline over these parts.
+    pub fn pipeline(&self) -> Arc<Pipeline> {
+        Arc::new(Pipeline::new(
+            self.config.clone(),
+            self.sandbox.clone(),
+            self.plugins.clone(),
+            self.status.clone(),
+            self.meta.clone(),
+            self.services.clone(),
+        ))
+    }
+}
+
 /// Build the stores, the sandbox and the plugins of `config`.
 pub async fn assemble(config: Config) -> anyhow::Result<Assembled> {
     assemble_with(config, Vec::new()).await
@@ -164,15 +178,7 @@ pub async fn run(
         )
         .await?,
     );
-    let pipeline = Arc::new(Pipeline::new(
-        assembled.config.clone(),
-        assembled.sandbox.clone(),
-        assembled.plugins.clone(),
-        assembled.status.clone(),
-        assembled.meta.clone(),
-        assembled.services.clone(),
-    ));
-    pipeline.run(listener, shutdown).await
+    assembled.pipeline().run(listener, shutdown).await
 }
 
 /// `sandpipe check`: validate the config and every component; print a

@@ -11,6 +11,8 @@ use sandpipe::store::database::Database;
 
 #[path = "../support/guests.rs"]
 mod guests;
+#[path = "../support/postgres.rs"]
+pub mod postgres;
 pub use guests::{component, guest_target_dir, root};
 
 /// A code cache shared by all tests, so each component compiles once.

@@ -94,24 +94,7 @@ impl Drop for TestDb {
                 .unwrap();
             runtime.block_on(async move {
                 let admin = connect(&format!("{}/postgres", server())).await;
-                admin
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
-                    .unwrap();
-                let roles = admin
-                    .query(
-                        "SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1)",
-                        &[&format!("sandpipe_{name}_")],
-                    )
-                    .await
-                    .unwrap();
-                for row in roles {
-                    let role: String = row.get(0);
-                    admin
-                        .batch_execute(&format!("DROP ROLE \"{role}\""))
-                        .await
-                        .unwrap();
-                }
+                crate::harness::postgres::drop_database(&admin, &name).await;
             });
         });
         let _ = cleanup.join();

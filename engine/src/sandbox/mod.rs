@@ -190,6 +190,15 @@ pub struct LoadedComponent {
     pub from_cache: bool,
 }
 
+/// What [`Sandbox::execute`] returns: the plugin's own result, or the
+/// failure outside it; the host state with the effects to commit or
+/// discard; what it cost.
+pub type Executed = (
+    Result<Result<bindings::Outcome, bindings::WitError>, Failure>,
+    HostState,
+    Usage,
+);
+
 /// What one invocation cost.
 #[derive(Debug, Clone, Default)]
 pub struct Usage {
@@ -415,11 +424,7 @@ impl Sandbox {
         limits: &Limits,
         host: HostState,
         message: bindings::Message,
-    ) -> (
-        Result<Result<bindings::Outcome, bindings::WitError>, Failure>,
-        HostState,
-        Usage,
-    ) {
+    ) -> Executed {
         match &component.code {
             Code::Wasm(pre) => match &component.warm {
                 Some(pool) => self.execute_warm(pre, pool, limits, host, message).await,
@@ -464,11 +469,7 @@ impl Sandbox {
         limits: &Limits,
         host: HostState,
         message: bindings::Message,
-    ) -> (
-        Result<Result<bindings::Outcome, bindings::WitError>, Failure>,
-        HostState,
-        Usage,
-    ) {
+    ) -> Executed {
         let permit = self.instances.clone().acquire_owned().await;
         let started = Instant::now();
         let plugin_context = host.plugin.clone();
@@ -511,14 +512,7 @@ impl Sandbox {
         };
         let fuel_before = warm.store.get_fuel().ok();
         let result = warm.plugin.call_execute(&mut warm.store, &message).await;
-        let fuel = match (self.fuel, fuel_before, warm.store.get_fuel().ok()) {
-            (true, Some(before), Some(after)) => Some(before.saturating_sub(after)),
-            _ => None,
-        };
-        let usage = Usage {
-            duration: started.elapsed(),
-            fuel,
-        };
+        let usage = self.usage(started, fuel_before, &warm.store);
         let idle = HostState::new(plugin_context, None);
         let host = std::mem::replace(&mut warm.store.data_mut().host, idle);
         let result = match result {
@@ -540,6 +534,24 @@ impl Sandbox {
         };
         drop(permit);
         (result, host, usage)
+    }
+
+    /// The time since `started` and, when metered, the fuel burnt since
+    /// `fuel_before`.
+    fn usage(
+        &self,
+        started: Instant,
+        fuel_before: Option<u64>,
+        store: &Store<InvocationState>,
+    ) -> Usage {
+        let fuel = match (self.fuel, fuel_before, store.get_fuel().ok()) {
+            (true, Some(before), Some(after)) => Some(before.saturating_sub(after)),
+            _ => None,
+        };
+        Usage {
+            duration: started.elapsed(),
+            fuel,
+        }
     }
 
     /// Instantiate `pre` in a fresh store with `limits` and `host`, run
@@ -570,14 +582,7 @@ impl Sandbox {
             Ok(plugin) => call(&plugin, &mut store).await,
             Err(err) => Err(err),
         };
-        let fuel = match (self.fuel, fuel_before, store.get_fuel().ok()) {
-            (true, Some(before), Some(after)) => Some(before.saturating_sub(after)),
-            _ => None,
-        };
-        let usage = Usage {
-            duration: started.elapsed(),
-            fuel,
-        };
+        let usage = self.usage(started, fuel_before, &store);
         let state = store.into_data();
         drop(permit);
         let result = result.map_err(|err| {
