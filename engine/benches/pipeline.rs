@@ -21,6 +21,7 @@ mod guests;
 mod pg_support;
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -177,14 +178,13 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .and_then(|v| v.parse::<usize>().ok())
     };
-    if let Some(i) = args.iter().position(|a| a == "--rabbit") {
-        let prefetch: u16 = args[i + 1].parse().unwrap();
-        let m = rabbit_child(
-            prefetch,
+    if let Some(i) = args.iter().position(|a| a == "--replica") {
+        replica(
+            Path::new(&args[i + 1]),
             Mode::parse(&args[i + 2]),
-            arg("--messages").unwrap(),
+            Path::new(&args[i + 3]),
+            Path::new(&args[i + 4]),
         );
-        println!("{} {}", m.per_second, m.peak_rss_kib);
         return;
     }
     if let Some(i) = args.iter().position(|a| a == "--loaded") {
@@ -278,6 +278,7 @@ fn main() {
     }
     if only.is_none_or(|o| o == "rabbitmq") {
         rabbitmq(runs, messages / 2);
+        replicas(runs, messages / 2);
     }
 }
 
@@ -299,27 +300,8 @@ fn rabbitmq(runs: usize, messages: usize) {
         for run in 0..runs {
             for k in 0..modes.len() {
                 let index = (k + run) % modes.len();
-                let out = Command::new(std::env::current_exe().unwrap())
-                    .args([
-                        "--rabbit",
-                        &prefetch.to_string(),
-                        modes[index].arg(),
-                        "--messages",
-                    ])
-                    .arg(messages.to_string())
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "rabbitmq {prefetch} {:?}: {}",
-                    modes[index],
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                let text = String::from_utf8_lossy(&out.stdout);
-                let v: Vec<f64> = text
-                    .split_whitespace()
-                    .map(|x| x.parse().unwrap())
-                    .collect();
+                let m = rabbit_child(prefetch, modes[index], messages, 1);
+                let v = [m.per_second, m.peak_rss_kib];
                 results[index].push((v[0], v[1]));
             }
         }
@@ -347,12 +329,43 @@ fn rabbitmq(runs: usize, messages: usize) {
     }
 }
 
+/// 1 and 2 engine replicas (processes) on one queue and one database,
+/// sandboxed, prefetch 16.
+fn replicas(runs: usize, messages: usize) {
+    println!();
+    println!(
+        "| replicas (prefetch 16, sandboxed) | msg/s | peak RSS per replica | throughput ratio |"
+    );
+    println!("|---|---|---|---|");
+    let mut results: Vec<Vec<Measured>> = vec![Vec::new(), Vec::new()];
+    for run in 0..runs {
+        for k in 0..2 {
+            let index = (k + run) % 2;
+            results[index].push(rabbit_child(16, Mode::Fresh, messages, index + 1));
+        }
+    }
+    let one = median_of(&results[0]);
+    let two = median_of(&results[1]);
+    for (n, m) in [(1, one), (2, two)] {
+        let ratio = if n == 1 {
+            String::new()
+        } else {
+            format!("**{:.2}**", m.per_second / one.per_second)
+        };
+        println!(
+            "| {n} | {:.0} | {:.1} MiB | {ratio} |",
+            m.per_second,
+            m.peak_rss_kib / 1024.0
+        );
+    }
+}
+
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
 
 /// One RabbitMQ run: publish `messages`, then drain the queue with
 /// `run --once` semantics; everything it made is removed afterwards.
-fn rabbit_child(prefetch: u16, mode: Mode, messages: usize) -> Measured {
+fn rabbit_child(prefetch: u16, mode: Mode, messages: usize, replicas: usize) -> Measured {
     let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
     let (queue, exchange, db, meta_key) = (
         format!("q_bench_{id}"),
@@ -403,6 +416,10 @@ fn rabbit_child(prefetch: u16, mode: Mode, messages: usize) -> Measured {
             .batch_execute(&format!("CREATE DATABASE {db}"))
             .await
             .unwrap();
+        // The engine makes its schema and the plugin's role when it opens
+        // the database: once here, so the replicas do not race to.
+        let first = assemble_with(config.clone(), Vec::new()).await.unwrap();
+        drop(first);
         let redis = redis::Client::open("redis://127.0.0.1:6379").unwrap();
         let mut redis = redis.get_multiplexed_async_connection().await.unwrap();
         let _: () = redis::cmd("SET")
@@ -441,6 +458,78 @@ fn rabbit_child(prefetch: u16, mode: Mode, messages: usize) -> Measured {
             .unwrap();
         }
 
+        // The replicas: each assembles its engine, says it is ready, waits
+        // for `go`, drains the queue and reports when it finished.
+        let go = root.join("go");
+        let mut children = Vec::new();
+        for k in 0..replicas {
+            let child = Command::new(std::env::current_exe().unwrap())
+                .arg("--replica")
+                .arg(&file)
+                .arg(mode.arg())
+                .arg(root.join(format!("ready-{k}")))
+                .arg(&go)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            children.push(child);
+        }
+        while !(0..replicas).all(|k| root.join(format!("ready-{k}")).exists()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let started = std::time::SystemTime::now();
+        std::fs::write(&go, b"").unwrap();
+        let mut done = 0;
+        let mut rss: f64 = 0.0;
+        let mut finished = started;
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let text = String::from_utf8_lossy(&out.stdout);
+            let v: Vec<f64> = text.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            done += v[0] as u64;
+            let end = std::time::UNIX_EPOCH + Duration::from_micros(v[1] as u64);
+            finished = finished.max(end);
+            rss = rss.max(v[2]);
+        }
+        assert_eq!(done, messages as u64);
+        let elapsed = finished.duration_since(started).unwrap_or_default();
+        let measured = Measured {
+            per_second: messages as f64 / elapsed.as_secs_f64(),
+            p50_us: 0.0,
+            p99_us: 0.0,
+            peak_rss_kib: rss,
+        };
+
+        // Clean up: queues, exchanges, the Redis key, the database and
+        // the roles made for it.
+        for q in [queue.clone(), format!("{queue}.retry"), format!("{queue}.dead")] {
+            let _ = channel
+                .queue_delete(q.as_str().into(), lapin::options::QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [exchange.clone(), format!("{queue}.dead")] {
+            let _ = channel
+                .exchange_delete(x.as_str().into(), lapin::options::ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _: () = redis::cmd("DEL").arg(&meta_key).query_async(&mut redis).await.unwrap();
+        pg_support::drop_database(&admin, &db).await;
+        measured
+    })
+}
+
+/// One engine replica of a RabbitMQ run: `--replica CONFIG MODE READY GO`.
+/// Prints the messages it settled as done and when it finished (µs since
+/// the epoch).
+fn replica(config: &Path, mode: Mode, ready: &Path, go: &Path) {
+    let config = Config::load(config).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
         let natives: Vec<(String, Arc<dyn NativePlugin>)> = if mode == Mode::Native {
             vec![("text-stats".into(), Arc::new(TextStats))]
         } else {
@@ -459,35 +548,17 @@ fn rabbit_child(prefetch: u16, mode: Mode, messages: usize) -> Measured {
             .unwrap(),
         );
         let pipeline = assembled.pipeline();
+        std::fs::write(ready, b"").unwrap();
+        while !go.exists() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let started = Instant::now();
         let summary = pipeline.run(listener, shutdown).await.unwrap();
-        let elapsed = started.elapsed();
-        assert_eq!(summary.done, messages as u64, "{summary}");
-        let measured = Measured {
-            per_second: messages as f64 / elapsed.as_secs_f64(),
-            p50_us: 0.0,
-            p99_us: 0.0,
-            peak_rss_kib: peak_rss_kib(),
-        };
-
-        // Clean up: queues, exchanges, the Redis key, the database and
-        // the roles made for it.
-        for q in [queue.clone(), format!("{queue}.retry"), format!("{queue}.dead")] {
-            let _ = channel
-                .queue_delete(q.as_str().into(), lapin::options::QueueDeleteOptions::default())
-                .await;
-        }
-        for x in [exchange.clone(), format!("{queue}.dead")] {
-            let _ = channel
-                .exchange_delete(x.as_str().into(), lapin::options::ExchangeDeleteOptions::default())
-                .await;
-        }
-        let _: () = redis::cmd("DEL").arg(&meta_key).query_async(&mut redis).await.unwrap();
-        drop(assembled);
-        pg_support::drop_database(&admin, &db).await;
-        measured
-    })
+        let end = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        println!("{} {} {}", summary.done, end.as_micros(), peak_rss_kib());
+    });
 }
 
 async fn postgres_admin(db: &str) -> tokio_postgres::Client {
