@@ -405,16 +405,15 @@ async fn sqlite_record(db: &Sqlite, entries: Vec<Entry>) -> anyhow::Result<()> {
 }
 
 async fn sqlite_finished(db: &Sqlite, message_id: &str) -> anyhow::Result<HashSet<String>> {
-    let id = message_id.to_owned();
-    db.read(move |c| {
+    // An indexed lookup: on this thread (see `Sqlite::read_now`).
+    db.read_now(|c| {
         let mut stmt = c.prepare_cached(
             "SELECT DISTINCT plugin FROM status
              WHERE message_id = ?1 AND plugin != '' AND status IN ('done', 'skipped')",
         )?;
-        let rows = stmt.query_map([&id], |r| r.get::<_, String>(0))?;
+        let rows = stmt.query_map([message_id], |r| r.get::<_, String>(0))?;
         Ok(rows.collect::<Result<HashSet<_>, _>>()?)
     })
-    .await
 }
 
 async fn sqlite_rows(db: &Sqlite, message_id: &str) -> anyhow::Result<Vec<Row>> {
