@@ -91,7 +91,7 @@ impl Mode {
     }
 }
 
-const SCENARIOS: [Scenario; 4] = [
+const SCENARIOS: [Scenario; 5] = [
     Scenario {
         name: "trivial",
         krate: "fx-probe",
@@ -108,6 +108,19 @@ const SCENARIOS: [Scenario; 4] = [
         grant: "{ blob: true, sql: true, emit: [stats], config: { output: stats } }",
         body: |i| {
             format!(r#"{{"uuid_ref":"m-{i}","data_type":"text/plain","data_location":"t4k.txt"}}"#)
+        },
+        native: true,
+        heavy: false,
+    },
+    Scenario {
+        name: "image-meta",
+        krate: "image-meta",
+        plugin: "image-meta",
+        grant: "{ blob: true, sql: true }",
+        body: |i| {
+            format!(
+                r#"{{"uuid_ref":"m-{i}","data_type":"image/jpeg","data_location":"gradient.jpg"}}"#
+            )
         },
         native: true,
         heavy: false,
@@ -726,6 +739,11 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
     std::fs::create_dir_all(root.join("plugins")).unwrap();
     std::fs::create_dir_all(root.join("data")).unwrap();
     std::fs::write(root.join("data/t4k.txt"), text_4k()).unwrap();
+    std::fs::copy(
+        guests::root().join("examples/quickstart/data/images/gradient.jpg"),
+        root.join("data/gradient.jpg"),
+    )
+    .unwrap();
     let examples = guests::root().join("examples/plugins");
     std::fs::copy(
         examples.join("python-csv/sample/people.csv"),
@@ -775,6 +793,7 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
         let natives: Vec<(String, Arc<dyn NativePlugin>)> = match (native, scenario.name) {
             (false, _) => Vec::new(),
             (true, "trivial") => vec![(scenario.plugin.into(), Arc::new(Trivial))],
+            (true, "image-meta") => vec![(scenario.plugin.into(), Arc::new(ImageMetaNative))],
             (true, _) => vec![(scenario.plugin.into(), Arc::new(TextStats))],
         };
         let assembled = assemble_with(config, natives).await.unwrap();
@@ -974,6 +993,79 @@ impl NativePlugin for TextStats {
                     stats.lines,
                     stats.words,
                     stats.bytes
+                ),
+            )
+            .await?;
+            Ok(Outcome::Done)
+        })
+    }
+}
+
+/// image-meta natively: its own header parser (the crate, linked as a
+/// library) on the first chunk of the object, read through the same host
+/// calls as its component (one 64 KiB chunk, as the SDK's reader asks for),
+/// then CREATE + upsert and the log line.
+struct ImageMetaNative;
+
+impl NativePlugin for ImageMetaNative {
+    fn describe(&self) -> Description {
+        Description {
+            name: "image-meta".into(),
+            version: "native".into(),
+            mime_types: vec!["image/jpeg".into(), "image/png".into(), "image/gif".into()],
+            capabilities: Vec::new(),
+        }
+    }
+
+    fn execute<'a>(
+        &'a self,
+        state: &'a mut InvocationState,
+        msg: Message,
+    ) -> BoxFuture<'a, Result<Outcome, WitError>> {
+        use image_meta::header::{self, Dimensions, Format};
+        Box::pin(async move {
+            let Some(format) = Format::from_mime(&msg.kind) else {
+                return Ok(Outcome::Skip(format!(
+                    "type {:?} is not an image",
+                    msg.kind
+                )));
+            };
+            let reader = blob::Host::open_data(state).await?;
+            let chunk =
+                blob::HostReader::read(state, Resource::new_borrow(reader.rep()), 64 * 1024)
+                    .await?;
+            let size = blob::HostReader::size(state, Resource::new_borrow(reader.rep())).await;
+            blob::HostReader::drop(state, reader)
+                .await
+                .map_err(|e| WitError::Internal(e.to_string()))?;
+            let Dimensions { width, height } =
+                match header::probe(format, &mut std::io::Cursor::new(&chunk)) {
+                    Ok(dims) => dims,
+                    Err(e) => return Ok(Outcome::DeadLetter(format!("not valid: {e}"))),
+                };
+            let bytes = size.unwrap_or(chunk.len() as u64);
+            let location = msg.data_location.clone();
+            sql::Host::execute(state, image_meta::CREATE_TABLE.into(), Vec::new()).await?;
+            sql::Host::execute(
+                state,
+                image_meta::UPSERT.into(),
+                vec![
+                    sql::Value::Text(msg.id.clone()),
+                    location.clone().map_or(sql::Value::Null, sql::Value::Text),
+                    sql::Value::Text(format.name().into()),
+                    sql::Value::Int(i64::from(width)),
+                    sql::Value::Int(i64::from(height)),
+                    sql::Value::Int(i64::try_from(bytes).unwrap_or(i64::MAX)),
+                ],
+            )
+            .await?;
+            log::Host::write(
+                state,
+                log::Level::Info,
+                format!(
+                    "{}: {} {width}x{height}, {bytes} bytes",
+                    location.as_deref().unwrap_or(&msg.id),
+                    format.label()
                 ),
             )
             .await?;
