@@ -1064,6 +1064,31 @@ impl Config {
                     "must be 64 hexadecimal digits".into(),
                 ));
             }
+            if let Some(reuse) = &grant.reuse
+                && (reuse.instances == 0 || reuse.messages == 0)
+            {
+                return Err(invalid(
+                    format!("plugins.grants.{name}.reuse"),
+                    "instances and messages must be at least 1 (leave `reuse` out for a fresh instance per message)".into(),
+                ));
+            }
+        }
+        // Idle warm instances hold pooling slots: leave room for the rest.
+        let warm: u64 = self
+            .plugins
+            .grants
+            .values()
+            .filter_map(|g| g.reuse.as_ref())
+            .map(|r| u64::from(r.instances))
+            .sum();
+        if warm >= u64::from(self.sandbox.max_instances) {
+            return Err(invalid(
+                "sandbox.max_instances".into(),
+                format!(
+                    "{} instance slots cannot hold the {warm} warm instances the grants' `reuse` keep and still run other plugins: raise it above {warm}",
+                    self.sandbox.max_instances
+                ),
+            ));
         }
         Ok(())
     }
@@ -1235,6 +1260,28 @@ mod tests {
             .unwrap_or_default();
         assert!(err.contains("SANDPIPE_SURELY_UNSET_VAR"), "{err}");
         assert!(err.contains("test.yaml:1"), "{err}");
+    }
+
+    #[test]
+    fn reuse_needs_instances_messages_and_slots() {
+        let err = |yaml: &str| {
+            parse(&format!("listener: {{ type: dir, path: s }}\n{yaml}"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let zero = err("plugins:\n  grants:\n    a: { reuse: { instances: 0 } }\n");
+        assert!(zero.contains("plugins.grants.a.reuse"), "{zero}");
+        let full = err(
+            "sandbox: { max_instances: 4 }\nplugins:\n  grants:\n    a: { reuse: { instances: 2 } }\n    b: { reuse: { instances: 2 } }\n",
+        );
+        assert!(full.contains("sandbox.max_instances"), "{full}");
+        assert!(full.contains("4 warm instances"), "{full}");
+        assert_eq!(
+            err("plugins:\n  grants:\n    a: { reuse: {} }\n"),
+            "",
+            "the defaults are valid"
+        );
     }
 
     #[test]

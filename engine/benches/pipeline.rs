@@ -419,10 +419,7 @@ fn rabbit_child(prefetch: u16, mode: Mode, messages: usize, replicas: usize) -> 
     let file = root.join("sandpipe.yaml");
     std::fs::write(&file, yaml).unwrap();
     let config = Config::load(&file).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let admin = postgres_admin("postgres").await;
         admin
@@ -538,10 +535,7 @@ fn rabbit_child(prefetch: u16, mode: Mode, messages: usize, replicas: usize) -> 
 /// the epoch).
 fn replica(config: &Path, mode: Mode, ready: &Path, go: &Path) {
     let config = Config::load(config).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let natives: Vec<(String, Arc<dyn NativePlugin>)> = if mode == Mode::Native {
             vec![("text-stats".into(), Arc::new(TextStats))]
@@ -646,10 +640,7 @@ fn loaded(n: usize) -> (f64, f64) {
     let file = root.join("sandpipe.yaml");
     std::fs::write(&file, yaml).unwrap();
     let config = Config::load(&file).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let assembled = assemble_with(config, Vec::new()).await.unwrap();
         assert!(assembled.problems.is_empty(), "{:?}", assembled.problems);
@@ -785,10 +776,7 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
     std::fs::write(&file, yaml).unwrap();
     let config = Config::load(&file).unwrap();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let natives: Vec<(String, Arc<dyn NativePlugin>)> = match (native, scenario.name) {
             (false, _) => Vec::new(),
@@ -823,6 +811,14 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
             peak_rss_kib: peak_rss_kib(),
         }
     })
+}
+
+/// A multi-threaded runtime, as the engine's binary uses.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// 4 KiB of words and lines.
@@ -919,9 +915,6 @@ impl NativePlugin for Trivial {
 /// a library), through the same host calls its component makes.
 struct TextStats;
 
-const CREATE: &str = "CREATE TABLE IF NOT EXISTS text_stats (message_id TEXT PRIMARY KEY, location TEXT, lines INTEGER NOT NULL, words INTEGER NOT NULL, bytes INTEGER NOT NULL)";
-const UPSERT: &str = "INSERT INTO text_stats (message_id, location, lines, words, bytes) VALUES ($1, $2, $3, $4, $5) ON CONFLICT(message_id) DO UPDATE SET location = excluded.location, lines = excluded.lines, words = excluded.words, bytes = excluded.bytes";
-
 impl NativePlugin for TextStats {
     fn describe(&self) -> Description {
         Description {
@@ -948,7 +941,7 @@ impl NativePlugin for TextStats {
             let mut counter = text_stats::TextCounter::new();
             loop {
                 let borrowed = Resource::new_borrow(reader.rep());
-                let chunk = blob::HostReader::read(state, borrowed, 64 * 1024).await?;
+                let chunk = blob::HostReader::read(state, borrowed, text_stats::CHUNK).await?;
                 if chunk.is_empty() {
                     break;
                 }
@@ -959,11 +952,11 @@ impl NativePlugin for TextStats {
                 .map_err(|e| WitError::Internal(e.to_string()))?;
             let stats = counter.stats();
             let location = msg.data_location.clone();
-            sql::Host::execute(state, CREATE.into(), Vec::new()).await?;
+            sql::Host::execute(state, text_stats::CREATE_TABLE.into(), Vec::new()).await?;
             let int = |n: u64| sql::Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
             sql::Host::execute(
                 state,
-                UPSERT.into(),
+                text_stats::UPSERT.into(),
                 vec![
                     sql::Value::Text(msg.id.clone()),
                     location.clone().map_or(sql::Value::Null, sql::Value::Text),
@@ -975,7 +968,7 @@ impl NativePlugin for TextStats {
             .await?;
             let output = config::Host::get(state, "output".into())
                 .await?
-                .unwrap_or_else(|| "stats".into());
+                .unwrap_or_else(|| text_stats::DEFAULT_OUTPUT.into());
             let summary = text_stats::summary(&msg.id, location.as_deref(), stats);
             emit::Host::publish(
                 state,

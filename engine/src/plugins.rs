@@ -175,11 +175,10 @@ async fn prepare(
     database: &Database,
     name: &str,
     path: &Path,
-    component: LoadedComponent,
+    mut component: LoadedComponent,
 ) -> Result<LoadedPlugin, String> {
     let grant: Grant = config.plugins.grants.get(name).cloned().unwrap_or_default();
     let limits = config.limits_for(name);
-    let mut component = component;
     if let (Some(reuse), Code::Wasm(_)) = (&grant.reuse, &component.code) {
         component.warm = Some(WarmPool::new(reuse));
     }

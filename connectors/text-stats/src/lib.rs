@@ -17,7 +17,7 @@
 use sandpipe_sdk::prelude::*;
 
 /// The table the counts are stored in.
-const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS text_stats (\
+pub const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS text_stats (\
     message_id TEXT PRIMARY KEY, \
     location TEXT, \
     lines INTEGER NOT NULL, \
@@ -25,7 +25,7 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS text_stats (\
     bytes INTEGER NOT NULL)";
 
 /// Idempotent insert: a redelivered message overwrites its own row.
-const UPSERT: &str = "INSERT INTO text_stats (message_id, location, lines, words, bytes) \
+pub const UPSERT: &str = "INSERT INTO text_stats (message_id, location, lines, words, bytes) \
     VALUES ($1, $2, $3, $4, $5) \
     ON CONFLICT(message_id) DO UPDATE SET \
     location = excluded.location, \
@@ -34,10 +34,10 @@ const UPSERT: &str = "INSERT INTO text_stats (message_id, location, lines, words
     bytes = excluded.bytes";
 
 /// How much of the object is asked for per host call.
-const CHUNK: u32 = 64 * 1024;
+pub const CHUNK: u32 = 64 * 1024;
 
 /// The output the summary goes to when the config key `output` is not set.
-const DEFAULT_OUTPUT: &str = "stats";
+pub const DEFAULT_OUTPUT: &str = "stats";
 
 /// Line, word and byte counts of one text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -168,11 +168,6 @@ impl WarmPool {
             idle.push(warm);
         }
     }
-
-    /// Idle instances now.
-    pub fn idle(&self) -> usize {
-        self.idle.lock().map(|idle| idle.len()).unwrap_or_default()
-    }
 }
 
 /// A plugin's code, ready to run: a component compiled and linked, or a
