@@ -321,6 +321,31 @@ fn sql_queries_show_their_rows_and_failed_statements_their_error() {
 }
 
 #[test]
+fn an_execute_batch_shows_its_lists_and_total_in_the_report() {
+    let f = Files::new();
+    let probe = wasm("fx-probe");
+    let message = f.write(
+        "batch.json",
+        br#"{"uuid_ref":"m-b","data_type":"test/probe","action":"sql-batch","rows":[["a",1],["b",2],["c",3]]}"#,
+    );
+    let out = sandpipe(&["exec", &probe, "--message", &message, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let batch = v["sql"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["function"] == "execute-batch")
+        .unwrap_or_else(|| panic!("no execute-batch in {}", v["sql"]));
+    assert_eq!(batch["args"]["batch"]["count"], 3, "{batch}");
+    assert_eq!(
+        batch["args"]["batch"]["lists"],
+        serde_json::json!([["a", 1], ["b", 2], ["c", 3]])
+    );
+    assert_eq!(batch["result"]["ok"]["changed"], 3, "{batch}");
+}
+
+#[test]
 fn a_panicking_plugin_exits_1_with_its_panic_message() {
     let f = Files::new();
     let message = f.write(
