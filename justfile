@@ -202,8 +202,8 @@ bench: bench-pipeline bench-micro
 
 # The end-to-end embedded path, sandboxed against native (engine/benches/pipeline.rs).
 bench-pipeline: guests
-    env -u RUST_BACKTRACE cargo bench --profile dev --bench pipeline
+    env -u RUST_BACKTRACE cargo bench --bench pipeline
 
 # Criterion micro-benchmarks of the sandbox (engine/benches/sandbox.rs).
 bench-micro: guests
-    env -u RUST_BACKTRACE cargo bench --profile dev --bench sandbox
+    env -u RUST_BACKTRACE cargo bench --bench sandbox

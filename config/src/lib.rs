@@ -634,12 +634,15 @@ pub struct SandboxConfig {
     pub pooling: bool,
     /// With the pooling allocator: how much of each slot's linear memory
     /// (and of its tables and async stack) stays resident between
-    /// instances, zeroed in place, instead of being handed back to the
+    /// instances, reset in place, instead of being handed back to the
     /// kernel and faulted in again by the next instance. Either way the
     /// next instance sees none of the last one's data (tests/e2e/leaks.rs).
-    /// Default `0`: everything goes back to the kernel, which measured
-    /// fastest for small guests (docs/benchmarks.md).
-    pub keep_resident: ByteSize,
+    /// Unset (the default): 1 MiB where the kernel can report which pages
+    /// an instance dirtied (Linux 6.7+ `PAGEMAP_SCAN`) and no swap is
+    /// active, so that only those pages are reset; otherwise `0`. See
+    /// docs/benchmarks.md for the costs and docs/security.md for the
+    /// swap rule.
+    pub keep_resident: Option<ByteSize>,
 }
 
 impl Default for SandboxConfig {
@@ -648,7 +651,7 @@ impl Default for SandboxConfig {
             cache_dir: PathBuf::from("state/cache"),
             max_instances: 128,
             pooling: true,
-            keep_resident: ByteSize::b(0),
+            keep_resident: None,
         }
     }
 }

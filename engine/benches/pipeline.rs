@@ -10,7 +10,7 @@
 //! alternate, and the report gives medians over the runs and the ratio of
 //! the medians, measured side by side in one invocation.
 //!
-//! `just bench` runs it (`cargo bench --profile dev --bench pipeline`);
+//! `just bench` runs it (`cargo bench --bench pipeline`, an optimised build);
 //! `-- --messages N --runs R` change the size. Results: docs/benchmarks.md.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -82,6 +82,7 @@ macro_rules! export_plugin {
     ($plugin:ty) => {
         const _: () = {
             #[doc(hidden)]
+            #[allow(dead_code)]
             struct __SandpipeExport;
 
             impl $crate::bindings::Guest for __SandpipeExport {
@@ -97,6 +98,10 @@ macro_rules! export_plugin {
                 }
             }
 
+            // Only a component exports the world: a host build (the
+            // plugin's tests, a native benchmark linking several plugins)
+            // must not define the same `cabi_*` symbols twice.
+            #[cfg(target_arch = "wasm32")]
             $crate::bindings::__export_plugin_world!(__SandpipeExport with_types_in $crate::bindings);
         };
     };

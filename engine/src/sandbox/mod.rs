@@ -23,7 +23,7 @@ use sha2::Digest;
 use tokio::sync::Semaphore;
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{
-    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
     UpdateDeadline,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -203,6 +203,71 @@ pub struct Usage {
     pub fuel: Option<u64>,
 }
 
+/// How much of a pooling slot's memory `sandbox.keep_resident` keeps when
+/// it is left unset.
+pub const DEFAULT_KEEP_RESIDENT: u64 = 1 << 20;
+
+/// How often the epoch ticker looks for swap while only dirtied pages are
+/// reset (see [`MemoryReset`]).
+const SWAP_CHECK_TICKS: u32 = 100;
+
+/// How a pooling slot's memory is made fresh for the next instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryReset {
+    /// Bytes of each slot kept resident and reset in place; the rest goes
+    /// back to the kernel (`madvise`) and is faulted in again when used.
+    pub keep_resident: u64,
+    /// Only the pages the instance dirtied are reset (Linux `PAGEMAP_SCAN`);
+    /// otherwise the first `keep_resident` bytes are zeroed blindly.
+    pub dirty_pages_only: bool,
+}
+
+impl MemoryReset {
+    /// The reset for `configured` (`sandbox.keep_resident`) on a kernel
+    /// that does (`pagemap`) or does not offer `PAGEMAP_SCAN`, with or
+    /// without active `swap`.
+    ///
+    /// wasmtime 48's scan resets the dirty pages that are *present*: a
+    /// dirty page the kernel swapped out would be neither reset nor
+    /// decommitted, and the next instance in the slot would read it
+    /// (bytecodealliance/wasmtime#14357). So with swap active the scan is
+    /// never used; memory kept resident is then zeroed whole, which is
+    /// safe but slower, and the default keeps none.
+    pub fn plan(configured: Option<u64>, pagemap: bool, swap: bool) -> Self {
+        let scan = pagemap && !swap;
+        let keep_resident = configured.unwrap_or(if scan { DEFAULT_KEEP_RESIDENT } else { 0 });
+        Self {
+            keep_resident,
+            dirty_pages_only: scan && keep_resident > 0,
+        }
+    }
+}
+
+impl std::fmt::Display for MemoryReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.keep_resident, self.dirty_pages_only) {
+            (0, _) => write!(f, "slots handed back to the kernel after each instance"),
+            (n, true) => write!(
+                f,
+                "up to {n} bytes per slot kept resident, dirtied pages reset"
+            ),
+            (n, false) => write!(f, "{n} bytes per slot kept resident, zeroed whole"),
+        }
+    }
+}
+
+/// Whether `/proc/swaps` (its text: a header, then one line per active
+/// swap area) lists any swap.
+pub fn swap_listed(swaps: &str) -> bool {
+    swaps.lines().skip(1).any(|line| !line.trim().is_empty())
+}
+
+/// Whether this machine has swap active. Unreadable counts as yes: the
+/// answer only ever turns an optimisation off.
+fn swap_active() -> bool {
+    std::fs::read_to_string("/proc/swaps").map_or(true, |text| swap_listed(&text))
+}
+
 /// The process-wide sandbox.
 pub struct Sandbox {
     engine: Engine,
@@ -210,6 +275,7 @@ pub struct Sandbox {
     cache: cache::CodeCache,
     instances: Arc<Semaphore>,
     fuel: bool,
+    memory_reset: MemoryReset,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -236,10 +302,20 @@ impl Sandbox {
             .max_core_instances_per_component(200)
             .max_memories_per_component(4)
             .max_tables_per_component(64);
-        let resident = usize::try_from(config.keep_resident.as_u64()).unwrap_or(usize::MAX);
+        let memory_reset = MemoryReset::plan(
+            config.keep_resident.map(|b| b.as_u64()),
+            config.pooling && PoolingAllocationConfig::is_pagemap_scan_available(),
+            swap_active(),
+        );
+        let resident = usize::try_from(memory_reset.keep_resident).unwrap_or(usize::MAX);
         pool.linear_memory_keep_resident(resident)
             .table_keep_resident(resident.min(1 << 16))
-            .async_stack_keep_resident(resident.min(1 << 16));
+            .async_stack_keep_resident(resident.min(1 << 16))
+            .pagemap_scan(if memory_reset.dirty_pages_only {
+                Enabled::Yes
+            } else {
+                Enabled::No
+            });
 
         let mut wasm = wasmtime::Config::new();
         wasm.wasm_component_model(true)
@@ -271,9 +347,28 @@ impl Sandbox {
             std::thread::Builder::new()
                 .name("sandpipe-epoch".into())
                 .spawn(move || {
+                    let mut ticks: u32 = 0;
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(EPOCH_TICK);
                         engine.increment_epoch();
+                        ticks = ticks.wrapping_add(1);
+                        if memory_reset.dirty_pages_only
+                            && ticks.is_multiple_of(SWAP_CHECK_TICKS)
+                            && swap_active()
+                        {
+                            // The dirty-page reset is no longer sound (see
+                            // `MemoryReset::plan`) and the engine cannot be
+                            // reconfigured: stop before another instance
+                            // reuses a slot. Unsettled deliveries are
+                            // redelivered; the restarted engine sees the
+                            // swap and zeroes slots instead.
+                            tracing::error!(
+                                "swap was turned on while pooling slots are reset by dirty pages \
+                                 only, which swap makes unsafe: exiting so that a restart \
+                                 resets them whole"
+                            );
+                            std::process::exit(75);
+                        }
                     }
                 })
                 .context("cannot start the epoch ticker thread")?;
@@ -286,6 +381,7 @@ impl Sandbox {
             cache,
             instances: Arc::new(Semaphore::new(instances as usize)),
             fuel,
+            memory_reset,
             ticker_stop,
         })
     }
@@ -293,6 +389,11 @@ impl Sandbox {
     /// Whether fuel is metered.
     pub fn fuel_metered(&self) -> bool {
         self.fuel
+    }
+
+    /// How pooling slots are reset between instances.
+    pub fn memory_reset(&self) -> MemoryReset {
+        self.memory_reset
     }
 
     /// Compile (or load from the cache) and link a component file.
@@ -596,6 +697,52 @@ impl Sandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dirty_page_reset_only_without_swap() {
+        let mib = DEFAULT_KEEP_RESIDENT;
+        let plan = MemoryReset::plan;
+        // Unset: 1 MiB and the scan where it is sound, nothing otherwise.
+        assert_eq!(
+            plan(None, true, false),
+            MemoryReset {
+                keep_resident: mib,
+                dirty_pages_only: true
+            }
+        );
+        for (pagemap, swap) in [(true, true), (false, false), (false, true)] {
+            assert_eq!(
+                plan(None, pagemap, swap),
+                MemoryReset {
+                    keep_resident: 0,
+                    dirty_pages_only: false
+                }
+            );
+        }
+        // Set: honoured, but zeroed whole when swap could hide dirty pages.
+        assert_eq!(
+            plan(Some(4 * mib), true, true),
+            MemoryReset {
+                keep_resident: 4 * mib,
+                dirty_pages_only: false
+            }
+        );
+        assert!(plan(Some(4 * mib), true, false).dirty_pages_only);
+        assert!(!plan(Some(0), true, false).dirty_pages_only);
+    }
+
+    #[test]
+    fn swap_is_read_from_proc_swaps() {
+        let header = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n";
+        assert!(!swap_listed(header));
+        assert!(!swap_listed(""));
+        assert!(swap_listed(&format!(
+            "{header}/swapfile                               file\t\t1048572\t\t0\t\t-2\n"
+        )));
+        assert!(swap_listed(&format!(
+            "{header}/dev/zram0                              partition\t4194300\t\t0\t\t100\n"
+        )));
+    }
 
     #[test]
     fn limiter_refuses_growth_past_the_limit_and_remembers_it() {
