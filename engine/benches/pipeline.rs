@@ -50,8 +50,12 @@ struct Scenario {
     body: fn(usize) -> String,
     /// Whether a native baseline exists.
     native: bool,
-    /// Runs use a quarter of the messages (milliseconds per message).
-    heavy: bool,
+    /// A run's messages, as a multiple of `--messages`: more for
+    /// microseconds per message (a run must last long enough to measure),
+    /// fewer for milliseconds.
+    share: f64,
+    /// `pipeline.concurrency` (16 is the default).
+    concurrency: usize,
 }
 
 /// How a run executes the plugin.
@@ -91,7 +95,7 @@ impl Mode {
     }
 }
 
-const SCENARIOS: [Scenario; 5] = [
+const SCENARIOS: [Scenario; 6] = [
     Scenario {
         name: "trivial",
         krate: "fx-probe",
@@ -99,7 +103,20 @@ const SCENARIOS: [Scenario; 5] = [
         grant: "{}",
         body: |i| format!(r#"{{"uuid_ref":"m-{i}","data_type":"test/probe","action":"done"}}"#),
         native: true,
-        heavy: false,
+        share: 5.0,
+        concurrency: 16,
+    },
+    // The same with four times the messages in flight: bigger status-log
+    // group commits.
+    Scenario {
+        name: "trivial-c64",
+        krate: "fx-probe",
+        plugin: "probe",
+        grant: "{}",
+        body: |i| format!(r#"{{"uuid_ref":"m-{i}","data_type":"test/probe","action":"done"}}"#),
+        native: true,
+        share: 5.0,
+        concurrency: 64,
     },
     Scenario {
         name: "text-stats-4k",
@@ -110,7 +127,8 @@ const SCENARIOS: [Scenario; 5] = [
             format!(r#"{{"uuid_ref":"m-{i}","data_type":"text/plain","data_location":"t4k.txt"}}"#)
         },
         native: true,
-        heavy: false,
+        share: 1.0,
+        concurrency: 16,
     },
     Scenario {
         name: "image-meta",
@@ -123,7 +141,8 @@ const SCENARIOS: [Scenario; 5] = [
             )
         },
         native: true,
-        heavy: false,
+        share: 1.0,
+        concurrency: 16,
     },
     Scenario {
         name: "python-csv",
@@ -134,7 +153,8 @@ const SCENARIOS: [Scenario; 5] = [
             format!(r#"{{"uuid_ref":"m-{i}","data_type":"text/csv","data_location":"people.csv"}}"#)
         },
         native: false,
-        heavy: true,
+        share: 0.25,
+        concurrency: 16,
     },
     Scenario {
         name: "js-validate",
@@ -147,7 +167,8 @@ const SCENARIOS: [Scenario; 5] = [
             )
         },
         native: false,
-        heavy: true,
+        share: 0.25,
+        concurrency: 16,
     },
 ];
 
@@ -229,7 +250,8 @@ fn main() {
         .and_then(|i| args.get(i + 1));
     if only.is_none_or(|o| SCENARIOS.iter().any(|s| s.name == o)) {
         println!(
-            "embedded path: {messages} messages per run ({} for Python and JavaScript), {runs} runs per mode, medians; ratio = this mode / the first mode of the workload",
+            "embedded path: {messages} messages per run ({} for the trivial plugin, {} for Python and JavaScript), {runs} runs per mode, medians; ratio = this mode / the first mode of the workload",
+            messages * 5,
             messages / 4
         );
         println!();
@@ -254,11 +276,7 @@ fn main() {
         } else {
             &[Mode::Fresh, Mode::Reused]
         };
-        let count = if scenario.heavy {
-            messages / 4
-        } else {
-            messages
-        };
+        let count = (messages as f64 * scenario.share) as usize;
         let mut results: Vec<Vec<Measured>> = vec![Vec::new(); modes.len()];
         for run in 0..runs {
             // Rotate which goes first, so drift hits every mode alike.
@@ -767,8 +785,10 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
          database: {{ type: sqlite }}\n\
          outputs: {{ stats: {{ type: dir, path: out }} }}\n\
          sandbox: {{ cache_dir: \"{}\" }}\n\
+         pipeline: {{ concurrency: {} }}\n\
          plugins:\n  grants:\n    {}: {}\n",
         cache.display(),
+        scenario.concurrency,
         scenario.plugin,
         grant
     );
@@ -780,7 +800,9 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
     runtime.block_on(async {
         let natives: Vec<(String, Arc<dyn NativePlugin>)> = match (native, scenario.name) {
             (false, _) => Vec::new(),
-            (true, "trivial") => vec![(scenario.plugin.into(), Arc::new(Trivial))],
+            (true, "trivial" | "trivial-c64") => {
+                vec![(scenario.plugin.into(), Arc::new(Trivial))]
+            }
             (true, "image-meta") => vec![(scenario.plugin.into(), Arc::new(ImageMetaNative))],
             (true, _) => vec![(scenario.plugin.into(), Arc::new(TextStats))],
         };
