@@ -25,6 +25,8 @@ enum Inner {
         db: std::sync::Arc<sqlite::PluginDb>,
         /// `None` once a blocking task holding it failed.
         conn: Option<PluginConn>,
+        /// Held until the transaction ends (also when it is dropped).
+        _turn: sqlite::WriteTurn,
     },
     Postgres(postgres::PluginTx),
 }
@@ -34,6 +36,10 @@ impl Transaction {
     pub async fn begin(db: &PluginDb) -> Result<Self, WitError> {
         let inner = match db {
             PluginDb::Sqlite(db) => {
+                let turn = db
+                    .write_turn()
+                    .await
+                    .map_err(|e| WitError::Unavailable(format!("{e:#}")))?;
                 let db2 = db.clone();
                 let conn = tokio::task::spawn_blocking(move || db2.begin())
                     .await
@@ -42,6 +48,7 @@ impl Transaction {
                 Inner::Sqlite {
                     db: db.clone(),
                     conn: Some(conn),
+                    _turn: turn,
                 }
             }
             PluginDb::Postgres(db) => Inner::Postgres(db.begin().await?),
@@ -113,7 +120,7 @@ impl Transaction {
     /// Commit the transaction.
     pub async fn commit(self) -> anyhow::Result<()> {
         match self.inner {
-            Inner::Sqlite { db, conn } => {
+            Inner::Sqlite { db, conn, _turn } => {
                 let Some(conn) = conn else {
                     anyhow::bail!("the transaction was lost after a failed statement");
                 };
@@ -126,7 +133,7 @@ impl Transaction {
     /// Roll back the transaction.
     pub async fn rollback(self) {
         match self.inner {
-            Inner::Sqlite { db, conn } => {
+            Inner::Sqlite { db, conn, _turn } => {
                 if let Some(conn) = conn {
                     let _ = tokio::task::spawn_blocking(move || db.rollback(conn)).await;
                 }
@@ -235,5 +242,68 @@ impl InvocationState {
             Outcome::Changed(n) => Ok(n),
             Outcome::Rows(_) => Err(WitError::Internal("expected a row count".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn sqlite_db(dir: &std::path::Path, timeout: Duration) -> PluginDb {
+        PluginDb::Sqlite(Arc::new(
+            sqlite::PluginDb::new(dir, "p", timeout).expect("plugin database"),
+        ))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_transactions_of_one_plugin_take_turns_and_all_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(sqlite_db(dir.path(), Duration::from_secs(30)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..16i64 {
+            let db = db.clone();
+            tasks.spawn(async move {
+                let mut tx = Transaction::begin(&db).await?;
+                tx.execute("CREATE TABLE IF NOT EXISTS t(x INTEGER)", Vec::new())
+                    .await?;
+                tx.execute("INSERT INTO t(x) VALUES ($1)", vec![Value::Int(i)])
+                    .await?;
+                tx.commit()
+                    .await
+                    .map_err(|e| WitError::Internal(e.to_string()))
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            joined.expect("task").expect("transaction");
+        }
+        let mut tx = Transaction::begin(&db).await.expect("begin");
+        let rows = tx
+            .query("SELECT count(*) FROM t", Vec::new(), 10)
+            .await
+            .expect("count");
+        assert!(matches!(rows.values[0][0], Value::Int(16)));
+        tx.rollback().await;
+    }
+
+    #[tokio::test]
+    async fn a_transaction_waits_its_turn_at_most_the_timeout_and_a_dropped_one_frees_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sqlite_db(dir.path(), Duration::from_millis(200));
+        let first = Transaction::begin(&db).await.expect("first");
+        let err = Transaction::begin(&db).await.err();
+        assert!(
+            matches!(&err, Some(WitError::Unavailable(m)) if m.contains("plugin `p`'s database stayed busy")),
+            "{err:?}"
+        );
+        // Dropped without commit or rollback (an invocation that vanished):
+        // its turn and its transaction end with it.
+        drop(first);
+        let next = Transaction::begin(&db)
+            .await
+            .expect("the turn is free again");
+        next.rollback().await;
     }
 }

@@ -187,7 +187,17 @@ pub struct PluginDb {
     plugin: String,
     timeout: Duration,
     pool: Mutex<Vec<PluginConn>>,
+    /// SQLite has one writer at a time, and a transaction that finds the
+    /// file locked sleeps in SQLite's busy handler (1, 2, 5, … 100 ms
+    /// steps) long after the lock is free. Invocations in this process
+    /// queue here instead, first come first served, and are woken the
+    /// moment the last transaction ends; the busy handler is left for other
+    /// processes on the same file.
+    writer: Arc<tokio::sync::Semaphore>,
 }
+
+/// The right to write a plugin's database, from `BEGIN` to its end.
+pub struct WriteTurn(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
 
 /// A locked-down connection to a plugin's database.
 pub struct PluginConn {
@@ -229,7 +239,22 @@ impl PluginDb {
             plugin: plugin.to_owned(),
             timeout,
             pool: Mutex::new(Vec::new()),
+            writer: Arc::new(tokio::sync::Semaphore::new(1)),
         })
+    }
+
+    /// Wait for this process's turn to write (see `writer`), at most the
+    /// statement timeout.
+    pub async fn write_turn(&self) -> anyhow::Result<WriteTurn> {
+        match tokio::time::timeout(self.timeout, self.writer.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(WriteTurn(permit)),
+            Ok(Err(_)) => anyhow::bail!("plugin `{}`'s database is closed", self.plugin),
+            Err(_) => anyhow::bail!(
+                "plugin `{}`'s database stayed busy with other messages' transactions for {:?}",
+                self.plugin,
+                self.timeout
+            ),
+        }
     }
 
     /// The database file.
