@@ -95,28 +95,26 @@ impl Mode {
     }
 }
 
+/// fx-probe's `done`: parse the body, return done.
+const TRIVIAL: Scenario = Scenario {
+    name: "trivial",
+    krate: "fx-probe",
+    plugin: "probe",
+    grant: "{}",
+    body: |i| format!(r#"{{"uuid_ref":"m-{i}","data_type":"test/probe","action":"done"}}"#),
+    native: true,
+    share: 5.0,
+    concurrency: 16,
+};
+
 const SCENARIOS: [Scenario; 6] = [
-    Scenario {
-        name: "trivial",
-        krate: "fx-probe",
-        plugin: "probe",
-        grant: "{}",
-        body: |i| format!(r#"{{"uuid_ref":"m-{i}","data_type":"test/probe","action":"done"}}"#),
-        native: true,
-        share: 5.0,
-        concurrency: 16,
-    },
+    TRIVIAL,
     // The same with four times the messages in flight: bigger status-log
     // group commits.
     Scenario {
         name: "trivial-c64",
-        krate: "fx-probe",
-        plugin: "probe",
-        grant: "{}",
-        body: |i| format!(r#"{{"uuid_ref":"m-{i}","data_type":"test/probe","action":"done"}}"#),
-        native: true,
-        share: 5.0,
         concurrency: 64,
+        ..TRIVIAL
     },
     Scenario {
         name: "text-stats-4k",
