@@ -637,12 +637,17 @@ pub struct SandboxConfig {
     /// instances, reset in place, instead of being handed back to the
     /// kernel and faulted in again by the next instance. Either way the
     /// next instance sees none of the last one's data (tests/e2e/leaks.rs).
-    /// Unset (the default): 1 MiB where the kernel can report which pages
-    /// an instance dirtied (Linux 6.7+ `PAGEMAP_SCAN`) and no swap is
-    /// active, so that only those pages are reset; otherwise `0`. See
-    /// docs/benchmarks.md for the costs and docs/security.md for the
-    /// swap rule.
+    /// Unset (the default): 1 MiB with `dirty_page_reset` in use, else `0`.
+    /// See docs/benchmarks.md for the costs.
     pub keep_resident: Option<ByteSize>,
+    /// Reset only the pages an instance dirtied (Linux 6.7+ `PAGEMAP_SCAN`)
+    /// instead of handing them back to the kernel: half the cost of a
+    /// fresh instance. Off by default: wasmtime 48's scan skips a dirty
+    /// page that is not present at that instant — swapped out, or being
+    /// moved by the kernel's memory compaction — and the next instance in
+    /// the slot could read it (bytecodealliance/wasmtime#14357). Never used
+    /// with swap active. See docs/security.md.
+    pub dirty_page_reset: bool,
 }
 
 impl Default for SandboxConfig {
@@ -652,6 +657,7 @@ impl Default for SandboxConfig {
             max_instances: 128,
             pooling: true,
             keep_resident: None,
+            dirty_page_reset: false,
         }
     }
 }

@@ -56,6 +56,8 @@ struct Scenario {
     share: f64,
     /// `pipeline.concurrency` (16 is the default).
     concurrency: usize,
+    /// More `sandbox:` settings, e.g. `, dirty_page_reset: true`.
+    sandbox: &'static str,
 }
 
 /// How a run executes the plugin.
@@ -105,15 +107,22 @@ const TRIVIAL: Scenario = Scenario {
     native: true,
     share: 5.0,
     concurrency: 16,
+    sandbox: "",
 };
 
-const SCENARIOS: [Scenario; 6] = [
+const SCENARIOS: [Scenario; 7] = [
     TRIVIAL,
     // The same with four times the messages in flight: bigger status-log
     // group commits.
     Scenario {
         name: "trivial-c64",
         concurrency: 64,
+        ..TRIVIAL
+    },
+    // The same with the opt-in dirty-page reset of pooling slots.
+    Scenario {
+        name: "trivial-dirty-reset",
+        sandbox: ", dirty_page_reset: true",
         ..TRIVIAL
     },
     Scenario {
@@ -127,6 +136,7 @@ const SCENARIOS: [Scenario; 6] = [
         native: true,
         share: 1.0,
         concurrency: 16,
+        sandbox: "",
     },
     Scenario {
         name: "image-meta",
@@ -141,6 +151,7 @@ const SCENARIOS: [Scenario; 6] = [
         native: true,
         share: 1.0,
         concurrency: 16,
+        sandbox: "",
     },
     Scenario {
         name: "python-csv",
@@ -153,6 +164,7 @@ const SCENARIOS: [Scenario; 6] = [
         native: false,
         share: 0.25,
         concurrency: 16,
+        sandbox: "",
     },
     Scenario {
         name: "js-validate",
@@ -167,6 +179,7 @@ const SCENARIOS: [Scenario; 6] = [
         native: false,
         share: 0.25,
         concurrency: 16,
+        sandbox: "",
     },
 ];
 
@@ -414,10 +427,12 @@ fn rabbit_child(prefetch: u16, mode: Mode, messages: usize, replicas: usize) -> 
         )
         .unwrap();
     }
+    // As many warm instances as messages in flight, leaving half the
+    // pool's 128 slots to fresh instances.
     let reuse = if mode == Mode::Reused {
-        "reuse: { instances: 4 }, "
+        format!("reuse: {{ instances: {} }}, ", prefetch.clamp(1, 64))
     } else {
-        ""
+        String::new()
     };
     let cache = guests::guest_target_dir().join("bench-code-cache");
     let yaml = format!(
@@ -770,10 +785,12 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
         )
         .unwrap();
     }
-    // The reused mode adds `reuse` to the grant.
+    // The reused mode adds `reuse` to the grant: as many warm instances as
+    // messages in flight.
+    let reuse = format!("reuse: {{ instances: {} }}", scenario.concurrency);
     let grant = match (mode, scenario.grant) {
-        (Mode::Reused, "{}") => "{ reuse: { instances: 4 } }".to_owned(),
-        (Mode::Reused, grant) => format!("{{ reuse: {{ instances: 4 }}, {}", &grant[2..]),
+        (Mode::Reused, "{}") => format!("{{ {reuse} }}"),
+        (Mode::Reused, grant) => format!("{{ {reuse}, {}", &grant[2..]),
         _ => scenario.grant.to_owned(),
     };
     let cache = guests::guest_target_dir().join("bench-code-cache");
@@ -782,10 +799,11 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
          data_store: {{ type: disk, root: data }}\n\
          database: {{ type: sqlite }}\n\
          outputs: {{ stats: {{ type: dir, path: out }} }}\n\
-         sandbox: {{ cache_dir: \"{}\" }}\n\
+         sandbox: {{ cache_dir: \"{}\"{} }}\n\
          pipeline: {{ concurrency: {} }}\n\
          plugins:\n  grants:\n    {}: {}\n",
         cache.display(),
+        scenario.sandbox,
         scenario.concurrency,
         scenario.plugin,
         grant
@@ -798,7 +816,7 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
     runtime.block_on(async {
         let natives: Vec<(String, Arc<dyn NativePlugin>)> = match (native, scenario.name) {
             (false, _) => Vec::new(),
-            (true, "trivial" | "trivial-c64") => {
+            (true, "trivial" | "trivial-c64" | "trivial-dirty-reset") => {
                 vec![(scenario.plugin.into(), Arc::new(Trivial))]
             }
             (true, "image-meta") => vec![(scenario.plugin.into(), Arc::new(ImageMetaNative))],

@@ -73,7 +73,11 @@ pub async fn assemble_with(
     });
     let (max_memory, fuel) = plugins::engine_shape(&config);
     let sandbox = Arc::new(Sandbox::new(&config.sandbox, max_memory, fuel)?);
-    tracing::info!(memory_reset = %sandbox.memory_reset(), "sandbox ready");
+    if config.sandbox.pooling {
+        tracing::info!(memory_reset = %sandbox.memory_reset(), "sandbox ready");
+    } else {
+        tracing::info!("sandbox ready: instances allocated on demand (no pooling)");
+    }
     let native: Vec<&str> = natives.iter().map(|(name, _)| name.as_str()).collect();
     let (mut plugins, mut problems) =
         plugins::load_all(&config, &sandbox, &services, &database, &native).await;

@@ -175,8 +175,13 @@ impl GroupCommit {
     }
 
     /// Queue `entries`; true when the caller must start the writer task.
+    /// Once closed (the writer thread is gone) the waiter is dropped, so
+    /// its caller hears at once that the writer stopped.
     fn enqueue(&self, waiter: Waiter) -> bool {
         let mut queue = self.queue();
+        if queue.closed {
+            return false;
+        }
         queue.waiting.push(waiter);
         !std::mem::replace(&mut queue.writing, true)
     }
@@ -220,8 +225,22 @@ fn unzip(batch: Vec<Waiter>) -> (Vec<Entry>, Vec<oneshot::Sender<Result<(), Stri
     (entries.into_iter().flatten().collect(), waiters)
 }
 
+/// Closes the queue when the writer thread ends, however it ends (a
+/// panic included), and drops what is still queued: no caller waits for a
+/// writer that is gone.
+struct WriterGone(Arc<GroupCommit>);
+
+impl Drop for WriterGone {
+    fn drop(&mut self) {
+        let mut queue = self.0.queue();
+        queue.closed = true;
+        queue.waiting.clear();
+    }
+}
+
 /// The SQLite writer thread's loop.
 fn sqlite_writer(db: Sqlite, commits: Arc<GroupCommit>) {
+    let _gone = WriterGone(commits.clone());
     while let Some(batch) = commits.wait_take() {
         let (entries, waiters) = unzip(batch);
         let result = db

@@ -22,9 +22,8 @@ fn secret() -> (String, String) {
     (secret, masked)
 }
 
-/// One instance slot at a time, with the default `sandbox.keep_resident`:
-/// on a Linux 6.7+ machine without swap (these machines) 1 MiB of each
-/// slot stays resident and only the pages an instance dirtied are reset.
+/// One instance slot at a time, with the default reset: every page goes
+/// back to the kernel after each instance.
 fn one_at_a_time(extra: &str) -> String {
     sandbox_one_at_a_time("", extra)
 }
@@ -60,17 +59,17 @@ async fn the_next_instance_of_the_same_component_cannot_read_a_secret_left_in_me
     same_component_rounds(&one_at_a_time("")).await;
 }
 
-/// The same with `sandbox.keep_resident: 0`: every page goes back to the
-/// kernel after each instance.
+/// The same with the opt-in `sandbox.dirty_page_reset`: on a Linux 6.7+
+/// machine without swap (these machines) 1 MiB of each slot stays
+/// resident and only the pages an instance dirtied are reset.
 #[tokio::test(flavor = "multi_thread")]
-async fn memory_handed_back_to_the_kernel_is_fresh_too() {
-    same_component_rounds(&resident_one_at_a_time("0", "")).await;
+async fn memory_reset_by_dirty_pages_is_fresh_too() {
+    same_component_rounds(&sandbox_one_at_a_time(", dirty_page_reset: true", "")).await;
 }
 
-/// The same with `sandbox.keep_resident: 4MiB`: 4 MiB of the 8 MiB the
-/// writer fills are reset in place (its dirtied pages, or the first 4 MiB
-/// zeroed where the kernel cannot tell which pages were written) rather
-/// than handed back to the kernel.
+/// The same with `sandbox.keep_resident: 4MiB`: the first 4 MiB of the
+/// 8 MiB the writer fills are zeroed in place rather than handed back to
+/// the kernel.
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_kept_resident_between_instances_is_wiped_too() {
     same_component_rounds(&resident_one_at_a_time("4MiB", "")).await;

@@ -204,7 +204,7 @@ pub struct Usage {
 }
 
 /// How much of a pooling slot's memory `sandbox.keep_resident` keeps when
-/// it is left unset.
+/// it is left unset and the dirty-page reset is in use.
 pub const DEFAULT_KEEP_RESIDENT: u64 = 1 << 20;
 
 /// How often the epoch ticker looks for swap while only dirtied pages are
@@ -223,18 +223,19 @@ pub struct MemoryReset {
 }
 
 impl MemoryReset {
-    /// The reset for `configured` (`sandbox.keep_resident`) on a kernel
-    /// that does (`pagemap`) or does not offer `PAGEMAP_SCAN`, with or
-    /// without active `swap`.
+    /// The reset for `configured` (`sandbox.keep_resident`) when the
+    /// operator asked for the dirty-page reset (`asked`), on a kernel that
+    /// does (`pagemap`) or does not offer `PAGEMAP_SCAN`, with or without
+    /// active `swap`.
     ///
     /// wasmtime 48's scan resets the dirty pages that are *present*: a
-    /// dirty page the kernel swapped out would be neither reset nor
-    /// decommitted, and the next instance in the slot would read it
-    /// (bytecodealliance/wasmtime#14357). So with swap active the scan is
-    /// never used; memory kept resident is then zeroed whole, which is
-    /// safe but slower, and the default keeps none.
-    pub fn plan(configured: Option<u64>, pagemap: bool, swap: bool) -> Self {
-        let scan = pagemap && !swap;
+    /// dirty page that is swapped out, or being migrated by the kernel at
+    /// that instant, is neither reset nor decommitted, and the next
+    /// instance in the slot would read it (bytecodealliance/wasmtime#14357).
+    /// So the scan is opt-in, and never used with swap active; memory kept
+    /// resident otherwise is zeroed whole, which is always safe.
+    pub fn plan(configured: Option<u64>, asked: bool, pagemap: bool, swap: bool) -> Self {
+        let scan = asked && pagemap && !swap;
         let keep_resident = configured.unwrap_or(if scan { DEFAULT_KEEP_RESIDENT } else { 0 });
         Self {
             keep_resident,
@@ -304,9 +305,17 @@ impl Sandbox {
             .max_tables_per_component(64);
         let memory_reset = MemoryReset::plan(
             config.keep_resident.map(|b| b.as_u64()),
+            config.dirty_page_reset,
             config.pooling && PoolingAllocationConfig::is_pagemap_scan_available(),
-            swap_active(),
+            config.dirty_page_reset && swap_active(),
         );
+        if config.dirty_page_reset && !memory_reset.dirty_pages_only {
+            tracing::warn!(
+                "sandbox.dirty_page_reset is on but cannot be used here (it needs the pooling \
+                 allocator, Linux 6.7+ PAGEMAP_SCAN, no active swap and keep_resident > 0): \
+                 slots are reset whole"
+            );
+        }
         let resident = usize::try_from(memory_reset.keep_resident).unwrap_or(usize::MAX);
         pool.linear_memory_keep_resident(resident)
             .table_keep_resident(resident.min(1 << 16))
@@ -358,10 +367,10 @@ impl Sandbox {
                         {
                             // The dirty-page reset is no longer sound (see
                             // `MemoryReset::plan`) and the engine cannot be
-                            // reconfigured: stop before another instance
-                            // reuses a slot. Unsettled deliveries are
+                            // reconfigured: stop, within a second of the
+                            // swap appearing. Unsettled deliveries are
                             // redelivered; the restarted engine sees the
-                            // swap and zeroes slots instead.
+                            // swap and resets slots whole.
                             tracing::error!(
                                 "swap was turned on while pooling slots are reset by dirty pages \
                                  only, which swap makes unsafe: exiting so that a restart \
@@ -699,36 +708,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dirty_page_reset_only_without_swap() {
+    fn dirty_page_reset_only_when_asked_and_without_swap() {
         let mib = DEFAULT_KEEP_RESIDENT;
         let plan = MemoryReset::plan;
-        // Unset: 1 MiB and the scan where it is sound, nothing otherwise.
+        let whole = |keep_resident| MemoryReset {
+            keep_resident,
+            dirty_pages_only: false,
+        };
+        // Not asked (the default): nothing resident, or what is configured
+        // zeroed whole, whatever the kernel offers.
+        for (pagemap, swap) in [(true, false), (true, true), (false, false)] {
+            assert_eq!(plan(None, false, pagemap, swap), whole(0));
+            assert_eq!(plan(Some(4 * mib), false, pagemap, swap), whole(4 * mib));
+        }
+        // Asked: 1 MiB and the scan where it is available and no swap is
+        // active; otherwise what is configured, zeroed whole.
         assert_eq!(
-            plan(None, true, false),
+            plan(None, true, true, false),
             MemoryReset {
                 keep_resident: mib,
                 dirty_pages_only: true
             }
         );
-        for (pagemap, swap) in [(true, true), (false, false), (false, true)] {
-            assert_eq!(
-                plan(None, pagemap, swap),
-                MemoryReset {
-                    keep_resident: 0,
-                    dirty_pages_only: false
-                }
-            );
-        }
-        // Set: honoured, but zeroed whole when swap could hide dirty pages.
-        assert_eq!(
-            plan(Some(4 * mib), true, true),
-            MemoryReset {
-                keep_resident: 4 * mib,
-                dirty_pages_only: false
-            }
-        );
-        assert!(plan(Some(4 * mib), true, false).dirty_pages_only);
-        assert!(!plan(Some(0), true, false).dirty_pages_only);
+        assert!(plan(Some(4 * mib), true, true, false).dirty_pages_only);
+        assert_eq!(plan(None, true, true, true), whole(0));
+        assert_eq!(plan(None, true, false, false), whole(0));
+        assert_eq!(plan(Some(4 * mib), true, true, true), whole(4 * mib));
+        assert_eq!(plan(Some(0), true, true, false), whole(0));
     }
 
     #[test]
