@@ -637,7 +637,8 @@ pub struct SandboxConfig {
     /// instances, reset in place, instead of being handed back to the
     /// kernel and faulted in again by the next instance. Either way the
     /// next instance sees none of the last one's data (tests/e2e/leaks.rs).
-    /// Unset (the default): 1 MiB with `dirty_page_reset` in use, else `0`.
+    /// Unset (the default): 1 MiB with `dirty_page_reset` in use, else
+    /// 64 KiB zeroed in place.
     /// See docs/benchmarks.md for the costs.
     pub keep_resident: Option<ByteSize>,
     /// Reset only the pages an instance dirtied (Linux 6.7+ `PAGEMAP_SCAN`)

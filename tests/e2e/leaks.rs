@@ -22,8 +22,8 @@ fn secret() -> (String, String) {
     (secret, masked)
 }
 
-/// One instance slot at a time, with the default reset: every page goes
-/// back to the kernel after each instance.
+/// One instance slot at a time, with the default reset: the first 64 KiB
+/// zeroed in place, every other page handed back to the kernel.
 fn one_at_a_time(extra: &str) -> String {
     sandbox_one_at_a_time("", extra)
 }
