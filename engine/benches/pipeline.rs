@@ -920,17 +920,22 @@ impl Acker for Timer {
     }
 }
 
+/// What a native baseline says of itself: `name`, routed `mime` types.
+fn native_description(name: &str, mime: &[&str]) -> Description {
+    Description {
+        name: name.into(),
+        version: "native".into(),
+        mime_types: mime.iter().map(|m| (*m).to_owned()).collect(),
+        capabilities: Vec::new(),
+    }
+}
+
 /// fx-probe's `done` action natively: parse the body, find the action.
 struct Trivial;
 
 impl NativePlugin for Trivial {
     fn describe(&self) -> Description {
-        Description {
-            name: "fx-probe".into(),
-            version: "native".into(),
-            mime_types: vec!["test/probe".into()],
-            capabilities: Vec::new(),
-        }
+        native_description("fx-probe", &["test/probe"])
     }
 
     fn execute<'a>(
@@ -955,12 +960,7 @@ struct TextStats;
 
 impl NativePlugin for TextStats {
     fn describe(&self) -> Description {
-        Description {
-            name: "text-stats".into(),
-            version: "native".into(),
-            mime_types: vec!["text/plain".into()],
-            capabilities: Vec::new(),
-        }
+        native_description("text-stats", &["text/plain"])
     }
 
     fn execute<'a>(
@@ -1040,12 +1040,7 @@ struct ImageMetaNative;
 
 impl NativePlugin for ImageMetaNative {
     fn describe(&self) -> Description {
-        Description {
-            name: "image-meta".into(),
-            version: "native".into(),
-            mime_types: vec!["image/jpeg".into(), "image/png".into(), "image/gif".into()],
-            capabilities: Vec::new(),
-        }
+        native_description("image-meta", &["image/jpeg", "image/png", "image/gif"])
     }
 
     fn execute<'a>(

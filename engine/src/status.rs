@@ -305,8 +305,9 @@ impl StatusLog {
     /// whose loss in a crash is harmless (a message was received, a plugin
     /// started): anything the caller records later commits after them, in
     /// the same transaction or a later one, so when a later `record`
-    /// returns these are durable too. A failure to write them is reported
-    /// to that later `record`, which meets the same database.
+    /// returns these are durable too. A failure to write them is not
+    /// reported (nobody waits for it); a later `record` meets the same
+    /// database and reports its own failure.
     pub fn record_soon(&self, entries: Vec<Entry>) {
         if entries.is_empty() {
             return;

@@ -32,6 +32,12 @@ pub struct Sqlite {
     reader: Arc<Mutex<Connection>>,
 }
 
+/// Lock one of the database's connections.
+fn lock(conn: &Mutex<Connection>) -> anyhow::Result<std::sync::MutexGuard<'_, Connection>> {
+    conn.lock()
+        .map_err(|_| anyhow::anyhow!("database connection poisoned"))
+}
+
 impl Sqlite {
     /// Open (creating) the database at `path` in WAL mode.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
@@ -63,10 +69,7 @@ impl Sqlite {
         &self,
         f: impl FnOnce(&Connection) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
-        let conn = self
-            .reader
-            .lock()
-            .map_err(|_| anyhow::anyhow!("database connection poisoned"))?;
+        let conn = lock(&self.reader)?;
         f(&conn)
     }
 
@@ -80,9 +83,7 @@ impl Sqlite {
     {
         let conn = self.reader.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = conn
-                .lock()
-                .map_err(|_| anyhow::anyhow!("database connection poisoned"))?;
+            let conn = lock(&conn)?;
             f(&conn)
         })
         .await
@@ -97,24 +98,20 @@ impl Sqlite {
     {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = conn
-                .lock()
-                .map_err(|_| anyhow::anyhow!("database connection poisoned"))?;
+            let mut conn = lock(&conn)?;
             f(&mut conn)
         })
         .await
         .context("database task failed")?
     }
 
-    /// Run `f` synchronously (start-up and tests).
+    /// Run `f` on the connection right here (start-up, tests, the status
+    /// log's writer thread).
     pub fn call_blocking<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
-        let mut conn = self
-            .conn
-            .lock()
-            .map_err(|_| anyhow::anyhow!("database connection poisoned"))?;
+        let mut conn = lock(&self.conn)?;
         f(&mut conn)
     }
 }
