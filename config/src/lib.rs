@@ -881,6 +881,12 @@ pub struct SqlGrant {
     /// PostgreSQL only: the plugin's schema. Default: the plugin's name made
     /// an identifier (lowercase, `-` and other characters → `_`).
     pub schema: Option<String>,
+    /// An SQL script (relative to the config file) that sets up the
+    /// plugin's tables: run at every start, before any message, as the
+    /// plugin itself (its role and schema on PostgreSQL, its file under
+    /// the plugin policy on SQLite), in one transaction that holds the
+    /// schema's DDL lock. Write it idempotently (`IF NOT EXISTS`).
+    pub init: Option<PathBuf>,
 }
 
 impl SqlGrant {
@@ -1033,6 +1039,11 @@ impl Config {
         }
         fix(&mut self.sandbox.cache_dir);
         fix(&mut self.plugins.dir);
+        for grant in self.plugins.grants.values_mut() {
+            if let Some(init) = grant.sql.as_mut().and_then(|s| s.init.as_mut()) {
+                fix(init);
+            }
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -35,6 +35,20 @@ pub const STATUS_COMMITS: &str = "sandpipe_status_commits_total";
 /// [`STATUS_COMMITS`], the mean group size.
 pub const STATUS_WRITES: &str = "sandpipe_status_writes_total";
 
+/// Status-log idempotency look-ups run (PostgreSQL batches the look-ups of
+/// the messages that ask at once into one query).
+pub const STATUS_LOOKUPS: &str = "sandpipe_status_lookups_total";
+
+/// Invocations waiting for a connection of their plugin's PostgreSQL pool
+/// now, labelled `plugin`.
+pub const DB_POOL_WAITING: &str = "sandpipe_db_pool_waiting";
+/// Seconds an invocation waited for a connection of its plugin's
+/// PostgreSQL pool, labelled `plugin`.
+pub const DB_POOL_WAIT_SECONDS: &str = "sandpipe_db_pool_wait_seconds";
+/// Connections PostgreSQL refused ("too many clients") to a plugin's pool,
+/// labelled `plugin`; the pool then shrinks and invocations wait.
+pub const DB_REFUSED: &str = "sandpipe_db_connections_refused_total";
+
 /// The process's Prometheus recorder (installed on first use).
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -73,4 +87,20 @@ pub fn describe() {
     );
     metrics::describe_gauge!(IN_FLIGHT, "Messages being processed now.");
     metrics::describe_counter!(RECONNECTS, "Reconnections per backend.");
+    metrics::describe_counter!(STATUS_COMMITS, "Status-log group commits.");
+    metrics::describe_counter!(STATUS_WRITES, "Status-log writes committed.");
+    metrics::describe_counter!(STATUS_LOOKUPS, "Status-log idempotency look-up queries.");
+    metrics::describe_gauge!(
+        DB_POOL_WAITING,
+        "Invocations waiting for a connection of their plugin's PostgreSQL pool."
+    );
+    metrics::describe_histogram!(
+        DB_POOL_WAIT_SECONDS,
+        metrics::Unit::Seconds,
+        "Time an invocation waited for a connection of its plugin's PostgreSQL pool."
+    );
+    metrics::describe_counter!(
+        DB_REFUSED,
+        "Connections PostgreSQL refused to a plugin's pool (too many clients)."
+    );
 }

@@ -207,14 +207,17 @@ async fn prepare(
             list.join(", ")
         ));
     }
-    let db = if grant.sql.is_some() {
-        Some(Arc::new(
-            database
+    let db = match &grant.sql {
+        Some(sql) => {
+            let db = database
                 .plugin_db(name, &limits)
-                .map_err(|e| format!("{e:#}"))?,
-        ))
-    } else {
-        None
+                .map_err(|e| format!("{e:#}"))?;
+            if let Some(init) = &sql.init {
+                db.init(init).await.map_err(|e| format!("{e:#}"))?;
+            }
+            Some(Arc::new(db))
+        }
+        None => None,
     };
     let context = Arc::new(PluginContext::new(
         name,

@@ -32,10 +32,8 @@ use crate::store::database::{Database, Postgres, Sqlite};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
-    /// The engine took the delivery.
+    /// The engine took the delivery (and started its plugins).
     Received,
-    /// The plugin was started.
-    Running,
     /// The plugin finished and its effects are committed.
     Done,
     /// The plugin said the message is not for it.
@@ -51,7 +49,6 @@ impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Received => "received",
-            Self::Running => "running",
             Self::Done => "done",
             Self::Skipped => "skipped",
             Self::Failed => "failed",
@@ -131,6 +128,9 @@ pub struct Row {
 pub struct StatusLog {
     db: Backend,
     commits: Arc<GroupCommit>,
+    /// PostgreSQL's batched idempotency look-ups (message id → the plugins
+    /// that finished it).
+    lookups: Arc<Group<String, HashSet<String>>>,
     /// Stops the SQLite writer thread when the last handle is dropped.
     _writer: Option<Arc<StopWriter>>,
 }
@@ -144,40 +144,55 @@ impl Drop for StopWriter {
     }
 }
 
-/// A caller waiting for its entries to be committed.
-type Waiter = (Vec<Entry>, oneshot::Sender<Result<(), String>>);
+/// A caller waiting for its job (entries to commit, a message id to look
+/// up) to be done.
+type Waiter<J, R> = (J, oneshot::Sender<Result<R, String>>);
 
 /// Group commit: callers queue their entries; a writer takes everything
-/// queued, writes it in one transaction, tells each caller the result, and
+/// queued, writes it in one statement, tells each caller the result, and
 /// repeats. On PostgreSQL the writer is a task the first caller starts
 /// while none runs, which stops when the queue is empty; on SQLite it is a
 /// thread of its own that sleeps on `wake` (no task to spawn, no hop to the
 /// blocking pool per commit). Either way a caller that stops waiting never
-/// strands the others.
-#[derive(Default)]
-struct GroupCommit {
-    state: Mutex<Queue>,
+/// strands the others. The same queue batches the PostgreSQL idempotency
+/// look-ups: one query for every message that asks while one runs.
+struct Group<J, R> {
+    state: Mutex<Queue<J, R>>,
     wake: Condvar,
 }
 
-#[derive(Default)]
-struct Queue {
-    waiting: Vec<Waiter>,
+type GroupCommit = Group<Vec<Entry>, ()>;
+
+impl<J, R> Default for Group<J, R> {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(Queue {
+                waiting: Vec::new(),
+                writing: false,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+        }
+    }
+}
+
+struct Queue<J, R> {
+    waiting: Vec<Waiter<J, R>>,
     /// A writer task is running (PostgreSQL).
     writing: bool,
     /// The log is gone: the writer thread finishes the queue and stops.
     closed: bool,
 }
 
-impl GroupCommit {
-    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+impl<J, R> Group<J, R> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue<J, R>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queue `entries`; true when the caller must start the writer task.
+    /// Queue a job; true when the caller must start the writer task.
     /// Once closed (the writer thread is gone) the waiter is dropped, so
     /// its caller hears at once that the writer stopped.
-    fn enqueue(&self, waiter: Waiter) -> bool {
+    fn enqueue(&self, waiter: Waiter<J, R>) -> bool {
         let mut queue = self.queue();
         if queue.closed {
             return false;
@@ -187,7 +202,7 @@ impl GroupCommit {
     }
 
     /// Everything queued, or `None` (and the writer task stops) when empty.
-    fn take(&self) -> Option<Vec<Waiter>> {
+    fn take(&self) -> Option<Vec<Waiter<J, R>>> {
         let mut queue = self.queue();
         if queue.waiting.is_empty() {
             queue.writing = false;
@@ -198,7 +213,7 @@ impl GroupCommit {
 
     /// For the writer thread: wait for entries; `None` once closed and
     /// drained.
-    fn wait_take(&self) -> Option<Vec<Waiter>> {
+    fn wait_take(&self) -> Option<Vec<Waiter<J, R>>> {
         let mut queue = self.queue();
         loop {
             if !queue.waiting.is_empty() {
@@ -218,7 +233,9 @@ impl GroupCommit {
 }
 
 /// Unzip a batch into its entries (in order) and the callers to answer.
-fn unzip(batch: Vec<Waiter>) -> (Vec<Entry>, Vec<oneshot::Sender<Result<(), String>>>) {
+fn unzip(
+    batch: Vec<Waiter<Vec<Entry>, ()>>,
+) -> (Vec<Entry>, Vec<oneshot::Sender<Result<(), String>>>) {
     let (entries, waiters): (Vec<Vec<Entry>>, Vec<_>) = batch.into_iter().unzip();
     metrics::counter!(crate::metrics::STATUS_COMMITS).increment(1);
     metrics::counter!(crate::metrics::STATUS_WRITES).increment(waiters.len() as u64);
@@ -279,11 +296,13 @@ impl StatusLog {
                     db: Backend::Sqlite(engine),
                     _writer: Some(Arc::new(StopWriter(commits.clone()))),
                     commits,
+                    lookups: Arc::default(),
                 })
             }
             Database::Postgres(pg) => Ok(Self {
                 db: Backend::Postgres(pg),
                 commits: Arc::default(),
+                lookups: Arc::default(),
                 _writer: None,
             }),
         }
@@ -332,25 +351,21 @@ impl StatusLog {
     }
 
     /// Plugins that already finished this message (done or skipped), so a
-    /// redelivery does not run them again.
+    /// redelivery does not run them again. On PostgreSQL the look-ups of
+    /// every message that asks while one runs are answered by one query.
     pub async fn finished_plugins(&self, message_id: &str) -> anyhow::Result<HashSet<String>> {
         match &self.db {
             Backend::Sqlite(db) => sqlite_finished(db, message_id).await,
             Backend::Postgres(pg) => {
-                let fail = |e: tokio_postgres::Error| {
-                    anyhow::anyhow!("reading the status log: {}", describe(&e))
-                };
-                let client = pg.client().await?;
-                let stmt = client
-                    .prepare_cached(&format!(
-                        "SELECT DISTINCT plugin FROM {} WHERE message_id = $1 AND plugin <> '' \
-                         AND status IN ('done', 'skipped')",
-                        pg.table("status")
-                    ))
-                    .await
-                    .map_err(fail)?;
-                let rows = client.query(&stmt, &[&message_id]).await.map_err(fail)?;
-                Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+                let (done, answer) = oneshot::channel();
+                if self.lookups.enqueue((message_id.to_owned(), done)) {
+                    let (pg, lookups) = (pg.clone(), self.lookups.clone());
+                    tokio::spawn(async move { pg_lookups(pg, lookups).await });
+                }
+                match answer.await {
+                    Ok(result) => result.map_err(|e| anyhow::anyhow!(e)),
+                    Err(_) => anyhow::bail!("reading the status log: the reader stopped"),
+                }
             }
         }
     }
@@ -403,41 +418,89 @@ async fn pg_writer(pg: Postgres, commits: Arc<GroupCommit>) {
     }
 }
 
-async fn pg_record(pg: &Postgres, entries: Vec<Entry>) -> anyhow::Result<()> {
+/// The PostgreSQL look-up task: answer what is queued until nothing is.
+async fn pg_lookups(pg: Postgres, lookups: Arc<Group<String, HashSet<String>>>) {
+    while let Some(batch) = lookups.take() {
+        let ids: Vec<&str> = batch.iter().map(|(id, _)| id.as_str()).collect();
+        metrics::counter!(crate::metrics::STATUS_LOOKUPS).increment(1);
+        let found = pg_finished(&pg, &ids).await.map_err(|e| format!("{e:#}"));
+        for (id, waiter) in batch {
+            let answer = found.as_ref().map_err(Clone::clone).map(|rows| {
+                rows.iter()
+                    .filter(|(m, _)| *m == id)
+                    .map(|(_, p)| p.clone())
+                    .collect()
+            });
+            let _ = waiter.send(answer);
+        }
+    }
+}
+
+/// The finished (done or skipped) plugins of every message in `ids`, as
+/// (message id, plugin) pairs: one query.
+async fn pg_finished(pg: &Postgres, ids: &[&str]) -> anyhow::Result<Vec<(String, String)>> {
     let fail =
-        |e: tokio_postgres::Error| anyhow::anyhow!("writing the status log: {}", describe(&e));
-    let mut client = pg.client().await?;
-    let tx = client.transaction().await.map_err(fail)?;
-    let insert = tx
+        |e: tokio_postgres::Error| anyhow::anyhow!("reading the status log: {}", describe(&e));
+    let client = pg.client().await?;
+    let stmt = client
         .prepare_cached(&format!(
-            "INSERT INTO {} (message_id, plugin, plugin_version, component_sha256, \
-                attempt, status, info, duration_ms, fuel_used) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "SELECT DISTINCT message_id, plugin FROM {} WHERE message_id = ANY($1) \
+             AND plugin <> '' AND status IN ('done', 'skipped')",
             pg.table("status")
         ))
         .await
         .map_err(fail)?;
-    for e in &entries {
-        let attempt = i32::try_from(e.attempt).unwrap_or(i32::MAX);
-        let fuel = e.fuel_used.map(|f| i64::try_from(f).unwrap_or(i64::MAX));
-        tx.execute(
+    let rows = client.query(&stmt, &[&ids]).await.map_err(fail)?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Append `entries` in one statement (one round trip, atomic without a
+/// transaction block of its own), in their order.
+async fn pg_record(pg: &Postgres, entries: Vec<Entry>) -> anyhow::Result<()> {
+    let fail =
+        |e: tokio_postgres::Error| anyhow::anyhow!("writing the status log: {}", describe(&e));
+    let client = pg.client().await?;
+    let insert = client
+        .prepare_cached(&format!(
+            "INSERT INTO {} (message_id, plugin, plugin_version, component_sha256, \
+                attempt, status, info, duration_ms, fuel_used) \
+             SELECT m, p, v, c, a, s, i, d, f \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], \
+                         $6::text[], $7::text[], $8::float8[], $9::int8[]) \
+                  WITH ORDINALITY AS e(m, p, v, c, a, s, i, d, f, n) \
+             ORDER BY n",
+            pg.table("status")
+        ))
+        .await
+        .map_err(fail)?;
+    let column = |f: fn(&Entry) -> &str| entries.iter().map(f).collect::<Vec<&str>>();
+    let attempts: Vec<i32> = entries
+        .iter()
+        .map(|e| i32::try_from(e.attempt).unwrap_or(i32::MAX))
+        .collect();
+    let durations: Vec<Option<f64>> = entries.iter().map(|e| e.duration_ms).collect();
+    let fuel: Vec<Option<i64>> = entries
+        .iter()
+        .map(|e| e.fuel_used.map(|f| i64::try_from(f).unwrap_or(i64::MAX)))
+        .collect();
+    client
+        .execute(
             &insert,
             &[
-                &e.message_id,
-                &e.plugin,
-                &e.plugin_version,
-                &e.component_sha256,
-                &attempt,
-                &e.status.as_str(),
-                &e.info,
-                &e.duration_ms,
+                &column(|e| &e.message_id),
+                &column(|e| &e.plugin),
+                &column(|e| &e.plugin_version),
+                &column(|e| &e.component_sha256),
+                &attempts,
+                &column(|e| e.status.as_str()),
+                &column(|e| &e.info),
+                &durations,
                 &fuel,
             ],
         )
         .await
         .map_err(fail)?;
-    }
-    tx.commit().await.map_err(fail)
+    Ok(())
 }
 
 fn create_sqlite_table(db: &Sqlite) -> anyhow::Result<()> {

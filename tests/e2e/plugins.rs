@@ -407,3 +407,45 @@ async fn execute_batch_applies_every_list_or_names_the_failing_one() {
         .collect();
     assert_eq!(ids, ["a", "b", "c"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugins_init_script_sets_up_its_sqlite_database_under_the_plugin_policy() {
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        "plugins:\n  grants:\n    probe: { sql: { init: probe-init.sql } }\n",
+    );
+    std::fs::write(
+        d.path("probe-init.sql"),
+        "CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY);\n\
+         INSERT OR IGNORE INTO seen VALUES ('from-init');\n",
+    )
+    .unwrap();
+    d.message(
+        "m-init.json",
+        &serde_json::json!({"uuid_ref": "m-init", "data_type": "test/probe", "action": "sql-exec",
+            "sql": "INSERT INTO seen VALUES ('m-init')"})
+        .to_string(),
+    );
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(summary.processed, 1, "{summary}");
+    assert_eq!(d.last("m-init", "probe").await.info, "ok: 1");
+    let n: i64 = d
+        .plugin_db("probe")
+        .query_row("SELECT count(*) FROM seen", [], |r| r.get(0))
+        .unwrap();
+    // (sql-exec skips, so its own INSERT was rolled back.)
+    assert_eq!(n, 1);
+    // The policy holds for the script too: no ATTACH, and the engine stops
+    // naming the plugin and the file.
+    std::fs::write(
+        d.path("probe-init.sql"),
+        "ATTACH DATABASE 'elsewhere.sqlite' AS x;\n",
+    )
+    .unwrap();
+    let err = d.run_once().await.err().map(|e| format!("{e:#}")).unwrap();
+    assert!(
+        err.contains("probe") && err.contains("probe-init.sql") && err.contains("init"),
+        "{err}"
+    );
+    assert!(!d.path("elsewhere.sqlite").exists());
+}

@@ -1133,3 +1133,185 @@ async fn config_errors_name_the_key() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_first_messages_with_ddl_all_finish_at_their_first_attempt() {
+    // fx-probe's `sql` runs `CREATE TABLE IF NOT EXISTS t` and an INSERT in
+    // every message. On a fresh database, concurrent first transactions
+    // used to race in PostgreSQL's catalog ("duplicate key value violates
+    // unique constraint pg_type_typname_nsp_index"); the engine now takes
+    // the schema's DDL lock before a plugin's first DDL statement.
+    let db = TestDb::new().await;
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        &format!(
+            "{}pipeline: {{ concurrency: 64 }}\nplugins:\n  grants:\n    probe: {{ sql: true }}\n",
+            db.yaml(", plugin_pool_size: 16")
+        ),
+    );
+    for i in 0..64 {
+        probe(&d, &format!("burst-{i}"), "sql", "");
+    }
+    let summary = d.run_once().await.unwrap();
+    assert_eq!((summary.processed, summary.done), (64, 64), "{summary}");
+    let admin = db.admin().await;
+    assert_eq!(count(&admin, "SELECT count(*) FROM probe.t").await, 64);
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM sandpipe.status WHERE status = 'failed' OR attempt > 1"
+        )
+        .await,
+        0,
+        "a first message failed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugins_init_script_runs_as_the_plugin_and_a_failing_one_stops_the_engine() {
+    let db = TestDb::new().await;
+    let yaml = format!(
+        "{}plugins:\n  grants:\n    probe: {{ sql: {{ init: probe-init.sql }} }}\n",
+        db.yaml("")
+    );
+    let d = Deployment::new(&[("fx-probe", "probe")], &yaml);
+    std::fs::write(
+        d.path("probe-init.sql"),
+        "CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY);\n\
+         INSERT INTO seen VALUES ('from-init') ON CONFLICT DO NOTHING;\n",
+    )
+    .unwrap();
+    probe(
+        &d,
+        "m-init",
+        "sql-exec",
+        "INSERT INTO seen VALUES ('m-init')",
+    );
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(summary.processed, 1, "{summary}");
+    let rows = d.rows("m-init").await;
+    assert!(
+        rows.iter()
+            .any(|r| r.plugin == "probe" && r.info == "ok: 1"),
+        "{rows:?}"
+    );
+    let admin = db.admin().await;
+    // In the plugin's schema, owned by the plugin's role.
+    let owner: String = admin
+        .query_one(
+            "SELECT tableowner::text FROM pg_tables WHERE schemaname = 'probe' AND tablename = 'seen'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, db.role("probe"));
+    // (sql-exec skips, so its own INSERT was rolled back.)
+    assert_eq!(count(&admin, "SELECT count(*) FROM probe.seen").await, 1);
+    // It runs again at the next start (idempotently)...
+    probe(&d, "m-init-2", "sql", "");
+    assert_eq!(d.run_once().await.unwrap().done, 1);
+    assert_eq!(count(&admin, "SELECT count(*) FROM probe.seen").await, 1);
+    // ...and a failing one stops the engine, naming the plugin, the file
+    // and the line, and leaves nothing behind.
+    std::fs::write(
+        d.path("probe-init.sql"),
+        "CREATE TABLE IF NOT EXISTS fine (x int);\nCREATE TABLE broken (x nosuchtype);\n",
+    )
+    .unwrap();
+    let out = d.cli(&["run", "--once"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("probe")
+            && stderr.contains(&d.path("probe-init.sql").display().to_string())
+            && stderr.contains("line 2")
+            && stderr.contains("nosuchtype"),
+        "{stderr}"
+    );
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM pg_tables WHERE tablename IN ('fine', 'broken')"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pooled_connections_are_reused_with_their_statements_and_cleaned_only_when_needed() {
+    let db = TestDb::new().await;
+    let config = parse(&format!(
+        "listener: {{ type: dir, path: spool }}\n{}plugins:\n  grants:\n    alpha: {{ sql: true }}\n",
+        db.yaml(", plugin_pool_size: 1")
+    ));
+    let database = Database::open(&config).await.unwrap();
+    let alpha = plugin_db(&database, &config, "alpha");
+    let mut tx = begin(&alpha).await;
+    tx.execute("CREATE TABLE t (x int)", vec![]).await.unwrap();
+    tx.commit().await.unwrap();
+    let admin = db.admin().await;
+    let pid = || async {
+        let mut tx = begin(&alpha).await;
+        let pid = table(
+            &tx.query("SELECT pg_backend_pid()", vec![], 1)
+                .await
+                .unwrap(),
+        );
+        tx.commit().await.unwrap();
+        pid
+    };
+    let first = pid().await;
+    // The same INSERT twice: prepared once on the connection, kept.
+    for i in 0..2 {
+        let mut tx = begin(&alpha).await;
+        tx.execute("INSERT INTO t VALUES ($1)", vec![Value::Int(i)])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(
+        attempt(
+            &alpha,
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement = 'INSERT INTO t VALUES ($1)'"
+        )
+        .await
+        .unwrap(),
+        "1",
+        "the plugin's statement was not kept prepared (once) on its connection"
+    );
+    assert_eq!(pid().await, first, "a clean session was not reused");
+    // A function can leave a temporary table or an advisory lock behind
+    // without any statement saying so: found after the invocation, cleaned.
+    let mut tx = begin(&alpha).await;
+    tx.execute(
+        "CREATE FUNCTION sneak() RETURNS void LANGUAGE plpgsql AS \
+         $$ BEGIN CREATE TEMP TABLE hidden (x int); PERFORM pg_advisory_lock(77); END $$",
+        vec![],
+    )
+    .await
+    .unwrap();
+    tx.query("SELECT sneak()::text", vec![], 1).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        attempt(
+            &alpha,
+            "SELECT count(*) FROM pg_class WHERE relname = 'hidden'"
+        )
+        .await
+        .unwrap(),
+        "0",
+        "a temporary table made by a function outlived its invocation"
+    );
+    let locks = count(
+        &admin,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 77",
+    )
+    .await;
+    assert_eq!(
+        locks, 0,
+        "an advisory lock taken by a function outlived its invocation"
+    );
+    assert_eq!(pid().await, first, "a cleaned session was not reused");
+}

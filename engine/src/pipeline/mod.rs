@@ -366,15 +366,11 @@ impl Pipeline {
             .into_iter()
             .filter(|p| !finished.contains(&p.name))
             .collect();
-        let mut entries = vec![received];
-        entries.extend(
-            to_run
-                .iter()
-                .map(|p| self.plugin_entry(p, &id, attempt, Status::Running, String::new())),
-        );
-        // Not waited for: losing these rows in a crash is harmless, and the
-        // final rows below commit after them (see `record_soon`).
-        self.status.record_soon(entries);
+        // Not waited for: losing this row in a crash is harmless, and the
+        // final rows below commit after it (see `record_soon`). The plugins
+        // that run are the routed ones without a done or skipped row; each
+        // gets its row when it ends.
+        self.status.record_soon(vec![received]);
 
         let results: Vec<PluginResult> = futures::stream::iter(to_run)
             .map(|plugin| self.run_plugin(plugin, message.clone(), attempt))

@@ -34,7 +34,7 @@ pub enum Outcome {
 }
 
 /// What one plugin statement is run for.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Work {
     /// `query`: its rows, within a [`ResultLimit`].
     Query(Vec<Value>),
@@ -172,6 +172,27 @@ pub enum PluginDb {
     Sqlite(Arc<sqlite::PluginDb>),
     /// Its PostgreSQL schema and role.
     Postgres(Arc<postgres::PluginDb>),
+}
+
+impl PluginDb {
+    /// Run the plugin's init script (`plugins.grants.NAME.sql.init`) as
+    /// the plugin, in one transaction; fails naming the plugin, the file
+    /// and, where the database says, the line.
+    pub async fn init(&self, script: &std::path::Path) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(script).map_err(|e| {
+            anyhow::anyhow!(
+                "sql.init: cannot read the init script {}: {e}",
+                script.display()
+            )
+        })?;
+        match self {
+            Self::Sqlite(db) => {
+                let (db, path) = (db.clone(), script.to_owned());
+                tokio::task::spawn_blocking(move || db.init(&path, &text)).await?
+            }
+            Self::Postgres(db) => db.init(script, &text).await,
+        }
+    }
 }
 
 /// Plugin-scoped key-value state, in the engine's database.

@@ -16,9 +16,10 @@
 //!   `SET ROLE`, which `RESET ROLE` would undo. The plugin cannot become
 //!   anyone else: `SET ROLE` needs a membership it does not have, and
 //!   `SET SESSION AUTHORIZATION` needs a superuser login.
-//! - Every invocation is one transaction: `BEGIN`, then
-//!   `SET LOCAL search_path` to the plugin's schema and
-//!   `SET LOCAL statement_timeout` to the plugin's timeout. Because the
+//! - Every invocation is one transaction: `BEGIN`, then (sent with its
+//!   first statement, in the same round trip) `SET LOCAL search_path` to
+//!   the plugin's schema and `SET LOCAL statement_timeout` to the plugin's
+//!   timeout. Because the
 //!   plugin may change `statement_timeout` itself, the host also holds the
 //!   deadline: past it, the statement is cancelled through the protocol's
 //!   cancel request and the connection is closed, not reused.
@@ -27,10 +28,20 @@
 //!   PostgreSQL itself refuses a `COMMIT` from `DO` or a procedure.
 //! - Query results are read through a portal that fetches at most
 //!   `limits.sql_rows + 1` rows, so an oversized result stops at the server.
-//! - A plugin connection goes back to its pool only after its session is
-//!   cleaned as by `DISCARD ALL` (settings, the plugin's prepared
-//!   statements, cursors, temporary tables, advisory locks, `LISTEN`s all
-//!   gone); one whose transaction did not end cleanly is closed instead.
+//! - A plugin's statements are prepared once per connection and kept
+//!   (at most [`CACHED_STATEMENTS`]; dropped after DDL or a failure).
+//! - A plugin connection goes back to its pool as it is when its session
+//!   holds nothing beyond the ended transaction; else it is cleaned first
+//!   as by `DISCARD ALL` (settings, the plugin's prepared statements,
+//!   cursors, temporary tables, advisory locks, `LISTEN`s all gone). What
+//!   needs cleaning is known from the statements ([`touches_session`]) and
+//!   from one cached query after the transaction ([`LEFTOVERS`], which also
+//!   releases session advisory locks). One whose transaction did not end
+//!   cleanly is closed instead.
+//! - A plugin's DDL runs in a savepoint and, when it races another
+//!   transaction's DDL in the catalog, again under its schema's advisory
+//!   lock ([`is_ddl`]), so concurrent `CREATE TABLE IF NOT EXISTS` never
+//!   fail; its `sql.init` script runs under the same lock at start.
 //!
 //! A failed statement aborts the invocation's transaction, as PostgreSQL
 //! does: later statements of the same invocation fail, and its commit is
@@ -73,6 +84,55 @@ struct PluginRole {
     role: String,
     password: String,
     schema: String,
+}
+
+/// What the server allows, read at start to size the pools.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSizing {
+    /// `max_connections`.
+    pub max_connections: usize,
+    /// `superuser_reserved_connections`.
+    pub reserved: usize,
+    /// Client connections open now (every client's, this start-up's too).
+    pub in_use: usize,
+}
+
+impl PoolSizing {
+    /// Connections the server has free now.
+    pub fn free(&self) -> usize {
+        self.max_connections
+            .saturating_sub(self.reserved)
+            .saturating_sub(self.in_use)
+    }
+
+    /// Connections per plugin pool, and a warning when the configured
+    /// sizes can exceed what the server has free. Unset, a plugin pool is
+    /// `pipeline.concurrency` connections, but no more than its share of
+    /// half the free connections after the admin pool (the other half is
+    /// left for other replicas and clients), and at least 1.
+    pub fn plugin_pool(
+        &self,
+        admin: usize,
+        plugins: usize,
+        concurrency: usize,
+        configured: Option<usize>,
+    ) -> (usize, Option<String>) {
+        let free = self.free();
+        let size = configured.unwrap_or_else(|| {
+            let share = (free / 2).saturating_sub(admin) / plugins.max(1);
+            concurrency.min(share).max(1)
+        });
+        let wanted = admin + plugins * size;
+        let warning = (wanted > free).then(|| {
+            format!(
+                "the pools may open {wanted} connections (database.pool_size {admin} + {plugins} plugin(s) × plugin_pool_size {size}), \
+                 more than the {free} the server has free (max_connections {} − {} reserved − {} in use): \
+                 invocations will wait for a connection when it refuses more",
+                self.max_connections, self.reserved, self.in_use
+            )
+        });
+        (size, warning)
+    }
 }
 
 /// The engine's PostgreSQL database: an admin pool, the engine's schema and
@@ -250,7 +310,6 @@ impl Postgres {
             anyhow::bail!("the database is not PostgreSQL");
         };
         let mut pg = Self::connect(url, schema, *pool_size)?;
-        pg.plugin_pool_size = plugin_pool_size.unwrap_or(config.pipeline.concurrency);
         let setup = connect_once(&pg.config, &pg.target).await?;
         setup
             .execute("SELECT pg_advisory_lock($1)", &[&SETUP_LOCK])
@@ -268,6 +327,33 @@ impl Postgres {
                 wanted.insert(name.clone(), (role_name(&pg.database, &schema), schema));
             }
         }
+        let server: (i32, i32, i64) = {
+            let row = setup
+                .query_one(
+                    "SELECT current_setting('max_connections')::int, \
+                            current_setting('superuser_reserved_connections')::int, \
+                            (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')",
+                    &[],
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {}", pg.target, describe(&e)))?;
+            (row.get(0), row.get(1), row.get(2))
+        };
+        let sizing = PoolSizing {
+            max_connections: usize::try_from(server.0).unwrap_or_default(),
+            reserved: usize::try_from(server.1).unwrap_or_default(),
+            in_use: usize::try_from(server.2).unwrap_or_default(),
+        };
+        let (size, warning) = sizing.plugin_pool(
+            *pool_size,
+            wanted.len(),
+            config.pipeline.concurrency,
+            *plugin_pool_size,
+        );
+        if let Some(warning) = warning {
+            tracing::warn!(target = %pg.target, "{warning}");
+        }
+        pg.plugin_pool_size = size;
         let roles = pg
             .prepare(&setup, &wanted)
             .await
@@ -284,6 +370,8 @@ impl Postgres {
         tracing::info!(
             target = %pg.target,
             schema = %pg.schema,
+            pool_size = *pool_size,
+            plugin_pool_size = pg.plugin_pool_size,
             plugins = %crate::config::list_or_none(pg.roles.iter().map(|(p, r)| format!("{p} (role {}, schema {})", r.role, r.schema))),
             "PostgreSQL ready"
         );
@@ -593,6 +681,7 @@ impl Postgres {
             schema: r.schema.clone(),
             timeout,
             pool: pool(config, self.plugin_pool_size)?,
+            ddl_lock: ddl_lock_key(&r.role),
         })
     }
 
@@ -664,6 +753,9 @@ pub struct PluginDb {
     schema: String,
     timeout: Duration,
     pool: Pool,
+    /// The transaction-level advisory lock that serializes the schema's
+    /// DDL (see [`ddl_lock_key`]).
+    ddl_lock: i64,
 }
 
 /// What an invocation's connection task is asked to do.
@@ -687,6 +779,8 @@ enum Command {
 struct Failed {
     error: WitError,
     aborted: bool,
+    /// DDL that met another transaction's DDL in the catalog.
+    race: bool,
 }
 
 impl Failed {
@@ -694,6 +788,7 @@ impl Failed {
         Self {
             error: pg_error(&err),
             aborted: true,
+            race: catalog_race(&err),
         }
     }
 
@@ -701,6 +796,7 @@ impl Failed {
         Self {
             error,
             aborted: false,
+            race: false,
         }
     }
 }
@@ -739,27 +835,16 @@ impl PluginDb {
     /// the plugin's timeout, which is also the host's deadline from now.
     pub async fn begin(&self) -> Result<PluginTx, WitError> {
         let deadline = Instant::now() + self.timeout;
-        let client = match tokio::time::timeout_at(deadline, self.pool.get()).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(e)) => {
-                return Err(WitError::Unavailable(format!(
-                    "plugin `{}` cannot connect to PostgreSQL as role {}: {e}",
-                    self.plugin, self.role
-                )));
-            }
-            Err(_) => {
-                return Err(WitError::Unavailable(format!(
-                    "no connection for plugin `{}` came free within its timeout of {:?} (database.plugin_pool_size)",
-                    self.plugin, self.timeout
-                )));
-            }
-        };
+        let client = self.connection(deadline).await?;
         let cancel = client.cancel_token();
-        let setup = format!(
-            "SET LOCAL search_path = {}; SET LOCAL statement_timeout = {}",
-            quote_ident(&self.schema),
-            self.timeout.as_millis().max(1)
-        );
+        let setup = Setup {
+            settings: format!(
+                "SET LOCAL search_path = {}; SET LOCAL statement_timeout = {}",
+                quote_ident(&self.schema),
+                self.timeout.as_millis().max(1)
+            ),
+            ddl_lock: self.ddl_lock,
+        };
         let (commands, inbox) = mpsc::channel(1);
         let (ready, started) = oneshot::channel();
         tokio::spawn(connection_task(client, setup, ready, inbox));
@@ -793,26 +878,278 @@ impl PluginDb {
     }
 }
 
+impl PluginDb {
+    /// A connection from the plugin's pool, waiting (until `deadline`) for
+    /// one to come free when the pool is full — or when the server refuses
+    /// more connections ("too many clients"): then the pool shrinks to what
+    /// it has, so later invocations queue for those instead of failing.
+    /// Time spent waiting is in `sandpipe_db_pool_wait_seconds`.
+    async fn connection(&self, deadline: Instant) -> Result<Object, WitError> {
+        let asked = Instant::now();
+        let mut pause = Duration::from_millis(5);
+        let waiting =
+            metrics::gauge!(crate::metrics::DB_POOL_WAITING, "plugin" => self.plugin.clone());
+        waiting.increment(1.0);
+        let got = loop {
+            match tokio::time::timeout_at(deadline, self.pool.get()).await {
+                Ok(Ok(client)) => break Ok(client),
+                Ok(Err(deadpool_postgres::PoolError::Backend(e)))
+                    if e.code() == Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS) =>
+                {
+                    let status = self.pool.status();
+                    if status.size > 0 && status.size < status.max_size {
+                        tracing::warn!(
+                            plugin = %self.plugin,
+                            "PostgreSQL refuses more connections: plugin `{}`'s pool shrinks from {} to the {} it has, and invocations wait for those",
+                            self.plugin,
+                            status.max_size,
+                            status.size
+                        );
+                        self.pool.resize(status.size);
+                    }
+                    metrics::counter!(crate::metrics::DB_REFUSED, "plugin" => self.plugin.clone())
+                        .increment(1);
+                    if Instant::now() + pause >= deadline {
+                        break Err(WitError::Unavailable(format!(
+                            "plugin `{}`: PostgreSQL refused more connections and none came free within the plugin's timeout of {:?}: {}",
+                            self.plugin,
+                            self.timeout,
+                            describe(&e)
+                        )));
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Ok(Err(e)) => {
+                    break Err(WitError::Unavailable(format!(
+                        "plugin `{}` cannot connect to PostgreSQL as role {}: {e}",
+                        self.plugin, self.role
+                    )));
+                }
+                Err(_) => {
+                    break Err(WitError::Unavailable(format!(
+                        "no connection for plugin `{}` came free within its timeout of {:?} (database.plugin_pool_size)",
+                        self.plugin, self.timeout
+                    )));
+                }
+            }
+        };
+        waiting.decrement(1.0);
+        metrics::histogram!(crate::metrics::DB_POOL_WAIT_SECONDS, "plugin" => self.plugin.clone())
+            .record(asked.elapsed().as_secs_f64());
+        got
+    }
+}
+
+/// What an invocation's transaction starts with.
+struct Setup {
+    /// `SET LOCAL` of the plugin's `search_path` and `statement_timeout`:
+    /// sent with the invocation's first statement, in the same round trip.
+    settings: String,
+    /// The advisory lock key taken before the transaction's first DDL.
+    ddl_lock: i64,
+}
+
+/// How an invocation's connection ended.
+struct Served {
+    /// The transaction ended cleanly: the connection may be reused.
+    reusable: bool,
+    /// The plugin ran DDL, or a statement failed: the connection's cached
+    /// statements may no longer match the schema, so they are dropped.
+    forget_statements: bool,
+    /// A statement changed the session itself (see [`touches_session`]):
+    /// it is cleaned before reuse without asking.
+    session_changed: bool,
+}
+
+/// Statements kept prepared per plugin connection; past this many the
+/// cache is emptied (a plugin that formats values into its SQL would
+/// otherwise grow it without bound).
+const CACHED_STATEMENTS: usize = 64;
+
+/// One query, after each invocation: releases any session-level advisory
+/// lock, and tells whether the session still holds anything else that
+/// outlives a transaction (a `PREPARE`d statement, an open cursor, a
+/// `LISTEN`, a temporary table). Prepared once per connection.
+const LEFTOVERS: &str = "SELECT pg_advisory_unlock_all()::text, \
+       EXISTS (SELECT 1 FROM pg_prepared_statements WHERE from_sql) \
+    OR EXISTS (SELECT 1 FROM pg_cursors) \
+    OR EXISTS (SELECT 1 FROM pg_listening_channels()) \
+    OR (pg_my_temp_schema() <> 0 \
+        AND EXISTS (SELECT 1 FROM pg_class WHERE relnamespace = pg_my_temp_schema()))";
+
+impl PluginDb {
+    /// Run the plugin's init script `text` (from `script`) as its role, in
+    /// its schema, in one transaction holding the schema's DDL lock (so it
+    /// never races another replica's script or a running invocation's DDL).
+    pub async fn init(&self, script: &Path, text: &str) -> anyhow::Result<()> {
+        let fail = |e: &tokio_postgres::Error| {
+            let at = e
+                .as_db_error()
+                .and_then(|db| match db.position() {
+                    Some(tokio_postgres::error::ErrorPosition::Original(p)) => {
+                        Some(format!(" at line {}", line_of(text, *p)))
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default();
+            anyhow::anyhow!(
+                "sql.init: plugin `{}`'s init script {} failed{at}: {}",
+                self.plugin,
+                script.display(),
+                describe(e)
+            )
+        };
+        let mut client = self.pool.get().await.map_err(|e| {
+            anyhow::anyhow!(
+                "sql.init: plugin `{}` cannot connect to PostgreSQL as role {}: {e}",
+                self.plugin,
+                self.role
+            )
+        })?;
+        let tx = client.transaction().await.map_err(|e| fail(&e))?;
+        tx.batch_execute(&format!(
+            "SET LOCAL search_path = {}; SET LOCAL statement_timeout = {}; \
+             SELECT pg_advisory_xact_lock({})",
+            quote_ident(&self.schema),
+            super::sqlite::INIT_TIMEOUT.as_millis(),
+            self.ddl_lock
+        ))
+        .await
+        .map_err(|e| fail(&e))?;
+        tx.batch_execute(text).await.map_err(|e| fail(&e))?;
+        tx.commit().await.map_err(|e| fail(&e))?;
+        // The script may have changed the session: not reused.
+        drop(Object::take(client));
+        tracing::info!(plugin = %self.plugin, script = %script.display(), "ran the plugin's init script");
+        Ok(())
+    }
+}
+
 /// The task that owns one invocation's connection and transaction.
 async fn connection_task(
     mut client: Object,
-    setup: String,
+    setup: Setup,
     ready: oneshot::Sender<Result<(), tokio_postgres::Error>>,
     mut inbox: mpsc::Receiver<Command>,
 ) {
-    let mut reusable = serve(&mut client, &setup, ready, &mut inbox).await;
+    let served = serve(&mut client, &setup, ready, &mut inbox).await;
+    if served.forget_statements || client.statement_cache.size() > CACHED_STATEMENTS {
+        client.statement_cache.clear();
+    }
+    let mut reusable = served.reusable;
     if reusable {
-        // Whatever the plugin left in its session (settings, prepared
-        // statements, cursors, temporary tables, advisory locks, LISTENs)
-        // goes now, not when the connection is next taken: an advisory
-        // lock must not outlive the invocation that took it.
-        reusable = clean_session(&client).await.is_ok();
+        // Whatever the plugin left in its session that outlives the
+        // transaction (prepared statements, cursors, temporary tables,
+        // advisory locks, LISTENs) goes now, not when the connection is
+        // next taken: an advisory lock must not outlive the invocation
+        // that took it. Asking costs one cached query; cleaning, only
+        // when something is left.
+        let clean = served.session_changed || leftovers(&client).await.unwrap_or(true);
+        reusable = !clean || clean_session(&client).await.is_ok();
     }
     if !reusable {
         // Closed, never reused: a late cancel request can then reach no
         // one else's statement.
         drop(Object::take(client));
     }
+}
+
+/// Whether the session holds anything beyond its (ended) transaction;
+/// releases its session-level advisory locks in passing.
+async fn leftovers(client: &Object) -> Result<bool, tokio_postgres::Error> {
+    let check = client.prepare_cached(LEFTOVERS).await?;
+    let row = client.query_one(&check, &[]).await?;
+    row.try_get::<_, bool>(1)
+}
+
+/// The advisory lock key that serializes the DDL of one plugin role's
+/// schema: the first 8 bytes of a hash of the role (roles are unique per
+/// database and schema).
+fn ddl_lock_key(role: &str) -> i64 {
+    let digest = sha2::Sha256::digest(format!("sandpipe ddl {role}").as_bytes());
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(key)
+}
+
+/// Run `prelude` (simple statements, may be empty) and then `statement`,
+/// pipelined: sent together, answered in order, one round trip.
+async fn pipelined(
+    tx: &deadpool_postgres::Transaction<'_>,
+    prelude: &[&str],
+    statement: &str,
+    work: Work,
+    limit: ResultLimit,
+) -> Result<Outcome, Failed> {
+    if prelude.is_empty() {
+        return run(tx, statement, work, limit).await;
+    }
+    let prelude = prelude.join("; ");
+    let (before, result) =
+        futures::join!(tx.batch_execute(&prelude), run(tx, statement, work, limit));
+    before.map_err(Failed::server).and(result)
+}
+
+/// Whether `err` is two transactions' DDL meeting in the catalog: a
+/// unique violation of a system catalog index (two `CREATE ... IF NOT
+/// EXISTS` of one name), or "tuple concurrently updated".
+fn catalog_race(err: &tokio_postgres::Error) -> bool {
+    let Some(db) = err.as_db_error() else {
+        return false;
+    };
+    use tokio_postgres::error::SqlState;
+    (*db.code() == SqlState::UNIQUE_VIOLATION
+        && db.constraint().is_some_and(|c| c.starts_with("pg_")))
+        || (*db.code() == SqlState::INTERNAL_ERROR
+            && db.message().contains("tuple concurrently updated"))
+}
+
+/// Whether `sql` may change the session beyond its transaction by what it
+/// says: a leading `SET` (other than `SET LOCAL`, which ends with the
+/// transaction), `RESET`, `DISCARD`, `LOAD`, `LISTEN`, `PREPARE`, `DECLARE`,
+/// `DEALLOCATE`, or a call of `set_config` anywhere. What a function the
+/// plugin defined does is not seen here; [`LEFTOVERS`] catches what such a
+/// function can leave behind except a changed setting, which then stays on
+/// the plugin's own connections (each invocation still sets its
+/// `search_path` and `statement_timeout` locally).
+pub fn touches_session(sql: &str) -> bool {
+    let words = leading_keywords(sql, 2);
+    let leading = match words.first().map(String::as_str) {
+        Some("set") => words.get(1).map(String::as_str) != Some("local"),
+        Some("reset" | "discard" | "load" | "listen" | "prepare" | "declare" | "deallocate") => {
+            true
+        }
+        _ => false,
+    };
+    leading
+        || sql
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .any(|word| word.eq_ignore_ascii_case("set_config"))
+}
+
+/// Whether `sql` changes the catalog (DDL), by its leading keyword. Such a
+/// statement runs in a savepoint; if it meets another transaction's DDL in
+/// the catalog (two invocations that both `CREATE TABLE IF NOT EXISTS`:
+/// PostgreSQL makes the second wait for the first and then fails it on a
+/// catalog unique index), it is rolled back to the savepoint and run again
+/// holding the schema's DDL lock, when the first one's table is there.
+/// DDL run from inside a function is not seen (put it in an init script).
+pub fn is_ddl(sql: &str) -> bool {
+    matches!(
+        leading_keywords(sql, 1).first().map(String::as_str),
+        Some(
+            "create"
+                | "alter"
+                | "drop"
+                | "comment"
+                | "grant"
+                | "revoke"
+                | "do"
+                | "import"
+                | "security"
+        )
+    )
 }
 
 /// `DISCARD ALL` but for the client's own prepared statements (its type
@@ -842,27 +1179,31 @@ async fn clean_session(client: &tokio_postgres::Client) -> Result<(), tokio_post
     Ok(())
 }
 
-/// Serve the invocation's commands; whether the connection is clean to reuse.
+/// Serve the invocation's commands: `BEGIN` now, the `SET LOCAL`s with the
+/// first statement (one round trip), a savepoint before DDL.
 async fn serve(
     client: &mut Object,
-    setup: &str,
+    setup: &Setup,
     ready: oneshot::Sender<Result<(), tokio_postgres::Error>>,
     inbox: &mut mpsc::Receiver<Command>,
-) -> bool {
+) -> Served {
+    let mut served = Served {
+        reusable: false,
+        forget_statements: false,
+        session_changed: false,
+    };
     let tx = match client.transaction().await {
         Ok(tx) => tx,
         Err(e) => {
             let _ = ready.send(Err(e));
-            return false;
+            return served;
         }
     };
-    if let Err(e) = tx.batch_execute(setup).await {
-        let _ = ready.send(Err(e));
-        return false;
-    }
     if ready.send(Ok(())).is_err() {
-        return false;
+        return served;
     }
+    let mut settings = Some(setup.settings.as_str());
+    let mut ddl_locked = false;
     while let Some(command) = inbox.recv().await {
         match command {
             Command::Run {
@@ -871,7 +1212,27 @@ async fn serve(
                 limit,
                 reply,
             } => {
-                let result = run(&tx, &statement, work, limit).await;
+                let ddl = is_ddl(&statement);
+                // DDL runs optimistically in a savepoint; if it raced
+                // another transaction's DDL in the catalog, it runs again
+                // under the schema's DDL lock (held to the end).
+                let guard = (ddl && !ddl_locked).then_some("SAVEPOINT sandpipe_ddl");
+                let again = guard.is_some().then(|| work.clone());
+                let prelude: Vec<&str> = settings.take().into_iter().chain(guard).collect();
+                let mut result = pipelined(&tx, &prelude, &statement, work, limit).await;
+                if let (Some(work), Err(Failed { race: true, .. })) = (again, &result) {
+                    tracing::debug!(
+                        "a plugin's DDL raced another transaction's; again under the schema's DDL lock"
+                    );
+                    let lock = format!(
+                        "ROLLBACK TO SAVEPOINT sandpipe_ddl; SELECT pg_advisory_xact_lock({})",
+                        setup.ddl_lock
+                    );
+                    result = pipelined(&tx, &[lock.as_str()], &statement, work, limit).await;
+                    ddl_locked = true;
+                }
+                served.forget_statements |= ddl || result.is_err();
+                served.session_changed |= touches_session(&statement);
                 let _ = reply.send(result);
             }
             Command::Finish {
@@ -884,15 +1245,15 @@ async fn serve(
                 } else {
                     tx.rollback().await
                 };
-                let clean = result.is_ok() && !discard;
+                served.reusable = result.is_ok() && !discard;
                 let _ = reply.send(result);
-                return clean;
+                return served;
             }
         }
     }
     // The handle went away without finishing: the transaction rolls back
     // when the connection closes.
-    false
+    served
 }
 
 impl PluginTx {
@@ -926,7 +1287,7 @@ impl PluginTx {
         }
         match tokio::time::timeout_at(self.deadline, answer).await {
             Ok(Ok(Ok(outcome))) => Ok(outcome),
-            Ok(Ok(Err(Failed { error, aborted }))) => {
+            Ok(Ok(Err(Failed { error, aborted, .. }))) => {
                 if let WitError::Unavailable(why) = &error {
                     self.broken = Some(why.clone());
                 }
@@ -1358,12 +1719,14 @@ impl<'a> FromSql<'a> for Cell {
 
 /// Run one statement inside the invocation's transaction.
 async fn run(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     statement: &str,
     work: Work,
     limit: ResultLimit,
 ) -> Result<Outcome, Failed> {
-    let stmt = tx.prepare(statement).await.map_err(Failed::server)?;
+    // Kept prepared on the connection: the plugin's next invocation on it
+    // binds and executes without parsing again.
+    let stmt = tx.prepare_cached(statement).await.map_err(Failed::server)?;
     let types = stmt.params();
     let bind = |params: Vec<Value>| {
         if types.len() != params.len() {
@@ -1394,6 +1757,7 @@ async fn run(
                     .map_err(|e| Failed {
                         error: Work::failed_at(pg_error(&e), index, lists),
                         aborted: true,
+                        race: catalog_race(&e),
                     })?;
             }
             return Ok(Outcome::Changed(changed));
@@ -1653,6 +2017,76 @@ mod tests {
         ] {
             assert!(transaction_control(sql).is_none(), "{sql}");
         }
+    }
+
+    #[test]
+    fn pools_fit_what_the_server_has_free() {
+        let server = PoolSizing {
+            max_connections: 100,
+            reserved: 3,
+            in_use: 5,
+        };
+        // Unset: pipeline.concurrency, within a share of half what is free.
+        assert_eq!(server.plugin_pool(16, 1, 16, None), (16, None));
+        assert_eq!(server.plugin_pool(16, 1, 128, None), (30, None));
+        assert_eq!(server.plugin_pool(16, 3, 128, None), (10, None));
+        // Never below one, even when nothing is free.
+        let full = PoolSizing {
+            in_use: 97,
+            ..server
+        };
+        let (size, warning) = full.plugin_pool(16, 2, 16, None);
+        assert_eq!(size, 1);
+        assert!(warning.is_some_and(|w| w.contains("18") && w.contains("0 the server has free")));
+        // Configured: kept, with a warning when it can exceed the server.
+        assert_eq!(server.plugin_pool(16, 1, 16, Some(20)), (20, None));
+        let (size, warning) = server.plugin_pool(16, 1, 128, Some(128));
+        assert_eq!(size, 128);
+        assert!(warning.is_some_and(|w| w.contains("144") && w.contains("max_connections 100")),);
+    }
+
+    #[test]
+    fn ddl_and_session_changes_are_recognised() {
+        for sql in [
+            "CREATE TABLE IF NOT EXISTS t (x int)",
+            "  -- setup\n alter table t add column y int",
+            "DROP TABLE t",
+            "DO $$ BEGIN END $$",
+            "/* c */ GRANT SELECT ON t TO PUBLIC",
+        ] {
+            assert!(is_ddl(sql), "{sql}");
+        }
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            "SELECT 1",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+        ] {
+            assert!(!is_ddl(sql), "{sql}");
+        }
+        for sql in [
+            "SET work_mem = '1MB'",
+            "set statement_timeout = 0",
+            "RESET ALL",
+            "PREPARE p AS SELECT 1",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "LISTEN x",
+            "SELECT set_config('work_mem', '1MB', false)",
+            "select SET_CONFIG('a.b', 'c', false)",
+            "DISCARD ALL",
+        ] {
+            assert!(touches_session(sql), "{sql}");
+        }
+        for sql in [
+            "SET LOCAL work_mem = '1MB'",
+            "UPDATE t SET x = 1",
+            "INSERT INTO t (my_set_config) VALUES (1)",
+            "SELECT pg_advisory_lock(1)",
+        ] {
+            assert!(!touches_session(sql), "{sql}");
+        }
+        // Keys differ per role and are stable.
+        assert_eq!(ddl_lock_key("a"), ddl_lock_key("a"));
+        assert_ne!(ddl_lock_key("a"), ddl_lock_key("b"));
     }
 
     #[test]

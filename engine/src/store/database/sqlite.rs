@@ -177,6 +177,9 @@ pub(super) async fn state_apply(
     .await
 }
 
+/// How long a plugin's init script may run.
+pub const INIT_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// A plugin's own database file, with a small pool of locked-down
 /// connections.
 pub struct PluginDb {
@@ -302,6 +305,22 @@ impl PluginDb {
         conn.engine("BEGIN IMMEDIATE")
             .with_context(|| format!("cannot begin a transaction in {}", self.path.display()))?;
         Ok(conn)
+    }
+
+    /// Run the init script `text` (from `script`) in one transaction, under
+    /// the plugin policy (blocking).
+    pub fn init(&self, script: &Path, text: &str) -> anyhow::Result<()> {
+        let conn = self.begin()?;
+        conn.arm_deadline(INIT_TIMEOUT);
+        if let Err(e) = conn.conn.execute_batch(text) {
+            self.rollback(conn);
+            anyhow::bail!(
+                "sql.init: plugin `{}`'s init script {} failed: {e}",
+                self.plugin,
+                script.display()
+            );
+        }
+        self.commit(conn)
     }
 
     /// Commit and return the connection to the pool (blocking).
