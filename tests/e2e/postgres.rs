@@ -1315,3 +1315,48 @@ async fn pooled_connections_are_reused_with_their_statements_and_cleaned_only_wh
     );
     assert_eq!(pid().await, first, "a cleaned session was not reused");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_the_server_refuses_more_connections_invocations_wait_for_the_pools_own() {
+    let db = TestDb::new().await;
+    let config = parse(&format!(
+        "listener: {{ type: dir, path: spool }}\n{}plugins:\n  defaults: {{ timeout: 20s }}\n  grants:\n    alpha: {{ sql: true }}\n",
+        db.yaml(", plugin_pool_size: 8")
+    ));
+    let database = Database::open(&config).await.unwrap();
+    let alpha = plugin_db(&database, &config, "alpha");
+    // The server lets the plugin's role open two connections, its pool
+    // would open eight: "too many connections for role" (53300) for the
+    // third, as "too many clients" would be for the whole server.
+    let admin = db.admin().await;
+    admin
+        .batch_execute(&format!(
+            "ALTER ROLE {} CONNECTION LIMIT 2",
+            quote(&db.role("alpha"))
+        ))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let alpha = alpha.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tx = Transaction::begin(&alpha).await?;
+            tx.query("SELECT pg_sleep(0.2)::text", vec![], 1).await?;
+            tx.commit()
+                .await
+                .map_err(|e| WitError::Internal(format!("{e:#}")))?;
+            Ok::<_, WitError>(i)
+        }));
+    }
+    for task in tasks {
+        let done = task.await.unwrap();
+        assert!(
+            done.is_ok(),
+            "an invocation failed instead of waiting: {done:?}"
+        );
+    }
+}
+
+fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
