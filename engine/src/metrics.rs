@@ -49,6 +49,14 @@ pub const DB_POOL_WAIT_SECONDS: &str = "sandpipe_db_pool_wait_seconds";
 /// labelled `plugin`; the pool then shrinks and invocations wait.
 pub const DB_REFUSED: &str = "sandpipe_db_connections_refused_total";
 
+/// Seconds per step of a message's way, labelled `step`: `resolve` (data
+/// object and metadata), `lookup` (plugins already finished), `plugins`
+/// (every routed plugin, its effects' commit included), `commit` (one
+/// plugin's effects), `status` (the final rows, durable). With
+/// `sandpipe_invocation_seconds` (the sandboxed call) it breaks a
+/// message's time down.
+pub const STEP_SECONDS: &str = "sandpipe_message_step_seconds";
+
 /// The process's Prometheus recorder (installed on first use).
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -87,6 +95,11 @@ pub fn describe() {
     );
     metrics::describe_gauge!(IN_FLIGHT, "Messages being processed now.");
     metrics::describe_counter!(RECONNECTS, "Reconnections per backend.");
+    metrics::describe_histogram!(
+        STEP_SECONDS,
+        metrics::Unit::Seconds,
+        "Time per step of a message's way (resolve, lookup, plugins, commit, status)."
+    );
     metrics::describe_counter!(STATUS_COMMITS, "Status-log group commits.");
     metrics::describe_counter!(STATUS_WRITES, "Status-log writes committed.");
     metrics::describe_counter!(STATUS_LOOKUPS, "Status-log idempotency look-up queries.");

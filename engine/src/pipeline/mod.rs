@@ -349,7 +349,10 @@ impl Pipeline {
             return self.dead(&id, attempt, reason, vec![received]).await;
         }
 
-        let message = match self.resolve(&id, &envelope, headers, body).await {
+        let step = std::time::Instant::now();
+        let resolved = self.resolve(&id, &envelope, headers, body).await;
+        record_step("resolve", step);
+        let message = match resolved {
             Ok(m) => Arc::new(m),
             Err(Resolution::Permanent(reason)) => {
                 return self.dead(&id, attempt, reason, vec![received]).await;
@@ -361,7 +364,9 @@ impl Pipeline {
             }
         };
 
+        let step = std::time::Instant::now();
         let finished: HashSet<String> = self.status.finished_plugins(&id).await?;
+        record_step("lookup", step);
         let to_run: Vec<Arc<LoadedPlugin>> = routed
             .into_iter()
             .filter(|p| !finished.contains(&p.name))
@@ -372,11 +377,13 @@ impl Pipeline {
         // gets its row when it ends.
         self.status.record_soon(vec![received]);
 
+        let step = std::time::Instant::now();
         let results: Vec<PluginResult> = futures::stream::iter(to_run)
             .map(|plugin| self.run_plugin(plugin, message.clone(), attempt))
             .buffer_unordered(self.config.pipeline.plugin_concurrency)
             .collect()
             .await;
+        record_step("plugins", step);
 
         let max = self.config.retry.max_attempts;
         let dead: Vec<&PluginResult> = results
@@ -437,7 +444,9 @@ impl Pipeline {
         }
         self.outages.store(0, Ordering::SeqCst);
         entries.push(Entry::message(&id, attempt, Status::Done, ""));
+        let step = std::time::Instant::now();
         self.status.record(entries).await?;
+        record_step("status", step);
         Ok(Settlement::Ack)
     }
 
@@ -587,7 +596,12 @@ impl Pipeline {
             }
         };
         let (status, info, retry_after) = match result {
-            Ok(Ok(Outcome::Done)) => match self.commit(&plugin, &message, host).await {
+            Ok(Ok(Outcome::Done)) => match {
+                let step = std::time::Instant::now();
+                let committed = self.commit(&plugin, &message, host).await;
+                record_step("commit", step);
+                committed
+            } {
                 Ok(()) => (Status::Done, with_denials(String::new()), None),
                 Err(e) => {
                     outage = true;
@@ -703,6 +717,12 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// Time spent in one step of a message's way (`sandpipe_message_step_seconds`).
+fn record_step(step: &'static str, since: std::time::Instant) {
+    metrics::histogram!(crate::metrics::STEP_SECONDS, "step" => step)
+        .record(since.elapsed().as_secs_f64());
 }
 
 enum Resolution {
