@@ -596,12 +596,7 @@ impl Pipeline {
             }
         };
         let (status, info, retry_after) = match result {
-            Ok(Ok(Outcome::Done)) => match {
-                let step = std::time::Instant::now();
-                let committed = self.commit(&plugin, &message, host).await;
-                record_step("commit", step);
-                committed
-            } {
+            Ok(Ok(Outcome::Done)) => match self.commit(&plugin, &message, host).await {
                 Ok(()) => (Status::Done, with_denials(String::new()), None),
                 Err(e) => {
                     outage = true;
@@ -692,7 +687,18 @@ impl Pipeline {
         message: &MessageContext,
         host: HostState,
     ) -> anyhow::Result<()> {
-        let effects = host.effects;
+        let step = std::time::Instant::now();
+        let committed = self.apply(plugin, message, host.effects).await;
+        record_step("commit", step);
+        committed
+    }
+
+    async fn apply(
+        &self,
+        plugin: &LoadedPlugin,
+        message: &MessageContext,
+        effects: crate::capability::Effects,
+    ) -> anyhow::Result<()> {
         if let Some(tx) = effects.sql {
             tx.commit().await?;
         }
