@@ -7,6 +7,7 @@
 //! [`Sandbox::store`], which always has a memory limiter and a deadline.
 
 pub mod bindings;
+mod bounded;
 mod cache;
 pub mod compat;
 mod stdio;
@@ -21,7 +22,7 @@ use anyhow::Context as _;
 use futures::future::BoxFuture;
 use sha2::Digest;
 use tokio::sync::Semaphore;
-use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::component::{HasSelf, Instance, Linker, ResourceTable};
 use wasmtime::{
     Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
     UpdateDeadline,
@@ -141,7 +142,7 @@ pub struct WarmPool {
 /// One warm instance with its store.
 struct Warm {
     store: Store<InvocationState>,
-    plugin: Plugin,
+    instance: Instance,
     capture: Capture,
     served: u32,
 }
@@ -520,8 +521,12 @@ impl Sandbox {
     ) -> (Result<bindings::Description, Failure>, HostState, Usage) {
         match &component.code {
             Code::Wasm(pre) => {
-                self.invoke(pre, limits, host, |plugin, store| {
-                    Box::pin(plugin.call_describe(store))
+                self.invoke(pre, limits, host, |instance, store| {
+                    Box::pin(async move {
+                        Plugin::new(&mut *store, instance)?
+                            .call_describe(store)
+                            .await
+                    })
                 })
                 .await
             }
@@ -543,8 +548,8 @@ impl Sandbox {
             Code::Wasm(pre) => match &component.warm {
                 Some(pool) => self.execute_warm(pre, pool, limits, host, message).await,
                 None => {
-                    self.invoke(pre, limits, host, move |plugin, store| {
-                        Box::pin(async move { plugin.call_execute(store, &message).await })
+                    self.invoke(pre, limits, host, move |instance, store| {
+                        Box::pin(async move { bounded::execute(instance, store, &message).await })
                     })
                     .await
                 }
@@ -599,10 +604,10 @@ impl Sandbox {
             None => {
                 let capture = Capture::new(limits.stderr_bytes.as_u64() as usize);
                 let mut store = self.store(limits, host, &capture);
-                match pre.instantiate_async(&mut store).await {
-                    Ok(plugin) => Warm {
+                match pre.instance_pre().instantiate_async(&mut store).await {
+                    Ok(instance) => Warm {
                         store,
-                        plugin,
+                        instance,
                         capture,
                         served: 0,
                     },
@@ -625,7 +630,7 @@ impl Sandbox {
             }
         };
         let fuel_before = warm.store.get_fuel().ok();
-        let result = warm.plugin.call_execute(&mut warm.store, &message).await;
+        let result = bounded::execute(&warm.instance, &mut warm.store, &message).await;
         let usage = self.usage(started, fuel_before, &warm.store);
         let idle = HostState::new(plugin_context, None);
         let host = std::mem::replace(&mut warm.store.data_mut().host, idle);
@@ -682,7 +687,7 @@ impl Sandbox {
     where
         T: Send,
         F: for<'a> FnOnce(
-                &'a Plugin,
+                &'a Instance,
                 &'a mut Store<InvocationState>,
             ) -> BoxFuture<'a, wasmtime::Result<T>>
             + Send,
@@ -692,8 +697,8 @@ impl Sandbox {
         let started = Instant::now();
         let mut store = self.store(limits, host, &capture);
         let fuel_before = store.get_fuel().ok();
-        let result = match pre.instantiate_async(&mut store).await {
-            Ok(plugin) => call(&plugin, &mut store).await,
+        let result = match pre.instance_pre().instantiate_async(&mut store).await {
+            Ok(instance) => call(&instance, &mut store).await,
             Err(err) => Err(err),
         };
         let usage = self.usage(started, fuel_before, &store);
