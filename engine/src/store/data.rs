@@ -4,7 +4,13 @@
 //! or `.` segments, empty segments, backslashes, control characters or a URL
 //! scheme is refused before it reaches the store, so a plugin or a message
 //! can never name an object outside the configured root.
+//!
+//! On a `disk` store the object's real path (every symbolic link followed)
+//! must also lie inside the root: object_store's `LocalFileSystem` follows
+//! links wherever they lead, so a link inside the root that points out of
+//! it is refused here, before each read, existence check and write.
 
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -43,6 +49,86 @@ pub struct ObjectStream {
 #[derive(Clone)]
 pub struct DataStore {
     store: Arc<dyn ObjectStore>,
+    /// A `disk` store's root.
+    disk: Option<Arc<DiskRoot>>,
+}
+
+/// A `disk` store's root.
+#[derive(Debug)]
+struct DiskRoot {
+    /// As configured, made absolute (symbolic links not resolved), when it
+    /// differs from `canonical` and has no `..` component.
+    written: Option<PathBuf>,
+    /// With every symbolic link resolved: objects must really lie below it.
+    canonical: PathBuf,
+}
+
+impl DiskRoot {
+    fn new(root: &Path) -> anyhow::Result<Self> {
+        let canonical = std::fs::canonicalize(root)
+            .map_err(|e| anyhow::anyhow!("data_store.root {}: {e}", root.display()))?;
+        let written = std::path::absolute(root)
+            .ok()
+            .filter(|p| !p.components().any(|c| c == Component::ParentDir))
+            .filter(|p| *p != canonical);
+        Ok(Self { written, canonical })
+    }
+
+    /// The root for messages: `/data` or `/data` (`/mnt/disk1/data`).
+    fn describe(&self) -> String {
+        match &self.written {
+            Some(written) => format!("`{}` (`{}`)", written.display(), self.canonical.display()),
+            None => format!("`{}`", self.canonical.display()),
+        }
+    }
+
+    /// Refuse `path` (already checked lexically) if its real path leaves the
+    /// root through a symbolic link.
+    async fn confine(&self, location: &str, path: &ObjectPath) -> Result<(), DataError> {
+        match escape(&self.canonical, Path::new(path.as_ref())).await {
+            None => Ok(()),
+            Some(how) => Err(DataError::Invalid(format!(
+                "invalid location `{location}`: {how}, outside the data store's root {}",
+                self.describe()
+            ))),
+        }
+    }
+}
+
+/// How `relative` (lexically clean: normal components only) leaves `root`
+/// (canonical) through a symbolic link, if it does. The longest existing
+/// prefix of the path is resolved, so a write below a linked folder is
+/// caught too. What cannot be resolved for another reason (permissions, a
+/// loop of links) is left to the caller's own file operation to report.
+///
+/// The check and the caller's open are two steps: someone who can change
+/// the links inside the root between them is not stopped.
+pub async fn escape(root: &Path, relative: &Path) -> Option<&'static str> {
+    let mut candidate = root.join(relative);
+    while candidate.starts_with(root) && candidate != root {
+        match tokio::fs::canonicalize(&candidate).await {
+            Ok(real) if real.starts_with(root) => return None,
+            Ok(_) => return Some("it leads through a symbolic link"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                // A link whose target is missing could point anywhere (and
+                // the target could appear later).
+                if tokio::fs::symlink_metadata(&candidate)
+                    .await
+                    .is_ok_and(|m| m.file_type().is_symlink())
+                {
+                    return Some("it leads through a symbolic link whose target does not exist");
+                }
+                candidate.pop();
+            }
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 impl DataStore {
@@ -52,7 +138,12 @@ impl DataStore {
             DataStoreConfig::Disk { root } => {
                 std::fs::create_dir_all(root)
                     .map_err(|e| anyhow::anyhow!("data_store.root {}: {e}", root.display()))?;
-                Arc::new(LocalFileSystem::new_with_prefix(root)?)
+                let disk = DiskRoot::new(root)?;
+                let store = Arc::new(LocalFileSystem::new_with_prefix(&disk.canonical)?);
+                return Ok(Self {
+                    store,
+                    disk: Some(Arc::new(disk)),
+                });
             }
             DataStoreConfig::Memory => Arc::new(InMemory::new()),
             DataStoreConfig::S3 {
@@ -81,17 +172,27 @@ impl DataStore {
                 )
             }
         };
-        Ok(Self { store })
+        Ok(Self { store, disk: None })
     }
 
-    /// Refuse locations that could escape the root.
+    /// Refuse locations that could escape the root (lexically; reading,
+    /// checking and writing also refuse a symbolic link out of a disk root).
     pub fn check_location(&self, location: &str) -> Result<ObjectPath, DataError> {
         parse_location(location)
     }
 
+    /// The object path of `location`, refused if it could escape the root.
+    async fn object_path(&self, location: &str) -> Result<ObjectPath, DataError> {
+        let path = parse_location(location)?;
+        if let Some(disk) = &self.disk {
+            disk.confine(location, &path).await?;
+        }
+        Ok(path)
+    }
+
     /// Open the object at `location` for streaming.
     pub async fn open(&self, location: &str) -> Result<ObjectStream, DataError> {
-        let path = parse_location(location)?;
+        let path = self.object_path(location).await?;
         let result = self
             .store
             .get(&path)
@@ -108,7 +209,7 @@ impl DataStore {
 
     /// Whether an object exists at `location`.
     pub async fn exists(&self, location: &str) -> Result<bool, DataError> {
-        let path = parse_location(location)?;
+        let path = self.object_path(location).await?;
         match self.store.head(&path).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -118,7 +219,7 @@ impl DataStore {
 
     /// Write `bytes` at `location`.
     pub async fn put(&self, location: &str, bytes: Bytes) -> Result<(), DataError> {
-        let path = parse_location(location)?;
+        let path = self.object_path(location).await?;
         self.store
             .put(&path, PutPayload::from(bytes))
             .await
@@ -139,7 +240,13 @@ fn store_error(location: &str, err: object_store::Error) -> DataError {
 
 /// Validate a location and turn it into an object path.
 pub fn parse_location(location: &str) -> Result<ObjectPath, DataError> {
-    let bad = |why: &str| DataError::Invalid(format!("invalid location `{location}`: {why}"));
+    parse_named(location, location)
+}
+
+/// [`parse_location`], naming `shown` (the location as the message gave
+/// it) in a refusal.
+fn parse_named(location: &str, shown: &str) -> Result<ObjectPath, DataError> {
+    let bad = |why: &str| DataError::Invalid(format!("invalid location `{shown}`: {why}"));
     if location.is_empty() {
         return Err(bad("empty"));
     }
@@ -218,6 +325,73 @@ mod tests {
             store.open("a/nope.txt").await.err(),
             Some(DataError::NotFound(_))
         ));
+        Ok(())
+    }
+}
+
+#[cfg(all(test, unix))]
+mod confinement_tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn disk(root: &Path) -> anyhow::Result<DataStore> {
+        DataStore::new(&DataStoreConfig::Disk {
+            root: root.to_owned(),
+        })
+    }
+
+    fn reason(result: Result<impl Sized, DataError>) -> String {
+        match result {
+            Err(DataError::Invalid(m)) => m,
+            Err(other) => format!("not Invalid: {other}"),
+            Ok(_) => "accepted".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_symbolic_link_out_of_the_root_is_refused() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().join("data");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&root)?;
+        std::fs::create_dir_all(&outside)?;
+        std::fs::write(outside.join("secret.txt"), b"secret")?;
+        std::fs::create_dir_all(root.join("in"))?;
+        std::fs::write(root.join("in/ok.txt"), b"ok")?;
+        symlink(outside.join("secret.txt"), root.join("file-link"))?;
+        symlink(&outside, root.join("dir-link"))?;
+        symlink(root.join("in"), root.join("inner-link"))?;
+        symlink(dir.path().join("nowhere"), root.join("dangling"))?;
+        let store = disk(&root)?;
+
+        // Today's escape, closed: object_store follows links anywhere.
+        for location in ["file-link", "dir-link/secret.txt"] {
+            let why = reason(store.open(location).await);
+            assert!(why.contains("symbolic link"), "{location}: {why}");
+            assert!(why.contains(&format!("`{location}`")), "{why}");
+            assert!(why.contains("outside the data store's root"), "{why}");
+            assert!(reason(store.exists(location).await).contains("symbolic link"));
+        }
+        // A write below a linked folder, even to a new file or folder.
+        for location in ["dir-link/new.txt", "dir-link/sub/new.txt"] {
+            let why = reason(store.put(location, Bytes::from_static(b"x")).await);
+            assert!(why.contains("symbolic link"), "{location}: {why}");
+        }
+        assert!(!outside.join("new.txt").exists() && !outside.join("sub").exists());
+        // A dangling link could point anywhere.
+        let why = reason(store.open("dangling").await);
+        assert!(why.contains("target does not exist"), "{why}");
+        let why = reason(store.put("dangling/x", Bytes::from_static(b"x")).await);
+        assert!(why.contains("symbolic link"), "{why}");
+
+        // Links that stay inside the root are fine, and so are new objects.
+        assert!(store.exists("inner-link/ok.txt").await?);
+        assert!(store.exists("in/ok.txt").await?);
+        assert!(!store.exists("in/missing.txt").await?);
+        assert!(!store.exists("new/dir/missing.txt").await?);
+        store.put("new/dir/a.txt", Bytes::from_static(b"a")).await?;
+        assert_eq!(std::fs::read(root.join("new/dir/a.txt"))?, b"a");
         Ok(())
     }
 }
