@@ -576,22 +576,43 @@ impl Pipeline {
         headers: &[(String, String)],
         body: &bytes::Bytes,
     ) -> Result<MessageContext, Resolution> {
-        if let Some(location) = &envelope.data_location {
-            match self.services.data.exists(location).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Err(Resolution::Permanent(format!(
-                        "data object `{location}` not found in the data store"
-                    )));
+        // An absolute location (sqAPI's) becomes the root-relative one:
+        // the location plugins see and can open.
+        let data_location = match &envelope.data_location {
+            Some(given) => {
+                let location = self
+                    .services
+                    .data
+                    .message_location(given)
+                    .map_err(|e| Resolution::Permanent(format!("bad data_location: {e}")))?;
+                let named = if location == *given {
+                    format!("`{location}`")
+                } else {
+                    format!("`{given}` (`{location}` in the data store)")
+                };
+                match self.services.data.exists(&location).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Err(Resolution::Permanent(format!(
+                            "data object {named} not found in the data store"
+                        )));
+                    }
+                    Err(DataError::Invalid(m)) | Err(DataError::NotFound(m)) => {
+                        let m = if location == *given {
+                            m
+                        } else {
+                            format!("{m} (given as `{given}`)")
+                        };
+                        return Err(Resolution::Permanent(format!("bad data_location: {m}")));
+                    }
+                    Err(e @ DataError::Unavailable(_)) => {
+                        return Err(Resolution::Transient(e.to_string()));
+                    }
                 }
-                Err(DataError::Invalid(m)) | Err(DataError::NotFound(m)) => {
-                    return Err(Resolution::Permanent(format!("bad data_location: {m}")));
-                }
-                Err(e @ DataError::Unavailable(_)) => {
-                    return Err(Resolution::Transient(e.to_string()));
-                }
+                Some(location)
             }
-        }
+            None => None,
+        };
         let mut metadata = envelope.metadata.clone();
         if let Some(location) = &envelope.meta_location {
             match self
@@ -614,7 +635,7 @@ impl Pipeline {
         Ok(MessageContext {
             id: id.to_owned(),
             kind: envelope.kind.clone(),
-            data_location: envelope.data_location.clone(),
+            data_location,
             meta_location: envelope.meta_location.clone(),
             metadata,
             headers: headers.to_vec(),

@@ -9,6 +9,12 @@
 //! must also lie inside the root: object_store's `LocalFileSystem` follows
 //! links wherever they lead, so a link inside the root that points out of
 //! it is refused here, before each read, existence check and write.
+//!
+//! sqAPI compatibility: a message's `data_location` may be an absolute path
+//! when the store is `disk` and the path lies inside its root (the root as
+//! configured or with its links resolved); it is turned into the
+//! root-relative location ([`DataStore::message_location`]), which is what
+//! plugins see.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -53,11 +59,11 @@ pub struct DataStore {
     disk: Option<Arc<DiskRoot>>,
 }
 
-/// A `disk` store's root.
+/// A `disk` store's root, in the two forms an absolute location may use.
 #[derive(Debug)]
 struct DiskRoot {
-    /// As configured, made absolute (symbolic links not resolved), when it
-    /// differs from `canonical` and has no `..` component.
+    /// As configured, made absolute (symbolic links not resolved); `None`
+    /// when it has a `..` component (no location could match it).
     written: Option<PathBuf>,
     /// With every symbolic link resolved: objects must really lie below it.
     canonical: PathBuf,
@@ -179,6 +185,60 @@ impl DataStore {
     /// checking and writing also refuse a symbolic link out of a disk root).
     pub fn check_location(&self, location: &str) -> Result<ObjectPath, DataError> {
         parse_location(location)
+    }
+
+    /// A message's `data_location` as the store's location, the form
+    /// plugins see: a relative location as it is; an absolute one (sqAPI's
+    /// form) only on a `disk` store and only inside its root — as
+    /// configured or with its symbolic links resolved — made relative to
+    /// it. The object's real path is checked when it is used.
+    pub fn message_location(&self, location: &str) -> Result<String, DataError> {
+        if !location.starts_with('/') {
+            parse_location(location)?;
+            return Ok(location.to_owned());
+        }
+        let bad = |why: String| DataError::Invalid(format!("invalid location `{location}`: {why}"));
+        let Some(disk) = &self.disk else {
+            return Err(bad(
+                "absolute paths are not allowed (only a `disk` data store takes an absolute location, inside its root)".into(),
+            ));
+        };
+        // Lexically clean before any comparison: a `..` could otherwise
+        // climb out of a matching prefix.
+        if location.len() > 1024 {
+            return Err(bad("longer than 1024 bytes".into()));
+        }
+        for segment in location[1..].split('/') {
+            match segment {
+                "" => return Err(bad("empty path segments are not allowed".into())),
+                "." | ".." => return Err(bad("`.` and `..` segments are not allowed".into())),
+                _ => {}
+            }
+        }
+        let path = Path::new(location);
+        let rest = [Some(&disk.canonical), disk.written.as_ref()]
+            .into_iter()
+            .flatten()
+            .find_map(|root| path.strip_prefix(root).ok());
+        let Some(rest) = rest else {
+            return Err(bad(format!(
+                "an absolute location must lie inside the data store's root {}",
+                disk.describe()
+            )));
+        };
+        let relative = rest
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/");
+        if relative.is_empty() {
+            return Err(bad(format!(
+                "it names the data store's root {} itself, not an object in it",
+                disk.describe()
+            )));
+        }
+        parse_named(&relative, location)?;
+        Ok(relative)
     }
 
     /// The object path of `location`, refused if it could escape the root.
@@ -392,6 +452,83 @@ mod confinement_tests {
         assert!(!store.exists("new/dir/missing.txt").await?);
         store.put("new/dir/a.txt", Bytes::from_static(b"a")).await?;
         assert_eq!(std::fs::read(root.join("new/dir/a.txt"))?, b"a");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn absolute_locations_inside_a_disk_root_become_relative() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let real = dir.path().join("real");
+        std::fs::create_dir_all(real.join("data/images"))?;
+        std::fs::write(real.join("data/images/a.png"), b"png")?;
+        // The root as written goes through a link: both forms are accepted.
+        symlink(&real, dir.path().join("mnt"))?;
+        let written = std::path::absolute(dir.path().join("mnt/data"))?;
+        let canonical = std::fs::canonicalize(real.join("data"))?;
+        let store = disk(&written)?;
+        for root in [&written, &canonical] {
+            let given = format!("{}/images/a.png", root.display());
+            assert_eq!(store.message_location(&given)?, "images/a.png", "{given}");
+        }
+        assert!(store.exists("images/a.png").await?);
+        // Relative locations are kept as they are.
+        assert_eq!(store.message_location("images/a.png")?, "images/a.png");
+
+        let w = written.display();
+        for (given, expected) in [
+            (format!("{w}/../data/images/a.png"), "`.` and `..` segments"),
+            (format!("{w}/images/../a.png"), "`.` and `..` segments"),
+            (format!("{w}/./images/a.png"), "`.` and `..` segments"),
+            (format!("{w}//images/a.png"), "empty path segments"),
+            (format!("{w}/images/"), "empty path segments"),
+            (format!("{w}"), "itself, not an object"),
+            (
+                format!("{w}x/a.png"),
+                "must lie inside the data store's root",
+            ),
+            (
+                "/etc/passwd".to_owned(),
+                "must lie inside the data store's root",
+            ),
+            (format!("{w}/a%2e.png"), "percent-encoding"),
+        ] {
+            let why = reason(store.message_location(&given));
+            assert!(why.contains(expected), "{given}: {why}");
+            assert!(
+                why.contains(&format!("`{given}`")),
+                "names the location: {why}"
+            );
+        }
+        // The refusal names the root, in both forms.
+        let why = reason(store.message_location("/etc/passwd"));
+        assert!(why.contains(&format!("`{w}`")), "{why}");
+        assert!(why.contains(&format!("`{}`", canonical.display())), "{why}");
+
+        // Only a disk store takes an absolute location.
+        let memory = DataStore::new(&DataStoreConfig::Memory)?;
+        let why = reason(memory.message_location(&format!("{w}/images/a.png")));
+        assert!(why.contains("absolute paths are not allowed"), "{why}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_absolute_location_through_a_link_out_of_the_root_is_refused_when_used()
+    -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().join("data");
+        std::fs::create_dir_all(&root)?;
+        std::fs::write(dir.path().join("secret.txt"), b"secret")?;
+        symlink(dir.path().join("secret.txt"), root.join("escape"))?;
+        let store = disk(&root)?;
+        let canonical = std::fs::canonicalize(&root)?;
+        let location = store.message_location(&format!("{}/escape", canonical.display()))?;
+        assert_eq!(location, "escape");
+        let why = reason(store.exists(&location).await);
+        assert!(why.contains("symbolic link"), "{why}");
+        assert!(
+            why.contains(&canonical.display().to_string()),
+            "names the root: {why}"
+        );
         Ok(())
     }
 }
