@@ -389,37 +389,27 @@ impl Pipeline {
         // message at a time, so the second sees the first's durable status
         // and does not run its plugins again.
         let _one_at_a_time = self.busy_ids.lock(&id).await;
-        let received = Entry::message(&id, attempt, Status::Received, envelope.kind.clone());
+        let mut received = Entry::message(&id, attempt, Status::Received, envelope.kind.clone());
 
-        let routed: Vec<Arc<LoadedPlugin>> = self
-            .plugins
-            .iter()
-            .filter(|p| {
-                p.mime
-                    .iter()
-                    .any(|m| routing::mime_matches(m, &envelope.kind))
-            })
-            .cloned()
-            .collect();
-        if routed.is_empty() {
-            let loaded: Vec<String> = self
-                .plugins
-                .iter()
-                .map(|p| format!("{} [{}]", p.name, p.mime.join(", ")))
-                .collect();
-            let reason = format!(
-                "no plugin handles MIME type `{}` (loaded: {})",
-                envelope.kind,
-                crate::config::list_or_none(loaded)
-            );
-            return self.dead(&id, attempt, reason, vec![received]).await;
+        // Routed by the envelope's type before anything is fetched; a
+        // message without one, when `message_fields.mime_path` is set, by
+        // the type in its metadata once that is resolved.
+        let mime_path = self.config.message_fields.mime_path.as_deref();
+        let type_in_metadata = envelope.kind.is_empty() && mime_path.is_some();
+        let mut routed = Vec::new();
+        if !type_in_metadata {
+            routed = self.route(&envelope.kind);
+            if routed.is_empty() {
+                let reason = self.unrouted(&envelope.kind);
+                return self.dead(&id, attempt, reason, vec![received]).await;
+            }
         }
 
         let step = std::time::Instant::now();
         let resolved = self.resolve(&id, &envelope, headers, body).await;
         record_step("resolve", step);
-        let message = match resolved {
-            Ok(m) => Arc::new(m),
+        let mut message = match resolved {
+            Ok(m) => m,
             Err(Resolution::Permanent(reason)) => {
                 return self.dead(&id, attempt, reason, vec![received]).await;
             }
@@ -429,6 +419,24 @@ impl Pipeline {
                     .await;
             }
         };
+        if let (true, Some(path)) = (type_in_metadata, mime_path) {
+            let kind = match envelope::mime_from_metadata(&message.metadata, path) {
+                Ok(Some(kind)) => kind,
+                Ok(None) => {
+                    let reason = envelope::no_mime_reason(&self.config.message_fields);
+                    return self.dead(&id, attempt, reason, vec![received]).await;
+                }
+                Err(reason) => return self.dead(&id, attempt, reason, vec![received]).await,
+            };
+            received.info = format!("{kind} (metadata {path})");
+            routed = self.route(&kind);
+            if routed.is_empty() {
+                let reason = self.unrouted(&kind);
+                return self.dead(&id, attempt, reason, vec![received]).await;
+            }
+            message.kind = kind;
+        }
+        let message = Arc::new(message);
 
         let step = std::time::Instant::now();
         let finished: HashSet<String> = self.status.finished_plugins(&id).await?;
@@ -514,6 +522,28 @@ impl Pipeline {
         self.status.record(entries).await?;
         record_step("status", step);
         Ok(Settlement::Ack)
+    }
+
+    /// The plugins whose MIME patterns match `kind`.
+    fn route(&self, kind: &str) -> Vec<Arc<LoadedPlugin>> {
+        self.plugins
+            .iter()
+            .filter(|p| p.mime.iter().any(|m| routing::mime_matches(m, kind)))
+            .cloned()
+            .collect()
+    }
+
+    /// Why no plugin takes `kind`.
+    fn unrouted(&self, kind: &str) -> String {
+        let loaded: Vec<String> = self
+            .plugins
+            .iter()
+            .map(|p| format!("{} [{}]", p.name, p.mime.join(", ")))
+            .collect();
+        format!(
+            "no plugin handles MIME type `{kind}` (loaded: {})",
+            crate::config::list_or_none(loaded)
+        )
     }
 
     /// A dependency is down: not the message's fault. Keep the attempt,
