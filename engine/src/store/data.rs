@@ -63,7 +63,8 @@ pub struct DataStore {
 #[derive(Debug)]
 struct DiskRoot {
     /// As configured, made absolute (symbolic links not resolved); `None`
-    /// when it has a `..` component (no location could match it).
+    /// when that is `canonical` or has a `..` component (no location could
+    /// match it).
     written: Option<PathBuf>,
     /// With every symbolic link resolved: objects must really lie below it.
     canonical: PathBuf,
@@ -80,7 +81,8 @@ impl DiskRoot {
         Ok(Self { written, canonical })
     }
 
-    /// The root for messages: `/data` or `/data` (`/mnt/disk1/data`).
+    /// The root for messages: `/data`, or `/data` (`/mnt/disk1/data`) when
+    /// the configured root goes through a symbolic link.
     fn describe(&self) -> String {
         match &self.written {
             Some(written) => format!("`{}` (`{}`)", written.display(), self.canonical.display()),
@@ -110,9 +112,17 @@ impl DiskRoot {
 /// The check and the caller's open are two steps: someone who can change
 /// the links inside the root between them is not stopped.
 pub async fn escape(root: &Path, relative: &Path) -> Option<&'static str> {
+    let (root, relative) = (root.to_owned(), relative.to_owned());
+    // One blocking task for the whole walk (as object_store's own calls).
+    tokio::task::spawn_blocking(move || escape_blocking(&root, &relative))
+        .await
+        .unwrap_or(Some("the check of its real path failed"))
+}
+
+fn escape_blocking(root: &Path, relative: &Path) -> Option<&'static str> {
     let mut candidate = root.join(relative);
     while candidate.starts_with(root) && candidate != root {
-        match tokio::fs::canonicalize(&candidate).await {
+        match std::fs::canonicalize(&candidate) {
             Ok(real) if real.starts_with(root) => return None,
             Ok(_) => return Some("it leads through a symbolic link"),
             Err(e)
@@ -123,10 +133,7 @@ pub async fn escape(root: &Path, relative: &Path) -> Option<&'static str> {
             {
                 // A link whose target is missing could point anywhere (and
                 // the target could appear later).
-                if tokio::fs::symlink_metadata(&candidate)
-                    .await
-                    .is_ok_and(|m| m.file_type().is_symlink())
-                {
+                if std::fs::symlink_metadata(&candidate).is_ok_and(|m| m.file_type().is_symlink()) {
                     return Some("it leads through a symbolic link whose target does not exist");
                 }
                 candidate.pop();
