@@ -10,7 +10,9 @@ use crate::{FieldSpec, MessageFields};
 pub struct Envelope {
     /// The message id.
     pub id: String,
-    /// The data's MIME type.
+    /// The data's MIME type; empty when the message has none (the type
+    /// field is optional, or `message_fields.mime_path` is set: then see
+    /// [`mime_from_metadata`]).
     pub kind: String,
     /// The data object's location.
     pub data_location: Option<String>,
@@ -85,7 +87,16 @@ pub fn parse(body: &[u8], fields: &MessageFields) -> Result<Envelope, EnvelopeEr
         id: id.clone(),
         reason,
     };
-    let kind = text_field(&object, &fields.kind, "type").map_err(fail)?;
+    // With `mime_path`, a missing type may still be found in the metadata.
+    let kind = if fields.mime_path.is_some() {
+        let optional = FieldSpec {
+            required: false,
+            ..fields.kind.clone()
+        };
+        text_field(&object, &optional, "type").map_err(fail)?
+    } else {
+        text_field(&object, &fields.kind, "type").map_err(fail)?
+    };
     let data_location =
         text_field(&object, &fields.data_location, "data_location").map_err(fail)?;
     let meta_location =
@@ -115,6 +126,44 @@ pub fn parse(body: &[u8], fields: &MessageFields) -> Result<Envelope, EnvelopeEr
         meta_location,
         metadata,
     })
+}
+
+/// The MIME type at `path` (`message_fields.mime_path`) in `metadata`: a
+/// key spelled exactly so, else the dotted path through nested objects
+/// (`mime.type` → `{"mime": {"type": "image/png"}}`). `None` when there is
+/// nothing there (or an empty string); an error when it is not a string.
+pub fn mime_from_metadata(
+    metadata: &Map<String, Value>,
+    path: &str,
+) -> Result<Option<String>, String> {
+    let found = metadata.get(path).or_else(|| {
+        let mut parts = path.split('.');
+        let first = metadata.get(parts.next()?)?;
+        parts.try_fold(first, |value, key| value.as_object()?.get(key))
+    });
+    match found {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(format!(
+            "the metadata's `{path}` (message_fields.mime_path) must be a string, not {}",
+            kind_of(other)
+        )),
+    }
+}
+
+/// Why a message has no MIME type, naming both places it was looked for.
+pub fn no_mime_reason(fields: &MessageFields) -> String {
+    match &fields.mime_path {
+        Some(path) => format!(
+            "no MIME type: the message has no `{}` field (message_fields.type) and its metadata has no `{path}` (message_fields.mime_path)",
+            fields.kind.key
+        ),
+        None => format!(
+            "no MIME type: the message has no `{}` field (message_fields.type)",
+            fields.kind.key
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -164,6 +213,74 @@ mod tests {
             .map(|e| e.reason)
             .unwrap_or_default();
         assert!(err.contains("must be a string"), "{err}");
+    }
+
+    #[test]
+    fn with_a_mime_path_the_type_field_may_be_missing() -> anyhow::Result<()> {
+        let mut f = fields();
+        f.mime_path = Some("mime.type".into());
+        let e = parse(br#"{"uuid_ref":"u","data_location":"/data/a.png"}"#, &f)?;
+        assert_eq!(e.kind, "");
+        let e = parse(br#"{"uuid_ref":"u","data_type":""}"#, &f)?;
+        assert_eq!(e.kind, "", "an empty type is no type");
+        let e = parse(br#"{"uuid_ref":"u","data_type":"text/plain"}"#, &f)?;
+        assert_eq!(e.kind, "text/plain", "the envelope's type comes first");
+        // A type of the wrong kind is still refused.
+        assert!(parse(br#"{"uuid_ref":"u","data_type":5}"#, &f).is_err());
+        // Without a mime_path the default still requires the field.
+        assert!(parse(br#"{"uuid_ref":"u"}"#, &fields()).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_mime_type_is_found_in_the_metadata_by_its_path() {
+        let meta = |v: Value| v.as_object().cloned().unwrap_or_default();
+        let nested = meta(serde_json::json!({"mime": {"type": "image/png", "path": "x"}}));
+        assert_eq!(
+            mime_from_metadata(&nested, "mime.type"),
+            Ok(Some("image/png".into()))
+        );
+        let flat = meta(serde_json::json!({"mime.type": "text/plain", "mime": {"type": "no"}}));
+        assert_eq!(
+            mime_from_metadata(&flat, "mime.type"),
+            Ok(Some("text/plain".into())),
+            "a key spelled with the dots comes first"
+        );
+        let top = meta(serde_json::json!({"content_type": "text/csv"}));
+        assert_eq!(
+            mime_from_metadata(&top, "content_type"),
+            Ok(Some("text/csv".into()))
+        );
+        for absent in [
+            serde_json::json!({}),
+            serde_json::json!({"mime": "image/png"}),
+            serde_json::json!({"mime": {"kind": "image/png"}}),
+            serde_json::json!({"mime": {"type": null}}),
+            serde_json::json!({"mime": {"type": ""}}),
+        ] {
+            assert_eq!(
+                mime_from_metadata(&meta(absent.clone()), "mime.type"),
+                Ok(None),
+                "{absent}"
+            );
+        }
+        let err = mime_from_metadata(&meta(serde_json::json!({"mime": {"type": 7}})), "mime.type")
+            .err()
+            .unwrap_or_default();
+        assert!(
+            err.contains("`mime.type` (message_fields.mime_path) must be a string, not a number"),
+            "{err}"
+        );
+        let mut f = fields();
+        assert_eq!(
+            no_mime_reason(&f),
+            "no MIME type: the message has no `data_type` field (message_fields.type)"
+        );
+        f.mime_path = Some("mime.type".into());
+        assert_eq!(
+            no_mime_reason(&f),
+            "no MIME type: the message has no `data_type` field (message_fields.type) and its metadata has no `mime.type` (message_fields.mime_path)"
+        );
     }
 
     #[test]

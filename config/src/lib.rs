@@ -321,6 +321,13 @@ pub struct MessageFields {
     pub meta_location: FieldSpec,
     /// Inline metadata (a JSON object). Default `metadata`.
     pub metadata: FieldSpec,
+    /// Where the MIME type is in the message's metadata (inline and from
+    /// `meta_location`) when the envelope has no type field, as sqAPI's
+    /// `mime.path`: a dotted path into the metadata object, e.g.
+    /// `mime.type` (a key spelled with the dots is looked up first). With
+    /// it, a missing type field is not an error; a message with neither is
+    /// dead-lettered. Default: none (the type comes from the envelope only).
+    pub mime_path: Option<String>,
 }
 
 impl Default for MessageFields {
@@ -331,6 +338,7 @@ impl Default for MessageFields {
             data_location: FieldSpec::new("data_location", false),
             meta_location: FieldSpec::new("meta_location", false),
             metadata: FieldSpec::new("metadata", false),
+            mime_path: None,
         }
     }
 }
@@ -1064,6 +1072,14 @@ impl Config {
                 "concurrency and plugin_concurrency must be at least 1".into(),
             ));
         }
+        if let Some(path) = &self.message_fields.mime_path
+            && (path.is_empty() || path.split('.').any(str::is_empty))
+        {
+            return Err(invalid(
+                "message_fields.mime_path".into(),
+                format!("`{path}` is not a dotted path into the metadata (e.g. `mime.type`)"),
+            ));
+        }
         self.validate_database()?;
         for (name, grant) in &self.plugins.grants {
             for output in &grant.emit {
@@ -1315,6 +1331,33 @@ mod tests {
         .unwrap_or_default();
         assert!(err.contains("plugins.grants.a.emit"), "{err}");
         assert!(err.contains("nowhere"), "{err}");
+    }
+
+    #[test]
+    fn mime_path_is_a_dotted_path_into_the_metadata() -> anyhow::Result<()> {
+        let c =
+            parse("listener: { type: dir, path: s }\nmessage_fields: { mime_path: mime.type }\n")?;
+        assert_eq!(c.message_fields.mime_path.as_deref(), Some("mime.type"));
+        assert!(
+            c.message_fields.kind.required,
+            "the type field keeps its default"
+        );
+        assert_eq!(
+            parse("listener: { type: dir, path: s }\n")?
+                .message_fields
+                .mime_path,
+            None
+        );
+        for bad in ["\"\"", "mime..type", ".mime", "mime."] {
+            let err = parse(&format!(
+                "listener: {{ type: dir, path: s }}\nmessage_fields: {{ mime_path: {bad} }}\n"
+            ))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+            assert!(err.contains("message_fields.mime_path"), "{bad}: {err}");
+        }
+        Ok(())
     }
 
     #[test]

@@ -251,6 +251,12 @@ mod tests {
                     "{lang:?}: {} has an unfilled placeholder",
                     rel.display()
                 );
+                // Every address it names is true: no placeholder host.
+                assert!(
+                    !rel.ends_with("README.md") || !text.contains("example.invalid"),
+                    "{lang:?}: {} links to a placeholder address",
+                    rel.display()
+                );
             }
             // Only the language's own files.
             let other = written.iter().any(|p| {

@@ -3,11 +3,13 @@
 //! Invariants: parsing never panics; a refusal always carries a reason; an
 //! accepted envelope has the required fields non-empty and round-trips its
 //! inline metadata. The first byte picks the field mapping, so both the
-//! sqAPI defaults and a custom mapping with every field required are fuzzed.
+//! sqAPI defaults and a custom mapping with every field required are fuzzed,
+//! each with and without `mime_path` (then a missing type is looked up in
+//! the metadata, which never panics either).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sandpipe_config::envelope::parse;
+use sandpipe_config::envelope::{mime_from_metadata, parse};
 use sandpipe_config::{FieldSpec, MessageFields};
 
 fn fields(selector: u8) -> MessageFields {
@@ -23,6 +25,9 @@ fn fields(selector: u8) -> MessageFields {
         fields.meta_location = spec("meta");
         fields.metadata = spec("m");
     }
+    if selector & 2 == 2 {
+        fields.mime_path = Some("mime.type".into());
+    }
     fields
 }
 
@@ -37,7 +42,14 @@ fuzz_target!(|input: &[u8]| {
             if fields.uuid.required {
                 assert!(!envelope.id.is_empty(), "accepted without an id");
             }
-            assert!(!envelope.kind.is_empty(), "accepted without a type");
+            match &fields.mime_path {
+                None => assert!(!envelope.kind.is_empty(), "accepted without a type"),
+                Some(path) => {
+                    if let Err(why) = mime_from_metadata(&envelope.metadata, path) {
+                        assert!(!why.is_empty(), "a metadata type refused without a reason");
+                    }
+                }
+            }
             if fields.data_location.required {
                 assert!(envelope.data_location.is_some(), "accepted without data");
             }

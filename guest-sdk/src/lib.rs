@@ -1,9 +1,9 @@
 //! # Sandpipe plugin SDK
 //!
-//! Write a [Sandpipe](https://example.invalid/sandpipe) plugin in Rust by
-//! implementing one trait, [`Plugin`], and calling one macro,
-//! [`export_plugin!`]. The SDK hides the WebAssembly component model
-//! bindings: plugin code never touches `wit-bindgen`.
+//! Write a Sandpipe plugin in Rust by implementing one trait, [`Plugin`],
+//! and calling one macro, [`export_plugin!`]. The SDK hides the
+//! WebAssembly component model bindings: plugin code never touches
+//! `wit-bindgen`.
 //!
 //! A plugin is built as a `cdylib` for the `wasm32-wasip2` target; the result
 //! is a WebAssembly component that the Sandpipe engine loads. The engine calls

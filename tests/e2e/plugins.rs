@@ -350,7 +350,7 @@ async fn send_then_run_processes_the_message_and_sigterm_stops_cleanly() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("processed 1 messages: 1 done, 0 failed, 0 dead-lettered"),
+        stdout.contains("processed 1 message (1 delivery): 1 done, 0 failed, 0 dead-lettered"),
         "{stdout}"
     );
     assert_eq!(d.last("m-sent", "probe").await.status, "done");

@@ -47,6 +47,12 @@ async fn quickstart_processes_the_sample_data() {
     assert_eq!(summary.dead, 2, "{summary}");
     assert_eq!(summary.done, spool_json - 2, "{summary}");
     assert_eq!(summary.failed, 0, "{summary}");
+    // The README promises this line.
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("\n{summary}\n")),
+        "README.md does not show the quickstart's line `{summary}`"
+    );
 
     let images = rusqlite::Connection::open(qs.join("state/plugins/image-meta.sqlite")).unwrap();
     let mut stmt = images

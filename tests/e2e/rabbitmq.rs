@@ -153,9 +153,16 @@ async fn failures_retry_through_the_delay_queue_then_dead_letter_with_reason() {
     )
     .await;
     let summary = d.run_once().await.unwrap();
+    // rmq-error: two retries, then dead; five deliveries of three messages.
     assert_eq!(
-        (summary.done, summary.failed, summary.dead),
-        (1, 2, 2),
+        (
+            summary.processed,
+            summary.deliveries,
+            summary.done,
+            summary.failed,
+            summary.dead
+        ),
+        (3, 5, 1, 0, 2),
         "{summary}"
     );
     let row = d.last("rmq-error", "probe").await;

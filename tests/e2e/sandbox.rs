@@ -14,9 +14,17 @@ async fn a_panic_is_recorded_with_the_guests_message_and_dead_lettered_after_max
         r#"{"uuid_ref":"m-ok","data_type":"test/probe","action":"done"}"#,
     );
     let summary = d.run_once().await.unwrap();
+    // m-panic fails, is retried and dead-lettered: three deliveries of two
+    // messages.
     assert_eq!(
-        (summary.done, summary.failed, summary.dead),
-        (1, 1, 1),
+        (
+            summary.processed,
+            summary.deliveries,
+            summary.done,
+            summary.failed,
+            summary.dead
+        ),
+        (2, 3, 1, 0, 1),
         "{summary}"
     );
     let row = d.last("m-panic", "panicky").await;

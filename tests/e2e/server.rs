@@ -58,15 +58,18 @@ async fn health_readiness_and_metrics_are_served() {
 
     tx.send(true).unwrap();
     let summary = engine.await.unwrap().unwrap();
-    // m-denied fails once, is retried, then dead-lettered: three settlements.
+    // m-denied fails once, is retried, then dead-lettered: three
+    // settlements of two messages.
     assert_eq!(
         (
             summary.processed,
+            summary.deliveries,
             summary.done,
             summary.failed,
             summary.dead
         ),
-        (3, 1, 1, 1)
+        (2, 3, 1, 0, 1),
+        "{summary}"
     );
 }
 

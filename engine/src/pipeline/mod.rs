@@ -30,35 +30,94 @@ use crate::store::data::DataError;
 use crate::store::meta::{MetaError, MetaStore};
 use envelope::Envelope;
 
-/// Counts of settled deliveries.
+/// What a run made of the messages it settled.
+///
+/// A message is counted once, by its last settlement in the run: `done`,
+/// `dead`, or `failed` when that was a retry (or a requeue after an
+/// outage) that the run did not see finish. `deliveries` counts every
+/// settlement, retries included. (A broker's duplicate of a message
+/// already done counts again.)
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Summary {
-    /// Deliveries settled.
+    /// Distinct messages settled: `done + failed + dead`.
     pub processed: u64,
-    /// Acknowledged: every routed plugin done or skipped.
+    /// Deliveries settled, retries and redeliveries included.
+    pub deliveries: u64,
+    /// Messages acknowledged: every routed plugin done or skipped.
     pub done: u64,
-    /// Failed and scheduled for another attempt.
+    /// Messages whose last settlement was a retry: not finished in this run.
     pub failed: u64,
-    /// Dead-lettered.
+    /// Messages dead-lettered.
     pub dead: u64,
 }
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plural =
+            |n: u64, one: &'static str, many: &'static str| if n == 1 { one } else { many };
         write!(
             f,
-            "processed {} messages: {} done, {} failed, {} dead-lettered",
-            self.processed, self.done, self.failed, self.dead
+            "processed {} {} ({} {}): {} done, {} failed, {} dead-lettered",
+            self.processed,
+            plural(self.processed, "message", "messages"),
+            self.deliveries,
+            plural(self.deliveries, "delivery", "deliveries"),
+            self.done,
+            self.failed,
+            self.dead
         )
     }
 }
 
+/// The run's counts so far (see [`Summary`]).
 #[derive(Default)]
-struct Counters {
-    processed: AtomicU64,
-    done: AtomicU64,
-    failed: AtomicU64,
-    dead: AtomicU64,
+struct Tally {
+    deliveries: u64,
+    done: u64,
+    dead: u64,
+    /// Messages whose last settlement was a retry or a requeue; a message
+    /// leaves when it is done or dead-lettered, so this holds only what is
+    /// waiting for another attempt.
+    pending: HashSet<String>,
+}
+
+/// How a delivery was settled, as the tally sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    Done,
+    /// Retried or requeued: it comes back.
+    Again,
+    Dead,
+}
+
+impl Tally {
+    fn settled(&mut self, id: String, how: Settled) {
+        self.deliveries += 1;
+        match how {
+            Settled::Done => {
+                self.pending.remove(&id);
+                self.done += 1;
+            }
+            Settled::Dead => {
+                self.pending.remove(&id);
+                self.dead += 1;
+            }
+            Settled::Again => {
+                self.pending.insert(id);
+            }
+        }
+    }
+
+    fn summary(&self) -> Summary {
+        let failed = self.pending.len() as u64;
+        Summary {
+            processed: self.done + self.dead + failed,
+            deliveries: self.deliveries,
+            done: self.done,
+            failed,
+            dead: self.dead,
+        }
+    }
 }
 
 /// The longest status-log reason of one plugin on one message.
@@ -84,7 +143,7 @@ pub struct Pipeline {
     status: StatusLog,
     meta: MetaStore,
     services: Arc<Services>,
-    counters: Counters,
+    tally: std::sync::Mutex<Tally>,
     /// Consecutive outages (reset by a message that settles normally).
     outages: AtomicU64,
     /// No new deliveries are taken before this instant.
@@ -150,7 +209,7 @@ impl Pipeline {
             status,
             meta,
             services,
-            counters: Counters::default(),
+            tally: std::sync::Mutex::new(Tally::default()),
             outages: AtomicU64::new(0),
             pause_until: std::sync::Mutex::new(None),
             busy_ids: KeyedLocks::default(),
@@ -164,12 +223,7 @@ impl Pipeline {
 
     /// Counts so far.
     pub fn summary(&self) -> Summary {
-        Summary {
-            processed: self.counters.processed.load(Ordering::Relaxed),
-            done: self.counters.done.load(Ordering::Relaxed),
-            failed: self.counters.failed.load(Ordering::Relaxed),
-            dead: self.counters.dead.load(Ordering::Relaxed),
-        }
+        self.tally.lock().map(|t| t.summary()).unwrap_or_default()
     }
 
     /// Take deliveries from `listener` until it is drained or `shutdown`
@@ -234,7 +288,9 @@ impl Pipeline {
         metrics::counter!(crate::metrics::RECEIVED).increment(1);
         let in_flight = metrics::gauge!(crate::metrics::IN_FLIGHT);
         in_flight.increment(1.0);
-        let settlement = match self.decide(&body, &headers, attempt, &name).await {
+        // The message's id once known (for the summary), else the delivery's.
+        let mut id = None;
+        let settlement = match self.decide(&body, &headers, attempt, &name, &mut id).await {
             Ok(s) => s,
             Err(e) => {
                 // An infrastructure failure (status log, stores): not the
@@ -246,17 +302,24 @@ impl Pipeline {
                 }
             }
         };
-        let (counter, label) = match &settlement {
-            Settlement::Ack => (&self.counters.done, "done"),
-            Settlement::Retry { .. } => (&self.counters.failed, "retry"),
-            Settlement::Requeue { .. } => (&self.counters.failed, "requeue"),
-            Settlement::DeadLetter { .. } => (&self.counters.dead, "dead"),
+        let label = match &settlement {
+            Settlement::Ack => "done",
+            Settlement::Retry { .. } => "retry",
+            Settlement::Requeue { .. } => "requeue",
+            Settlement::DeadLetter { .. } => "dead",
         };
         metrics::counter!(crate::metrics::SETTLED, "settlement" => label).increment(1);
+        let outcome = match &settlement {
+            Settlement::Ack => Settled::Done,
+            Settlement::Retry { .. } | Settlement::Requeue { .. } => Settled::Again,
+            Settlement::DeadLetter { .. } => Settled::Dead,
+        };
         match acker.settle(settlement).await {
             Ok(()) => {
-                counter.fetch_add(1, Ordering::Relaxed);
-                self.counters.processed.fetch_add(1, Ordering::Relaxed);
+                let id = id.unwrap_or_else(|| format!("delivery:{name}"));
+                if let Ok(mut tally) = self.tally.lock() {
+                    tally.settled(id, outcome);
+                }
             }
             Err(e) => tracing::error!(delivery = %name, error = format!("{e:#}"), "cannot settle"),
         }
@@ -283,6 +346,7 @@ impl Pipeline {
         headers: &[(String, String)],
         attempt: u32,
         name: &str,
+        message_id: &mut Option<String>,
     ) -> anyhow::Result<Settlement> {
         let max = self.config.pipeline.max_message_bytes;
         if body.len() as u64 > max.as_u64() {
@@ -302,6 +366,7 @@ impl Pipeline {
             Ok(e) => e,
             Err(err) => {
                 let id = err.id.clone().unwrap_or_else(|| format!("delivery:{name}"));
+                *message_id = Some(id.clone());
                 let received = Entry::message(&id, attempt, Status::Received, "");
                 return self
                     .dead(
@@ -318,42 +383,33 @@ impl Pipeline {
         } else {
             envelope.id.clone()
         };
+        *message_id = Some(id.clone());
         // A broker redelivers what a dropped connection left unacked, possibly
         // while this process still works on the first copy: one copy of a
         // message at a time, so the second sees the first's durable status
         // and does not run its plugins again.
         let _one_at_a_time = self.busy_ids.lock(&id).await;
-        let received = Entry::message(&id, attempt, Status::Received, envelope.kind.clone());
+        let mut received = Entry::message(&id, attempt, Status::Received, envelope.kind.clone());
 
-        let routed: Vec<Arc<LoadedPlugin>> = self
-            .plugins
-            .iter()
-            .filter(|p| {
-                p.mime
-                    .iter()
-                    .any(|m| routing::mime_matches(m, &envelope.kind))
-            })
-            .cloned()
-            .collect();
-        if routed.is_empty() {
-            let loaded: Vec<String> = self
-                .plugins
-                .iter()
-                .map(|p| format!("{} [{}]", p.name, p.mime.join(", ")))
-                .collect();
-            let reason = format!(
-                "no plugin handles MIME type `{}` (loaded: {})",
-                envelope.kind,
-                crate::config::list_or_none(loaded)
-            );
-            return self.dead(&id, attempt, reason, vec![received]).await;
+        // Routed by the envelope's type before anything is fetched; a
+        // message without one, when `message_fields.mime_path` is set, by
+        // the type in its metadata once that is resolved.
+        let mime_path = self.config.message_fields.mime_path.as_deref();
+        let type_in_metadata = envelope.kind.is_empty() && mime_path.is_some();
+        let mut routed = Vec::new();
+        if !type_in_metadata {
+            routed = self.route(&envelope.kind);
+            if routed.is_empty() {
+                let reason = self.unrouted(&envelope.kind);
+                return self.dead(&id, attempt, reason, vec![received]).await;
+            }
         }
 
         let step = std::time::Instant::now();
         let resolved = self.resolve(&id, &envelope, headers, body).await;
         record_step("resolve", step);
-        let message = match resolved {
-            Ok(m) => Arc::new(m),
+        let mut message = match resolved {
+            Ok(m) => m,
             Err(Resolution::Permanent(reason)) => {
                 return self.dead(&id, attempt, reason, vec![received]).await;
             }
@@ -363,6 +419,24 @@ impl Pipeline {
                     .await;
             }
         };
+        if let (true, Some(path)) = (type_in_metadata, mime_path) {
+            let kind = match envelope::mime_from_metadata(&message.metadata, path) {
+                Ok(Some(kind)) => kind,
+                Ok(None) => {
+                    let reason = envelope::no_mime_reason(&self.config.message_fields);
+                    return self.dead(&id, attempt, reason, vec![received]).await;
+                }
+                Err(reason) => return self.dead(&id, attempt, reason, vec![received]).await,
+            };
+            received.info = format!("{kind} (metadata {path})");
+            routed = self.route(&kind);
+            if routed.is_empty() {
+                let reason = self.unrouted(&kind);
+                return self.dead(&id, attempt, reason, vec![received]).await;
+            }
+            message.kind = kind;
+        }
+        let message = Arc::new(message);
 
         let step = std::time::Instant::now();
         let finished: HashSet<String> = self.status.finished_plugins(&id).await?;
@@ -450,6 +524,28 @@ impl Pipeline {
         Ok(Settlement::Ack)
     }
 
+    /// The plugins whose MIME patterns match `kind`.
+    fn route(&self, kind: &str) -> Vec<Arc<LoadedPlugin>> {
+        self.plugins
+            .iter()
+            .filter(|p| p.mime.iter().any(|m| routing::mime_matches(m, kind)))
+            .cloned()
+            .collect()
+    }
+
+    /// Why no plugin takes `kind`.
+    fn unrouted(&self, kind: &str) -> String {
+        let loaded: Vec<String> = self
+            .plugins
+            .iter()
+            .map(|p| format!("{} [{}]", p.name, p.mime.join(", ")))
+            .collect();
+        format!(
+            "no plugin handles MIME type `{kind}` (loaded: {})",
+            crate::config::list_or_none(loaded)
+        )
+    }
+
     /// A dependency is down: not the message's fault. Keep the attempt,
     /// try again later, and slow down taking new work.
     async fn requeue_outage(
@@ -510,22 +606,43 @@ impl Pipeline {
         headers: &[(String, String)],
         body: &bytes::Bytes,
     ) -> Result<MessageContext, Resolution> {
-        if let Some(location) = &envelope.data_location {
-            match self.services.data.exists(location).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Err(Resolution::Permanent(format!(
-                        "data object `{location}` not found in the data store"
-                    )));
+        // An absolute location (sqAPI's) becomes the root-relative one:
+        // the location plugins see and can open.
+        let data_location = match &envelope.data_location {
+            Some(given) => {
+                let location = self
+                    .services
+                    .data
+                    .message_location(given)
+                    .map_err(|e| Resolution::Permanent(format!("bad data_location: {e}")))?;
+                let named = if location == *given {
+                    format!("`{location}`")
+                } else {
+                    format!("`{given}` (`{location}` in the data store)")
+                };
+                match self.services.data.exists(&location).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Err(Resolution::Permanent(format!(
+                            "data object {named} not found in the data store"
+                        )));
+                    }
+                    Err(DataError::Invalid(m)) | Err(DataError::NotFound(m)) => {
+                        let m = if location == *given {
+                            m
+                        } else {
+                            format!("{m} (given as `{given}`)")
+                        };
+                        return Err(Resolution::Permanent(format!("bad data_location: {m}")));
+                    }
+                    Err(e @ DataError::Unavailable(_)) => {
+                        return Err(Resolution::Transient(e.to_string()));
+                    }
                 }
-                Err(DataError::Invalid(m)) | Err(DataError::NotFound(m)) => {
-                    return Err(Resolution::Permanent(format!("bad data_location: {m}")));
-                }
-                Err(e @ DataError::Unavailable(_)) => {
-                    return Err(Resolution::Transient(e.to_string()));
-                }
+                Some(location)
             }
-        }
+            None => None,
+        };
         let mut metadata = envelope.metadata.clone();
         if let Some(location) = &envelope.meta_location {
             match self
@@ -548,7 +665,7 @@ impl Pipeline {
         Ok(MessageContext {
             id: id.to_owned(),
             kind: envelope.kind.clone(),
-            data_location: envelope.data_location.clone(),
+            data_location,
             meta_location: envelope.meta_location.clone(),
             metadata,
             headers: headers.to_vec(),
@@ -783,5 +900,54 @@ mod keyed_lock_tests {
         }
         assert_eq!(most.load(Ordering::SeqCst), 1);
         assert!(locks.locks.lock().map(|m| m.is_empty()).unwrap_or(false));
+    }
+}
+
+#[cfg(test)]
+mod tally_tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_counted_once_by_their_last_settlement() {
+        let mut tally = Tally::default();
+        tally.settled("fine".into(), Settled::Done);
+        // Retried twice, then done.
+        tally.settled("flaky".into(), Settled::Again);
+        tally.settled("flaky".into(), Settled::Again);
+        tally.settled("flaky".into(), Settled::Done);
+        // Retried, then dead-lettered.
+        tally.settled("bad".into(), Settled::Again);
+        tally.settled("bad".into(), Settled::Dead);
+        // Retried and not back within the run.
+        tally.settled("later".into(), Settled::Again);
+        let summary = tally.summary();
+        assert_eq!(
+            summary,
+            Summary {
+                processed: 4,
+                deliveries: 7,
+                done: 2,
+                failed: 1,
+                dead: 1,
+            }
+        );
+        assert_eq!(
+            summary.to_string(),
+            "processed 4 messages (7 deliveries): 2 done, 1 failed, 1 dead-lettered"
+        );
+        assert!(
+            tally.pending.len() == 1,
+            "only what waits for a retry is kept"
+        );
+        let one = Summary {
+            processed: 1,
+            deliveries: 1,
+            done: 1,
+            ..Summary::default()
+        };
+        assert_eq!(
+            one.to_string(),
+            "processed 1 message (1 delivery): 1 done, 0 failed, 0 dead-lettered"
+        );
     }
 }

@@ -4,7 +4,19 @@
 //! or `.` segments, empty segments, backslashes, control characters or a URL
 //! scheme is refused before it reaches the store, so a plugin or a message
 //! can never name an object outside the configured root.
+//!
+//! On a `disk` store the object's real path (every symbolic link followed)
+//! must also lie inside the root: object_store's `LocalFileSystem` follows
+//! links wherever they lead, so a link inside the root that points out of
+//! it is refused here, before each read, existence check and write.
+//!
+//! sqAPI compatibility: a message's `data_location` may be an absolute path
+//! when the store is `disk` and the path lies inside its root (the root as
+//! configured or with its links resolved); it is turned into the
+//! root-relative location ([`DataStore::message_location`]), which is what
+//! plugins see.
 
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -43,6 +55,93 @@ pub struct ObjectStream {
 #[derive(Clone)]
 pub struct DataStore {
     store: Arc<dyn ObjectStore>,
+    /// A `disk` store's root.
+    disk: Option<Arc<DiskRoot>>,
+}
+
+/// A `disk` store's root, in the two forms an absolute location may use.
+#[derive(Debug)]
+struct DiskRoot {
+    /// As configured, made absolute (symbolic links not resolved); `None`
+    /// when that is `canonical` or has a `..` component (no location could
+    /// match it).
+    written: Option<PathBuf>,
+    /// With every symbolic link resolved: objects must really lie below it.
+    canonical: PathBuf,
+}
+
+impl DiskRoot {
+    fn new(root: &Path) -> anyhow::Result<Self> {
+        let canonical = std::fs::canonicalize(root)
+            .map_err(|e| anyhow::anyhow!("data_store.root {}: {e}", root.display()))?;
+        let written = std::path::absolute(root)
+            .ok()
+            .filter(|p| !p.components().any(|c| c == Component::ParentDir))
+            .filter(|p| *p != canonical);
+        Ok(Self { written, canonical })
+    }
+
+    /// The root for messages: `/data`, or `/data` (`/mnt/disk1/data`) when
+    /// the configured root goes through a symbolic link.
+    fn describe(&self) -> String {
+        match &self.written {
+            Some(written) => format!("`{}` (`{}`)", written.display(), self.canonical.display()),
+            None => format!("`{}`", self.canonical.display()),
+        }
+    }
+
+    /// Refuse `path` (already checked lexically) if its real path leaves the
+    /// root through a symbolic link.
+    async fn confine(&self, location: &str, path: &ObjectPath) -> Result<(), DataError> {
+        match escape(&self.canonical, Path::new(path.as_ref())).await {
+            None => Ok(()),
+            Some(how) => Err(DataError::Invalid(format!(
+                "invalid location `{location}`: {how}, outside the data store's root {}",
+                self.describe()
+            ))),
+        }
+    }
+}
+
+/// How `relative` (lexically clean: normal components only) leaves `root`
+/// (canonical) through a symbolic link, if it does. The longest existing
+/// prefix of the path is resolved, so a write below a linked folder is
+/// caught too. What cannot be resolved for another reason (permissions, a
+/// loop of links) is left to the caller's own file operation to report.
+///
+/// The check and the caller's open are two steps: someone who can change
+/// the links inside the root between them is not stopped.
+pub async fn escape(root: &Path, relative: &Path) -> Option<&'static str> {
+    let (root, relative) = (root.to_owned(), relative.to_owned());
+    // One blocking task for the whole walk (as object_store's own calls).
+    tokio::task::spawn_blocking(move || escape_blocking(&root, &relative))
+        .await
+        .unwrap_or(Some("the check of its real path failed"))
+}
+
+fn escape_blocking(root: &Path, relative: &Path) -> Option<&'static str> {
+    let mut candidate = root.join(relative);
+    while candidate.starts_with(root) && candidate != root {
+        match std::fs::canonicalize(&candidate) {
+            Ok(real) if real.starts_with(root) => return None,
+            Ok(_) => return Some("it leads through a symbolic link"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                // A link whose target is missing could point anywhere (and
+                // the target could appear later).
+                if std::fs::symlink_metadata(&candidate).is_ok_and(|m| m.file_type().is_symlink()) {
+                    return Some("it leads through a symbolic link whose target does not exist");
+                }
+                candidate.pop();
+            }
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 impl DataStore {
@@ -52,7 +151,12 @@ impl DataStore {
             DataStoreConfig::Disk { root } => {
                 std::fs::create_dir_all(root)
                     .map_err(|e| anyhow::anyhow!("data_store.root {}: {e}", root.display()))?;
-                Arc::new(LocalFileSystem::new_with_prefix(root)?)
+                let disk = DiskRoot::new(root)?;
+                let store = Arc::new(LocalFileSystem::new_with_prefix(&disk.canonical)?);
+                return Ok(Self {
+                    store,
+                    disk: Some(Arc::new(disk)),
+                });
             }
             DataStoreConfig::Memory => Arc::new(InMemory::new()),
             DataStoreConfig::S3 {
@@ -81,17 +185,81 @@ impl DataStore {
                 )
             }
         };
-        Ok(Self { store })
+        Ok(Self { store, disk: None })
     }
 
-    /// Refuse locations that could escape the root.
+    /// Refuse locations that could escape the root (lexically; reading,
+    /// checking and writing also refuse a symbolic link out of a disk root).
     pub fn check_location(&self, location: &str) -> Result<ObjectPath, DataError> {
         parse_location(location)
     }
 
+    /// A message's `data_location` as the store's location, the form
+    /// plugins see: a relative location as it is; an absolute one (sqAPI's
+    /// form) only on a `disk` store and only inside its root — as
+    /// configured or with its symbolic links resolved — made relative to
+    /// it. The object's real path is checked when it is used.
+    pub fn message_location(&self, location: &str) -> Result<String, DataError> {
+        if !location.starts_with('/') {
+            parse_location(location)?;
+            return Ok(location.to_owned());
+        }
+        let bad = |why: String| DataError::Invalid(format!("invalid location `{location}`: {why}"));
+        let Some(disk) = &self.disk else {
+            return Err(bad(
+                "absolute paths are not allowed (only a `disk` data store takes an absolute location, inside its root)".into(),
+            ));
+        };
+        // Lexically clean before any comparison: a `..` could otherwise
+        // climb out of a matching prefix.
+        if location.len() > 1024 {
+            return Err(bad("longer than 1024 bytes".into()));
+        }
+        for segment in location[1..].split('/') {
+            match segment {
+                "" => return Err(bad("empty path segments are not allowed".into())),
+                "." | ".." => return Err(bad("`.` and `..` segments are not allowed".into())),
+                _ => {}
+            }
+        }
+        let path = Path::new(location);
+        let rest = [Some(&disk.canonical), disk.written.as_ref()]
+            .into_iter()
+            .flatten()
+            .find_map(|root| path.strip_prefix(root).ok());
+        let Some(rest) = rest else {
+            return Err(bad(format!(
+                "an absolute location must lie inside the data store's root {}",
+                disk.describe()
+            )));
+        };
+        let relative = rest
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/");
+        if relative.is_empty() {
+            return Err(bad(format!(
+                "it names the data store's root {} itself, not an object in it",
+                disk.describe()
+            )));
+        }
+        parse_named(&relative, location)?;
+        Ok(relative)
+    }
+
+    /// The object path of `location`, refused if it could escape the root.
+    async fn object_path(&self, location: &str) -> Result<ObjectPath, DataError> {
+        let path = parse_location(location)?;
+        if let Some(disk) = &self.disk {
+            disk.confine(location, &path).await?;
+        }
+        Ok(path)
+    }
+
     /// Open the object at `location` for streaming.
     pub async fn open(&self, location: &str) -> Result<ObjectStream, DataError> {
-        let path = parse_location(location)?;
+        let path = self.object_path(location).await?;
         let result = self
             .store
             .get(&path)
@@ -108,7 +276,7 @@ impl DataStore {
 
     /// Whether an object exists at `location`.
     pub async fn exists(&self, location: &str) -> Result<bool, DataError> {
-        let path = parse_location(location)?;
+        let path = self.object_path(location).await?;
         match self.store.head(&path).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -118,7 +286,7 @@ impl DataStore {
 
     /// Write `bytes` at `location`.
     pub async fn put(&self, location: &str, bytes: Bytes) -> Result<(), DataError> {
-        let path = parse_location(location)?;
+        let path = self.object_path(location).await?;
         self.store
             .put(&path, PutPayload::from(bytes))
             .await
@@ -139,7 +307,13 @@ fn store_error(location: &str, err: object_store::Error) -> DataError {
 
 /// Validate a location and turn it into an object path.
 pub fn parse_location(location: &str) -> Result<ObjectPath, DataError> {
-    let bad = |why: &str| DataError::Invalid(format!("invalid location `{location}`: {why}"));
+    parse_named(location, location)
+}
+
+/// [`parse_location`], naming `shown` (the location as the message gave
+/// it) in a refusal.
+fn parse_named(location: &str, shown: &str) -> Result<ObjectPath, DataError> {
+    let bad = |why: &str| DataError::Invalid(format!("invalid location `{shown}`: {why}"));
     if location.is_empty() {
         return Err(bad("empty"));
     }
@@ -218,6 +392,150 @@ mod tests {
             store.open("a/nope.txt").await.err(),
             Some(DataError::NotFound(_))
         ));
+        Ok(())
+    }
+}
+
+#[cfg(all(test, unix))]
+mod confinement_tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn disk(root: &Path) -> anyhow::Result<DataStore> {
+        DataStore::new(&DataStoreConfig::Disk {
+            root: root.to_owned(),
+        })
+    }
+
+    fn reason(result: Result<impl Sized, DataError>) -> String {
+        match result {
+            Err(DataError::Invalid(m)) => m,
+            Err(other) => format!("not Invalid: {other}"),
+            Ok(_) => "accepted".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_symbolic_link_out_of_the_root_is_refused() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().join("data");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&root)?;
+        std::fs::create_dir_all(&outside)?;
+        std::fs::write(outside.join("secret.txt"), b"secret")?;
+        std::fs::create_dir_all(root.join("in"))?;
+        std::fs::write(root.join("in/ok.txt"), b"ok")?;
+        symlink(outside.join("secret.txt"), root.join("file-link"))?;
+        symlink(&outside, root.join("dir-link"))?;
+        symlink(root.join("in"), root.join("inner-link"))?;
+        symlink(dir.path().join("nowhere"), root.join("dangling"))?;
+        let store = disk(&root)?;
+
+        // Today's escape, closed: object_store follows links anywhere.
+        for location in ["file-link", "dir-link/secret.txt"] {
+            let why = reason(store.open(location).await);
+            assert!(why.contains("symbolic link"), "{location}: {why}");
+            assert!(why.contains(&format!("`{location}`")), "{why}");
+            assert!(why.contains("outside the data store's root"), "{why}");
+            assert!(reason(store.exists(location).await).contains("symbolic link"));
+        }
+        // A write below a linked folder, even to a new file or folder.
+        for location in ["dir-link/new.txt", "dir-link/sub/new.txt"] {
+            let why = reason(store.put(location, Bytes::from_static(b"x")).await);
+            assert!(why.contains("symbolic link"), "{location}: {why}");
+        }
+        assert!(!outside.join("new.txt").exists() && !outside.join("sub").exists());
+        // A dangling link could point anywhere.
+        let why = reason(store.open("dangling").await);
+        assert!(why.contains("target does not exist"), "{why}");
+        let why = reason(store.put("dangling/x", Bytes::from_static(b"x")).await);
+        assert!(why.contains("symbolic link"), "{why}");
+
+        // Links that stay inside the root are fine, and so are new objects.
+        assert!(store.exists("inner-link/ok.txt").await?);
+        assert!(store.exists("in/ok.txt").await?);
+        assert!(!store.exists("in/missing.txt").await?);
+        assert!(!store.exists("new/dir/missing.txt").await?);
+        store.put("new/dir/a.txt", Bytes::from_static(b"a")).await?;
+        assert_eq!(std::fs::read(root.join("new/dir/a.txt"))?, b"a");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn absolute_locations_inside_a_disk_root_become_relative() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let real = dir.path().join("real");
+        std::fs::create_dir_all(real.join("data/images"))?;
+        std::fs::write(real.join("data/images/a.png"), b"png")?;
+        // The root as written goes through a link: both forms are accepted.
+        symlink(&real, dir.path().join("mnt"))?;
+        let written = std::path::absolute(dir.path().join("mnt/data"))?;
+        let canonical = std::fs::canonicalize(real.join("data"))?;
+        let store = disk(&written)?;
+        for root in [&written, &canonical] {
+            let given = format!("{}/images/a.png", root.display());
+            assert_eq!(store.message_location(&given)?, "images/a.png", "{given}");
+        }
+        assert!(store.exists("images/a.png").await?);
+        // Relative locations are kept as they are.
+        assert_eq!(store.message_location("images/a.png")?, "images/a.png");
+
+        let w = written.display();
+        for (given, expected) in [
+            (format!("{w}/../data/images/a.png"), "`.` and `..` segments"),
+            (format!("{w}/images/../a.png"), "`.` and `..` segments"),
+            (format!("{w}/./images/a.png"), "`.` and `..` segments"),
+            (format!("{w}//images/a.png"), "empty path segments"),
+            (format!("{w}/images/"), "empty path segments"),
+            (format!("{w}"), "itself, not an object"),
+            (
+                format!("{w}x/a.png"),
+                "must lie inside the data store's root",
+            ),
+            (
+                "/etc/passwd".to_owned(),
+                "must lie inside the data store's root",
+            ),
+            (format!("{w}/a%2e.png"), "percent-encoding"),
+        ] {
+            let why = reason(store.message_location(&given));
+            assert!(why.contains(expected), "{given}: {why}");
+            assert!(
+                why.contains(&format!("`{given}`")),
+                "names the location: {why}"
+            );
+        }
+        // The refusal names the root, in both forms.
+        let why = reason(store.message_location("/etc/passwd"));
+        assert!(why.contains(&format!("`{w}`")), "{why}");
+        assert!(why.contains(&format!("`{}`", canonical.display())), "{why}");
+
+        // Only a disk store takes an absolute location.
+        let memory = DataStore::new(&DataStoreConfig::Memory)?;
+        let why = reason(memory.message_location(&format!("{w}/images/a.png")));
+        assert!(why.contains("absolute paths are not allowed"), "{why}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_absolute_location_through_a_link_out_of_the_root_is_refused_when_used()
+    -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().join("data");
+        std::fs::create_dir_all(&root)?;
+        std::fs::write(dir.path().join("secret.txt"), b"secret")?;
+        symlink(dir.path().join("secret.txt"), root.join("escape"))?;
+        let store = disk(&root)?;
+        let canonical = std::fs::canonicalize(&root)?;
+        let location = store.message_location(&format!("{}/escape", canonical.display()))?;
+        assert_eq!(location, "escape");
+        let why = reason(store.exists(&location).await);
+        assert!(why.contains("symbolic link"), "{why}");
+        assert!(
+            why.contains(&canonical.display().to_string()),
+            "names the root: {why}"
+        );
         Ok(())
     }
 }

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use tokio::io::AsyncReadExt as _;
 
 use crate::config::MetaStoreConfig;
-use crate::store::data::parse_location;
+use crate::store::data::{escape, parse_location};
 
 /// Why metadata could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +69,21 @@ impl MetaStore {
             Self::File { root } => {
                 let path =
                     parse_location(location).map_err(|e| MetaError::Invalid(e.to_string()))?;
-                let file = root.join(path.as_ref());
+                // No symbolic link out of the root either.
+                let real_root = tokio::fs::canonicalize(root).await.map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        MetaError::NotFound(location.to_owned())
+                    } else {
+                        MetaError::Unavailable(format!("{}: {e}", root.display()))
+                    }
+                })?;
+                if let Some(how) = escape(&real_root, std::path::Path::new(path.as_ref())).await {
+                    return Err(MetaError::Invalid(format!(
+                        "invalid meta_location `{location}`: {how}, outside the metadata store's root `{}`",
+                        real_root.display()
+                    )));
+                }
+                let file = real_root.join(path.as_ref());
                 let unavailable = |e: std::io::Error| {
                     if e.kind() == std::io::ErrorKind::NotFound {
                         MetaError::NotFound(location.to_owned())
@@ -187,5 +201,36 @@ async fn fetch_redis(
         other => Err(MetaError::Invalid(format!(
             "metadata key `{location}` holds a Redis {other}, not a string or a hash"
         ))),
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_file_store_reads_objects_but_no_link_out_of_its_root() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().join("meta");
+        std::fs::create_dir_all(&root)?;
+        std::fs::write(root.join("m.json"), br#"{"a": 1}"#)?;
+        std::fs::write(dir.path().join("other.json"), br#"{"secret": 1}"#)?;
+        std::os::unix::fs::symlink(dir.path().join("other.json"), root.join("link.json"))?;
+        let store = MetaStore::File { root };
+        let max = ByteSize::kib(4);
+        let found = store.fetch("m.json", max).await?;
+        assert_eq!(found.get("a"), Some(&Value::from(1)));
+        assert!(matches!(
+            store.fetch("none.json", max).await,
+            Err(MetaError::NotFound(_))
+        ));
+        match store.fetch("link.json", max).await {
+            Err(MetaError::Invalid(why)) => {
+                assert!(why.contains("symbolic link"), "{why}");
+                assert!(why.contains("`link.json`"), "{why}");
+            }
+            other => panic!("a link out of the root was followed: {other:?}"),
+        }
+        Ok(())
     }
 }
