@@ -24,4 +24,5 @@ mod sandbox;
 mod scaffold;
 mod sdk_scenarios;
 mod server;
+mod sqapi;
 mod with_redis;
