@@ -200,11 +200,18 @@ example-redis-s3: guests test-deps
     redis-cli XRANGE sandpipe-example-stats - +
 
 # Every benchmark (see docs/benchmarks.md).
-bench: bench-pipeline bench-micro
+bench: bench-pipeline bench-sqapi bench-micro
 
 # The end-to-end embedded path, sandboxed against native (engine/benches/pipeline.rs).
 bench-pipeline: guests
     env -u RUST_BACKTRACE cargo bench --bench pipeline
+
+# The sqAPI workload through RabbitMQ, Redis and PostgreSQL: the engine
+# (fx-insert sandboxed, and compiled in) against an independent consumer
+# (bench/native-consumer), side by side (engine/benches/sqapi.rs). ARGS:
+# e.g. `--messages 2000 --runs 1 --prefetch 16`.
+bench-sqapi *ARGS: guests
+    env -u RUST_BACKTRACE cargo bench --bench sqapi -- {{ARGS}}
 
 # Criterion micro-benchmarks of the sandbox (engine/benches/sandbox.rs).
 bench-micro: guests
