@@ -19,7 +19,7 @@ plugins_dir := justfile_directory() / "target" / "plugins"
 
 # Every guest crate: built together in one cargo invocation.
 guest_connectors := "-p image-meta -p text-stats"
-guest_fixtures := "-p fx-panic -p fx-loop -p fx-memory -p fx-recurse -p fx-probe -p fx-hostile -p fx-v01"
+guest_fixtures := "-p fx-panic -p fx-loop -p fx-memory -p fx-recurse -p fx-probe -p fx-hostile -p fx-v01 -p fx-insert"
 
 # The connectors are copied under their plugin names (dashes, not the crate's
 # underscores); the fixtures stay in target/guests/wasm32-wasip2/guest/ as
@@ -37,9 +37,9 @@ guests: guest-toolchain
 guest-toolchain:
     rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
-# Unit tests of the SDK and the connectors, on the host (whole plugins against sandpipe_sdk::testing's fakes).
+# Unit tests of the SDK, the connectors and fx-insert, on the host (whole plugins against sandpipe_sdk::testing's fakes).
 guest-test:
-    CARGO_TARGET_DIR="{{guest_target_dir}}" cargo test -p sandpipe-sdk -p sandpipe-sqlite-policy {{guest_connectors}}
+    CARGO_TARGET_DIR="{{guest_target_dir}}" cargo test -p sandpipe-sdk -p sandpipe-sqlite-policy {{guest_connectors}} -p fx-insert
 
 # Format check and clippy (wasm target, warnings denied) for every guest crate.
 guest-lint: guest-toolchain
@@ -206,11 +206,18 @@ example-redis-s3: guests test-deps
     redis-cli XRANGE sandpipe-example-stats - +
 
 # Every benchmark (see docs/benchmarks.md).
-bench: bench-pipeline bench-micro
+bench: bench-pipeline bench-sqapi bench-micro
 
 # The end-to-end embedded path, sandboxed against native (engine/benches/pipeline.rs).
 bench-pipeline: guests
     env -u RUST_BACKTRACE cargo bench --bench pipeline
+
+# The sqAPI workload through RabbitMQ, Redis and PostgreSQL: the engine
+# (fx-insert sandboxed, and compiled in) against an independent consumer
+# (bench/native-consumer), side by side (engine/benches/sqapi.rs). ARGS:
+# e.g. `--messages 2000 --runs 1 --prefetch 16`.
+bench-sqapi *ARGS: guests
+    env -u RUST_BACKTRACE cargo bench --bench sqapi -- {{ARGS}}
 
 # Criterion micro-benchmarks of the sandbox (engine/benches/sandbox.rs).
 bench-micro: guests

@@ -7,6 +7,7 @@ mod compat;
 mod crash;
 mod examples;
 mod exec;
+mod fx_insert;
 mod harness;
 mod hostile;
 mod leaks;

@@ -44,6 +44,8 @@ pub fn guests() -> &'static Path {
                 "sandpipe-sqlite-policy",
                 "--exclude",
                 "sandpipe-config",
+                "--exclude",
+                "native-consumer",
             ])
             .status();
         assert!(
