@@ -536,3 +536,109 @@ fn replaying_changed_data_or_another_component_shows_the_difference() {
     assert_eq!(v["changes"].as_array().unwrap().len(), 4);
     assert_eq!(v["changes"][0]["change"], "changed");
 }
+
+#[test]
+fn an_sql_init_script_sets_up_the_database_before_the_message() {
+    let f = Files::new();
+    let probe = wasm("fx-probe");
+    let init = f.write(
+        "init.sql",
+        b"-- the plugin's tables\nCREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, n BIGINT);\n\
+          INSERT INTO seen VALUES ('a', 1) ON CONFLICT (id) DO NOTHING;\n",
+    );
+    let message = f.write(
+        "query.json",
+        br#"{"uuid_ref":"m-q","data_type":"test/probe","action":"sql-query","sql":"SELECT id, n FROM seen"}"#,
+    );
+    let out = sandpipe(&["exec", &probe, "--message", &message, "--sql-init", &init]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(
+        text.contains(&format!("sql init  {init} (run before the message)\n")),
+        "{text}"
+    );
+    assert!(text.contains(r#"→ 1 row ["id","n"] [["a",1]]"#), "{text}");
+    // Only the plugin's own statement is in the report.
+    assert!(text.contains("sql (1)\n"), "{text}");
+    let out = sandpipe(&[
+        "exec",
+        &probe,
+        "--message",
+        &message,
+        "--sql-init",
+        &init,
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sql_init"], init.as_str());
+
+    // Without the sql grant it is not run, and the report says so.
+    let out = sandpipe(&[
+        "exec",
+        &probe,
+        "--message",
+        &message,
+        "--sql-init",
+        &init,
+        "--grant",
+        "none",
+    ]);
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!(
+            "note      the SQL init script {init} was not run: the grant has no `sql`"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("sql init  "), "{text}");
+}
+
+#[test]
+fn a_failing_sql_init_script_stops_exec_naming_the_file_and_line() {
+    let f = Files::new();
+    let probe = wasm("fx-probe");
+    let message = f.write(
+        "m.json",
+        br#"{"uuid_ref":"m-i","data_type":"test/probe","action":"done"}"#,
+    );
+    // A syntax error on line 3.
+    let broken = f.write(
+        "broken.sql",
+        b"CREATE TABLE IF NOT EXISTS a (x TEXT);\n\
+          CREATE TABLE IF NOT EXISTS b (x TEXT);\n\
+          CREATE TABLE c (x TEXT,);\n",
+    );
+    let out = sandpipe(&["exec", &probe, "--message", &message, "--sql-init", &broken]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains(&format!(
+            "sql.init: plugin `fx_probe`'s init script {broken} failed at line 3: near \")\": syntax error"
+        )),
+        "{said}"
+    );
+    // The plugin policy applies, as under `run`.
+    let pragma = f.write("pragma.sql", b"PRAGMA writable_schema = ON;\n");
+    let out = sandpipe(&["exec", &probe, "--message", &message, "--sql-init", &pragma]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains(&format!("init script {pragma} failed: not authorized")),
+        "{}",
+        stderr(&out)
+    );
+    // A missing file is a usage error naming it.
+    let out = sandpipe(&[
+        "exec",
+        &probe,
+        "--message",
+        &message,
+        "--sql-init",
+        "/nonexistent/init.sql",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("cannot read the SQL init script /nonexistent/init.sql"),
+        "{}",
+        stderr(&out)
+    );
+}
