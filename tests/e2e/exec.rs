@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::harness::{component, root, shared_cache};
+use crate::harness::{component, init_script, root, shared_cache};
 
 /// Run the `sandpipe` binary with `args` and the shared code cache.
 fn sandpipe(args: &[&str]) -> Output {
@@ -49,6 +49,11 @@ fn wasm(name: &str) -> String {
     component(name).display().to_string()
 }
 
+/// A connector's init.sql, for `--sql-init`.
+fn init(name: &str) -> String {
+    init_script(name).display().to_string()
+}
+
 fn text_message(files: &Files) -> (String, String) {
     let message = files.write(
         "message.json",
@@ -63,6 +68,7 @@ fn text_stats_prints_its_outcome_sql_emit_logs_and_fuel() {
     let f = Files::new();
     let (message, data) = text_message(&f);
     let plugin = wasm("text-stats");
+    let init = init("text-stats");
     let out = sandpipe(&[
         "exec",
         &plugin,
@@ -72,6 +78,8 @@ fn text_stats_prints_its_outcome_sql_emit_logs_and_fuel() {
         &data,
         "--config",
         "output=counts",
+        "--sql-init",
+        &init,
     ]);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
@@ -80,12 +88,14 @@ fn text_stats_prints_its_outcome_sql_emit_logs_and_fuel() {
         text.contains("grants    log, config, blob, sql, emit (any output)"),
         "{text}"
     );
-    // Both statements, the upsert with its parameters and result.
     assert!(
-        text.contains("1. execute CREATE TABLE IF NOT EXISTS text_stats"),
+        text.contains(&format!("sql init  {init} (run before the message)")),
         "{text}"
     );
-    assert!(text.contains("2. execute INSERT INTO text_stats"), "{text}");
+    // The upsert alone (the table is init.sql's), with its parameters and
+    // result.
+    assert!(text.contains("sql (1)\n"), "{text}");
+    assert!(text.contains("1. execute INSERT INTO text_stats"), "{text}");
     assert!(
         text.contains(r#"params $1 = "m-text", $2 = "texts/a.txt", $3 = 2, $4 = 4, $5 = 24"#),
         "{text}"
@@ -119,14 +129,16 @@ fn text_stats_prints_its_outcome_sql_emit_logs_and_fuel() {
         &message,
         "--data",
         &data,
+        "--sql-init",
+        &init,
         "--json",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["outcome"]["status"], "done");
     assert_eq!(v["exit_code"], 0);
-    assert_eq!(v["sql"].as_array().unwrap().len(), 2);
-    assert_eq!(v["sql"][1]["result"]["ok"]["changed"], 1);
+    assert_eq!(v["sql"].as_array().unwrap().len(), 1);
+    assert_eq!(v["sql"][0]["result"]["ok"]["changed"], 1);
     assert_eq!(v["emits"][0]["output"], "stats");
     assert_eq!(v["logs"][0]["level"], "info");
     assert!(v["fuel"].as_u64().unwrap() > 0);
@@ -144,6 +156,16 @@ fn text_stats_prints_its_outcome_sql_emit_logs_and_fuel() {
         .collect();
     assert_eq!(calls[0], "blob.open-data");
     assert!(calls.contains(&"emit.publish".to_owned()), "{calls:?}");
+
+    // Without its init script the table is missing: the message fails and
+    // the connector says what to grant.
+    let out = sandpipe(&["exec", &plugin, "--message", &message, "--data", &data]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("outcome   failed: plugin-error: invalid: no such table: text_stats: the table is made by text-stats's init script"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -161,6 +183,8 @@ fn image_meta_records_the_dimensions_of_a_png() {
         &message,
         "--data",
         &png.display().to_string(),
+        "--sql-init",
+        &init("image-meta"),
     ]);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
@@ -457,14 +481,21 @@ fn record(f: &Files, dir: &Path) {
         &message,
         "--data",
         &data,
+        "--sql-init",
+        &init("text-stats"),
         "--record",
         &dir.display().to_string(),
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains(&format!("recorded in {}", dir.display())));
-    for file in ["message.json", "data", "recording.json"] {
+    for file in ["message.json", "data", "init.sql", "recording.json"] {
         assert!(dir.join(file).exists(), "{file} was not recorded");
     }
+    // The init script is kept, so the replay has the table too.
+    assert_eq!(
+        std::fs::read(dir.join("init.sql")).unwrap(),
+        std::fs::read(init_script("text-stats")).unwrap()
+    );
 }
 
 #[test]
@@ -477,7 +508,7 @@ fn replaying_the_same_build_shows_no_difference() {
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
     assert!(
-        text.contains("no difference: the outcome and all 8 host calls match"),
+        text.contains("no difference: the outcome and all 7 host calls match"),
         "{text}"
     );
     let out = sandpipe(&["replay", &rec, &wasm("text-stats"), "--json"]);
@@ -517,7 +548,7 @@ fn replaying_changed_data_or_another_component_shows_the_difference() {
         "{text}"
     );
     assert!(
-        text.contains("call 5 sql.execute: arguments differ"),
+        text.contains("call 4 sql.execute: arguments differ"),
         "{text}"
     );
     assert!(
@@ -525,7 +556,7 @@ fn replaying_changed_data_or_another_component_shows_the_difference() {
         "{text}"
     );
     assert!(
-        text.contains("call 7 emit.publish: arguments differ"),
+        text.contains("call 6 emit.publish: arguments differ"),
         "{text}"
     );
     assert!(text.contains("\n4 differences\n"), "{text}");
