@@ -14,7 +14,8 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 guest_target_dir := env_var_or_default("SANDPIPE_GUEST_TARGET_DIR", justfile_directory() / "target" / "guests")
 # Where the built components land (`guest` profile, see Cargo.toml).
 guest_out := guest_target_dir / "wasm32-wasip2" / "guest"
-# Where the connectors are copied, under their plugin names.
+# Where the connectors are copied, under their plugin names, each with its
+# SQL init script (NAME.init.sql, for the grant's `sql: { init: ... }`).
 plugins_dir := justfile_directory() / "target" / "plugins"
 
 # Every guest crate: built together in one cargo invocation.
@@ -31,6 +32,8 @@ guests: guest-toolchain
     mkdir -p "{{plugins_dir}}"
     cp "{{guest_out}}/image_meta.wasm" "{{plugins_dir}}/image-meta.wasm"
     cp "{{guest_out}}/text_stats.wasm" "{{plugins_dir}}/text-stats.wasm"
+    cp connectors/image-meta/init.sql "{{plugins_dir}}/image-meta.init.sql"
+    cp connectors/text-stats/init.sql "{{plugins_dir}}/text-stats.init.sql"
     @echo "components: {{guest_out}}/*.wasm; plugins: {{plugins_dir}}"
 
 # Make sure the wasm32-wasip2 target is installed (no-op when it is).
@@ -78,6 +81,7 @@ quickstart: guests
     cp -r examples/quickstart/. "{{quickstart_dir}}/"
     mkdir -p "{{quickstart_dir}}/plugins"
     cp "{{plugins_dir}}/image-meta.wasm" "{{plugins_dir}}/text-stats.wasm" "{{quickstart_dir}}/plugins/"
+    cp "{{plugins_dir}}/image-meta.init.sql" "{{plugins_dir}}/text-stats.init.sql" "{{quickstart_dir}}/plugins/"
     cargo run -q -p sandpipe -- run --once -c "{{quickstart_dir}}/sandpipe.yaml"
 
 # Every test: the engine's unit and end-to-end tests (these build the guest

@@ -58,6 +58,9 @@ struct Scenario {
     concurrency: usize,
     /// More `sandbox:` settings, e.g. `, dirty_page_reset: true`.
     sandbox: &'static str,
+    /// Whether the grant's `sql.init` is the connector's init.sql (copied
+    /// beside the config as `PLUGIN.init.sql`).
+    init: bool,
 }
 
 /// How a run executes the plugin.
@@ -108,6 +111,7 @@ const TRIVIAL: Scenario = Scenario {
     share: 5.0,
     concurrency: 16,
     sandbox: "",
+    init: false,
 };
 
 const SCENARIOS: [Scenario; 7] = [
@@ -129,7 +133,7 @@ const SCENARIOS: [Scenario; 7] = [
         name: "text-stats-4k",
         krate: "text-stats",
         plugin: "text-stats",
-        grant: "{ blob: true, sql: true, emit: [stats], config: { output: stats } }",
+        grant: "{ blob: true, sql: { init: text-stats.init.sql }, emit: [stats], config: { output: stats } }",
         body: |i| {
             format!(r#"{{"uuid_ref":"m-{i}","data_type":"text/plain","data_location":"t4k.txt"}}"#)
         },
@@ -137,12 +141,13 @@ const SCENARIOS: [Scenario; 7] = [
         share: 1.0,
         concurrency: 16,
         sandbox: "",
+        init: true,
     },
     Scenario {
         name: "image-meta",
         krate: "image-meta",
         plugin: "image-meta",
-        grant: "{ blob: true, sql: true }",
+        grant: "{ blob: true, sql: { init: image-meta.init.sql } }",
         body: |i| {
             format!(
                 r#"{{"uuid_ref":"m-{i}","data_type":"image/jpeg","data_location":"gradient.jpg"}}"#
@@ -152,6 +157,7 @@ const SCENARIOS: [Scenario; 7] = [
         share: 1.0,
         concurrency: 16,
         sandbox: "",
+        init: true,
     },
     Scenario {
         name: "python-csv",
@@ -165,6 +171,7 @@ const SCENARIOS: [Scenario; 7] = [
         share: 0.25,
         concurrency: 16,
         sandbox: "",
+        init: false,
     },
     Scenario {
         name: "js-validate",
@@ -180,6 +187,7 @@ const SCENARIOS: [Scenario; 7] = [
         share: 0.25,
         concurrency: 16,
         sandbox: "",
+        init: false,
     },
 ];
 
@@ -427,6 +435,11 @@ fn rabbit_child(prefetch: u16, mode: Mode, messages: usize, replicas: usize) -> 
         )
         .unwrap();
     }
+    std::fs::copy(
+        guests::init_script("text-stats"),
+        root.join("text-stats.init.sql"),
+    )
+    .unwrap();
     // As many warm instances as messages in flight, leaving half the
     // pool's 128 slots to fresh instances.
     let reuse = if mode == Mode::Reused {
@@ -443,7 +456,7 @@ fn rabbit_child(prefetch: u16, mode: Mode, messages: usize, replicas: usize) -> 
          outputs: {{ stats: {{ type: dir, path: out }} }}\n\
          sandbox: {{ cache_dir: \"{}\" }}\n\
          pipeline: {{ concurrency: {} }}\n\
-         plugins:\n  grants:\n    text-stats: {{ {reuse}blob: true, sql: true, emit: [stats], config: {{ output: stats }} }}\n",
+         plugins:\n  grants:\n    text-stats: {{ {reuse}blob: true, sql: {{ init: text-stats.init.sql }}, emit: [stats], config: {{ output: stats }} }}\n",
         cache.display(),
         prefetch.max(1)
     );
@@ -785,6 +798,14 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
         )
         .unwrap();
     }
+    // The connector's table, made at start in every mode.
+    if scenario.init {
+        std::fs::copy(
+            guests::init_script(scenario.krate),
+            root.join(format!("{}.init.sql", scenario.plugin)),
+        )
+        .unwrap();
+    }
     // The reused mode adds `reuse` to the grant: as many warm instances as
     // messages in flight.
     let reuse = format!("reuse: {{ instances: {} }}", scenario.concurrency);
@@ -990,7 +1011,6 @@ impl NativePlugin for TextStats {
                 .map_err(|e| WitError::Internal(e.to_string()))?;
             let stats = counter.stats();
             let location = msg.data_location.clone();
-            sql::Host::execute(state, text_stats::CREATE_TABLE.into(), Vec::new()).await?;
             let int = |n: u64| sql::Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
             sql::Host::execute(
                 state,
@@ -1035,7 +1055,8 @@ impl NativePlugin for TextStats {
 /// image-meta natively: its own header parser (the crate, linked as a
 /// library) on the first chunk of the object, read through the same host
 /// calls as its component (one 64 KiB chunk, as the SDK's reader asks for),
-/// then CREATE + upsert and the log line.
+/// then the upsert and the log line (the table is init.sql's, as for the
+/// component).
 struct ImageMetaNative;
 
 impl NativePlugin for ImageMetaNative {
@@ -1071,7 +1092,6 @@ impl NativePlugin for ImageMetaNative {
                 };
             let bytes = size.unwrap_or(chunk.len() as u64);
             let location = msg.data_location.clone();
-            sql::Host::execute(state, image_meta::CREATE_TABLE.into(), Vec::new()).await?;
             sql::Host::execute(
                 state,
                 image_meta::UPSERT.into(),

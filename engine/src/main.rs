@@ -54,7 +54,7 @@ enum Command {
     },
     /// Run one plugin on one message with in-memory capabilities and print
     /// what it did (exit 0: done or skip; 1: it failed; 2: usage error).
-    Exec(sandpipe::exec::ExecArgs),
+    Exec(Box<sandpipe::exec::ExecArgs>),
     /// Run a plugin build against a recording made by `exec --record` and
     /// show any difference (exit 0: none; 1: some; 2: usage error).
     Replay(sandpipe::exec::ReplayArgs),
@@ -130,7 +130,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("sent {} to {at}", message.display());
         }
         Command::Compile { config } => sandpipe::app::compile(&config, &mut stdout)?,
-        Command::Exec(args) => return Ok(sandpipe::exec::exec(args).await),
+        Command::Exec(args) => return Ok(sandpipe::exec::exec(*args).await),
         Command::Replay(args) => return Ok(sandpipe::exec::replay(args).await),
         Command::New(New::Plugin { name, lang, dir }) => {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));

@@ -3,9 +3,10 @@
 //!
 //! Every language gets the same small plugin (it counts the words of a
 //! `text/plain` data object, upserts the count into its table and logs
-//! it), a `build.sh`, a `test.sh` that runs the built component in the real
-//! sandbox with `sandpipe exec` on `tests/hello`, a README and the WIT
-//! package. A Rust project also vendors the guest SDK (with its native
+//! it), the `init.sql` that makes its table (the grant's `sql.init`), a
+//! `build.sh`, a `test.sh` that runs the built component in the real
+//! sandbox with `sandpipe exec --sql-init init.sql` on `tests/hello`, a
+//! README and the WIT package. A Rust project also vendors the guest SDK (with its native
 //! test fakes, which `cargo test` uses) and the SQLite policy they share
 //! with the engine. The templates are `engine/scaffold/`; they and the
 //! vendored sources are embedded at build time (`build.rs`).
@@ -233,6 +234,7 @@ mod tests {
             for file in must.iter().chain(&[
                 "build.sh",
                 "test.sh",
+                "init.sql",
                 "README.md",
                 ".gitignore",
                 "tests/hello/message.json",

@@ -71,12 +71,8 @@
 //!             bytes += n as u64;
 //!         }
 //!
-//!         // Store it; `$1, $2, ...` work on SQLite and PostgreSQL.
-//!         sql::execute(
-//!             "CREATE TABLE IF NOT EXISTS byte_count \
-//!              (message_id TEXT PRIMARY KEY, bytes INTEGER NOT NULL)",
-//!             &[],
-//!         )?;
+//!         // Store it; `$1, $2, ...` work on SQLite and PostgreSQL. The
+//!         // table comes from the plugin's init.sql (see below).
 //!         sql::execute(
 //!             "INSERT INTO byte_count (message_id, bytes) VALUES ($1, $2) \
 //!              ON CONFLICT(message_id) DO UPDATE SET bytes = excluded.bytes",
@@ -93,6 +89,15 @@
 //! }
 //!
 //! sandpipe_sdk::export_plugin!(ByteCount);
+//! ```
+//!
+//! Its table is set up once, not per message: the plugin ships an
+//! `init.sql`, which the operator names in its grant
+//! (`sql: { init: init.sql }`) and the engine runs at every start, before
+//! any message, as the plugin:
+//!
+//! ```sql
+//! CREATE TABLE IF NOT EXISTS byte_count (message_id TEXT PRIMARY KEY, bytes BIGINT NOT NULL);
 //! ```
 //!
 //! Build it with

@@ -10,14 +10,18 @@
 //! booleans, strings, byte vectors and `Option`s of those, `None` being
 //! NULL).
 //!
+//! Set the tables up in the plugin's init script (`init.sql`, named by the
+//! grant's `sql: { init: ... }` and run by the engine at every start), not
+//! in `execute`:
+//!
+//! ```sql
+//! CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, size BIGINT, note TEXT);
+//! ```
+//!
 //! ```no_run
 //! use sandpipe_sdk::{params, sql};
 //!
 //! # fn run() -> Result<(), sandpipe_sdk::Error> {
-//! sql::execute(
-//!     "CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, size INTEGER, note TEXT)",
-//!     &[],
-//! )?;
 //! let note: Option<&str> = None;
 //! sql::execute(
 //!     "INSERT INTO seen (id, size, note) VALUES ($1, $2, $3) \

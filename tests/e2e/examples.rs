@@ -9,7 +9,7 @@ use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use sandpipe::listener::rabbitmq::connect;
 
-use crate::harness::{component, root};
+use crate::harness::{component, init_script, root};
 use crate::postgres::TestDb;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -20,8 +20,10 @@ async fn the_rabbitmq_redis_postgres_example_runs_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let plugins = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
+    // As `just guests` puts them there: the components and their init scripts.
     for name in ["image-meta", "text-stats"] {
         std::fs::copy(component(name), plugins.join(format!("{name}.wasm"))).unwrap();
+        std::fs::copy(init_script(name), plugins.join(format!("{name}.init.sql"))).unwrap();
     }
     std::fs::copy(example.join("init.sql"), dir.path().join("init.sql")).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -135,7 +137,7 @@ async fn the_rabbitmq_redis_postgres_example_runs_as_written() {
         images,
         vec![("jpeg".into(), 32, 24), ("png".into(), 16, 16)]
     );
-    let words: i32 = admin
+    let words: i64 = admin
         .query_one("SELECT words FROM text_stats.text_stats", &[])
         .await
         .unwrap()
@@ -201,6 +203,7 @@ async fn the_redis_s3_example_runs_as_written() {
     std::fs::create_dir_all(&plugins).unwrap();
     for name in ["image-meta", "text-stats"] {
         std::fs::copy(component(name), plugins.join(format!("{name}.wasm"))).unwrap();
+        std::fs::copy(init_script(name), plugins.join(format!("{name}.init.sql"))).unwrap();
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::harness::{component, root, shared_cache};
+use crate::harness::{component, init_script, root, shared_cache};
 
 /// Run the `sandpipe` binary with `args` and the shared code cache.
 fn sandpipe(args: &[&str]) -> Output {
@@ -49,6 +49,11 @@ fn wasm(name: &str) -> String {
     component(name).display().to_string()
 }
 
+/// A connector's init.sql, for `--sql-init`.
+fn init(name: &str) -> String {
+    init_script(name).display().to_string()
+}
+
 fn text_message(files: &Files) -> (String, String) {
     let message = files.write(
         "message.json",
@@ -63,6 +68,7 @@ fn text_stats_prints_its_outcome_sql_emit_logs_and_fuel() {
     let f = Files::new();
     let (message, data) = text_message(&f);
     let plugin = wasm("text-stats");
+    let init = init("text-stats");
     let out = sandpipe(&[
         "exec",
         &plugin,
@@ -72,6 +78,8 @@ fn text_stats_prints_its_outcome_sql_emit_logs_and_fuel() {
         &data,
         "--config",
         "output=counts",
+        "--sql-init",
+        &init,
     ]);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
@@ -80,12 +88,14 @@ fn text_stats_prints_its_outcome_sql_emit_logs_and_fuel() {
         text.contains("grants    log, config, blob, sql, emit (any output)"),
         "{text}"
     );
-    // Both statements, the upsert with its parameters and result.
     assert!(
-        text.contains("1. execute CREATE TABLE IF NOT EXISTS text_stats"),
+        text.contains(&format!("sql init  {init} (run before the message)")),
         "{text}"
     );
-    assert!(text.contains("2. execute INSERT INTO text_stats"), "{text}");
+    // The upsert alone (the table is init.sql's), with its parameters and
+    // result.
+    assert!(text.contains("sql (1)\n"), "{text}");
+    assert!(text.contains("1. execute INSERT INTO text_stats"), "{text}");
     assert!(
         text.contains(r#"params $1 = "m-text", $2 = "texts/a.txt", $3 = 2, $4 = 4, $5 = 24"#),
         "{text}"
@@ -119,14 +129,16 @@ fn text_stats_prints_its_outcome_sql_emit_logs_and_fuel() {
         &message,
         "--data",
         &data,
+        "--sql-init",
+        &init,
         "--json",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["outcome"]["status"], "done");
     assert_eq!(v["exit_code"], 0);
-    assert_eq!(v["sql"].as_array().unwrap().len(), 2);
-    assert_eq!(v["sql"][1]["result"]["ok"]["changed"], 1);
+    assert_eq!(v["sql"].as_array().unwrap().len(), 1);
+    assert_eq!(v["sql"][0]["result"]["ok"]["changed"], 1);
     assert_eq!(v["emits"][0]["output"], "stats");
     assert_eq!(v["logs"][0]["level"], "info");
     assert!(v["fuel"].as_u64().unwrap() > 0);
@@ -144,6 +156,16 @@ fn text_stats_prints_its_outcome_sql_emit_logs_and_fuel() {
         .collect();
     assert_eq!(calls[0], "blob.open-data");
     assert!(calls.contains(&"emit.publish".to_owned()), "{calls:?}");
+
+    // Without its init script the table is missing: the message fails and
+    // the connector says what to grant.
+    let out = sandpipe(&["exec", &plugin, "--message", &message, "--data", &data]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("outcome   failed: plugin-error: invalid: no such table: text_stats: the table is made by text-stats's init script"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -161,6 +183,8 @@ fn image_meta_records_the_dimensions_of_a_png() {
         &message,
         "--data",
         &png.display().to_string(),
+        "--sql-init",
+        &init("image-meta"),
     ]);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
@@ -457,14 +481,21 @@ fn record(f: &Files, dir: &Path) {
         &message,
         "--data",
         &data,
+        "--sql-init",
+        &init("text-stats"),
         "--record",
         &dir.display().to_string(),
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains(&format!("recorded in {}", dir.display())));
-    for file in ["message.json", "data", "recording.json"] {
+    for file in ["message.json", "data", "init.sql", "recording.json"] {
         assert!(dir.join(file).exists(), "{file} was not recorded");
     }
+    // The init script is kept, so the replay has the table too.
+    assert_eq!(
+        std::fs::read(dir.join("init.sql")).unwrap(),
+        std::fs::read(init_script("text-stats")).unwrap()
+    );
 }
 
 #[test]
@@ -477,7 +508,7 @@ fn replaying_the_same_build_shows_no_difference() {
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
     assert!(
-        text.contains("no difference: the outcome and all 8 host calls match"),
+        text.contains("no difference: the outcome and all 7 host calls match"),
         "{text}"
     );
     let out = sandpipe(&["replay", &rec, &wasm("text-stats"), "--json"]);
@@ -517,7 +548,7 @@ fn replaying_changed_data_or_another_component_shows_the_difference() {
         "{text}"
     );
     assert!(
-        text.contains("call 5 sql.execute: arguments differ"),
+        text.contains("call 4 sql.execute: arguments differ"),
         "{text}"
     );
     assert!(
@@ -525,7 +556,7 @@ fn replaying_changed_data_or_another_component_shows_the_difference() {
         "{text}"
     );
     assert!(
-        text.contains("call 7 emit.publish: arguments differ"),
+        text.contains("call 6 emit.publish: arguments differ"),
         "{text}"
     );
     assert!(text.contains("\n4 differences\n"), "{text}");
@@ -535,4 +566,110 @@ fn replaying_changed_data_or_another_component_shows_the_difference() {
     assert_eq!(v["same"], false);
     assert_eq!(v["changes"].as_array().unwrap().len(), 4);
     assert_eq!(v["changes"][0]["change"], "changed");
+}
+
+#[test]
+fn an_sql_init_script_sets_up_the_database_before_the_message() {
+    let f = Files::new();
+    let probe = wasm("fx-probe");
+    let init = f.write(
+        "init.sql",
+        b"-- the plugin's tables\nCREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, n BIGINT);\n\
+          INSERT INTO seen VALUES ('a', 1) ON CONFLICT (id) DO NOTHING;\n",
+    );
+    let message = f.write(
+        "query.json",
+        br#"{"uuid_ref":"m-q","data_type":"test/probe","action":"sql-query","sql":"SELECT id, n FROM seen"}"#,
+    );
+    let out = sandpipe(&["exec", &probe, "--message", &message, "--sql-init", &init]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(
+        text.contains(&format!("sql init  {init} (run before the message)\n")),
+        "{text}"
+    );
+    assert!(text.contains(r#"→ 1 row ["id","n"] [["a",1]]"#), "{text}");
+    // Only the plugin's own statement is in the report.
+    assert!(text.contains("sql (1)\n"), "{text}");
+    let out = sandpipe(&[
+        "exec",
+        &probe,
+        "--message",
+        &message,
+        "--sql-init",
+        &init,
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sql_init"], init.as_str());
+
+    // Without the sql grant it is not run, and the report says so.
+    let out = sandpipe(&[
+        "exec",
+        &probe,
+        "--message",
+        &message,
+        "--sql-init",
+        &init,
+        "--grant",
+        "none",
+    ]);
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!(
+            "note      the SQL init script {init} was not run: the grant has no `sql`"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("sql init  "), "{text}");
+}
+
+#[test]
+fn a_failing_sql_init_script_stops_exec_naming_the_file_and_line() {
+    let f = Files::new();
+    let probe = wasm("fx-probe");
+    let message = f.write(
+        "m.json",
+        br#"{"uuid_ref":"m-i","data_type":"test/probe","action":"done"}"#,
+    );
+    // A syntax error on line 3.
+    let broken = f.write(
+        "broken.sql",
+        b"CREATE TABLE IF NOT EXISTS a (x TEXT);\n\
+          CREATE TABLE IF NOT EXISTS b (x TEXT);\n\
+          CREATE TABLE c (x TEXT,);\n",
+    );
+    let out = sandpipe(&["exec", &probe, "--message", &message, "--sql-init", &broken]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains(&format!(
+            "sql.init: plugin `fx_probe`'s init script {broken} failed at line 3: near \")\": syntax error"
+        )),
+        "{said}"
+    );
+    // The plugin policy applies, as under `run`.
+    let pragma = f.write("pragma.sql", b"PRAGMA writable_schema = ON;\n");
+    let out = sandpipe(&["exec", &probe, "--message", &message, "--sql-init", &pragma]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains(&format!("init script {pragma} failed: not authorized")),
+        "{}",
+        stderr(&out)
+    );
+    // A missing file is a usage error naming it.
+    let out = sandpipe(&[
+        "exec",
+        &probe,
+        "--message",
+        &message,
+        "--sql-init",
+        "/nonexistent/init.sql",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("cannot read the SQL init script /nonexistent/init.sql"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -13,7 +13,7 @@ use sandpipe::store::database::Database;
 mod guests;
 #[path = "../support/postgres.rs"]
 pub mod postgres;
-pub use guests::{component, guest_target_dir, root};
+pub use guests::{component, guest_target_dir, init_script, root};
 
 /// A code cache shared by all tests, so each component compiles once.
 pub fn shared_cache() -> PathBuf {

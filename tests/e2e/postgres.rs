@@ -25,7 +25,7 @@ use sandpipe::sandbox::bindings::WitError;
 use sandpipe::sandbox::bindings::sandpipe::connector::sql::{Rows, Value};
 use sandpipe::store::database::{Database, PluginDb};
 
-use crate::harness::{Deployment, root};
+use crate::harness::{Deployment, init_script, root};
 
 /// The server, without a database.
 pub(crate) fn server() -> String {
@@ -144,8 +144,9 @@ async fn components_store_in_postgres_and_the_status_log_lands_there() {
         &format!(
             "{}outputs:\n  stats: {{ type: dir, path: out }}\n\
              plugins:\n  grants:\n    probe: {{ sql: true }}\n    \
-             text-stats: {{ sql: true, blob: true, emit: [stats] }}\n",
-            db.yaml("")
+             text-stats: {{ sql: {{ init: \"{}\" }}, blob: true, emit: [stats] }}\n",
+            db.yaml(""),
+            init_script("text-stats").display()
         ),
     );
     probe(&d, "m-sql", "sql", "");
@@ -160,7 +161,7 @@ async fn components_store_in_postgres_and_the_status_log_lands_there() {
         count(&admin, "SELECT count(*) FROM probe.t WHERE x = 'm-sql'").await,
         1
     );
-    let words: i32 = admin
+    let words: i64 = admin
         .query_one(
             "SELECT words FROM text_stats.text_stats WHERE message_id = 'm-text'",
             &[],

@@ -1,7 +1,7 @@
 //! The README's quickstart, as a test: the shipped sample data through both
 //! connectors, with the counts the README promises.
 
-use crate::harness::{Deployment, component, root};
+use crate::harness::{Deployment, component, init_script, root};
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -22,10 +22,17 @@ async fn quickstart_processes_the_sample_data() {
     let qs = d.path("qs");
     copy_dir(&root().join("examples/quickstart"), &qs);
     std::fs::create_dir_all(qs.join("plugins")).unwrap();
+    // As `just quickstart` puts them there: the components and their init
+    // scripts.
     for name in ["image-meta", "text-stats"] {
         std::fs::copy(
             component(name),
             qs.join("plugins").join(format!("{name}.wasm")),
+        )
+        .unwrap();
+        std::fs::copy(
+            init_script(name),
+            qs.join("plugins").join(format!("{name}.init.sql")),
         )
         .unwrap();
     }

@@ -62,7 +62,7 @@ fn a_new_rust_plugin_passes_its_native_test_and_its_sandbox_test() {
     let project = dir.path().join("word-count");
     new("word-count", "rust", &project);
     let said = run(&project, "cargo", &["test"], &[]);
-    assert!(said.contains("test result: ok. 2 passed"), "{said}");
+    assert!(said.contains("test result: ok. 3 passed"), "{said}");
     let said = run(&project, "./test.sh", &[], &[]);
     assert!(
         said.contains("ok: word-count counted 6 words in the sandbox"),

@@ -5,9 +5,10 @@
 //! scenario is kept as a folder by `Scenario::write_to`
 //! (connectors/text-stats/tests/scenarios/hello, checked to be current by
 //! the connector's tests). Here the built component runs on that folder
-//! through its `exec.sh`, i.e. `sandpipe exec --json`, and must show what
-//! the native test asserts: the outcome, the SQL with its parameters, the
-//! rows it leaves, the emitted summary, the log line and the host calls.
+//! through its `exec.sh`, i.e. `sandpipe exec --json` with the folder's
+//! `init.sql` as `--sql-init`, and must show what the native test asserts:
+//! the outcome, the SQL with its parameters, the rows it leaves, the
+//! emitted summary, the log line and the host calls.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,7 +26,7 @@ struct Expected {
     emit_output: &'static str,
     emit_payload: &'static str,
     log: &'static str,
-    calls: [&'static str; 8],
+    calls: [&'static str; 7],
 }
 
 fn hello_expected() -> Expected {
@@ -39,7 +40,6 @@ fn hello_expected() -> Expected {
             "blob.open-data",
             "blob.reader.read",
             "blob.reader.read",
-            "sql.execute",
             "sql.execute",
             "config.get",
             "emit.publish",
@@ -74,6 +74,7 @@ fn text_stats_hello_scenario_in_the_sandbox_matches_the_native_test() {
         "data",
         "meta.json",
         "config.json",
+        "init.sql",
         "exec.sh",
     ] {
         assert!(
@@ -100,6 +101,12 @@ fn text_stats_hello_scenario_in_the_sandbox_matches_the_native_test() {
 
     assert_eq!(report["outcome"]["status"], "done", "{report:#}");
     assert_eq!(report["message"]["id"], HELLO_ID);
+    // exec.sh handed the folder's init.sql to --sql-init.
+    assert_eq!(
+        report["sql_init"],
+        dir.join("init.sql").display().to_string(),
+        "{report:#}"
+    );
 
     // The log line.
     assert_eq!(
@@ -107,28 +114,26 @@ fn text_stats_hello_scenario_in_the_sandbox_matches_the_native_test() {
         json!([{ "level": "info", "message": expected.log }])
     );
 
-    // The SQL: the table, then the upsert with the native test's parameters.
+    // The SQL: the upsert alone (the table is init.sql's), with the native
+    // test's parameters.
     let sql = report["sql"].as_array().unwrap();
-    assert_eq!(sql.len(), 2, "{report:#}");
+    assert_eq!(sql.len(), 1, "{report:#}");
     assert!(
         sql[0]["args"]["statement"]
             .as_str()
             .unwrap()
-            .starts_with("CREATE TABLE IF NOT EXISTS text_stats")
-    );
-    assert!(
-        sql[1]["args"]["statement"]
-            .as_str()
-            .unwrap()
             .starts_with("INSERT INTO text_stats")
     );
-    assert_eq!(sql[1]["args"]["params"], expected.upsert_params);
-    assert_eq!(sql[1]["result"]["ok"]["changed"], 1);
+    assert_eq!(sql[0]["args"]["params"], expected.upsert_params);
+    assert_eq!(sql[0]["result"]["ok"]["changed"], 1);
 
     // The rows it leaves: exec rolls its throw-away database back, so the
-    // statements it ran (all with plain parameters) are replayed, in order,
-    // into a fresh SQLite and read with the native test's query.
+    // init script and the statements it ran (all with plain parameters)
+    // are replayed, in order, into a fresh SQLite and read with the native
+    // test's query.
     let db = rusqlite::Connection::open_in_memory().unwrap();
+    db.execute_batch(&std::fs::read_to_string(dir.join("init.sql")).unwrap())
+        .unwrap();
     for call in sql {
         let statement = call["args"]["statement"].as_str().unwrap();
         let params: Vec<rusqlite::types::Value> = call["args"]["params"]

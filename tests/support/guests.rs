@@ -14,6 +14,14 @@ pub fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// A connector's SQL init script, `connectors/NAME/init.sql` (for its
+/// grant's `sql: { init: ... }`; `just guests` copies it beside the
+/// component as `NAME.init.sql`).
+#[allow(dead_code)] // the micro-benchmarks include this file too
+pub fn init_script(name: &str) -> PathBuf {
+    root().join("connectors").join(name).join("init.sql")
+}
+
 /// Where the guest components are built (same rule as the justfile).
 pub fn guest_target_dir() -> PathBuf {
     std::env::var_os("SANDPIPE_GUEST_TARGET_DIR")

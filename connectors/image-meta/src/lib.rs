@@ -17,20 +17,20 @@
 //!   data object / the object does not exist;
 //! - an error: any other host error (for example a missing grant, or the
 //!   database being unavailable).
+//!
+//! The table comes from the connector's `init.sql` ([`INIT_SQL`]), which
+//! the operator names in the grant (`sql: { init: FILE }`) and the engine
+//! runs at every start; `execute` runs no DDL. Without it every image
+//! fails, with an error that says so.
 
 pub mod header;
 
 use header::{Dimensions, Format, ProbeError};
 use sandpipe_sdk::prelude::*;
 
-/// The table the dimensions are stored in.
-pub const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS image_meta (\
-    message_id TEXT PRIMARY KEY, \
-    location TEXT, \
-    format TEXT NOT NULL, \
-    width INTEGER NOT NULL, \
-    height INTEGER NOT NULL, \
-    bytes INTEGER NOT NULL)";
+/// The table the dimensions are stored in: the connector's `init.sql`,
+/// for the grant's `sql.init` (and the native tests' `Scenario::sql_init`).
+pub const INIT_SQL: &str = include_str!("../init.sql");
 
 /// Idempotent insert: a redelivered message overwrites its own row.
 pub const UPSERT: &str = "INSERT INTO image_meta (message_id, location, format, width, height, bytes) \
@@ -88,7 +88,6 @@ impl Plugin for ImageMeta {
         };
 
         let location = msg.data_location.as_deref();
-        sql::execute(CREATE_TABLE, &[])?;
         sql::execute(
             UPSERT,
             &params![
@@ -99,7 +98,8 @@ impl Plugin for ImageMeta {
                 height,
                 sql::Value::try_from(bytes)?,
             ],
-        )?;
+        )
+        .map_err(without_init)?;
 
         sandpipe_sdk::info!(
             "{}: {} {width}x{height}, {bytes} bytes",
@@ -107,6 +107,22 @@ impl Plugin for ImageMeta {
             format.label()
         );
         Ok(Outcome::Done)
+    }
+}
+
+/// An upsert that failed for want of the table says how to set it up.
+fn without_init(error: Error) -> Error {
+    match error {
+        Error::Invalid(m)
+            if m.contains("no such table: image_meta")
+                || m.contains("relation \"image_meta\" does not exist") =>
+        {
+            Error::Invalid(format!(
+                "{m}: the table is made by image-meta's init script: name connectors/image-meta/init.sql \
+                 in its grant (plugins.grants.image-meta.sql: {{ init: FILE }})"
+            ))
+        }
+        other => other,
     }
 }
 
@@ -130,9 +146,15 @@ mod tests {
     /// The quickstart's three image messages (examples/quickstart/spool).
     fn images() -> [Scenario; 3] {
         [
-            Scenario::new(PNG_ID, "image/png").data("images/red-square.png", RED_SQUARE),
-            Scenario::new(JPEG_ID, "image/jpeg").data("images/gradient.jpg", GRADIENT),
-            Scenario::new(GIF_ID, "image/gif").data("images/checker.gif", CHECKER),
+            Scenario::new(PNG_ID, "image/png")
+                .sql_init(INIT_SQL)
+                .data("images/red-square.png", RED_SQUARE),
+            Scenario::new(JPEG_ID, "image/jpeg")
+                .sql_init(INIT_SQL)
+                .data("images/gradient.jpg", GRADIENT),
+            Scenario::new(GIF_ID, "image/gif")
+                .sql_init(INIT_SQL)
+                .data("images/checker.gif", CHECKER),
         ]
     }
 
@@ -186,9 +208,11 @@ mod tests {
             png.logs[0].message,
             "images/red-square.png: PNG 16x16, 83 bytes"
         );
-        assert_eq!(png.sql[1].statement, UPSERT);
+        // The upsert alone: no DDL per message.
+        assert_eq!(png.sql.len(), 1);
+        assert_eq!(png.sql[0].statement, UPSERT);
         assert_eq!(
-            png.sql[1].params,
+            png.sql[0].params,
             sandpipe_sdk::params![PNG_ID, "images/red-square.png", "png", 16, 16, 83]
         );
     }
@@ -196,7 +220,7 @@ mod tests {
     #[test]
     fn all_three_in_one_database_and_redelivery_upserts() {
         // The three messages, then the PNG again, against one host.
-        let mut host = FakeHost::new();
+        let mut host = FakeHost::new().sql_init(INIT_SQL);
         for scenario in images().iter().chain(&images()[..1]) {
             let data = scenario.data.clone().unwrap_or_default();
             let report = testing::run::<ImageMeta>(scenario.message(), host.data(data));
@@ -254,6 +278,19 @@ mod tests {
             ))
         );
         assert!(report.calls.is_empty());
+    }
+
+    #[test]
+    fn without_the_init_script_the_message_fails_and_says_how_to_fix_it() {
+        let mut scenario = images()[0].clone();
+        scenario.sql_init = None;
+        let report = scenario.run::<ImageMeta>();
+        assert!(
+            matches!(&report.outcome, Err(Error::Invalid(m))
+                if m.starts_with("no such table: image_meta: the table is made by image-meta's init script")
+                    && m.contains("plugins.grants.image-meta.sql: { init: FILE }")),
+            "{report}"
+        );
     }
 
     #[test]

@@ -12,17 +12,18 @@
 //! A message without a data object, or whose object does not exist, is
 //! dead-lettered. Any other host error fails the message.
 //!
+//! The table comes from the connector's `init.sql` ([`INIT_SQL`]), which
+//! the operator names in the grant (`sql: { init: FILE }`) and the engine
+//! runs at every start; `execute` runs no DDL. Without it every message
+//! fails, with an error that says so.
+//!
 //! See [`TextCounter`] for the exact definitions of a line and a word.
 
 use sandpipe_sdk::prelude::*;
 
-/// The table the counts are stored in.
-pub const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS text_stats (\
-    message_id TEXT PRIMARY KEY, \
-    location TEXT, \
-    lines INTEGER NOT NULL, \
-    words INTEGER NOT NULL, \
-    bytes INTEGER NOT NULL)";
+/// The table the counts are stored in: the connector's `init.sql`, for
+/// the grant's `sql.init` (and the native tests' `Scenario::sql_init`).
+pub const INIT_SQL: &str = include_str!("../init.sql");
 
 /// Idempotent insert: a redelivered message overwrites its own row.
 pub const UPSERT: &str = "INSERT INTO text_stats (message_id, location, lines, words, bytes) \
@@ -173,7 +174,6 @@ impl Plugin for TextStatsPlugin {
         let stats = counter.stats();
 
         let location = msg.data_location.as_deref();
-        sql::execute(CREATE_TABLE, &[])?;
         sql::execute(
             UPSERT,
             &[
@@ -183,7 +183,8 @@ impl Plugin for TextStatsPlugin {
                 sql::Value::try_from(stats.words)?,
                 sql::Value::try_from(stats.bytes)?,
             ],
-        )?;
+        )
+        .map_err(without_init)?;
 
         let output = config::get_or("output", DEFAULT_OUTPUT)?;
         emit::publish_json(&output, &summary(&msg.id, location, stats))?;
@@ -196,6 +197,22 @@ impl Plugin for TextStatsPlugin {
             stats.bytes
         );
         Ok(Outcome::Done)
+    }
+}
+
+/// An upsert that failed for want of the table says how to set it up.
+fn without_init(error: Error) -> Error {
+    match error {
+        Error::Invalid(m)
+            if m.contains("no such table: text_stats")
+                || m.contains("relation \"text_stats\" does not exist") =>
+        {
+            Error::Invalid(format!(
+                "{m}: the table is made by text-stats's init script: name connectors/text-stats/init.sql \
+                 in its grant (plugins.grants.text-stats.sql: {{ init: FILE }})"
+            ))
+        }
+        other => other,
     }
 }
 
@@ -306,6 +323,7 @@ mod execute_tests {
     fn hello() -> Scenario {
         let meta = include_bytes!("../../../examples/quickstart/meta/hello.json");
         Scenario::new(HELLO_ID, "text/plain")
+            .sql_init(INIT_SQL)
             .data(
                 "texts/hello.txt",
                 &include_bytes!("../../../examples/quickstart/data/texts/hello.txt")[..],
@@ -318,6 +336,7 @@ mod execute_tests {
     /// examples/quickstart/spool/text-poem.json with its data.
     fn poem() -> Scenario {
         Scenario::new(POEM_ID, "text/plain")
+            .sql_init(INIT_SQL)
             .data(
                 "texts/poem.txt",
                 &include_bytes!("../../../examples/quickstart/data/texts/poem.txt")[..],
@@ -357,14 +376,14 @@ mod execute_tests {
         let report = hello().run::<TextStatsPlugin>();
         report.assert_done();
         assert_eq!(rows(&report), [row(HELLO_ID, "texts/hello.txt", 2, 6, 41)]);
-        // The upsert, with its parameters.
-        assert_eq!(report.sql.len(), 2);
-        assert_eq!(report.sql[1].statement, UPSERT);
+        // The upsert, with its parameters: no DDL per message.
+        assert_eq!(report.sql.len(), 1);
+        assert_eq!(report.sql[0].statement, UPSERT);
         assert_eq!(
-            report.sql[1].params,
+            report.sql[0].params,
             sandpipe_sdk::params![HELLO_ID, "texts/hello.txt", 2, 6, 41]
         );
-        assert_eq!(report.sql[1].changed(), Some(1));
+        assert_eq!(report.sql[0].changed(), Some(1));
         // One summary to the configured output.
         assert_eq!(report.emits.len(), 1);
         let emit = &report.emits[0];
@@ -390,7 +409,6 @@ mod execute_tests {
                 "blob.open-data",
                 "blob.reader.read",
                 "blob.reader.read",
-                "sql.execute",
                 "sql.execute",
                 "config.get",
                 "emit.publish",
@@ -433,7 +451,9 @@ mod execute_tests {
     #[test]
     fn a_large_object_is_streamed_in_bounded_chunks() {
         let text = "one two three\n".repeat(200_000); // 2.8 MB
-        let scenario = Scenario::new("m-big", "text/plain").data("texts/big.txt", text.clone());
+        let scenario = Scenario::new("m-big", "text/plain")
+            .sql_init(INIT_SQL)
+            .data("texts/big.txt", text.clone());
         let report = scenario.run::<TextStatsPlugin>();
         report.assert_done();
         assert_eq!(
@@ -451,7 +471,9 @@ mod execute_tests {
 
     #[test]
     fn the_output_defaults_to_stats() {
-        let scenario = Scenario::new("m-1", "text/plain").data("a.txt", "a b\n");
+        let scenario = Scenario::new("m-1", "text/plain")
+            .sql_init(INIT_SQL)
+            .data("a.txt", "a b\n");
         let report = scenario.run::<TextStatsPlugin>();
         report.assert_done();
         assert_eq!(report.emits_to("stats").count(), 1);
@@ -481,15 +503,31 @@ mod execute_tests {
             matches!(&report.outcome, Err(Error::AccessDenied(m)) if m.contains("may not emit to output `stats`")),
             "{report}"
         );
-        // The statements ran, and were rolled back.
-        assert_eq!(report.sql.len(), 2);
-        let tables = report
-            .query(
-                "SELECT name FROM sqlite_master WHERE name = 'text_stats'",
-                &[],
-            )
-            .expect("sqlite_master");
-        assert!(tables.is_empty());
+        // The upsert ran, and was rolled back.
+        assert_eq!(report.sql.len(), 1);
+        assert!(rows(&report).is_empty());
+    }
+
+    #[test]
+    fn without_the_init_script_the_message_fails_and_says_how_to_fix_it() {
+        let mut scenario = hello();
+        scenario.sql_init = None;
+        let report = scenario.run::<TextStatsPlugin>();
+        assert!(
+            matches!(&report.outcome, Err(Error::Invalid(m))
+                if m.starts_with("no such table: text_stats: the table is made by text-stats's init script")
+                    && m.contains("plugins.grants.text-stats.sql: { init: FILE }")),
+            "{report}"
+        );
+        assert!(report.emits.is_empty());
+    }
+
+    #[test]
+    fn the_init_script_is_idempotent() {
+        let host = FakeHost::new().sql_init(INIT_SQL).sql_init(INIT_SQL);
+        let report = testing::run::<TextStatsPlugin>(hello().message(), host.data("a b c"));
+        report.assert_done();
+        assert_eq!(rows(&report), [row(HELLO_ID, "texts/hello.txt", 1, 3, 5)]);
     }
 
     #[test]

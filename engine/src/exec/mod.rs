@@ -4,7 +4,9 @@
 //! with the same capability host code as `run`, but every capability is
 //! backed by something private and throw-away: the data object is served
 //! from an in-memory object store, `sql` is the engine's locked-down SQLite
-//! plugin database in a temporary folder, plugin state is a temporary
+//! plugin database in a temporary folder (set up first by the plugin's
+//! `--sql-init` script, through the same `PluginDb::init` as `run`'s
+//! `sql.init`), plugin state is a temporary
 //! SQLite file, metadata and config come from the command line, and emits,
 //! blob writes and state changes are captured, never applied. The
 //! host-call journal (`capability::journal`) is on, so every call is
@@ -73,6 +75,12 @@ pub struct ExecArgs {
     /// A value for the `config` interface, read like --meta. Repeatable.
     #[arg(long = "config", value_name = "KEY=VALUE")]
     pub config: Vec<String>,
+    /// The plugin's SQL init script (what `plugins.grants.NAME.sql.init`
+    /// names), run on its private database before the message as `run`
+    /// runs it at start: as the plugin, in one transaction, under the
+    /// plugin policy. A failing script stops exec (exit 2), naming the file.
+    #[arg(long, value_name = "FILE")]
+    pub sql_init: Option<PathBuf>,
     /// Grant only these (comma-separated: `blob`, `meta`, `sql`, `emit`
     /// (any output), `emit:OUTPUT`, or `none`); default: every interface
     /// the component imports. `log` and `config` are always granted.
@@ -160,11 +168,24 @@ pub struct Inputs {
     pub meta: Map<String, Json>,
     /// The `config` values.
     pub config: BTreeMap<String, Json>,
+    /// The plugin's SQL init script (`--sql-init`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql_init: Option<SqlInit>,
     /// The grant (see [`ExecArgs::grant`]); `None`: what the component
     /// imports.
     pub grants: Option<Vec<String>>,
     /// Limits.
     pub limits: LimitArgs,
+}
+
+/// A plugin's SQL init script (`exec --sql-init FILE`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SqlInit {
+    /// The file it was read from (named in errors and in the report).
+    pub file: PathBuf,
+    /// Its text (a recording keeps it in `init.sql`).
+    #[serde(skip)]
+    pub text: String,
 }
 
 /// A usage error: exit code 2.
@@ -253,6 +274,18 @@ impl Inputs {
             let (k, v) = key_value(arg, "--config")?;
             config.insert(k, v);
         }
+        let sql_init = match &args.sql_init {
+            Some(file) => Some(SqlInit {
+                file: file.clone(),
+                text: std::fs::read_to_string(file).map_err(|e| {
+                    usage(format!(
+                        "cannot read the SQL init script {}: {e}",
+                        file.display()
+                    ))
+                })?,
+            }),
+            None => None,
+        };
         Ok(Self {
             name: plugin_name(&args.plugin),
             message,
@@ -260,6 +293,7 @@ impl Inputs {
             data_location,
             meta,
             config,
+            sql_init,
             grants: args.grant.clone(),
             limits: LimitArgs {
                 fuel: args.fuel,
@@ -401,6 +435,22 @@ pub async fn run(path: &Path, inputs: &Inputs, cache_dir: Option<&Path>) -> anyh
         Some(_) => Some(Arc::new(database.plugin_db(&inputs.name, &limits)?)),
         None => None,
     };
+    // The plugin's tables, as `run` sets them up at start (`sql.init`).
+    let mut init_note = None;
+    let init_ran = inputs.sql_init.is_some() && db.is_some();
+    match (&inputs.sql_init, &db) {
+        (Some(init), Some(db)) => db
+            .init_text(&init.file, init.text.clone())
+            .await
+            .map_err(|e| usage(format!("{e:#}")))?,
+        (Some(init), None) => {
+            init_note = Some(format!(
+                "the SQL init script {} was not run: the grant has no `sql`",
+                init.file.display()
+            ));
+        }
+        (None, _) => {}
+    }
     let mut grant = grant;
     grant.config = inputs.config.clone();
     let context = Arc::new(PluginContext::new(
@@ -427,6 +477,13 @@ pub async fn run(path: &Path, inputs: &Inputs, cache_dir: Option<&Path>) -> anyh
 
     let mut report = Report::new(path, &inputs.name, &component.sha256, &message, grants);
     report.message.data_bytes = inputs.data.as_ref().map(|d| d.len() as u64);
+    if init_ran {
+        report.sql_init = inputs
+            .sql_init
+            .as_ref()
+            .map(|i| i.file.display().to_string());
+    }
+    report.notes.extend(init_note);
     if envelope.data_location.is_none()
         && let Some(location) = &inputs.data_location
     {

@@ -1,10 +1,10 @@
 //! `exec --record DIR` and `replay DIR PLUGIN.wasm`.
 //!
 //! A recording is a folder: `message.json` (the message as given), `data`
-//! (the data object, when there is one) and `recording.json` (format 1: the
-//! other inputs — data location, metadata, config, the grant the run had,
-//! limits — and the whole report, every host call with its result
-//! included). `replay` runs a build on the same inputs, with the same
+//! (the data object, when there is one), `init.sql` (the SQL init script,
+//! when there was one) and `recording.json` (format 1: the other inputs —
+//! data location, metadata, config, the grant the run had, limits — and
+//! the whole report, every host call with its result included). `replay` runs a build on the same inputs, with the same
 //! in-memory capabilities, and compares the host calls (function,
 //! arguments, results) and the outcome. Fuel and duration are shown, never
 //! compared.
@@ -22,6 +22,8 @@ use crate::capability::journal::HostCall;
 
 /// The recording format this engine writes and reads.
 pub const FORMAT: u32 = 1;
+/// The SQL init script's file in a recording.
+const INIT_FILE: &str = "init.sql";
 /// Differences printed at most (all are in `--json`).
 const SHOWN: usize = 20;
 /// Above this many differing calls (each side), calls are compared by
@@ -55,6 +57,12 @@ pub fn save(dir: &Path, inputs: &Inputs, report: &Report) -> anyhow::Result<()> 
         Some(data) => write("data", data)?,
         None => {
             let _ = std::fs::remove_file(dir.join("data"));
+        }
+    }
+    match &inputs.sql_init {
+        Some(init) => write(INIT_FILE, init.text.as_bytes())?,
+        None => {
+            let _ = std::fs::remove_file(dir.join(INIT_FILE));
         }
     }
     // Replay with the grant this run had, whatever the next build imports.
@@ -94,6 +102,11 @@ pub fn load(dir: &Path) -> anyhow::Result<Recording> {
             std::fs::read(dir.join("data"))
                 .map_err(|e| usage(format!("{}/data: {e}", dir.display())))?,
         );
+    }
+    if let Some(init) = &mut inputs.sql_init {
+        init.file = dir.join(INIT_FILE);
+        init.text = std::fs::read_to_string(&init.file)
+            .map_err(|e| usage(format!("{}: {e}", init.file.display())))?;
     }
     Ok(Recording {
         inputs,

@@ -110,6 +110,10 @@ pub struct Report {
     pub message: MessageInfo,
     /// What was granted besides `log` and `config`.
     pub grants: Vec<String>,
+    /// The SQL init script run on the plugin's database before the
+    /// message (`--sql-init`), if one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql_init: Option<String>,
     /// The outcome.
     pub outcome: OutcomeInfo,
     /// 0 for done or skip, else 1.
@@ -159,6 +163,7 @@ impl Report {
                 data_bytes: None,
             },
             grants,
+            sql_init: None,
             outcome: OutcomeInfo {
                 status: "failed".into(),
                 failure: None,
@@ -425,6 +430,9 @@ pub fn print(out: &mut dyn Write, r: &Report) -> io::Result<()> {
         format!("log, config, {}", list.join(", "))
     };
     writeln!(out, "grants    {grants}")?;
+    if let Some(file) = &r.sql_init {
+        writeln!(out, "sql init  {file} (run before the message)")?;
+    }
     writeln!(out, "outcome   {}", r.outcome)?;
     writeln!(
         out,

@@ -42,6 +42,19 @@ impl Database {
         &self.conn
     }
 
+    /// Run a plugin's init script as the engine runs
+    /// `plugins.grants.NAME.sql.init` at start: every statement in one
+    /// transaction, under the plugin policy; nothing of it is kept if a
+    /// statement fails.
+    pub(super) fn init(&self, script: &str) -> rusqlite::Result<()> {
+        self.begin()?;
+        if let Err(e) = self.conn.execute_batch(script) {
+            let _ = self.end(false);
+            return Err(e);
+        }
+        self.end(true)
+    }
+
     /// Open the invocation's transaction and lock the connection down.
     pub(super) fn begin(&self) -> rusqlite::Result<()> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;

@@ -17,7 +17,7 @@
 //! | `config` | [`FakeHost::config`] values |
 //! | `blob` | the message's data object ([`FakeHost::data`], at the message's `data_location`), other objects ([`FakeHost::blob`]); writes are captured ([`Report::blob_writes`]) |
 //! | `meta` | the message's metadata ([`FakeHost::meta`]), plugin state ([`FakeHost::state`]); changes are captured ([`Report::state_changes`]) |
-//! | `sql` | an in-memory SQLite database ([`FakeHost::sql`] to set it up, [`Report::query`] to inspect it); statements are captured ([`Report::sql`]) |
+//! | `sql` | an in-memory SQLite database ([`FakeHost::sql_init`] runs the plugin's init script as the engine does, [`FakeHost::sql`] sets it up from outside, [`Report::query`] inspects it); statements are captured ([`Report::sql`]) |
 //! | `emit` | captured messages ([`Report::emits`]); [`FakeHost::outputs`] declares the outputs |
 //!
 //! It behaves like the engine where a test can notice: `$1, $2, ...`
@@ -47,6 +47,11 @@
 //! use sandpipe_sdk::prelude::*;
 //! use sandpipe_sdk::testing::{self, FakeHost};
 //!
+//! /// The plugin's table: its `init.sql`, which the operator names in the
+//! /// grant (`sql: { init: init.sql }`) and the engine runs at start. In a
+//! /// plugin crate: `include_str!("../init.sql")`.
+//! const INIT_SQL: &str = "CREATE TABLE IF NOT EXISTS loud (id TEXT PRIMARY KEY, text TEXT);";
+//!
 //! struct Shout;
 //!
 //! impl Plugin for Shout {
@@ -62,7 +67,6 @@
 //!     fn execute(msg: Message) -> Result<Outcome, Error> {
 //!         let text = String::from_utf8(blob::open_data()?.read_all()?)?;
 //!         let loud = text.trim().to_uppercase();
-//!         sql::execute("CREATE TABLE IF NOT EXISTS loud (id TEXT PRIMARY KEY, text TEXT)", &[])?;
 //!         sql::execute(
 //!             "INSERT INTO loud VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET text = excluded.text",
 //!             &params![msg.id.as_str(), loud.as_str()],
@@ -80,6 +84,7 @@
 //!     ..testing::message("m-1", "text/plain")
 //! };
 //! let host = FakeHost::new()
+//!     .sql_init(INIT_SQL)                        // as the engine does at start
 //!     .data("hello\n")
 //!     .config("output", "shouts")
 //!     .outputs(["shouts"]);
@@ -91,8 +96,8 @@
 //! assert_eq!(rows.len(), 1);
 //! assert_eq!(rows.first().and_then(|r| r.get_str("text")), Some("HELLO"));
 //! // The SQL statements, with their parameters.
-//! assert_eq!(report.sql.len(), 2);
-//! assert_eq!(report.sql[1].params, params!["m-1", "HELLO"]);
+//! assert_eq!(report.sql.len(), 1);
+//! assert_eq!(report.sql[0].params, params!["m-1", "HELLO"]);
 //! // The emitted message.
 //! assert_eq!(report.emits.len(), 1);
 //! assert_eq!(report.emits[0].output, "shouts");
@@ -114,17 +119,17 @@
 //! // Failures: a missing grant is access-denied, and nothing is committed.
 //! let denied = testing::run::<Shout>(
 //!     Message { data_location: Some("in/x.txt".into()), ..testing::message("m-2", "text/plain") },
-//!     FakeHost::new().data("x").grant(&[Capability::Blob, Capability::Sql]),
+//!     FakeHost::new().sql_init(INIT_SQL).data("x").grant(&[Capability::Blob, Capability::Sql]),
 //! );
 //! assert!(matches!(denied.outcome, Err(Error::AccessDenied(_))));
-//! assert!(denied.query("SELECT name FROM sqlite_master", &[])?.is_empty());
+//! assert!(denied.query("SELECT id FROM loud", &[])?.is_empty());
 //! # Ok::<(), sandpipe_sdk::Error>(())
 //! ```
 //!
 //! # The same test in the sandbox
 //!
-//! A [`Scenario`] is a message with its data object, metadata and config:
-//! exactly what `sandpipe exec` takes. Run it natively with
+//! A [`Scenario`] is a message with its data object, metadata, config and
+//! the plugin's SQL init script: exactly what `sandpipe exec` takes. Run it natively with
 //! [`Scenario::run`], and write it to a folder with
 //! [`Scenario::write_to`] to run the built component on the same inputs in
 //! the real sandbox:
@@ -313,7 +318,9 @@ impl FakeHost {
 
     /// Run SQL on the database now, to set it up (tables, rows from earlier
     /// messages). Any statements, `;`-separated; no parameters (use
-    /// [`FakeHost::db`] for those).
+    /// [`FakeHost::db`] for those). Not checked by the plugin policy: for
+    /// the plugin's own init script use [`FakeHost::sql_init`], which runs
+    /// it as the engine does.
     ///
     /// Panics if the SQL fails.
     #[must_use]
@@ -321,6 +328,39 @@ impl FakeHost {
     pub fn sql(self, batch: &str) -> Self {
         if let Err(e) = self.db.conn().execute_batch(batch) {
             panic!("FakeHost::sql: the setup SQL failed: {e}\n{batch}");
+        }
+        self
+    }
+
+    /// Run the plugin's init script (what the operator names in
+    /// `plugins.grants.NAME.sql.init`, e.g. the `init.sql` the plugin
+    /// ships) as the engine does at every start, before any message: all
+    /// of it in one transaction, under the same policy as the plugin's own
+    /// statements (no `ATTACH`, no transaction control, no writing
+    /// pragmas). Unlike [`FakeHost::sql`], which sets the database up from
+    /// outside, it fails where the engine would refuse to start. Write the
+    /// script idempotently (`CREATE TABLE IF NOT EXISTS`): the engine runs
+    /// it at every start.
+    ///
+    /// ```
+    /// use sandpipe_sdk::testing::FakeHost;
+    ///
+    /// const INIT_SQL: &str = "CREATE TABLE IF NOT EXISTS words (message_id TEXT PRIMARY KEY, words BIGINT NOT NULL);";
+    /// // In a plugin crate: const INIT_SQL: &str = include_str!("../init.sql");
+    /// let host = FakeHost::new().sql_init(INIT_SQL).sql_init(INIT_SQL); // idempotent
+    /// let n: i64 = host.db().query_row("SELECT count(*) FROM words", [], |r| r.get(0))?;
+    /// assert_eq!(n, 0);
+    /// # Ok::<(), sandpipe_sdk::testing::rusqlite::Error>(())
+    /// ```
+    ///
+    /// Panics, with SQLite's message and the script, if it fails.
+    #[must_use]
+    #[allow(clippy::panic)]
+    pub fn sql_init(self, script: &str) -> Self {
+        if let Err(e) = self.db.init(script) {
+            panic!(
+                "FakeHost::sql_init: the init script failed (the engine would refuse to start): {e}\n{script}"
+            );
         }
         self
     }

@@ -19,11 +19,14 @@ pub const DATA_FILE: &str = "data";
 pub const META_FILE: &str = "meta.json";
 /// The config values, one JSON object (`--config KEY=VALUE` each).
 pub const CONFIG_FILE: &str = "config.json";
+/// The plugin's init script, run on its database before the message
+/// (`--sql-init`); only when the scenario has one.
+pub const SQL_INIT_FILE: &str = "init.sql";
 /// A shell script that runs `sandpipe exec` on the folder.
 pub const EXEC_SCRIPT: &str = "exec.sh";
 
-/// One message with its data object, metadata and config: the inputs of
-/// both a native test ([`Scenario::run`]) and `sandpipe exec`
+/// One message with its data object, metadata, config and the plugin's
+/// SQL init script: the inputs of both a native test ([`Scenario::run`]) and `sandpipe exec`
 /// ([`Scenario::write_to`]), so the same case can be checked natively and
 /// in the real sandbox.
 ///
@@ -45,6 +48,9 @@ pub const EXEC_SCRIPT: &str = "exec.sh";
 ///
 /// fn hello() -> Scenario {
 ///     Scenario::new("m-1", "text/plain")
+///         // the plugin's tables, as the engine sets them up at start
+///         .sql_init("CREATE TABLE IF NOT EXISTS counts (id TEXT PRIMARY KEY, n BIGINT);")
+///         // in a plugin crate: .sql_init(include_str!("../init.sql"))
 ///         .data("texts/hello.txt", "Hello, Sandpipe!\n")
 ///         .meta("source", "example")
 ///         .config("output", "stats")
@@ -90,6 +96,10 @@ pub struct Scenario {
     pub meta: Map<String, Json>,
     /// The config values.
     pub config: BTreeMap<String, Json>,
+    /// The plugin's SQL init script (`init.sql`), run on its database
+    /// before the message, as the engine runs `plugins.grants.NAME.sql.init`
+    /// at start.
+    pub sql_init: Option<String>,
 }
 
 impl Scenario {
@@ -102,7 +112,18 @@ impl Scenario {
             data: None,
             meta: Map::new(),
             config: BTreeMap::new(),
+            sql_init: None,
         }
+    }
+
+    /// The plugin's SQL init script (e.g. `include_str!("../init.sql")`):
+    /// [`Scenario::run`] runs it on the fake database first
+    /// ([`FakeHost::sql_init`]), the folder keeps it as `init.sql`, and
+    /// `exec.sh` hands it to `sandpipe exec --sql-init`.
+    #[must_use]
+    pub fn sql_init(mut self, script: impl Into<String>) -> Self {
+        self.sql_init = Some(script.into());
+        self
     }
 
     /// The data object and its location.
@@ -170,9 +191,15 @@ impl Scenario {
         }
     }
 
-    /// A [`FakeHost`] with the data object, metadata and config.
+    /// A [`FakeHost`] with the data object, metadata and config, its
+    /// database set up by the init script.
+    ///
+    /// Panics if the init script fails.
     pub fn host(&self) -> FakeHost {
         let mut host = FakeHost::new();
+        if let Some(script) = &self.sql_init {
+            host = host.sql_init(script);
+        }
         if let Some(data) = &self.data {
             host = host.data(data.clone());
         }
@@ -188,8 +215,8 @@ impl Scenario {
     }
 
     /// The files of the scenario's folder, name and content: `message.json`,
-    /// `data` (if there is a data object), `meta.json`, `config.json` and
-    /// `exec.sh`. They depend only on the scenario, so a test can check
+    /// `data` (if there is a data object), `meta.json`, `config.json`,
+    /// `init.sql` (if there is an init script) and `exec.sh`. They depend only on the scenario, so a test can check
     /// that a folder kept in the repository is current.
     pub fn files(&self) -> Vec<(&'static str, Vec<u8>)> {
         let mut files = vec![(MESSAGE_FILE, self.envelope())];
@@ -203,21 +230,29 @@ impl Scenario {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         files.push((CONFIG_FILE, pretty(&Json::Object(config))));
+        if let Some(script) = &self.sql_init {
+            files.push((SQL_INIT_FILE, script.clone().into_bytes()));
+        }
         files.push((EXEC_SCRIPT, self.script().into_bytes()));
         files
     }
 
     /// Write [`Scenario::files`] to `dir` (created if needed; a stale
-    /// `data` file is removed). `exec.sh` runs `sandpipe exec` on them:
+    /// `data` or `init.sql` file is removed). `exec.sh` runs `sandpipe exec` on them:
     /// `dir/exec.sh PLUGIN.wasm [more sandpipe exec options]` (`$SANDPIPE`
     /// names the `sandpipe` binary; default: the one on `PATH`).
     pub fn write_to(&self, dir: impl AsRef<Path>) -> io::Result<()> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir)?;
-        if self.data.is_none() {
-            match std::fs::remove_file(dir.join(DATA_FILE)) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
+        for (absent, file) in [
+            (self.data.is_none(), DATA_FILE),
+            (self.sql_init.is_none(), SQL_INIT_FILE),
+        ] {
+            if absent {
+                match std::fs::remove_file(dir.join(file)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
             }
         }
         for (name, bytes) in self.files() {
@@ -233,8 +268,8 @@ impl Scenario {
     }
 
     /// The arguments of `sandpipe exec PLUGIN.wasm` for the scenario written
-    /// in `dir`: `--message`, `--data`, `--meta-file` and one `--config`
-    /// per value.
+    /// in `dir`: `--message`, `--data`, `--meta-file`, `--sql-init` and one
+    /// `--config` per value.
     pub fn exec_args(&self, dir: impl AsRef<Path>) -> Vec<OsString> {
         let dir = dir.as_ref();
         let mut args: Vec<OsString> = vec!["--message".into(), dir.join(MESSAGE_FILE).into()];
@@ -244,6 +279,10 @@ impl Scenario {
         }
         args.push("--meta-file".into());
         args.push(dir.join(META_FILE).into());
+        if self.sql_init.is_some() {
+            args.push("--sql-init".into());
+            args.push(dir.join(SQL_INIT_FILE).into());
+        }
         for (key, value) in &self.config {
             args.push("--config".into());
             args.push(config_arg(key, value).into());
@@ -252,7 +291,7 @@ impl Scenario {
     }
 
     /// Read a scenario written by [`Scenario::write_to`] (`exec.sh` is
-    /// not read). The envelope's inline `metadata`, if any, is merged under
+    /// not read; `init.sql` is, when the folder has one). The envelope's inline `metadata`, if any, is merged under
     /// `meta.json`, as `sandpipe exec` does.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self, Error> {
         let dir = dir.as_ref();
@@ -281,6 +320,15 @@ impl Scenario {
         if let Json::Object(config) = serde_json::from_slice(&read(CONFIG_FILE)?)? {
             scenario.config = config.into_iter().collect();
         }
+        if dir.join(SQL_INIT_FILE).exists() {
+            let script = String::from_utf8(read(SQL_INIT_FILE)?).map_err(|_| {
+                Error::invalid(format!(
+                    "{}: not UTF-8 text",
+                    dir.join(SQL_INIT_FILE).display()
+                ))
+            })?;
+            scenario.sql_init = Some(script);
+        }
         Ok(scenario)
     }
 
@@ -298,6 +346,8 @@ impl Scenario {
             command.push_str(&shell_quote(&config_arg(key, value)));
         }
         command.push_str(" \"$@\"");
+        // `init.sql` is passed whenever the folder has one, so one written
+        // by hand is picked up too.
         format!(
             "#!/bin/sh\n\
              # Run this scenario in the real sandbox:\n\
@@ -308,6 +358,8 @@ impl Scenario {
              here=$(dirname \"$0\")\n\
              plugin=${{1:?usage: {EXEC_SCRIPT} PLUGIN.wasm [sandpipe exec options]}}\n\
              shift\n\
+             # The plugin's tables, set up as the engine does at start.\n\
+             if [ -f \"$here/{SQL_INIT_FILE}\" ]; then set -- --sql-init \"$here/{SQL_INIT_FILE}\" \"$@\"; fi\n\
              {command}\n"
         )
     }

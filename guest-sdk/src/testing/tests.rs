@@ -518,3 +518,104 @@ fn a_scenario_runs_natively_and_round_trips_through_its_folder() {
     assert_eq!(Scenario::load(&dir).unwrap(), no_data);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+const WORDS_INIT: &str = "-- the plugin's table\n\
+    CREATE TABLE IF NOT EXISTS words (message_id TEXT PRIMARY KEY, words BIGINT NOT NULL);\n\
+    CREATE INDEX IF NOT EXISTS words_by_count ON words (words);\n";
+
+#[test]
+fn an_init_script_sets_up_the_tables_the_plugin_then_uses() {
+    // Idempotent, as the engine runs it at every start.
+    let host = FakeHost::new().sql_init(WORDS_INIT).sql_init(WORDS_INIT);
+    let report = exec(message("m-1", "t"), host, |msg| {
+        sql::execute(
+            "INSERT INTO words VALUES ($1, $2)",
+            &params![msg.id.as_str(), 6],
+        )?;
+        Ok(Outcome::Done)
+    });
+    report.assert_done();
+    // Only the plugin's own statement is in the report.
+    assert_eq!(report.sql.len(), 1);
+    let rows = report.query("SELECT words FROM words", &[]).unwrap();
+    assert_eq!(rows.first().and_then(|r| r.get_i64("words")), Some(6));
+}
+
+#[test]
+fn an_init_script_runs_under_the_plugin_policy_in_one_transaction() {
+    for script in [
+        "PRAGMA user_version = 3",
+        "ATTACH DATABASE ':memory:' AS other",
+        "CREATE TABLE a (x); COMMIT",
+    ] {
+        let db = database::Database::open().unwrap();
+        let err = db.init(script).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("not authorized")),
+            "{script}: {err:?}"
+        );
+    }
+    // A failing statement leaves nothing of the script behind.
+    let db = database::Database::open().unwrap();
+    assert!(db.init("CREATE TABLE a (x); CREATE TABLE a (x)").is_err());
+    let tables: i64 = db
+        .conn()
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(tables, 0);
+    // And the connection is usable again (not left locked down).
+    db.conn().execute_batch("BEGIN; COMMIT").unwrap();
+}
+
+#[test]
+#[should_panic(expected = "FakeHost::sql_init: the init script failed")]
+fn a_failing_init_script_fails_the_test() {
+    let _ = FakeHost::new().sql_init("CREATE TABLE words (");
+}
+
+#[test]
+fn a_scenario_keeps_its_init_script_in_the_folder() {
+    let scenario = Scenario::new("m-9", "text/plain")
+        .data("a.txt", "one two\n")
+        .sql_init(WORDS_INIT);
+    BODY.with(|b| {
+        *b.borrow_mut() = Some(Box::new(|msg: Message| {
+            sql::execute(
+                "INSERT INTO words VALUES ($1, 2)",
+                &params![msg.id.as_str()],
+            )?;
+            Ok(Outcome::Done)
+        }))
+    });
+    scenario.run::<Probe>().assert_done();
+
+    let dir = temp_dir("scenario-init");
+    scenario.write_to(&dir).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("init.sql")).unwrap(),
+        WORDS_INIT
+    );
+    assert_eq!(Scenario::load(&dir).unwrap(), scenario);
+    let args: Vec<String> = scenario
+        .exec_args(&dir)
+        .into_iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let at = args.iter().position(|a| a == "--sql-init").unwrap();
+    assert_eq!(args[at + 1], format!("{}/init.sql", dir.display()));
+    let script = std::fs::read_to_string(dir.join("exec.sh")).unwrap();
+    assert!(
+        script.contains(
+            r#"if [ -f "$here/init.sql" ]; then set -- --sql-init "$here/init.sql" "$@"; fi"#
+        ),
+        "{script}"
+    );
+
+    // Without one, a stale init.sql goes.
+    let plain = Scenario::new("m-9", "text/plain").data("a.txt", "one two\n");
+    plain.write_to(&dir).unwrap();
+    assert!(!dir.join("init.sql").exists());
+    assert_eq!(Scenario::load(&dir).unwrap(), plain);
+    assert!(!plain.exec_args(&dir).contains(&"--sql-init".into()));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -185,6 +185,13 @@ impl PluginDb {
                 script.display()
             )
         })?;
+        self.init_text(script, text).await
+    }
+
+    /// [`PluginDb::init`] with the script's text already read from
+    /// `script` (which errors name): `sandpipe exec --sql-init` and
+    /// `replay`, which keep the text with their inputs.
+    pub async fn init_text(&self, script: &std::path::Path, text: String) -> anyhow::Result<()> {
         match self {
             Self::Sqlite(db) => {
                 let (db, path) = (db.clone(), script.to_owned());

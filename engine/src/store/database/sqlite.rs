@@ -314,8 +314,9 @@ impl PluginDb {
         conn.arm_deadline(INIT_TIMEOUT);
         if let Err(e) = conn.conn.execute_batch(text) {
             self.rollback(conn);
+            let (at, e) = init_error(text, &e);
             anyhow::bail!(
-                "sql.init: plugin `{}`'s init script {} failed: {e}",
+                "sql.init: plugin `{}`'s init script {} failed{at}: {e}",
                 self.plugin,
                 script.display()
             );
@@ -346,6 +347,28 @@ impl PluginDb {
             pool.push(conn);
         }
     }
+}
+
+/// Where in an init script `text` SQLite stopped (` at line N`, when it
+/// says: a syntax error, an unknown table or column) and its message
+/// without the rest of the script, which rusqlite quotes.
+fn init_error(text: &str, e: &rusqlite::Error) -> (String, String) {
+    if let rusqlite::Error::SqlInputError {
+        msg, sql, offset, ..
+    } = e
+        && let Ok(offset) = usize::try_from(*offset)
+        && let Some(rest) = text.len().checked_sub(sql.len())
+        && text.as_bytes().ends_with(sql.as_bytes())
+    {
+        let at = (rest + offset).min(text.len());
+        let line = text.as_bytes()[..at]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1;
+        return (format!(" at line {line}"), msg.clone());
+    }
+    (String::new(), e.to_string())
 }
 
 fn to_sql(value: Value) -> SqlValue {

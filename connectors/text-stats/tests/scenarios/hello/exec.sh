@@ -7,4 +7,6 @@ set -eu
 here=$(dirname "$0")
 plugin=${1:?usage: exec.sh PLUGIN.wasm [sandpipe exec options]}
 shift
+# The plugin's tables, set up as the engine does at start.
+if [ -f "$here/init.sql" ]; then set -- --sql-init "$here/init.sql" "$@"; fi
 exec "${SANDPIPE:-sandpipe}" exec "$plugin" --message "$here/message.json" --data "$here/data" --meta-file "$here/meta.json" --config 'output=stats' "$@"
