@@ -5,7 +5,7 @@
 //! a symbolic link, and a message with no type anywhere, dead-lettered
 //! with the reason. Redis on 127.0.0.1:6379; the keys are the test's own.
 
-use crate::harness::Deployment;
+use crate::harness::{Deployment, init_script};
 
 const URL: &str = "redis://127.0.0.1:6379";
 
@@ -48,7 +48,8 @@ async fn sqapi_messages_with_absolute_locations_and_the_type_in_redis_are_proces
             "meta_store: {{ type: redis, url: \"{URL}\" }}\n\
              message_fields: {{ mime_path: mime.type }}\n\
              outputs:\n  stats: {{ type: dir, path: out/stats }}\n\
-             plugins:\n  grants:\n    text-stats: {{ blob: true, sql: true, emit: [stats], config: {{ output: stats }} }}\n"
+             plugins:\n  grants:\n    text-stats: {{ blob: true, sql: {{ init: \"{}\" }}, emit: [stats], config: {{ output: stats }} }}\n",
+            init_script("text-stats").display()
         ),
     );
     d.data("texts/a.txt", b"hello sqapi\nworld\n");
