@@ -169,13 +169,14 @@ fn main() {
                 let index = (k + run) % modes.len();
                 let m = one_run(prefetch, modes[index], messages, &consumer);
                 eprintln!(
-                    "prefetch {prefetch}, {}, run {}: {:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms, {} connections",
+                    "prefetch {prefetch}, {}, run {}: {:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms, {} connections, {} not acked at first",
                     modes[index].name(),
                     run + 1,
                     m.per_second,
                     m.p50_us / 1000.0,
                     m.p99_us / 1000.0,
-                    m.connections
+                    m.connections,
+                    m.not_acked
                 );
                 not_acked += m.not_acked;
                 results[index].push(m);
@@ -395,6 +396,31 @@ fn one_run(prefetch: u16, mode: Mode, messages: usize, consumer: &Path) -> Measu
                 .unwrap_or_else(|| panic!("no {key} in the child's line {line:?}"))
         };
         assert_eq!(number("acked") as usize, messages, "{line:?}");
+        if number("requeued") > 0.0 {
+            // Say why, once per distinct reason (the child's log lines,
+            // without their timestamps and delivery names).
+            let log = std::fs::read_to_string(root.join("child.stderr")).unwrap_or_default();
+            let mut reasons: Vec<String> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("requeued"))
+                .map(|l| {
+                    // Without the timestamp and the per-message fields.
+                    let l = l.split_once(' ').map_or(l, |(_, rest)| rest);
+                    l.split(' ')
+                        .filter(|w| !w.starts_with("message_id=") && !w.starts_with("delivery="))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
+            reasons.sort();
+            reasons.dedup();
+            eprintln!(
+                "{} deliveries not acked at first ({} distinct reasons), e.g.:\n  {}",
+                number("requeued"),
+                reasons.len(),
+                reasons.iter().take(3).cloned().collect::<Vec<_>>().join("\n  ")
+            );
+        }
 
         // Every message has its row.
         let on_db = postgres(&db).await;
@@ -552,6 +578,13 @@ fn natives(mode: Mode) -> Vec<(String, Arc<dyn NativePlugin>)> {
 /// is ready, waits for `go`, drains the queue as `run --once` does and
 /// prints one line of `key=value` pairs.
 fn engine(config: &Path, mode: Mode, ready: &Path, go: &Path) {
+    // Warnings and errors to stderr, as the binary logs them (it also logs
+    // `sandpipe=info`: start-up lines only).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
     let config = Config::load(config).unwrap();
     runtime().block_on(async {
         let assembled = assemble_with(config, natives(mode)).await.unwrap();
