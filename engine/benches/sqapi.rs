@@ -29,7 +29,9 @@
 //! the engine's is measured here, by wrapping its listener
 //! (`sandpipe::listener::build`) so that `recv` and the `Acker`'s `settle`
 //! are timed. Each run also samples the database's connections
-//! (`pg_stat_activity`) and checks the rows.
+//! (`pg_stat_activity`), counts the transactions committed in it
+//! (`pg_stat_database.xact_commit`, read-only ones included) and checks
+//! the rows.
 //!
 //! `cargo bench --bench sqapi -- --messages N --runs R --prefetch 1,16,128
 //! [--modes independent,sandboxed,native]` (`just bench-sqapi`). Results:
@@ -115,6 +117,9 @@ struct Measured {
     peak_rss_kib: f64,
     /// The most connections to the run's database seen at once.
     connections: f64,
+    /// Transactions committed in the run's database (read-only ones too:
+    /// every statement outside a transaction is one), per message.
+    commits_per_message: f64,
     /// Settlements other than an ack (requeues, retries).
     not_acked: f64,
 }
@@ -156,9 +161,9 @@ fn main() {
     );
     println!();
     println!(
-        "| prefetch | mode | msg/s | p50 latency | p99 latency | peak RSS | PostgreSQL connections | msg/s ÷ independent | p50 ÷ independent | p99 ÷ independent |"
+        "| prefetch | mode | msg/s | p50 latency | p99 latency | peak RSS | PostgreSQL connections | PostgreSQL transactions per message | msg/s ÷ independent | p50 ÷ independent | p99 ÷ independent |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut sandbox_only = Vec::new();
     let mut not_acked = 0.0;
     for &prefetch in &prefetches {
@@ -169,13 +174,15 @@ fn main() {
                 let index = (k + run) % modes.len();
                 let m = one_run(prefetch, modes[index], messages, &consumer);
                 eprintln!(
-                    "prefetch {prefetch}, {}, run {}: {:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms, {} connections",
+                    "prefetch {prefetch}, {}, run {}: {:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms, {} connections, {:.2} transactions per message, {} not acked at first",
                     modes[index].name(),
                     run + 1,
                     m.per_second,
                     m.p50_us / 1000.0,
                     m.p99_us / 1000.0,
-                    m.connections
+                    m.connections,
+                    m.commits_per_message,
+                    m.not_acked
                 );
                 not_acked += m.not_acked;
                 results[index].push(m);
@@ -195,13 +202,14 @@ fn main() {
                 _ => " | | ".to_owned(),
             };
             println!(
-                "| {prefetch} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} MiB | {:.0} | {ratios} |",
+                "| {prefetch} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} MiB | {:.0} | {:.2} | {ratios} |",
                 mode.name(),
                 m.per_second,
                 m.p50_us / 1000.0,
                 m.p99_us / 1000.0,
                 m.peak_rss_kib / 1024.0,
                 m.connections,
+                m.commits_per_message,
             );
         }
         if let (Some(sandboxed), Some(compiled)) = (find(Mode::Sandboxed), find(Mode::CompiledIn)) {
@@ -360,6 +368,7 @@ fn one_run(prefetch: u16, mode: Mode, messages: usize, consumer: &Path) -> Measu
         }
 
         // Count the database's connections while the child runs.
+        let commits_before = commits(&admin, &db).await;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let sampler = tokio::spawn(peak_connections(db.clone(), stopped));
         let line = match mode {
@@ -395,6 +404,45 @@ fn one_run(prefetch: u16, mode: Mode, messages: usize, consumer: &Path) -> Measu
                 .unwrap_or_else(|| panic!("no {key} in the child's line {line:?}"))
         };
         assert_eq!(number("acked") as usize, messages, "{line:?}");
+        if number("requeued") > 0.0 {
+            // Say why, once per distinct reason (the child's log lines,
+            // without their timestamps and delivery names).
+            let log = std::fs::read_to_string(root.join("child.stderr")).unwrap_or_default();
+            let mut reasons: Vec<String> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("requeued"))
+                .map(|l| {
+                    // Without the timestamp and the per-message fields.
+                    let l = l.split_once(' ').map_or(l, |(_, rest)| rest);
+                    l.split(' ')
+                        .filter(|w| !w.starts_with("message_id=") && !w.starts_with("delivery="))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
+            reasons.sort();
+            reasons.dedup();
+            eprintln!(
+                "{} deliveries not acked at first ({} distinct reasons), e.g.:\n  {}",
+                number("requeued"),
+                reasons.len(),
+                reasons.iter().take(3).cloned().collect::<Vec<_>>().join("\n  ")
+            );
+        }
+
+        // The child's connections are gone, and with them their backends,
+        // which report their statistics as they exit: wait for the count
+        // to settle.
+        let mut committed = commits(&admin, &db).await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = commits(&admin, &db).await;
+            if now == committed {
+                break;
+            }
+            committed = now;
+        }
+        let commits_per_message = (committed - commits_before) as f64 / messages as f64;
 
         // Every message has its row.
         let on_db = postgres(&db).await;
@@ -435,6 +483,7 @@ fn one_run(prefetch: u16, mode: Mode, messages: usize, consumer: &Path) -> Measu
             p99_us: number("p99_us"),
             peak_rss_kib: number("peak_rss_kib"),
             connections: connections as f64,
+            commits_per_message,
             not_acked: number("requeued"),
         }
     })
@@ -502,6 +551,19 @@ async fn run_child(
         .collect()
 }
 
+/// Transactions committed in database `db` so far (as far as its backends
+/// have reported them).
+async fn commits(admin: &tokio_postgres::Client, db: &str) -> i64 {
+    admin
+        .query_one(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = $1",
+            &[&db],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// The most connections to database `db` seen at once, sampled every
 /// 20 ms until `stop`.
 async fn peak_connections(db: String, mut stop: tokio::sync::watch::Receiver<bool>) -> i64 {
@@ -552,6 +614,13 @@ fn natives(mode: Mode) -> Vec<(String, Arc<dyn NativePlugin>)> {
 /// is ready, waits for `go`, drains the queue as `run --once` does and
 /// prints one line of `key=value` pairs.
 fn engine(config: &Path, mode: Mode, ready: &Path, go: &Path) {
+    // Warnings and errors to stderr, as the binary logs them (it also logs
+    // `sandpipe=info`: start-up lines only).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
     let config = Config::load(config).unwrap();
     runtime().block_on(async {
         let assembled = assemble_with(config, natives(mode)).await.unwrap();
@@ -746,6 +815,7 @@ fn median_of(runs: &[Measured]) -> Measured {
         p99_us: of(|m| m.p99_us),
         peak_rss_kib: of(|m| m.peak_rss_kib),
         connections: of(|m| m.connections),
+        commits_per_message: of(|m| m.commits_per_message),
         not_acked: of(|m| m.not_acked),
     }
 }
