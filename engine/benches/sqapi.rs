@@ -404,6 +404,10 @@ fn one_run(prefetch: u16, mode: Mode, messages: usize, consumer: &Path) -> Measu
                 .unwrap_or_else(|| panic!("no {key} in the child's line {line:?}"))
         };
         assert_eq!(number("acked") as usize, messages, "{line:?}");
+        let log = std::fs::read_to_string(root.join("child.stderr")).unwrap_or_default();
+        for steps in log.lines().filter(|l| l.starts_with("steps: ")) {
+            eprintln!("  {steps}");
+        }
         if number("requeued") > 0.0 {
             // Say why, once per distinct reason (the child's log lines,
             // without their timestamps and delivery names).
@@ -622,6 +626,9 @@ fn engine(config: &Path, mode: Mode, ready: &Path, go: &Path) {
         .with_writer(std::io::stderr)
         .init();
     let config = Config::load(config).unwrap();
+    // The engine's step histograms (`sandpipe_message_step_seconds`)
+    // record into this process's recorder from now on.
+    let metrics = sandpipe::metrics::handle();
     runtime().block_on(async {
         let assembled = assemble_with(config, natives(mode)).await.unwrap();
         assert!(assembled.problems.is_empty(), "{:?}", assembled.problems);
@@ -661,6 +668,7 @@ fn engine(config: &Path, mode: Mode, ready: &Path, go: &Path) {
                 .get(((latencies.len().saturating_sub(1)) as f64 * q) as usize)
                 .map_or(0, |d| d.as_micros())
         };
+        eprintln!("steps: {}", step_means(&metrics.render()));
         println!(
             "engine done={} acked={} requeued={} seconds={seconds:.6} msg_per_s={:.1} p50_us={} p99_us={} peak_rss_kib={}",
             summary.done,
@@ -672,6 +680,33 @@ fn engine(config: &Path, mode: Mode, ready: &Path, go: &Path) {
             peak_rss_kib()
         );
     });
+}
+
+/// Mean milliseconds per message step (`sandpipe_message_step_seconds`)
+/// and per invocation (`sandpipe_invocation_seconds`), from the Prometheus
+/// text: `resolve 0.21 ms, lookup 0.40 ms, ...`.
+fn step_means(text: &str) -> String {
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(series))
+            .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let mut out = Vec::new();
+    for step in ["resolve", "lookup", "plugins", "commit", "status"] {
+        let labels = format!("{{step=\"{step}\"}}");
+        let sum = value(&format!("sandpipe_message_step_seconds_sum{labels}"));
+        let count = value(&format!("sandpipe_message_step_seconds_count{labels}"));
+        if count > 0.0 {
+            out.push(format!("{step} {:.2} ms", sum / count * 1000.0));
+        }
+    }
+    let sum = value("sandpipe_invocation_seconds_sum");
+    let count = value("sandpipe_invocation_seconds_count");
+    if count > 0.0 {
+        out.push(format!("invocation {:.2} ms", sum / count * 1000.0));
+    }
+    out.join(", ")
 }
 
 /// Every acked delivery's latency, the last ack, and the settlements that
