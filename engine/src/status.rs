@@ -320,20 +320,6 @@ impl StatusLog {
         }
     }
 
-    /// Queue `entries` for the next commit without waiting for it. For rows
-    /// whose loss in a crash is harmless (a message was received, a plugin
-    /// started): anything the caller records later commits after them, in
-    /// the same transaction or a later one, so when a later `record`
-    /// returns these are durable too. A failure to write them is not
-    /// reported (nobody waits for it); a later `record` meets the same
-    /// database and reports its own failure.
-    pub fn record_soon(&self, entries: Vec<Entry>) {
-        if entries.is_empty() {
-            return;
-        }
-        drop(self.submit(entries));
-    }
-
     /// Queue `entries`, starting the writer if none runs; the receiver
     /// answers once they are committed.
     fn submit(&self, entries: Vec<Entry>) -> oneshot::Receiver<Result<(), String>> {
@@ -379,16 +365,17 @@ impl StatusLog {
                     anyhow::anyhow!("reading the status log: {}", describe(&e))
                 };
                 let client = pg.client().await?;
-                let stmt = client
-                    .prepare_cached(&format!(
-                        "SELECT plugin, plugin_version, component_sha256, attempt, status, info, \
-                                duration_ms, fuel_used \
-                         FROM {} WHERE message_id = $1 ORDER BY id",
-                        pg.table("status")
-                    ))
+                // Planned for the table as it is (see `pg_finished`).
+                let query = format!(
+                    "SELECT plugin, plugin_version, component_sha256, attempt, status, info, \
+                            duration_ms, fuel_used \
+                     FROM {} WHERE message_id = $1 ORDER BY id",
+                    pg.table("status")
+                );
+                let rows = client
+                    .query_typed(&query, &[(&message_id, tokio_postgres::types::Type::TEXT)])
                     .await
                     .map_err(fail)?;
-                let rows = client.query(&stmt, &[&message_id]).await.map_err(fail)?;
                 Ok(rows
                     .iter()
                     .map(|r| Row {
@@ -437,20 +424,26 @@ async fn pg_lookups(pg: Postgres, lookups: Arc<Group<String, HashSet<String>>>) 
 }
 
 /// The finished (done or skipped) plugins of every message in `ids`, as
-/// (message id, plugin) pairs: one query.
+/// (message id, plugin) pairs: one query, one round trip.
+///
+/// Not a kept prepared statement: PostgreSQL would plan it once, when the
+/// table was as small as a new deployment's, and keep scanning the whole
+/// growing table with that plan (until autovacuum's next ANALYZE). A
+/// statement with its parameter types given is parsed, bound and run in
+/// one round trip and planned for the table as it is now, by the index.
 async fn pg_finished(pg: &Postgres, ids: &[&str]) -> anyhow::Result<Vec<(String, String)>> {
     let fail =
         |e: tokio_postgres::Error| anyhow::anyhow!("reading the status log: {}", describe(&e));
     let client = pg.client().await?;
-    let stmt = client
-        .prepare_cached(&format!(
-            "SELECT DISTINCT message_id, plugin FROM {} WHERE message_id = ANY($1) \
-             AND plugin <> '' AND status IN ('done', 'skipped')",
-            pg.table("status")
-        ))
+    let query = format!(
+        "SELECT DISTINCT message_id, plugin FROM {} WHERE message_id = ANY($1) \
+         AND plugin <> '' AND status IN ('done', 'skipped')",
+        pg.table("status")
+    );
+    let rows = client
+        .query_typed(&query, &[(&ids, tokio_postgres::types::Type::TEXT_ARRAY)])
         .await
         .map_err(fail)?;
-    let rows = client.query(&stmt, &[&ids]).await.map_err(fail)?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
@@ -639,11 +632,11 @@ mod tests {
             let log = log.clone();
             tasks.spawn(async move {
                 let id = format!("m{i}");
-                log.record_soon(vec![Entry::message(&id, 1, Status::Received, "")]);
+                log.record(vec![Entry::message(&id, 1, Status::Received, "")])
+                    .await?;
                 log.record(vec![Entry::message(&id, 1, Status::Done, "")])
                     .await?;
-                // Durable means readable through the other connection now,
-                // the earlier `record_soon` row included.
+                // Durable means readable through the other connection now.
                 let rows = log.rows(&id).await?;
                 anyhow::ensure!(rows.len() == 2, "{id}: {rows:?}");
                 anyhow::ensure!(rows[0].status == "received" && rows[1].status == "done");

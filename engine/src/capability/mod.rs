@@ -55,6 +55,10 @@ pub struct PluginContext {
     pub db: Option<Arc<PluginDb>>,
     /// Shared services.
     pub services: Arc<Services>,
+    /// Whether the plugin's last invocation used `sql`: then the next one
+    /// begins its PostgreSQL transaction while the guest starts (see
+    /// [`Effects::begin_early`]).
+    pub used_sql: std::sync::atomic::AtomicBool,
 }
 
 impl PluginContext {
@@ -78,6 +82,7 @@ impl PluginContext {
             config,
             db,
             services,
+            used_sql: std::sync::atomic::AtomicBool::new(true),
         }
     }
 }
@@ -134,6 +139,9 @@ pub enum StateOp {
 pub struct Effects {
     /// The open SQL transaction, if the plugin used `sql`.
     pub sql: Option<sql::Transaction>,
+    /// A PostgreSQL transaction being begun before the guest asked for
+    /// one (see [`Effects::begin_early`]); taken by the first `sql` call.
+    pub sql_early: Option<tokio::task::JoinHandle<Result<sql::Transaction, WitError>>>,
     /// Queued emits.
     pub emits: Vec<Emit>,
     /// Queued blob writes.
@@ -149,6 +157,41 @@ impl Effects {
     /// Whether there is nothing to apply.
     pub fn is_empty(&self) -> bool {
         self.sql.is_none() && self.emits.is_empty() && self.puts.is_empty() && self.state.is_empty()
+    }
+
+    /// Begin `plugin`'s PostgreSQL transaction now, in a task of its own,
+    /// when its last invocation used `sql`: taking a connection and the
+    /// `BEGIN` round trip then happen while the guest starts and reads its
+    /// input, not when it runs its first statement. A transaction the
+    /// guest does not use is rolled back in the background
+    /// ([`Effects::settle_sql`]).
+    pub fn begin_early(&mut self, plugin: &PluginContext) {
+        use std::sync::atomic::Ordering;
+        if let Some(db) = &plugin.db
+            && matches!(**db, PluginDb::Postgres(_))
+            && plugin.used_sql.load(Ordering::Relaxed)
+        {
+            let db = db.clone();
+            self.sql_early = Some(tokio::spawn(
+                async move { sql::Transaction::begin(&db).await },
+            ));
+        }
+    }
+
+    /// Note whether the invocation used `sql` (for the next one's
+    /// [`Effects::begin_early`]), and roll back, in the background, a
+    /// transaction begun early that it did not use.
+    pub fn settle_sql(&mut self, plugin: &PluginContext) {
+        plugin
+            .used_sql
+            .store(self.sql.is_some(), std::sync::atomic::Ordering::Relaxed);
+        if let Some(early) = self.sql_early.take() {
+            tokio::spawn(async move {
+                if let Ok(Ok(tx)) = early.await {
+                    tx.rollback().await;
+                }
+            });
+        }
     }
 }
 

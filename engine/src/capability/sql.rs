@@ -157,9 +157,17 @@ impl InvocationState {
                 "the plugin's database is not open".into(),
             ));
         };
-        let tx = match &mut self.host.effects.sql {
-            Some(tx) => tx,
-            empty => empty.insert(Transaction::begin(db).await?),
+        if self.host.effects.sql.is_none() {
+            let tx = match self.host.effects.sql_early.take() {
+                Some(early) => early
+                    .await
+                    .map_err(|e| WitError::Internal(format!("beginning the transaction: {e}")))??,
+                None => Transaction::begin(db).await?,
+            };
+            self.host.effects.sql = Some(tx);
+        }
+        let Some(tx) = self.host.effects.sql.as_mut() else {
+            return Err(WitError::Internal("no transaction".into()));
         };
         let result = tx
             .run(statement, work, ResultLimit::of(&plugin.limits))

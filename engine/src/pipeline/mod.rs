@@ -405,9 +405,22 @@ impl Pipeline {
             }
         }
 
+        // The look-up of the plugins already finished (a redelivery skips
+        // them) does not depend on the resolution: both at once, so the
+        // look-up's round trip hides behind the stores'.
         let step = std::time::Instant::now();
-        let resolved = self.resolve(&id, &envelope, headers, body).await;
-        record_step("resolve", step);
+        let (resolved, finished) = tokio::join!(
+            async {
+                let resolved = self.resolve(&id, &envelope, headers, body).await;
+                record_step("resolve", step);
+                resolved
+            },
+            async {
+                let finished = self.status.finished_plugins(&id).await;
+                record_step("lookup", step);
+                finished
+            },
+        );
         let mut message = match resolved {
             Ok(m) => m,
             Err(Resolution::Permanent(reason)) => {
@@ -438,18 +451,17 @@ impl Pipeline {
         }
         let message = Arc::new(message);
 
-        let step = std::time::Instant::now();
-        let finished: HashSet<String> = self.status.finished_plugins(&id).await?;
-        record_step("lookup", step);
+        let finished: HashSet<String> = finished?;
         let to_run: Vec<Arc<LoadedPlugin>> = routed
             .into_iter()
             .filter(|p| !finished.contains(&p.name))
             .collect();
-        // Not waited for: losing this row in a crash is harmless, and the
-        // final rows below commit after it (see `record_soon`). The plugins
-        // that run are the routed ones without a done or skipped row; each
-        // gets its row when it ends.
-        self.status.record_soon(vec![received]);
+        // The plugins that run are the routed ones without a done or
+        // skipped row; each gets its row when it ends. The received row
+        // goes with the message's final rows, in the same statement: one
+        // write (and one fsync) per message instead of two. A message the
+        // engine is still working on, or that a crash interrupted, has no
+        // row yet; its redelivery writes them.
 
         let step = std::time::Instant::now();
         let results: Vec<PluginResult> = futures::stream::iter(to_run)
@@ -468,14 +480,13 @@ impl Pipeline {
             .iter()
             .filter(|r| r.status == Status::Failed)
             .collect();
-        let mut entries: Vec<Entry> = results
-            .iter()
-            .map(|r| {
+        let mut entries: Vec<Entry> = std::iter::once(received)
+            .chain(results.iter().map(|r| {
                 let mut e = self.plugin_entry(&r.plugin, &id, attempt, r.status, r.info.clone());
                 e.duration_ms = Some(r.duration.as_secs_f64() * 1000.0);
                 e.fuel_used = r.fuel;
                 e
-            })
+            }))
             .collect();
         let describe = |rs: &[&PluginResult]| {
             rs.iter()
@@ -688,12 +699,14 @@ impl Pipeline {
             body: message.body.to_vec(),
             attempt,
         };
-        let host = HostState::new(plugin.context.clone(), Some(message.clone()));
+        let mut host = HostState::new(plugin.context.clone(), Some(message.clone()));
+        host.effects.begin_early(&plugin.context);
         let limits = &plugin.context.limits;
         let (result, mut host, usage) = self
             .sandbox
             .execute(&plugin.component, limits, host, wit_message)
             .await;
+        host.effects.settle_sql(&plugin.context);
         let denials = std::mem::take(&mut host.denials);
         let outages = std::mem::take(&mut host.outages);
         let mut outage = false;
