@@ -546,7 +546,7 @@ fn headers_too_large(
         .and_then(|n| ptr.checked_add(n))
         .and_then(|end| cx.memory().get(ptr..end))
         .ok_or_else(|| wasmtime::format_err!("list pointer/length out of bounds of memory"))?;
-    if ptr % 4 != 0 {
+    if !ptr.is_multiple_of(4) {
         wasmtime::bail!("list pointer is not aligned");
     }
     let encoding = cx.options().string_encoding;
