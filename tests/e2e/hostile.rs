@@ -949,35 +949,34 @@ fn peak_rss(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sixteen_huge_reasons_at_once_cost_no_more_than_the_instances_memory() {
-    // 16 invocations at once, each returning a 50 MiB error under a 64 MiB
-    // memory limit. The reason is copied out of the guest only as far as
-    // the status log keeps it (16 KiB), so the engine holds little more
-    // than the 16 instances' memory: before, each reason was lifted and
-    // formatted whole (1.6 GiB peak for 16 such messages).
-    const MIB: u64 = 1 << 20;
-    let (concurrency, memory) = (16u64, 64 * MIB);
-    let d = Deployment::new(
-        &[("fx-hostile", "hl-rss")],
+const MIB: u64 = 1 << 20;
+
+/// A deployment running `n` invocations at once, each under `memory`
+/// bytes of linear memory and a minute's deadline, failing at their first
+/// error; with an output `out` and the YAML `grants` under `plugins:`.
+fn at_once(plugins: &[(&str, &str)], n: u64, memory: u64, grants: &str) -> Deployment {
+    Deployment::new(
+        plugins,
         &format!(
-            "pipeline: {{ concurrency: {concurrency} }}\nretry: {{ max_attempts: 1 }}\n\
-             plugins:\n  defaults: {{ memory: {}MiB, timeout: 60s }}\n",
+            "pipeline: {{ concurrency: {n} }}\nretry: {{ max_attempts: 1 }}\n\
+             outputs:\n  out: {{ type: dir, path: out }}\n\
+             plugins:\n  defaults: {{ memory: {}MiB, timeout: 60s }}\n{grants}",
             memory / MIB
         ),
-    );
-    for i in 0..concurrency {
-        hostile(
-            &d,
-            &format!("m-rss-{i}"),
-            serde_json::json!({"action": "error-big", "bytes": 50 << 20}),
-        );
-    }
+    )
+}
+
+/// Run the engine binary (`run --once`) on what `d`'s spool holds, its
+/// log (plugins' lines at `info`) in `engine.log`, and return the highest
+/// resident set size it reached. Panics, with the log, if it failed.
+fn run_once_measuring_peak_rss(d: &Deployment) -> u64 {
     // Its log goes to a file: a pipe nobody reads would fill and stop it.
     let log = std::fs::File::create(d.path("engine.log")).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sandpipe"))
         .args(["run", "--once", "-c"])
         .arg(&d.config)
+        .env("SANDPIPE_LOG", "warn,sandpipe=info")
+        .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
@@ -993,6 +992,44 @@ async fn sixteen_huge_reasons_at_once_cost_no_more_than_the_instances_memory() {
         "{}",
         std::fs::read_to_string(d.path("engine.log")).unwrap_or_default()
     );
+    peak
+}
+
+/// `peak` is under what `concurrency` instances of `memory` bytes hold,
+/// plus a margin for the engine itself (runtime, wasmtime, SQLite, a debug
+/// build's code), which with nothing in flight is well under 200 MiB.
+fn assert_within_the_instances_memory(what: &str, peak: u64, concurrency: u64, memory: u64) {
+    let bound = concurrency * memory + 256 * MIB;
+    eprintln!(
+        "{what}: peak RSS {} MiB (bound {} MiB)",
+        peak / MIB,
+        bound / MIB
+    );
+    assert!(
+        peak > 0 && peak < bound,
+        "{what}: peak RSS {} MiB, bound {} MiB",
+        peak / MIB,
+        bound / MIB
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_huge_reasons_at_once_cost_no_more_than_the_instances_memory() {
+    // 16 invocations at once, each returning a 50 MiB error under a 64 MiB
+    // memory limit. The reason is copied out of the guest only as far as
+    // the status log keeps it (16 KiB), so the engine holds little more
+    // than the 16 instances' memory: before, each reason was lifted and
+    // formatted whole (1.6 GiB peak for 16 such messages).
+    let (concurrency, memory) = (16u64, 64 * MIB);
+    let d = at_once(&[("fx-hostile", "hl-rss")], concurrency, memory, "");
+    for i in 0..concurrency {
+        hostile(
+            &d,
+            &format!("m-rss-{i}"),
+            serde_json::json!({"action": "error-big", "bytes": 50 << 20}),
+        );
+    }
+    let peak = run_once_measuring_peak_rss(&d);
     for i in 0..concurrency {
         let row = d.last(&format!("m-rss-{i}"), "hl-rss").await;
         assert!(
@@ -1002,14 +1039,135 @@ async fn sixteen_huge_reasons_at_once_cost_no_more_than_the_instances_memory() {
             &row.info[..row.info.len().min(200)]
         );
     }
-    // The margin: the engine itself (runtime, wasmtime, SQLite, a debug
-    // build's code) with nothing in flight is well under 200 MiB.
-    let bound = concurrency * memory + 256 * MIB;
-    eprintln!("peak RSS {} MiB (bound {} MiB)", peak / MIB, bound / MIB);
-    assert!(
-        peak > 0 && peak < bound,
-        "peak RSS {} MiB, bound {} MiB",
+    assert_within_the_instances_memory("16 reasons of 50 MiB", peak, concurrency, memory);
+}
+
+/// Run `concurrency` invocations at once of fx-hostile's `action` (as
+/// plugin `plugin`, with the YAML `grants`), each handing the engine
+/// `bytes` from untouched memory, under `memory` bytes of linear memory:
+/// first with 1 byte each (the control), then with `bytes`. Returns the
+/// deployment of the second run, and both runs' peak RSS.
+fn zeroed_at_once(
+    plugin: &str,
+    action: &str,
+    bytes: u64,
+    (concurrency, memory): (u64, u64),
+    grants: &str,
+) -> (Deployment, u64, u64) {
+    let mut peaks = Vec::new();
+    let mut deployment = None;
+    for size in [1, bytes] {
+        let d = at_once(&[("fx-hostile", plugin)], concurrency, memory, grants);
+        for i in 0..concurrency {
+            hostile(
+                &d,
+                &format!("m-{i}"),
+                serde_json::json!({"action": action, "bytes": size, "zeroed": true}),
+            );
+        }
+        peaks.push(run_once_measuring_peak_rss(&d));
+        deployment = Some(d);
+    }
+    (deployment.unwrap(), peaks[0], peaks[1])
+}
+
+/// The engine's resident memory grew by less than one `bytes` while it
+/// handled invocations handing it `bytes` each from untouched memory
+/// (`peak`) rather than 1 byte (`control`): it copied none of them.
+fn assert_not_copied(what: &str, control: u64, peak: u64, bytes: u64) {
+    let grown = peak.saturating_sub(control);
+    eprintln!(
+        "{what}: peak RSS {} MiB, with 1 byte each {} MiB",
         peak / MIB,
-        bound / MIB
+        control / MIB
     );
+    assert!(
+        grown < bytes / 2,
+        "{what}: the engine's peak RSS grew by {} MiB (from {} MiB): it copied what it refuses",
+        grown / MIB,
+        control / MIB
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_huge_log_lines_at_once_are_refused_without_being_copied() {
+    // 16 invocations at once, each writing one 50 MiB log line under a
+    // 64 MiB memory limit and the default 64 KiB log quota. The quota
+    // counts the line's whole length, read in place: the line is refused
+    // and never copied (before, each was lifted whole first). The lines
+    // are pages the guest never wrote, so the guests' memory holds none of
+    // them resident and a copy would show as growth of the engine's peak
+    // RSS over the same run with 1-byte lines (it did: +50 to +100 MiB,
+    // one line per worker thread at a time).
+    let (concurrency, memory) = (16u64, 64 * MIB);
+    let bytes = 50 << 20;
+    let (d, control, peak) =
+        zeroed_at_once("hl-rss-log", "log-line", bytes, (concurrency, memory), "");
+    for i in 0..concurrency {
+        let row = d.last(&format!("m-{i}"), "hl-rss-log").await;
+        assert_eq!(row.status, "failed", "{}", row.info);
+        assert!(
+            row.info.starts_with("plugin-error: limit-exceeded: log quota of 64.0 KiB per invocation exceeded (52428800 bytes written or asked for) (limits.log_bytes)"),
+            "{}",
+            row.info
+        );
+    }
+    assert_within_the_instances_memory("16 log lines of 50 MiB", peak, concurrency, memory);
+    assert_not_copied("16 log lines of 50 MiB", control, peak, bytes);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_huge_emits_at_once_are_refused_without_being_copied() {
+    // 16 invocations at once, each emitting one 50 MiB payload under a
+    // 64 MiB memory limit and the default 16 MiB of emits: larger than
+    // any plugin of the engine may emit, so it is measured in place and
+    // refused, never copied (see the log lines' test for the method).
+    let (concurrency, memory) = (16u64, 64 * MIB);
+    let bytes = 50 << 20;
+    let (d, control, peak) = zeroed_at_once(
+        "hl-rss-emit",
+        "emit-big",
+        bytes,
+        (concurrency, memory),
+        "  grants:\n    hl-rss-emit: { emit: [out] }\n",
+    );
+    for i in 0..concurrency {
+        let row = d.last(&format!("m-{i}"), "hl-rss-emit").await;
+        assert_eq!(row.status, "failed", "{}", row.info);
+        assert!(
+            row.info.starts_with("plugin-error: limit-exceeded: emitting 52428800 more bytes would exceed 16.0 MiB in one invocation (0 already emitted) (limits.emit_bytes)"),
+            "{}",
+            row.info
+        );
+    }
+    assert!(d.files("out").is_empty(), "{:?}", d.files("out"));
+    assert_within_the_instances_memory("16 emits of 50 MiB", peak, concurrency, memory);
+    assert_not_copied("16 emits of 50 MiB", control, peak, bytes);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_line_longer_than_the_cap_and_within_the_quota_is_kept_cut() {
+    // The quota raised to 1 MiB: a 100 KiB line passes it and is kept,
+    // cut to its first 64 KiB with the note of its whole length.
+    let d = Deployment::new(
+        &[("fx-hostile", "hl-line")],
+        "retry: { max_attempts: 1 }\nplugins:\n  defaults: { log_bytes: 1MiB }\n",
+    );
+    hostile(
+        &d,
+        "m-line",
+        serde_json::json!({"action": "log-line", "bytes": 100 << 10}),
+    );
+    run_once_measuring_peak_rss(&d);
+    let row = d.last("m-line", "hl-line").await;
+    assert_eq!(row.status, "done", "{}", row.info);
+    let log = std::fs::read_to_string(d.path("engine.log")).unwrap();
+    let kept = format!("{}… (cut, 102400 bytes in all)", "x".repeat(64 << 10));
+    assert!(
+        log.contains(&kept),
+        "no line of 64 KiB with the note in the log ({} bytes): …{}",
+        log.len(),
+        &log[log.len().saturating_sub(300)..]
+    );
+    assert!(!log.contains(&"x".repeat((64 << 10) + 1)));
 }

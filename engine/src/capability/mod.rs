@@ -70,6 +70,9 @@ impl PluginContext {
         db: Option<Arc<PluginDb>>,
         services: Arc<Services>,
     ) -> Self {
+        // Payloads of up to this plugin's `emit_bytes` must be copied out
+        // of its memory for its quota to be checked on them.
+        crate::sandbox::bounded::allow_emits_up_to(limits.emit_bytes.as_u64());
         let config = grant
             .config
             .iter()

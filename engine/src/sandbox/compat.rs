@@ -55,7 +55,7 @@ pub fn unsupported(imports: &[String]) -> Option<String> {
     None
 }
 
-fn level(level: v0_1::log::Level) -> current::log::Level {
+pub(super) fn level(level: v0_1::log::Level) -> current::log::Level {
     use current::log::Level as L;
     use v0_1::log::Level as Old;
     match level {

@@ -7,7 +7,7 @@
 //! [`Sandbox::store`], which always has a memory limiter and a deadline.
 
 pub mod bindings;
-mod bounded;
+pub mod bounded;
 mod cache;
 pub mod compat;
 mod stdio;
@@ -358,6 +358,9 @@ impl Sandbox {
             |state: &mut InvocationState| state,
         )
         .map_err(anyhow::Error::from)?;
+        // `log.write` and `emit.publish` again, with arguments copied out of
+        // the guest only as far as the engine keeps them.
+        bounded::link(&mut linker).map_err(anyhow::Error::from)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         {
