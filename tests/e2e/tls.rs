@@ -499,3 +499,46 @@ fn a_missing_or_certificate_less_ca_file_stops_check_naming_the_key() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_s3_endpoint_is_trusted_through_the_ca_file_only() {
+    let server = tokio::task::spawn_blocking(crate::s3::S3Server::start)
+        .await
+        .unwrap();
+    server.create_bucket("sandpipe-tls");
+    let ca = TestCa::new();
+    let https = TlsProxy::start(server.port, &ca.server(LOCAL), false).await;
+    let dir = tempfile::tempdir().unwrap();
+    ca.write(dir.path());
+    let config = |tls: &str| {
+        parse(
+            dir.path(),
+            &format!(
+                "listener: {{ type: dir, path: s }}\n{tls}\
+                 data_store: {{ type: s3, bucket: sandpipe-tls, endpoint: \"https://127.0.0.1:{}\", access_key_id: testing, secret_access_key: testing }}\n",
+                https.port
+            ),
+        )
+    };
+    let trusting = config("tls: { ca_file: ca.pem }\n");
+    let data =
+        sandpipe::store::data::DataStore::new(&trusting.data_store, &Tls::new(&trusting).unwrap())
+            .unwrap();
+    data.put("a/b.txt", bytes::Bytes::from_static(b"over https"))
+        .await
+        .unwrap();
+    assert!(data.exists("a/b.txt").await.unwrap());
+    assert!(https.handshakes() >= 1);
+
+    let untrusting = config("");
+    let data = sandpipe::store::data::DataStore::new(
+        &untrusting.data_store,
+        &Tls::new(&untrusting).unwrap(),
+    )
+    .unwrap();
+    let before = https.handshakes();
+    let refused = data.exists("a/b.txt").await;
+    eprintln!("S3 without the CA: {refused:?}");
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(https.handshakes(), before);
+}

@@ -363,6 +363,28 @@ mod tests {
     }
 
     #[test]
+    fn a_ca_file_whose_certificate_cannot_be_a_trust_anchor_is_refused_naming_it()
+    -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(
+            dir.path().join("ca.pem"),
+            "-----BEGIN CERTIFICATE-----\nAAEC\n-----END CERTIFICATE-----\n",
+        )?;
+        let config = Config::parse(
+            &dir.path().join("sandpipe.yaml"),
+            "listener: { type: dir, path: s }\ntls: { ca_file: ca.pem }\n",
+        )?;
+        let err = Tls::new(&config)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("tls.ca_file"), "{err}");
+        assert!(err.contains("certificate 1 of"), "{err}");
+        assert!(err.contains("ca.pem"), "{err}");
+        Ok(())
+    }
+
+    #[test]
     fn certificate_failures_are_found_inside_io_errors_and_explained() {
         let tls = Tls::default();
         let io = std::io::Error::new(
