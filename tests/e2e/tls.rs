@@ -263,6 +263,15 @@ async fn without_the_ca_each_backend_refuses_the_certificate_and_says_what_to_se
     assert_certificate_error(&err, "Redis");
     assert!(!err.contains("s3cret"), "{err}");
 
+    // Redis's own way to turn the check off is refused.
+    let insecure = sandpipe::listener::redis::connect(
+        &format!("rediss://127.0.0.1:{}/#insecure", redis.port),
+        Duration::from_secs(5),
+        &untrusting,
+    )
+    .await;
+    assert!(insecure.is_err(), "#insecure was accepted");
+
     // PostgreSQL, through `sandpipe check`.
     let d = Deployment::new(
         &[],
