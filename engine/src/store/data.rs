@@ -171,7 +171,18 @@ impl DataStore {
                 allow_http,
                 virtual_hosted_style,
             } => {
+                // The CA file's certificates, added to the platform's roots
+                // (which the client keeps). Set first: the builder's
+                // `with_allow_http` lives in the same client options.
+                let mut options = object_store::ClientOptions::new();
+                for certificate in tls.ca_certificates() {
+                    options = options.with_root_certificate(
+                        object_store::Certificate::from_der(certificate.as_ref())
+                            .map_err(|e| anyhow::anyhow!("tls.ca_file: {e}"))?,
+                    );
+                }
                 let mut builder = object_store::aws::AmazonS3Builder::new()
+                    .with_client_options(options)
                     .with_bucket_name(bucket)
                     .with_region(region)
                     .with_access_key_id(access_key_id)
@@ -181,15 +192,6 @@ impl DataStore {
                 if let Some(endpoint) = endpoint {
                     builder = builder.with_endpoint(endpoint);
                 }
-                // Added to the platform's roots, which the client keeps.
-                let mut options = object_store::ClientOptions::new();
-                for certificate in tls.ca_certificates() {
-                    options = options.with_root_certificate(
-                        object_store::Certificate::from_der(certificate.as_ref())
-                            .map_err(|e| anyhow::anyhow!("tls.ca_file: {e}"))?,
-                    );
-                }
-                builder = builder.with_client_options(options);
                 Arc::new(
                     builder
                         .build()
