@@ -33,7 +33,8 @@ use crate::tls::Tls;
 /// A connection manager (reconnects by itself) with timeouts. A
 /// `rediss://` URL connects with TLS, checking the server's certificate
 /// (chain and host name) against what `tls` trusts; rediss's `#insecure`
-/// (no check) is refused.
+/// (no check) fails, the client being built without its
+/// `tls-rustls-insecure` feature.
 pub async fn connect(url: &str, timeout: Duration, tls: &Tls) -> anyhow::Result<ConnectionManager> {
     let invalid = |e: redis::RedisError| anyhow::anyhow!("invalid Redis URL {}: {e}", redact(url));
     let client = if url.starts_with("rediss://") {
