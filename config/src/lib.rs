@@ -19,9 +19,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
 use serde::Deserialize;
 
 pub mod envelope;
+mod postgres;
+
+pub use postgres::{PgSslMode, postgres_url};
 
 /// A configuration that could not be loaded. Always names the file.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +111,10 @@ pub struct Config {
     /// The HTTP server for health probes and metrics; none when absent.
     #[serde(default)]
     pub server: Option<ServerConfig>,
+    /// What the engine's outbound TLS connections trust (`amqps://`,
+    /// `rediss://`, PostgreSQL's `sslmode`, an `https://` S3 endpoint).
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// The directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -120,6 +129,43 @@ pub struct Config {
 pub struct ServerConfig {
     /// The address to listen on, e.g. `127.0.0.1:9090`.
     pub listen: std::net::SocketAddr,
+}
+
+/// Outbound TLS: one setting for every connection the engine makes, since
+/// a deployment's private CA (its company's, its cloud's) is usually one,
+/// and a file may hold several CAs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// A PEM file of CA certificates (one or several) trusted in addition
+    /// to the platform's roots, for servers whose certificates a private CA
+    /// issued. Relative to the config file. Default: none (the platform's
+    /// roots only).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// The certificates of `ca_file` (none without it), in file order:
+    /// an unreadable file, a malformed PEM section or a file without any
+    /// `CERTIFICATE` section is an error that names the file.
+    pub fn ca_certificates(&self) -> Result<Vec<CertificateDer<'static>>, String> {
+        let Some(path) = &self.ca_file else {
+            return Ok(Vec::new());
+        };
+        let bytes = std::fs::read(path)
+            .map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
+        let certificates = CertificateDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the CA file {} is not valid PEM: {e}", path.display()))?;
+        if certificates.is_empty() {
+            return Err(format!(
+                "the CA file {} holds no certificate (no `-----BEGIN CERTIFICATE-----` section)",
+                path.display()
+            ));
+        }
+        Ok(certificates)
+    }
 }
 
 /// Where messages come from; `type` selects the listener.
@@ -1045,6 +1091,9 @@ impl Config {
                 fix(path);
             }
         }
+        if let Some(ca_file) = &mut self.tls.ca_file {
+            fix(ca_file);
+        }
         fix(&mut self.sandbox.cache_dir);
         fix(&mut self.plugins.dir);
         for grant in self.plugins.grants.values_mut() {
@@ -1081,6 +1130,9 @@ impl Config {
             ));
         }
         self.validate_database()?;
+        if let Err(message) = self.tls.ca_certificates() {
+            return Err(invalid("tls.ca_file".into(), message));
+        }
         for (name, grant) in &self.plugins.grants {
             for output in &grant.emit {
                 if !self.outputs.contains_key(output) {
@@ -1146,7 +1198,7 @@ impl Config {
             ..
         } = &self.database
         {
-            if let Err(e) = url.parse::<tokio_postgres::Config>() {
+            if let Err(e) = postgres_url(url) {
                 return Err(invalid(
                     "database.url".into(),
                     format!("not a PostgreSQL connection URL: {e}"),
@@ -1400,6 +1452,55 @@ mod tests {
         .map(|e| e.to_string())
         .unwrap_or_default();
         assert!(err.contains("prefech"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn tls_ca_file_resolves_against_the_config_and_must_hold_a_certificate() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("sandpipe-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("certs"))?;
+        let file = dir.join("sandpipe.yaml");
+        let load = |text: &str| {
+            Config::parse(
+                &file,
+                &format!(
+                    "listener: {{ type: dir, path: s }}\ntls: {{ ca_file: certs/ca.pem }}\n{text}"
+                ),
+            )
+        };
+        let _ = std::fs::remove_file(dir.join("certs/ca.pem"));
+        let missing = load("").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            missing.contains("sandpipe.yaml: tls.ca_file: cannot read"),
+            "{missing}"
+        );
+        assert!(missing.contains("certs/ca.pem"), "{missing}");
+        std::fs::write(dir.join("certs/ca.pem"), "not a certificate\n")?;
+        let empty = load("").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(empty.contains("tls.ca_file"), "{empty}");
+        assert!(empty.contains("holds no certificate"), "{empty}");
+        // Two certificates (their content is checked by the engine, which
+        // makes them trust anchors).
+        std::fs::write(
+            dir.join("certs/ca.pem"),
+            "-----BEGIN CERTIFICATE-----\nAAEC\n-----END CERTIFICATE-----\n\
+             -----BEGIN CERTIFICATE-----\nAwQF\n-----END CERTIFICATE-----\n",
+        )?;
+        let config = load("")?;
+        assert_eq!(config.tls.ca_file, Some(dir.join("certs/ca.pem")));
+        assert_eq!(config.tls.ca_certificates().map(|c| c.len()), Ok(2));
+        assert!(
+            parse("listener: { type: dir, path: s }\n")?
+                .tls
+                .ca_certificates()
+                .is_ok_and(|c| c.is_empty())
+        );
+        let typo = parse("listener: { type: dir, path: s }\ntls: { ca_fle: x }\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(typo.contains("ca_fle"), "{typo}");
+        std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
 

@@ -490,10 +490,10 @@ fn rabbit_child(prefetch: u16, mode: Mode, messages: usize, replicas: usize) -> 
         };
         // The first message declares the topology; the rest go on one
         // confirm-mode channel.
-        sandpipe::listener::send(&config.listener, body(0).as_bytes(), "m.json")
+        sandpipe::listener::send(&config.listener, body(0).as_bytes(), "m.json", &sandpipe::tls::Tls::default())
             .await
             .unwrap();
-        let connection = sandpipe::listener::rabbitmq::connect(AMQP).await.unwrap();
+        let connection = sandpipe::listener::rabbitmq::connect(AMQP, &sandpipe::tls::Tls::default()).await.unwrap();
         let channel = connection.create_channel().await.unwrap();
         channel
             .confirm_select(lapin::options::ConfirmSelectOptions::default())
@@ -594,6 +594,7 @@ fn replica(config: &Path, mode: Mode, ready: &Path, go: &Path) {
                 true,
                 assembled.config.pipeline.max_message_bytes.as_u64(),
                 sandpipe::server::Readiness::default(),
+                &assembled.tls,
             )
             .await
             .unwrap(),

@@ -337,10 +337,10 @@ fn one_run(prefetch: u16, mode: Mode, messages: usize, consumer: &Path) -> Measu
                 r#"{{"uuid_ref":"m-{i}","data_type":"text/plain","data_location":"{DATA}","meta_location":"{meta_key}"}}"#
             )
         };
-        sandpipe::listener::send(&config.listener, body(0).as_bytes(), "m.json")
+        sandpipe::listener::send(&config.listener, body(0).as_bytes(), "m.json", &sandpipe::tls::Tls::default())
             .await
             .unwrap();
-        let connection = sandpipe::listener::rabbitmq::connect(AMQP).await.unwrap();
+        let connection = sandpipe::listener::rabbitmq::connect(AMQP, &sandpipe::tls::Tls::default()).await.unwrap();
         let channel = connection.create_channel().await.unwrap();
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -638,6 +638,7 @@ fn engine(config: &Path, mode: Mode, ready: &Path, go: &Path) {
             true,
             assembled.config.pipeline.max_message_bytes.as_u64(),
             readiness.clone(),
+            &assembled.tls,
         )
         .await
         .unwrap();

@@ -18,6 +18,7 @@ use crate::status::StatusLog;
 use crate::store::data::DataStore;
 use crate::store::database::{Database, StateStore};
 use crate::store::meta::MetaStore;
+use crate::tls::Tls;
 
 /// Everything built from a config file.
 pub struct Assembled {
@@ -35,6 +36,8 @@ pub struct Assembled {
     pub status: StatusLog,
     /// The metadata store.
     pub meta: MetaStore,
+    /// What the TLS connections trust.
+    pub tls: Tls,
 }
 
 impl Assembled {
@@ -64,12 +67,13 @@ pub async fn assemble_with(
     natives: Vec<(String, Arc<dyn crate::sandbox::NativePlugin>)>,
 ) -> anyhow::Result<Assembled> {
     let config = Arc::new(config);
-    let database = Database::open(&config).await?;
+    let tls = Tls::new(&config)?;
+    let database = Database::open(&config, &tls).await?;
     let status = StatusLog::new(database.clone())?;
     let services = Arc::new(Services {
-        data: DataStore::new(&config.data_store)?,
+        data: DataStore::new(&config.data_store, &tls)?,
         state: StateStore::new(database.clone())?,
-        outputs: Outputs::new(&config.outputs)?,
+        outputs: Outputs::new(&config.outputs, &tls)?,
     });
     let (max_memory, fuel) = plugins::engine_shape(&config);
     let sandbox = Arc::new(Sandbox::new(&config.sandbox, max_memory, fuel)?);
@@ -91,7 +95,8 @@ pub async fn assemble_with(
         }
     }
     Ok(Assembled {
-        meta: MetaStore::new(&config.meta_store).await?,
+        meta: MetaStore::new(&config.meta_store, &tls).await?,
+        tls,
         config,
         sandbox,
         plugins,
@@ -180,6 +185,7 @@ pub async fn run(
             once,
             assembled.config.pipeline.max_message_bytes.as_u64(),
             ready.clone(),
+            &assembled.tls,
         )
         .await?,
     );
@@ -281,7 +287,8 @@ pub async fn send(config_file: &Path, message: &Path) -> anyhow::Result<String> 
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "message.json".into());
-    listener::send(&config.listener, &body, &name).await
+    let tls = Tls::new(&config)?;
+    listener::send(&config.listener, &body, &name, &tls).await
 }
 
 /// `sandpipe compile`: fill the compiled-code cache for every plugin.

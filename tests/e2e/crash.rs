@@ -118,15 +118,23 @@ async fn sigkill_loses_nothing_and_duplicates_nothing_with_rabbitmq() {
     );
     let config = sandpipe::config::Config::load(&d.config).unwrap();
     for i in 0..N {
-        sandpipe::listener::send(&config.listener, message(i).as_bytes(), "m")
-            .await
-            .unwrap();
+        sandpipe::listener::send(
+            &config.listener,
+            message(i).as_bytes(),
+            "m",
+            &sandpipe::tls::Tls::default(),
+        )
+        .await
+        .unwrap();
     }
     kill_and_restart(&d).await;
     assert_exactly_once(&d).await;
-    let conn = sandpipe::listener::rabbitmq::connect("amqp://guest:guest@127.0.0.1:5672/%2f")
-        .await
-        .unwrap();
+    let conn = sandpipe::listener::rabbitmq::connect(
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        &sandpipe::tls::Tls::default(),
+    )
+    .await
+    .unwrap();
     let ch = conn.create_channel().await.unwrap();
     for q in [
         queue.clone(),

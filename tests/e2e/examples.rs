@@ -57,10 +57,13 @@ async fn the_rabbitmq_redis_postgres_example_runs_as_written() {
     std::fs::write(&config_path, yaml).unwrap();
 
     // The metadata the messages point at (as the recipe stores it).
-    let mut redis =
-        sandpipe::listener::redis::connect("redis://127.0.0.1:6379", Duration::from_secs(5))
-            .await
-            .unwrap();
+    let mut redis = sandpipe::listener::redis::connect(
+        "redis://127.0.0.1:6379",
+        Duration::from_secs(5),
+        &sandpipe::tls::Tls::default(),
+    )
+    .await
+    .unwrap();
     let key = |name: &str| format!("sandpipe-test:ex:{u}:{name}");
     let _: () = redis::cmd("SET")
         .arg(key("red-square"))
@@ -77,9 +80,12 @@ async fn the_rabbitmq_redis_postgres_example_runs_as_written() {
         .unwrap();
 
     // Catch what text-stats publishes.
-    let amqp = connect("amqp://guest:guest@127.0.0.1:5672/%2f")
-        .await
-        .unwrap();
+    let amqp = connect(
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        &sandpipe::tls::Tls::default(),
+    )
+    .await
+    .unwrap();
     let ch = amqp.create_channel().await.unwrap();
     let stats_exchange = format!("x_ex_stats_{u}");
     let stats_queue = format!("q_ex_stats_{u}");
@@ -114,9 +120,14 @@ async fn the_rabbitmq_redis_postgres_example_runs_as_written() {
     let config = sandpipe::config::Config::load(&config_path).unwrap();
     for entry in std::fs::read_dir(example.join("messages")).unwrap() {
         let body = rename(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
-        sandpipe::listener::send(&config.listener, body.as_bytes(), "m.json")
-            .await
-            .unwrap();
+        sandpipe::listener::send(
+            &config.listener,
+            body.as_bytes(),
+            "m.json",
+            &sandpipe::tls::Tls::default(),
+        )
+        .await
+        .unwrap();
     }
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let summary = sandpipe::app::run(&config_path, true, rx).await.unwrap();
@@ -232,7 +243,9 @@ async fn the_redis_s3_example_runs_as_written() {
 
     // Upload the quickstart's objects (what upload.py does) and queue the
     // messages (what the recipe does).
-    let data = sandpipe::store::data::DataStore::new(&config.data_store).unwrap();
+    let data =
+        sandpipe::store::data::DataStore::new(&config.data_store, &sandpipe::tls::Tls::default())
+            .unwrap();
     let quickstart = root().join("examples/quickstart/data");
     let objects = [
         ("image/png", "images/red-square.png"),
@@ -243,18 +256,26 @@ async fn the_redis_s3_example_runs_as_written() {
         let bytes = std::fs::read(quickstart.join(location)).unwrap();
         data.put(location, bytes::Bytes::from(bytes)).await.unwrap();
         let body = serde_json::json!({"uuid_ref": format!("ex-s3-{u}-{i}"), "data_type": kind, "data_location": location});
-        sandpipe::listener::send(&config.listener, body.to_string().as_bytes(), "m")
-            .await
-            .unwrap();
+        sandpipe::listener::send(
+            &config.listener,
+            body.to_string().as_bytes(),
+            "m",
+            &sandpipe::tls::Tls::default(),
+        )
+        .await
+        .unwrap();
     }
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let summary = sandpipe::app::run(&config_path, true, rx).await.unwrap();
     assert_eq!((summary.done, summary.dead), (3, 0), "{summary}");
 
-    let mut redis =
-        sandpipe::listener::redis::connect("redis://127.0.0.1:6379", Duration::from_secs(5))
-            .await
-            .unwrap();
+    let mut redis = sandpipe::listener::redis::connect(
+        "redis://127.0.0.1:6379",
+        Duration::from_secs(5),
+        &sandpipe::tls::Tls::default(),
+    )
+    .await
+    .unwrap();
     let stats: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg(format!("sandpipe-test:ex-stats:{u}"))
         .arg("-")

@@ -13,6 +13,8 @@ use sandpipe::store::database::Database;
 mod guests;
 #[path = "../support/postgres.rs"]
 pub mod postgres;
+#[path = "../support/tls.rs"]
+pub mod tls;
 pub use guests::{component, guest_target_dir, init_script, root};
 
 /// A code cache shared by all tests, so each component compiles once.
@@ -102,9 +104,11 @@ impl Deployment {
     /// The status log rows of a message (from the configured database).
     pub async fn rows(&self, id: &str) -> Vec<Row> {
         let config = sandpipe::config::Config::load(&self.config).unwrap_or_else(|e| panic!("{e}"));
-        let log =
-            StatusLog::new(Database::connect(&config.database).unwrap_or_else(|e| panic!("{e}")))
-                .unwrap_or_else(|e| panic!("{e}"));
+        let tls = sandpipe::tls::Tls::new(&config).unwrap_or_else(|e| panic!("{e}"));
+        let log = StatusLog::new(
+            Database::connect(&config.database, &tls).unwrap_or_else(|e| panic!("{e}")),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         log.rows(id).await.unwrap_or_else(|e| panic!("{e}"))
     }
 

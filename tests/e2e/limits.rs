@@ -120,9 +120,13 @@ async fn metadata_larger_than_max_metadata_bytes_is_dead_lettered_from_redis() {
         "sandpipe-test:meta-limit:{}",
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     );
-    let mut conn = sandpipe::listener::redis::connect(url, std::time::Duration::from_secs(5))
-        .await
-        .unwrap();
+    let mut conn = sandpipe::listener::redis::connect(
+        url,
+        std::time::Duration::from_secs(5),
+        &sandpipe::tls::Tls::default(),
+    )
+    .await
+    .unwrap();
     let key = |k: &str| format!("{prefix}:{k}");
     let set = |k: String, v: String| redis::cmd("SET").arg(k).arg(v).clone();
     let string = |size: usize| format!(r#"{{"pad":"{}"}}"#, "s".repeat(size - 10));

@@ -26,4 +26,5 @@ mod scaffold;
 mod sdk_scenarios;
 mod server;
 mod sqapi;
+mod tls;
 mod with_redis;

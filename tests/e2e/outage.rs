@@ -75,10 +75,13 @@ async fn a_metadata_outage_requeues_without_using_attempts_and_recovers() {
         "sandpipe-test:outage:{}",
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     );
-    let mut redis =
-        sandpipe::listener::redis::connect("redis://127.0.0.1:6379", Duration::from_secs(5))
-            .await
-            .unwrap();
+    let mut redis = sandpipe::listener::redis::connect(
+        "redis://127.0.0.1:6379",
+        Duration::from_secs(5),
+        &sandpipe::tls::Tls::default(),
+    )
+    .await
+    .unwrap();
     for i in 0..5 {
         let _: () = redis::cmd("SET")
             .arg(format!("{prefix}:{i}"))

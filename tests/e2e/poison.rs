@@ -21,9 +21,14 @@ async fn poison_on(queue_type: &str) {
     let send = |body: String| {
         let listener = config.listener.clone();
         async move {
-            sandpipe::listener::send(&listener, body.as_bytes(), "m")
-                .await
-                .unwrap();
+            sandpipe::listener::send(
+                &listener,
+                body.as_bytes(),
+                "m",
+                &sandpipe::tls::Tls::default(),
+            )
+            .await
+            .unwrap();
         }
     };
     send(
@@ -47,9 +52,12 @@ async fn poison_on(queue_type: &str) {
         let row = d.last(&format!("fine-{queue_type}-{i}"), "probe").await;
         assert_eq!((row.status.as_str(), row.attempt), ("done", 1), "{row:?}");
     }
-    let conn = sandpipe::listener::rabbitmq::connect("amqp://guest:guest@127.0.0.1:5672/%2f")
-        .await
-        .unwrap();
+    let conn = sandpipe::listener::rabbitmq::connect(
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        &sandpipe::tls::Tls::default(),
+    )
+    .await
+    .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let dead = ch
         .basic_get(

@@ -292,7 +292,9 @@ async fn whatever_the_init_script_gives_a_plugin_role_is_taken_back() {
         "listener: {{ type: dir, path: spool }}\n{}plugins:\n  grants:\n    alpha: {{ sql: true }}\n",
         db.yaml(&format!(", init: \"{}\"", init.display()))
     ));
-    let database = Database::open(&config).await.unwrap();
+    let database = Database::open(&config, &sandpipe::tls::Tls::new(&config).unwrap())
+        .await
+        .unwrap();
     let alpha = plugin_db(&database, &config, "alpha");
     let admin = db.admin().await;
     let role = db.role("alpha");
@@ -332,7 +334,9 @@ async fn a_lost_connection_is_unavailable_and_the_next_invocation_reconnects() {
         "listener: {{ type: dir, path: spool }}\n{}plugins:\n  grants:\n    alpha: {{ sql: true }}\n",
         db.yaml(", plugin_pool_size: 1")
     ));
-    let database = Database::open(&config).await.unwrap();
+    let database = Database::open(&config, &sandpipe::tls::Tls::new(&config).unwrap())
+        .await
+        .unwrap();
     let alpha = plugin_db(&database, &config, "alpha");
     let mut tx = begin(&alpha).await;
     let pid = tx
@@ -373,7 +377,9 @@ async fn an_admin_that_is_not_a_superuser_will_do() {
         "listener: {{ type: dir, path: spool }}\ndatabase: {{ type: postgres, url: \"{url}\" }}\n\
          plugins:\n  grants:\n    alpha: {{ sql: true }}\n    beta: {{ sql: true }}\n"
     ));
-    let database = Database::open(&config).await.unwrap();
+    let database = Database::open(&config, &sandpipe::tls::Tls::new(&config).unwrap())
+        .await
+        .unwrap();
     let alpha = plugin_db(&database, &config, "alpha");
     let beta = plugin_db(&database, &config, "beta");
     let mut tx = begin(&alpha).await;
@@ -406,7 +412,9 @@ async fn an_admin_that_is_not_a_superuser_will_do() {
     .unwrap();
     assert_eq!(log.rows("m").await.unwrap().len(), 1);
     // And again, now that everything exists.
-    Database::open(&config).await.unwrap();
+    Database::open(&config, &sandpipe::tls::Tls::new(&config).unwrap())
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -420,7 +428,9 @@ async fn after_a_failed_statement_the_invocation_cannot_commit() {
         "listener: {{ type: dir, path: spool }}\n{}plugins:\n  grants:\n    alpha: {{ sql: true }}\n",
         db.yaml("")
     ));
-    let database = Database::open(&config).await.unwrap();
+    let database = Database::open(&config, &sandpipe::tls::Tls::new(&config).unwrap())
+        .await
+        .unwrap();
     let alpha = plugin_db(&database, &config, "alpha");
     let mut tx = begin(&alpha).await;
     tx.execute("CREATE TABLE t (x int)", vec![]).await.unwrap();
@@ -464,7 +474,9 @@ async fn the_init_script_runs_and_a_missing_or_failing_one_stops_the_engine() {
         "listener: {{ type: dir, path: spool }}\n{}plugins:\n  grants:\n    text-stats: {{ sql: true }}\n    other: {{ sql: true }}\n",
         db.yaml(&format!(", init: \"{}\"", example.display()))
     ));
-    let database = Database::open(&config).await.unwrap();
+    let database = Database::open(&config, &sandpipe::tls::Tls::new(&config).unwrap())
+        .await
+        .unwrap();
     let other = plugin_db(&database, &config, "other");
     let text_stats = plugin_db(&database, &config, "text-stats");
     let mut reader = begin(&text_stats).await;
@@ -493,7 +505,9 @@ async fn the_init_script_runs_and_a_missing_or_failing_one_stops_the_engine() {
         0
     );
     // It runs again at the next start (idempotently).
-    Database::open(&config).await.unwrap();
+    Database::open(&config, &sandpipe::tls::Tls::new(&config).unwrap())
+        .await
+        .unwrap();
     drop(database);
 
     // Missing, then failing: `check` and `run` refuse, naming the file.
@@ -571,7 +585,9 @@ async fn a_hostile_plugin_stays_inside_its_schema() {
         "listener: {{ type: dir, path: spool }}\n{}plugins:\n  defaults: {{ timeout: 20s, sql_rows: 100 }}\n  grants:\n    alpha: {{ sql: true }}\n    beta: {{ sql: {{ schema: beta_data }} }}\n",
         db.yaml(", plugin_pool_size: 1")
     ));
-    let database = Database::open(&config).await.unwrap();
+    let database = Database::open(&config, &sandpipe::tls::Tls::new(&config).unwrap())
+        .await
+        .unwrap();
     let alpha = plugin_db(&database, &config, "alpha");
     let beta = plugin_db(&database, &config, "beta");
     let alpha_role = db.role("alpha");
@@ -771,7 +787,9 @@ async fn runaway_statements_end_at_the_deadline_and_results_at_the_row_limit() {
         "listener: {{ type: dir, path: spool }}\n{}plugins:\n  defaults: {{ timeout: 1s, sql_rows: 100 }}\n  grants:\n    alpha: {{ sql: true }}\n",
         db.yaml("")
     ));
-    let database = Database::open(&config).await.unwrap();
+    let database = Database::open(&config, &sandpipe::tls::Tls::new(&config).unwrap())
+        .await
+        .unwrap();
     let alpha = plugin_db(&database, &config, "alpha");
 
     // statement_timeout stops it.
@@ -851,7 +869,9 @@ async fn values_map_to_postgres_types_and_back() {
         "listener: {{ type: dir, path: spool }}\n{}plugins:\n  grants:\n    alpha: {{ sql: true }}\n",
         db.yaml("")
     ));
-    let database = Database::open(&config).await.unwrap();
+    let database = Database::open(&config, &sandpipe::tls::Tls::new(&config).unwrap())
+        .await
+        .unwrap();
     let alpha = plugin_db(&database, &config, "alpha");
     let mut tx = begin(&alpha).await;
     tx.execute(
@@ -952,7 +972,9 @@ async fn user_defined_types_work_across_invocations_on_one_connection() {
         "listener: {{ type: dir, path: spool }}\n{}plugins:\n  grants:\n    alpha: {{ sql: true }}\n",
         db.yaml(", plugin_pool_size: 1")
     ));
-    let database = Database::open(&config).await.unwrap();
+    let database = Database::open(&config, &sandpipe::tls::Tls::new(&config).unwrap())
+        .await
+        .unwrap();
     let alpha = plugin_db(&database, &config, "alpha");
     let mut tx = begin(&alpha).await;
     for sql in [
@@ -1247,7 +1269,9 @@ async fn pooled_connections_are_reused_with_their_statements_and_cleaned_only_wh
         "listener: {{ type: dir, path: spool }}\n{}plugins:\n  grants:\n    alpha: {{ sql: true }}\n",
         db.yaml(", plugin_pool_size: 1")
     ));
-    let database = Database::open(&config).await.unwrap();
+    let database = Database::open(&config, &sandpipe::tls::Tls::new(&config).unwrap())
+        .await
+        .unwrap();
     let alpha = plugin_db(&database, &config, "alpha");
     let mut tx = begin(&alpha).await;
     tx.execute("CREATE TABLE t (x int)", vec![]).await.unwrap();
@@ -1324,7 +1348,9 @@ async fn when_the_server_refuses_more_connections_invocations_wait_for_the_pools
         "listener: {{ type: dir, path: spool }}\n{}plugins:\n  defaults: {{ timeout: 20s }}\n  grants:\n    alpha: {{ sql: true }}\n",
         db.yaml(", plugin_pool_size: 8")
     ));
-    let database = Database::open(&config).await.unwrap();
+    let database = Database::open(&config, &sandpipe::tls::Tls::new(&config).unwrap())
+        .await
+        .unwrap();
     let alpha = plugin_db(&database, &config, "alpha");
     // The server lets the plugin's role open two connections, its pool
     // would open eight: "too many connections for role" (53300) for the

@@ -40,15 +40,20 @@ impl Broker {
     async fn publish(&self, d: &Deployment, bodies: &[String]) {
         let config = sandpipe::config::Config::load(&d.config).unwrap();
         for body in bodies {
-            sandpipe::listener::send(&config.listener, body.as_bytes(), "m.json")
-                .await
-                .unwrap();
+            sandpipe::listener::send(
+                &config.listener,
+                body.as_bytes(),
+                "m.json",
+                &sandpipe::tls::Tls::default(),
+            )
+            .await
+            .unwrap();
         }
     }
 
     /// Everything in `queue`, taken with basic.get (and acked).
     async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, Vec<(String, String)>)> {
-        let conn = connect(URL).await.unwrap();
+        let conn = connect(URL, &sandpipe::tls::Tls::default()).await.unwrap();
         let ch = conn.create_channel().await.unwrap();
         let mut out = Vec::new();
         while let Some(m) = ch
@@ -62,7 +67,7 @@ impl Broker {
     }
 
     async fn message_count(&self, queue: &str) -> u32 {
-        let conn = connect(URL).await.unwrap();
+        let conn = connect(URL, &sandpipe::tls::Tls::default()).await.unwrap();
         let ch = conn.create_channel().await.unwrap();
         ch.queue_declare(
             queue.into(),
@@ -78,7 +83,7 @@ impl Broker {
     }
 
     async fn cleanup(&self) {
-        let conn = connect(URL).await.unwrap();
+        let conn = connect(URL, &sandpipe::tls::Tls::default()).await.unwrap();
         let ch = conn.create_channel().await.unwrap();
         for q in [
             self.queue.clone(),
@@ -274,7 +279,7 @@ async fn sigterm_requeues_nothing_it_has_not_settled() {
 /// An exchange and a queue bound to it, declared by the test; `args` are
 /// the queue's arguments.
 async fn bound_queue(exchange: &str, queue: &str, args: FieldTable) {
-    let conn = connect(URL).await.unwrap();
+    let conn = connect(URL, &sandpipe::tls::Tls::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.exchange_declare(
         exchange.into(),

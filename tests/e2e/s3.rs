@@ -95,7 +95,9 @@ async fn plugins_stream_data_objects_from_an_s3_bucket() {
         &format!("{store}plugins:\n  grants:\n    probe: {{ blob: true }}\n"),
     );
     let config = sandpipe::config::Config::load(&d.config).unwrap();
-    let data = sandpipe::store::data::DataStore::new(&config.data_store).unwrap();
+    let data =
+        sandpipe::store::data::DataStore::new(&config.data_store, &sandpipe::tls::Tls::default())
+            .unwrap();
     let object = vec![b'z'; 3 << 20];
     data.put("big/object.bin", Bytes::from(object))
         .await

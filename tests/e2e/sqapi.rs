@@ -24,9 +24,13 @@ async fn sqapi_messages_with_absolute_locations_and_the_type_in_redis_are_proces
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     );
     let key = |name: &str| format!("{prefix}:{name}");
-    let mut conn = sandpipe::listener::redis::connect(URL, std::time::Duration::from_secs(5))
-        .await
-        .unwrap();
+    let mut conn = sandpipe::listener::redis::connect(
+        URL,
+        std::time::Duration::from_secs(5),
+        &sandpipe::tls::Tls::default(),
+    )
+    .await
+    .unwrap();
     for (name, value) in [
         (
             "text",

@@ -28,9 +28,13 @@ impl Keys {
     }
 
     async fn conn(&self) -> ConnectionManager {
-        sandpipe::listener::redis::connect(URL, std::time::Duration::from_secs(5))
-            .await
-            .unwrap()
+        sandpipe::listener::redis::connect(
+            URL,
+            std::time::Duration::from_secs(5),
+            &sandpipe::tls::Tls::default(),
+        )
+        .await
+        .unwrap()
     }
 
     async fn cleanup(&self) {
@@ -109,9 +113,14 @@ async fn stream_entries_are_processed_retried_and_dead_lettered() {
     );
     let config = sandpipe::config::Config::load(&d.config).unwrap();
     for (id, action) in [("rs-1", "sql"), ("rs-2", "sql"), ("rs-bad", "error")] {
-        sandpipe::listener::send(&config.listener, probe(id, action).as_bytes(), "m")
-            .await
-            .unwrap();
+        sandpipe::listener::send(
+            &config.listener,
+            probe(id, action).as_bytes(),
+            "m",
+            &sandpipe::tls::Tls::default(),
+        )
+        .await
+        .unwrap();
     }
     let summary = d.run_once().await.unwrap();
     // rs-bad fails once, then is dead-lettered: four deliveries, three messages.

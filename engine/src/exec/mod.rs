@@ -420,7 +420,7 @@ pub async fn run(path: &Path, inputs: &Inputs, cache_dir: Option<&Path>) -> anyh
         engine: Sqlite::open(&tmp.0.join("engine.sqlite"))?,
         plugins_dir: tmp.0.join("plugins"),
     };
-    let data = DataStore::new(&DataStoreConfig::Memory)?;
+    let data = DataStore::new(&DataStoreConfig::Memory, &crate::tls::Tls::default())?;
     if let (Some(location), Some(bytes)) = (&inputs.data_location, &inputs.data) {
         data.put(location, Bytes::from(bytes.clone()))
             .await

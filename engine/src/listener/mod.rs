@@ -16,6 +16,7 @@ pub use dir::DirListener;
 pub use rabbitmq::RabbitmqListener;
 
 use crate::server::Readiness;
+use crate::tls::Tls;
 
 /// How a delivery ends.
 #[derive(Debug, Clone)]
@@ -83,12 +84,14 @@ pub trait Listener: Send + Sync {
 /// Build the configured listener. `once`: drain what is there, then end.
 /// A message file is read no further than `max_message_bytes` plus one
 /// (a broker hands over whole messages: its own limit bounds them). The
-/// listener reports its connection state to `ready`.
+/// listener reports its connection state to `ready`; its TLS connections
+/// trust what `tls` does.
 pub async fn build(
     config: &ListenerConfig,
     once: bool,
     max_message_bytes: u64,
     ready: Readiness,
+    tls: &Tls,
 ) -> anyhow::Result<Box<dyn Listener>> {
     match config {
         ListenerConfig::Dir {
@@ -100,17 +103,24 @@ pub async fn build(
             ready.ready("listener");
             Ok(Box::new(listener))
         }
-        ListenerConfig::Rabbitmq(c) => Ok(Box::new(RabbitmqListener::new(c, once, ready))),
-        ListenerConfig::Redis(c) => Ok(Box::new(redis::RedisListener::new(c, once, ready).await?)),
+        ListenerConfig::Rabbitmq(c) => Ok(Box::new(RabbitmqListener::new(c, once, ready, tls))),
+        ListenerConfig::Redis(c) => Ok(Box::new(
+            redis::RedisListener::new(c, once, ready, tls).await?,
+        )),
     }
 }
 
 /// Put a message into the configured source (`sandpipe send`), without
 /// consuming from it. Returns where it went.
-pub async fn send(config: &ListenerConfig, body: &[u8], name: &str) -> anyhow::Result<String> {
+pub async fn send(
+    config: &ListenerConfig,
+    body: &[u8],
+    name: &str,
+    tls: &Tls,
+) -> anyhow::Result<String> {
     match config {
         ListenerConfig::Dir { path, .. } => DirListener::send_to(path, body, name),
-        ListenerConfig::Rabbitmq(c) => rabbitmq::send(c, body).await,
-        ListenerConfig::Redis(c) => redis::send(c, body).await,
+        ListenerConfig::Rabbitmq(c) => rabbitmq::send(c, body, tls).await,
+        ListenerConfig::Redis(c) => redis::send(c, body, tls).await,
     }
 }

@@ -28,13 +28,16 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::tcp::{AsyncTcpStream, RustlsConnector};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Mutex, mpsc};
 
 use super::{Acker, Delivery, Listener, Settlement};
 use crate::config::{QueueType, RabbitmqListenerConfig};
 use crate::server::Readiness;
+use crate::tls::Tls;
 
 /// Header carrying the delivery attempt of a retried message.
 pub const ATTEMPT_HEADER: &str = "x-sandpipe-attempt";
@@ -117,17 +120,41 @@ pub fn exchange_kind(kind: &str) -> ExchangeKind {
 }
 
 /// Connect, with a connection name for the broker's UI (`sandpipe:…`).
-pub async fn connect_named(url: &str, name: &str) -> anyhow::Result<Connection> {
+/// An `amqps://` URL connects with TLS, checking the broker's certificate
+/// (chain and host name) against what `tls` trusts.
+pub async fn connect_named(url: &str, name: &str, tls: &Tls) -> anyhow::Result<Connection> {
     let properties =
         ConnectionProperties::default().with_connection_name(format!("sandpipe:{name}").into());
-    Connection::connect(url, properties)
-        .await
-        .with_context(|| format!("cannot connect to RabbitMQ at {}", redact(url)))
+    let uri: AMQPUri = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("not an AMQP URL ({}): {e}", redact(url)))?;
+    let connected = match uri.scheme {
+        AMQPScheme::AMQP => Connection::connect_uri(uri, properties).await,
+        AMQPScheme::AMQPS => {
+            let connector = RustlsConnector::from(tls.verified()?);
+            Connection::connector(
+                uri,
+                lapin::runtime::default_runtime()?,
+                async move |uri, runtime| {
+                    let host = uri.authority.host.clone();
+                    let address = runtime.to_socket_addrs((host.clone(), uri.authority.port));
+                    AsyncTcpStream::connect(&runtime, address)
+                        .await?
+                        .into_rustls(&connector, &host)
+                        .await
+                        .map_err(lapin::Error::from)
+                },
+                properties,
+            )
+            .await
+        }
+    };
+    connected.map_err(|e| tls.error("RabbitMQ", &redact(url), "cannot connect to", e))
 }
 
 /// Connect under the name `sandpipe:client`.
-pub async fn connect(url: &str) -> anyhow::Result<Connection> {
-    connect_named(url, "client").await
+pub async fn connect(url: &str, tls: &Tls) -> anyhow::Result<Connection> {
+    connect_named(url, "client", tls).await
 }
 
 /// The URL without its password, for messages.
@@ -151,6 +178,7 @@ struct Shared {
     connected: AtomicBool,
     ready: Readiness,
     stop: tokio::sync::watch::Sender<bool>,
+    tls: Tls,
 }
 
 impl Shared {
@@ -297,7 +325,7 @@ impl Drop for RabbitmqListener {
 
 impl RabbitmqListener {
     /// Start consuming (the connection is made, and remade, in the background).
-    pub fn new(config: &RabbitmqListenerConfig, once: bool, ready: Readiness) -> Self {
+    pub fn new(config: &RabbitmqListenerConfig, once: bool, ready: Readiness, tls: &Tls) -> Self {
         let shared = Arc::new(Shared {
             config: config.clone(),
             inflight: AtomicUsize::new(0),
@@ -305,6 +333,7 @@ impl RabbitmqListener {
             connected: AtomicBool::new(false),
             ready,
             stop: tokio::sync::watch::channel(false).0,
+            tls: tls.clone(),
         });
         shared.ready.not_ready("listener", "connecting to RabbitMQ");
         let (tx, rx) = mpsc::channel(usize::from(config.prefetch.max(1)));
@@ -410,6 +439,7 @@ async fn consume_once(
     let connection = connect_named(
         &shared.config.url,
         &format!("listener:{}", shared.config.queue),
+        &shared.tls,
     )
     .await?;
     let publisher = connection.create_channel().await?;
@@ -497,8 +527,12 @@ impl Listener for RabbitmqListener {
 }
 
 /// Publish one message to the configured exchange (`sandpipe send`).
-pub async fn send(config: &RabbitmqListenerConfig, body: &[u8]) -> anyhow::Result<String> {
-    let connection = connect(&config.url).await?;
+pub async fn send(
+    config: &RabbitmqListenerConfig,
+    body: &[u8],
+    tls: &Tls,
+) -> anyhow::Result<String> {
+    let connection = connect(&config.url, tls).await?;
     let channel = connection.create_channel().await?;
     let shared = Shared {
         config: config.clone(),
@@ -507,6 +541,7 @@ pub async fn send(config: &RabbitmqListenerConfig, body: &[u8]) -> anyhow::Resul
         connected: AtomicBool::new(true),
         ready: Readiness::default(),
         stop: tokio::sync::watch::channel(false).0,
+        tls: tls.clone(),
     };
     shared.declare(&channel).await?;
     channel

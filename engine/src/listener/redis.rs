@@ -28,11 +28,31 @@ use super::{Acker, Delivery, Listener, Settlement};
 use crate::config::RedisListenerConfig;
 use crate::listener::rabbitmq::{ATTEMPT_HEADER, REASON_HEADER, redact};
 use crate::server::Readiness;
+use crate::tls::Tls;
 
-/// A connection manager (reconnects by itself) with timeouts.
-pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<ConnectionManager> {
-    let client =
-        redis::Client::open(url).with_context(|| format!("invalid Redis URL {}", redact(url)))?;
+/// A connection manager (reconnects by itself) with timeouts. A
+/// `rediss://` URL connects with TLS, checking the server's certificate
+/// (chain and host name) against what `tls` trusts; rediss's `#insecure`
+/// (no check) fails, the client being built without its
+/// `tls-rustls-insecure` feature.
+pub async fn connect(url: &str, timeout: Duration, tls: &Tls) -> anyhow::Result<ConnectionManager> {
+    let invalid = |e: redis::RedisError| anyhow::anyhow!("invalid Redis URL {}: {e}", redact(url));
+    let client = if url.starts_with("rediss://") {
+        let roots = tls.roots_pem()?;
+        // The Redis client builds its own rustls configuration (with the
+        // process's default provider, which this makes ours).
+        let _ = crate::tls::provider();
+        redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(roots.to_vec()),
+            },
+        )
+        .map_err(invalid)?
+    } else {
+        redis::Client::open(url).map_err(invalid)?
+    };
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
@@ -40,7 +60,7 @@ pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<ConnectionM
     client
         .get_connection_manager_with_config(config)
         .await
-        .with_context(|| format!("cannot connect to Redis at {}", redact(url)))
+        .map_err(|e| tls.error("Redis", &redact(url), "cannot connect to", e))
 }
 
 fn now_ms() -> u64 {
@@ -99,8 +119,9 @@ impl RedisListener {
         config: &RedisListenerConfig,
         once: bool,
         ready: Readiness,
+        tls: &Tls,
     ) -> anyhow::Result<Self> {
-        let mut conn = connect(&config.url, config.timeout).await?;
+        let mut conn = connect(&config.url, config.timeout, tls).await?;
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&config.stream)
@@ -287,8 +308,8 @@ impl Listener for RedisListener {
 }
 
 /// Publish a message to the stream (`sandpipe send`).
-pub async fn send(config: &RedisListenerConfig, body: &[u8]) -> anyhow::Result<String> {
-    let mut conn = connect(&config.url, config.timeout).await?;
+pub async fn send(config: &RedisListenerConfig, body: &[u8], tls: &Tls) -> anyhow::Result<String> {
+    let mut conn = connect(&config.url, config.timeout, tls).await?;
     let id: String = redis::cmd("XADD")
         .arg(&config.stream)
         .arg("*")

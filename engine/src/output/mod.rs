@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::capability::Emit;
 use crate::config::OutputConfig;
+use crate::tls::Tls;
 pub use dir::{DirOutput, safe_name};
 pub use rabbitmq::RabbitmqOutput;
 pub use redis::RedisOutput;
@@ -39,19 +40,22 @@ pub struct Origin<'a> {
 }
 
 impl Outputs {
-    /// Build the outputs of the config.
-    pub fn new(config: &BTreeMap<String, OutputConfig>) -> anyhow::Result<Self> {
+    /// Build the outputs of the config (their TLS connections trust what
+    /// `tls` does).
+    pub fn new(config: &BTreeMap<String, OutputConfig>, tls: &Tls) -> anyhow::Result<Self> {
         let mut outputs = BTreeMap::new();
         for (name, output) in config {
             let built = match output {
                 OutputConfig::Dir { path } => Output::Dir(DirOutput::new(path)?),
-                OutputConfig::Rabbitmq(c) => Output::Rabbitmq(Box::new(RabbitmqOutput::new(c))),
+                OutputConfig::Rabbitmq(c) => {
+                    Output::Rabbitmq(Box::new(RabbitmqOutput::new(c, tls)))
+                }
                 OutputConfig::Redis {
                     url,
                     stream,
                     maxlen,
                     timeout,
-                } => Output::Redis(RedisOutput::new(url, stream, *maxlen, *timeout)),
+                } => Output::Redis(RedisOutput::new(url, stream, *maxlen, *timeout, tls)),
             };
             outputs.insert(name.clone(), built);
         }

@@ -13,24 +13,27 @@ use super::Origin;
 use crate::capability::Emit;
 use crate::config::RabbitmqOutputConfig;
 use crate::listener::rabbitmq::{connect, exchange_kind, publish_confirmed, table_of};
+use crate::tls::Tls;
 
 /// A RabbitMQ output.
 pub struct RabbitmqOutput {
     config: RabbitmqOutputConfig,
     link: Mutex<Option<(Connection, Channel)>>,
+    tls: Tls,
 }
 
 impl RabbitmqOutput {
     /// The output (it connects on first publish).
-    pub fn new(config: &RabbitmqOutputConfig) -> Self {
+    pub fn new(config: &RabbitmqOutputConfig, tls: &Tls) -> Self {
         Self {
             config: config.clone(),
             link: Mutex::new(None),
+            tls: tls.clone(),
         }
     }
 
     async fn open(&self) -> anyhow::Result<(Connection, Channel)> {
-        let connection = connect(&self.config.url).await?;
+        let connection = connect(&self.config.url, &self.tls).await?;
         let channel = connection.create_channel().await?;
         let kind = exchange_kind(&self.config.exchange.kind);
         channel

@@ -10,6 +10,7 @@ use tokio::sync::Mutex;
 use super::Origin;
 use crate::capability::Emit;
 use crate::listener::redis::connect;
+use crate::tls::Tls;
 
 /// A Redis stream output.
 pub struct RedisOutput {
@@ -18,17 +19,19 @@ pub struct RedisOutput {
     maxlen: Option<u64>,
     timeout: Duration,
     conn: Mutex<Option<ConnectionManager>>,
+    tls: Tls,
 }
 
 impl RedisOutput {
     /// The output (it connects on first publish).
-    pub fn new(url: &str, stream: &str, maxlen: Option<u64>, timeout: Duration) -> Self {
+    pub fn new(url: &str, stream: &str, maxlen: Option<u64>, timeout: Duration, tls: &Tls) -> Self {
         Self {
             url: url.to_owned(),
             stream: stream.to_owned(),
             maxlen,
             timeout,
             conn: Mutex::new(None),
+            tls: tls.clone(),
         }
     }
 
@@ -43,7 +46,7 @@ impl RedisOutput {
             match guard.as_ref() {
                 Some(c) => c.clone(),
                 None => {
-                    let c = connect(&self.url, self.timeout).await?;
+                    let c = connect(&self.url, self.timeout, &self.tls).await?;
                     *guard = Some(c.clone());
                     c
                 }

@@ -28,6 +28,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 
 use crate::config::DataStoreConfig;
+use crate::tls::Tls;
 
 /// Why a data store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -145,8 +146,10 @@ fn escape_blocking(root: &Path, relative: &Path) -> Option<&'static str> {
 }
 
 impl DataStore {
-    /// The store described by `config` (a disk root is created if missing).
-    pub fn new(config: &DataStoreConfig) -> anyhow::Result<Self> {
+    /// The store described by `config` (a disk root is created if missing;
+    /// an `https://` S3 endpoint trusts the platform's roots and the
+    /// certificates of `tls.ca_file`).
+    pub fn new(config: &DataStoreConfig, tls: &Tls) -> anyhow::Result<Self> {
         let store: Arc<dyn ObjectStore> = match config {
             DataStoreConfig::Disk { root } => {
                 std::fs::create_dir_all(root)
@@ -168,7 +171,18 @@ impl DataStore {
                 allow_http,
                 virtual_hosted_style,
             } => {
+                // The CA file's certificates, added to the platform's roots
+                // (which the client keeps). Set first: the builder's
+                // `with_allow_http` lives in the same client options.
+                let mut options = object_store::ClientOptions::new();
+                for certificate in tls.ca_certificates() {
+                    options = options.with_root_certificate(
+                        object_store::Certificate::from_der(certificate.as_ref())
+                            .map_err(|e| anyhow::anyhow!("tls.ca_file: {e}"))?,
+                    );
+                }
                 let mut builder = object_store::aws::AmazonS3Builder::new()
+                    .with_client_options(options)
                     .with_bucket_name(bucket)
                     .with_region(region)
                     .with_access_key_id(access_key_id)
@@ -374,9 +388,12 @@ mod tests {
     #[tokio::test]
     async fn disk_store_reads_writes_and_reports_missing() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = DataStore::new(&DataStoreConfig::Disk {
-            root: dir.path().to_owned(),
-        })?;
+        let store = DataStore::new(
+            &DataStoreConfig::Disk {
+                root: dir.path().to_owned(),
+            },
+            &Tls::default(),
+        )?;
         store.put("a/b.txt", Bytes::from_static(b"hello")).await?;
         assert!(std::fs::read(dir.path().join("a/b.txt"))? == b"hello");
         assert!(store.exists("a/b.txt").await?);
@@ -403,9 +420,12 @@ mod confinement_tests {
     use super::*;
 
     fn disk(root: &Path) -> anyhow::Result<DataStore> {
-        DataStore::new(&DataStoreConfig::Disk {
-            root: root.to_owned(),
-        })
+        DataStore::new(
+            &DataStoreConfig::Disk {
+                root: root.to_owned(),
+            },
+            &Tls::default(),
+        )
     }
 
     fn reason(result: Result<impl Sized, DataError>) -> String {
@@ -512,7 +532,7 @@ mod confinement_tests {
         assert!(why.contains(&format!("`{}`", canonical.display())), "{why}");
 
         // Only a disk store takes an absolute location.
-        let memory = DataStore::new(&DataStoreConfig::Memory)?;
+        let memory = DataStore::new(&DataStoreConfig::Memory, &Tls::default())?;
         let why = reason(memory.message_location(&format!("{w}/images/a.png")));
         assert!(why.contains("absolute paths are not allowed"), "{why}");
         Ok(())

@@ -8,6 +8,7 @@ use tokio::io::AsyncReadExt as _;
 
 use crate::config::MetaStoreConfig;
 use crate::store::data::{escape, parse_location};
+use crate::tls::Tls;
 
 /// Why metadata could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -42,13 +43,14 @@ pub enum MetaStore {
 }
 
 impl MetaStore {
-    /// The store described by `config`.
-    pub async fn new(config: &MetaStoreConfig) -> anyhow::Result<Self> {
+    /// The store described by `config` (a `rediss://` URL trusts what
+    /// `tls` does).
+    pub async fn new(config: &MetaStoreConfig, tls: &Tls) -> anyhow::Result<Self> {
         Ok(match config {
             MetaStoreConfig::File { root } => Self::File { root: root.clone() },
             MetaStoreConfig::Inline => Self::Inline,
             MetaStoreConfig::Redis { url, timeout } => {
-                Self::Redis(crate::listener::redis::connect(url, *timeout).await?)
+                Self::Redis(crate::listener::redis::connect(url, *timeout, tls).await?)
             }
         })
     }

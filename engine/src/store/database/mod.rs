@@ -20,6 +20,7 @@ use crate::capability::StateOp;
 use crate::config::{Config, DatabaseConfig, Limits};
 use crate::sandbox::bindings::WitError;
 use crate::sandbox::bindings::sandpipe::connector::sql::{Rows, Value};
+use crate::tls::Tls;
 
 pub use postgres::Postgres;
 pub use sqlite::{PluginConn, Sqlite};
@@ -125,19 +126,21 @@ impl Database {
     /// create the engine's schema and tables, the plugins' roles and
     /// schemas, and run the `init` script. Fails, saying why, if any of it
     /// fails.
-    pub async fn open(config: &Config) -> anyhow::Result<Self> {
+    pub async fn open(config: &Config, tls: &Tls) -> anyhow::Result<Self> {
         match &config.database {
             DatabaseConfig::Sqlite { path, plugins_dir } => Ok(Self::Sqlite {
                 engine: Sqlite::open(path)?,
                 plugins_dir: plugins_dir.clone(),
             }),
-            DatabaseConfig::Postgres { .. } => Ok(Self::Postgres(Postgres::open(config).await?)),
+            DatabaseConfig::Postgres { .. } => {
+                Ok(Self::Postgres(Postgres::open(config, tls).await?))
+            }
         }
     }
 
     /// Connect without preparing anything (no init script, no roles): to
     /// read the status log of a database an engine has opened.
-    pub fn connect(config: &DatabaseConfig) -> anyhow::Result<Self> {
+    pub fn connect(config: &DatabaseConfig, tls: &Tls) -> anyhow::Result<Self> {
         match config {
             DatabaseConfig::Sqlite { path, plugins_dir } => Ok(Self::Sqlite {
                 engine: Sqlite::open(path)?,
@@ -148,7 +151,9 @@ impl Database {
                 schema,
                 pool_size,
                 ..
-            } => Ok(Self::Postgres(Postgres::connect(url, schema, *pool_size)?)),
+            } => Ok(Self::Postgres(Postgres::connect(
+                url, schema, *pool_size, tls,
+            )?)),
         }
     }
 

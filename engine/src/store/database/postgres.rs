@@ -63,14 +63,16 @@ use futures::TryStreamExt as _;
 use sha2::Digest as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_postgres::CancelToken;
 use tokio_postgres::types::{FromSql, IsNull, Kind, ToSql, Type, to_sql_checked};
-use tokio_postgres::{CancelToken, NoTls};
 
 use super::{Outcome, ResultLimit, Work};
 use crate::capability::StateOp;
 use crate::config::{Config, DatabaseConfig};
 use crate::sandbox::bindings::WitError;
 use crate::sandbox::bindings::sandpipe::connector::sql::{Rows, Value};
+use crate::tls::Tls;
+use crate::tls::postgres::PgTls;
 
 /// Serialises the start-up of engines sharing one database.
 const SETUP_LOCK: i64 = 0x5341_4e44_5049_5045; // "SANDPIPE"
@@ -141,6 +143,9 @@ impl PoolSizing {
 pub struct Postgres {
     pool: Pool,
     config: Arc<tokio_postgres::Config>,
+    /// The TLS connector of the URL's `sslmode`, for every connection
+    /// (plugin roles' and cancel requests' too).
+    tls: PgTls,
     schema: String,
     target: String,
     database: String,
@@ -207,8 +212,30 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
     text
 }
 
-/// `host:port/database as user`, without the password.
+/// `PostgreSQL at host:port/database as user`, without the password.
 fn describe_target(config: &tokio_postgres::Config) -> String {
+    format!("PostgreSQL at {}", location(config))
+}
+
+/// Why connecting to `target` failed: a TLS failure explained (see
+/// [`crate::tls::Tls::explain`]), else PostgreSQL's error.
+fn connect_error(
+    tls: &PgTls,
+    config: &tokio_postgres::Config,
+    e: &tokio_postgres::Error,
+) -> anyhow::Error {
+    match tls.explain(&location(config), e) {
+        Some(text) => anyhow::anyhow!("{text}"),
+        None => anyhow::anyhow!(
+            "cannot connect to {}: {}",
+            describe_target(config),
+            describe(e)
+        ),
+    }
+}
+
+/// `host:port/database as user`, without the password.
+fn location(config: &tokio_postgres::Config) -> String {
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         #[cfg(unix)]
@@ -217,7 +244,7 @@ fn describe_target(config: &tokio_postgres::Config) -> String {
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
     format!(
-        "PostgreSQL at {host}:{port}/{} as {}",
+        "{host}:{port}/{} as {}",
         config.get_dbname().or(config.get_user()).unwrap_or("?"),
         config.get_user().unwrap_or("?")
     )
@@ -225,10 +252,10 @@ fn describe_target(config: &tokio_postgres::Config) -> String {
 
 /// A pool of connections made with `config` (checked only for being
 /// closed when taken; plugin connections are cleaned when given back).
-fn pool(config: tokio_postgres::Config, size: usize) -> anyhow::Result<Pool> {
+fn pool(config: tokio_postgres::Config, tls: PgTls, size: usize) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
         config,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -242,12 +269,12 @@ fn pool(config: tokio_postgres::Config, size: usize) -> anyhow::Result<Pool> {
 /// Connect once, outside any pool (start-up work).
 async fn connect_once(
     config: &tokio_postgres::Config,
-    target: &str,
+    tls: &PgTls,
 ) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = config
-        .connect(NoTls)
+        .connect(tls.clone())
         .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {target}: {}", describe(&e)))?;
+        .map_err(|e| connect_error(tls, config, &e))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!("PostgreSQL start-up connection ended: {e}");
@@ -266,11 +293,12 @@ fn line_of(text: &str, position: u32) -> usize {
 }
 
 impl Postgres {
-    /// A pool on `url` for the engine's `schema`, without preparing anything.
-    pub fn connect(url: &str, schema: &str, pool_size: usize) -> anyhow::Result<Self> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
+    /// A pool on `url` for the engine's `schema`, without preparing
+    /// anything; TLS as the URL's `sslmode` says, trusting what `tls` does.
+    pub fn connect(url: &str, schema: &str, pool_size: usize, tls: &Tls) -> anyhow::Result<Self> {
+        let (mut config, ssl_mode) = crate::config::postgres_url(url)
             .map_err(|e| anyhow::anyhow!("database.url is not a PostgreSQL URL: {e}"))?;
+        let tls = tls.postgres(ssl_mode)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
@@ -284,8 +312,9 @@ impl Postgres {
             .unwrap_or_default()
             .to_owned();
         Ok(Self {
-            pool: pool(config.clone(), pool_size)?,
+            pool: pool(config.clone(), tls.clone(), pool_size)?,
             config: Arc::new(config),
+            tls,
             schema: schema.to_owned(),
             target,
             database,
@@ -298,7 +327,7 @@ impl Postgres {
     /// and tables, each `sql` plugin's role and schema, the `init` script
     /// (between the two, so it can grant to the plugins' roles), then the
     /// checks that keep the plugins apart.
-    pub async fn open(config: &Config) -> anyhow::Result<Self> {
+    pub async fn open(config: &Config, tls: &Tls) -> anyhow::Result<Self> {
         let DatabaseConfig::Postgres {
             url,
             init,
@@ -309,8 +338,8 @@ impl Postgres {
         else {
             anyhow::bail!("the database is not PostgreSQL");
         };
-        let mut pg = Self::connect(url, schema, *pool_size)?;
-        let setup = connect_once(&pg.config, &pg.target).await?;
+        let mut pg = Self::connect(url, schema, *pool_size, tls)?;
+        let setup = connect_once(&pg.config, &pg.tls).await?;
         setup
             .execute("SELECT pg_advisory_lock($1)", &[&SETUP_LOCK])
             .await
@@ -385,10 +414,10 @@ impl Postgres {
 
     /// An admin connection from the pool.
     pub async fn client(&self) -> anyhow::Result<Object> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", self.target))
+        self.pool.get().await.map_err(|e| match &e {
+            deadpool_postgres::PoolError::Backend(pg) => connect_error(&self.tls, &self.config, pg),
+            _ => anyhow::anyhow!("cannot connect to {}: {e}", self.target),
+        })
     }
 
     /// Create what is missing: the engine's schema and tables, and each
@@ -525,7 +554,7 @@ impl Postgres {
                 script.display()
             )
         })?;
-        let client = connect_once(&self.config, &self.target).await?;
+        let client = connect_once(&self.config, &self.tls).await?;
         if let Err(e) = client.batch_execute(&text).await {
             let at = e
                 .as_db_error()
@@ -680,7 +709,8 @@ impl Postgres {
             role: r.role.clone(),
             schema: r.schema.clone(),
             timeout,
-            pool: pool(config, self.plugin_pool_size)?,
+            pool: pool(config, self.tls.clone(), self.plugin_pool_size)?,
+            tls: self.tls.clone(),
             ddl_lock: ddl_lock_key(&r.role),
         })
     }
@@ -753,6 +783,8 @@ pub struct PluginDb {
     schema: String,
     timeout: Duration,
     pool: Pool,
+    /// For cancel requests and messages.
+    tls: PgTls,
     /// The transaction-level advisory lock that serializes the schema's
     /// DDL (see [`ddl_lock_key`]).
     ddl_lock: i64,
@@ -808,6 +840,8 @@ pub struct PluginTx {
     plugin: String,
     commands: mpsc::Sender<Command>,
     cancel: CancelToken,
+    /// The cancel request goes over the same TLS as the connection.
+    tls: PgTls,
     deadline: Instant,
     timeout: Duration,
     /// Why the transaction can no longer be used (its statement was
@@ -852,6 +886,7 @@ impl PluginDb {
             plugin: self.plugin.clone(),
             commands,
             cancel,
+            tls: self.tls.clone(),
             deadline,
             timeout: self.timeout,
             broken: None,
@@ -921,9 +956,17 @@ impl PluginDb {
                     pause = (pause * 2).min(Duration::from_millis(100));
                 }
                 Ok(Err(e)) => {
+                    let explained = match &e {
+                        deadpool_postgres::PoolError::Backend(pg) => {
+                            self.tls.explain(&format!("role {}", self.role), pg)
+                        }
+                        _ => None,
+                    };
                     break Err(WitError::Unavailable(format!(
-                        "plugin `{}` cannot connect to PostgreSQL as role {}: {e}",
-                        self.plugin, self.role
+                        "plugin `{}` cannot connect to PostgreSQL as role {}: {}",
+                        self.plugin,
+                        self.role,
+                        explained.unwrap_or_else(|| e.to_string())
                     )));
                 }
                 Err(_) => {
@@ -1304,8 +1347,11 @@ impl PluginTx {
                 );
                 self.broken = Some(why.clone());
                 let cancel = self.cancel.clone();
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), cancel.cancel_query(NoTls)).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    cancel.cancel_query(self.tls.clone()),
+                )
+                .await;
                 Err(WitError::LimitExceeded(why))
             }
         }
@@ -1377,9 +1423,10 @@ impl Drop for PluginTx {
             // The task closes the connection (rolling back); stop whatever
             // statement it may still be running.
             let cancel = self.cancel.clone();
+            let tls = self.tls.clone();
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 handle.spawn(async move {
-                    let _ = cancel.cancel_query(NoTls).await;
+                    let _ = cancel.cancel_query(tls).await;
                 });
             }
         }
