@@ -1134,16 +1134,28 @@ async fn pipelined(
     before.map_err(Failed::server).and(result)
 }
 
-/// Whether `err` is two transactions' DDL meeting in the catalog: a
-/// unique violation of a system catalog index (two `CREATE ... IF NOT
-/// EXISTS` of one name), or "tuple concurrently updated".
+/// Whether `err` may be two transactions' DDL meeting in the catalog: a
+/// unique violation of a system catalog index or an "already exists" (two
+/// `CREATE ... IF NOT EXISTS` of one name), or "tuple concurrently
+/// updated".
 fn catalog_race(err: &tokio_postgres::Error) -> bool {
     let Some(db) = err.as_db_error() else {
         return false;
     };
     use tokio_postgres::error::SqlState;
+    // "already exists": two `CREATE ... IF NOT EXISTS` of one name that both
+    // looked before either committed (seen as `type "t" already exists`).
+    // A real duplicate fails again when run under the lock, so counting it
+    // here costs only that second try.
+    let exists = [
+        SqlState::DUPLICATE_OBJECT,
+        SqlState::DUPLICATE_TABLE,
+        SqlState::DUPLICATE_SCHEMA,
+        SqlState::DUPLICATE_FUNCTION,
+    ];
     (*db.code() == SqlState::UNIQUE_VIOLATION
         && db.constraint().is_some_and(|c| c.starts_with("pg_")))
+        || exists.contains(db.code())
         || (*db.code() == SqlState::INTERNAL_ERROR
             && db.message().contains("tuple concurrently updated"))
 }
