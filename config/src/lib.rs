@@ -524,6 +524,13 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// The schema of the engine's status-writing function on PostgreSQL,
+/// beside the engine's `schema` (the one thing of the engine's that plugin
+/// roles may use).
+pub fn status_schema(schema: &str) -> String {
+    format!("{schema}_status")
+}
+
 /// Why `name` cannot be a schema of Sandpipe's, or `None` if it can:
 /// lowercase ASCII letters, digits and `_`, starting with a letter or `_`,
 /// at most 63 bytes, and none of PostgreSQL's own (`public`, `pg_*`,
@@ -659,6 +666,10 @@ pub struct PipelineConfig {
     /// The largest metadata object fetched from the metadata store; a
     /// larger one dead-letters the message. Default 1MiB.
     pub max_metadata_bytes: ByteSize,
+    /// Which deliveries are checked against the status log for plugins
+    /// that already finished the message (and so do not run again).
+    /// Default `redeliveries`.
+    pub dedupe: Dedupe,
 }
 
 impl Default for PipelineConfig {
@@ -668,8 +679,25 @@ impl Default for PipelineConfig {
             plugin_concurrency: 4,
             max_message_bytes: ByteSize::mib(1),
             max_metadata_bytes: ByteSize::mib(1),
+            dedupe: Dedupe::Redeliveries,
         }
     }
+}
+
+/// `pipeline.dedupe`: which deliveries look up the plugins already done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dedupe {
+    /// Every delivery that may have been seen before: a broker's
+    /// redelivery, a retry, a requeue after an outage, a stream entry
+    /// taken over from a dead consumer, every file of the `dir` listener.
+    /// A message's first delivery from RabbitMQ or Redis skips the look-up
+    /// (one query per message less): a producer that publishes one message
+    /// twice gets its plugins run twice, as at-least-once allows.
+    Redeliveries,
+    /// Every delivery, first ones included: a message id already done is
+    /// not run again even when its producer published it twice.
+    EveryDelivery,
 }
 
 /// The wasm sandbox.
@@ -1207,6 +1235,15 @@ impl Config {
             if let Some(problem) = schema_name_problem(schema) {
                 return Err(invalid("database.schema".into(), problem));
             }
+            let status = status_schema(schema);
+            if status.len() > 63 {
+                return Err(invalid(
+                    "database.schema".into(),
+                    format!(
+                        "`{schema}` is too long: the engine also makes schema `{status}`, and PostgreSQL names have at most 63 bytes"
+                    ),
+                ));
+            }
             if *pool_size == 0 || *plugin_pool_size == Some(0) {
                 return Err(invalid(
                     "database".into(),
@@ -1214,6 +1251,7 @@ impl Config {
                 ));
             }
             taken.insert(schema.clone(), "the engine (database.schema)".into());
+            taken.insert(status, "the engine (its status-writing function)".into());
         }
         let postgres = matches!(self.database, DatabaseConfig::Postgres { .. });
         for (name, grant) in &self.plugins.grants {

@@ -919,6 +919,7 @@ impl Listener for MemoryListener {
             body: Bytes::from(body),
             headers: Vec::new(),
             attempt: 1,
+            first: true,
             name: String::new(),
             acker: Box::new(Timer {
                 taken: Instant::now(),

@@ -122,6 +122,12 @@ struct Measured {
     commits_per_message: f64,
     /// Settlements other than an ack (requeues, retries).
     not_acked: f64,
+    /// CPU time per message of the consumer (the engine or the independent
+    /// consumer) from its first delivery to its last ack, in ms.
+    consumer_cpu_ms: f64,
+    /// CPU time per message of every PostgreSQL process during the run
+    /// (the engine's start-up statements included), in ms.
+    postgres_cpu_ms: f64,
 }
 
 fn main() {
@@ -161,9 +167,9 @@ fn main() {
     );
     println!();
     println!(
-        "| prefetch | mode | msg/s | p50 latency | p99 latency | peak RSS | PostgreSQL connections | PostgreSQL transactions per message | msg/s ÷ independent | p50 ÷ independent | p99 ÷ independent |"
+        "| prefetch | mode | msg/s | p50 latency | p99 latency | peak RSS | PostgreSQL connections | PostgreSQL transactions per message | consumer CPU ms per message | PostgreSQL CPU ms per message | msg/s ÷ independent | p50 ÷ independent | p99 ÷ independent |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut sandbox_only = Vec::new();
     let mut not_acked = 0.0;
     for &prefetch in &prefetches {
@@ -174,7 +180,7 @@ fn main() {
                 let index = (k + run) % modes.len();
                 let m = one_run(prefetch, modes[index], messages, &consumer);
                 eprintln!(
-                    "prefetch {prefetch}, {}, run {}: {:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms, {} connections, {:.2} transactions per message, {} not acked at first",
+                    "prefetch {prefetch}, {}, run {}: {:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms, {} connections, {:.2} transactions per message, CPU per message {:.3} ms (consumer) {:.3} ms (PostgreSQL), {} not acked at first",
                     modes[index].name(),
                     run + 1,
                     m.per_second,
@@ -182,6 +188,8 @@ fn main() {
                     m.p99_us / 1000.0,
                     m.connections,
                     m.commits_per_message,
+                    m.consumer_cpu_ms,
+                    m.postgres_cpu_ms,
                     m.not_acked
                 );
                 not_acked += m.not_acked;
@@ -202,7 +210,7 @@ fn main() {
                 _ => " | | ".to_owned(),
             };
             println!(
-                "| {prefetch} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} MiB | {:.0} | {:.2} | {ratios} |",
+                "| {prefetch} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} MiB | {:.0} | {:.2} | {:.3} | {:.3} | {ratios} |",
                 mode.name(),
                 m.per_second,
                 m.p50_us / 1000.0,
@@ -210,6 +218,8 @@ fn main() {
                 m.peak_rss_kib / 1024.0,
                 m.connections,
                 m.commits_per_message,
+                m.consumer_cpu_ms,
+                m.postgres_cpu_ms,
             );
         }
         if let (Some(sandboxed), Some(compiled)) = (find(Mode::Sandboxed), find(Mode::CompiledIn)) {
@@ -369,6 +379,7 @@ fn one_run(prefetch: u16, mode: Mode, messages: usize, consumer: &Path) -> Measu
 
         // Count the database's connections while the child runs.
         let commits_before = commits(&admin, &db).await;
+        let postgres_before = server_cpu_ms("postgres");
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let sampler = tokio::spawn(peak_connections(db.clone(), stopped));
         let line = match mode {
@@ -447,6 +458,7 @@ fn one_run(prefetch: u16, mode: Mode, messages: usize, consumer: &Path) -> Measu
             committed = now;
         }
         let commits_per_message = (committed - commits_before) as f64 / messages as f64;
+        let postgres_cpu_ms = (server_cpu_ms("postgres") - postgres_before) / messages as f64;
 
         // Every message has its row.
         let on_db = postgres(&db).await;
@@ -489,6 +501,8 @@ fn one_run(prefetch: u16, mode: Mode, messages: usize, consumer: &Path) -> Measu
             connections: connections as f64,
             commits_per_message,
             not_acked: number("requeued"),
+            consumer_cpu_ms: number("cpu_ms") / messages as f64,
+            postgres_cpu_ms,
         }
     })
 }
@@ -659,6 +673,7 @@ fn engine(config: &Path, mode: Mode, ready: &Path, go: &Path) {
         }
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
         let started = Instant::now();
+        let cpu_before = own_cpu_ms();
         let summary = pipeline.run(listener, shutdown).await.unwrap();
         let mut latencies = std::mem::take(&mut *timing.latencies.lock().unwrap());
         latencies.sort();
@@ -669,9 +684,10 @@ fn engine(config: &Path, mode: Mode, ready: &Path, go: &Path) {
                 .get(((latencies.len().saturating_sub(1)) as f64 * q) as usize)
                 .map_or(0, |d| d.as_micros())
         };
+        let cpu = own_cpu_ms() - cpu_before;
         eprintln!("steps: {}", step_means(&metrics.render()));
         println!(
-            "engine done={} acked={} requeued={} seconds={seconds:.6} msg_per_s={:.1} p50_us={} p99_us={} peak_rss_kib={}",
+            "engine done={} acked={} requeued={} seconds={seconds:.6} msg_per_s={:.1} p50_us={} p99_us={} peak_rss_kib={} cpu_ms={cpu:.0}",
             summary.done,
             latencies.len(),
             timing.not_acked.load(Ordering::SeqCst),
@@ -824,6 +840,62 @@ impl NativePlugin for FxInsertNative {
 }
 
 /// The process's peak resident set size (VmHWM), in KiB.
+/// CPU milliseconds (user and system) of `/proc/PID/stat`: `own` for the
+/// process itself, else with its waited-for children's (`cutime`,
+/// `cstime`) too.
+fn stat_cpu_ms(stat: &str, children: bool) -> (String, i64, f64) {
+    let Some((head, rest)) = stat.rsplit_once(')') else {
+        return (String::new(), 0, 0.0);
+    };
+    let comm = head.split_once('(').map_or("", |(_, c)| c).to_owned();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let number = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // After `(comm)`: ppid is field 4, utime 14, stime 15, cutime 16,
+    // cstime 17 (1-based, so indices 1, 11..=14 here); ticks of 10 ms
+    // (`getconf CLK_TCK` is 100 on Linux).
+    let mut ticks = number(11) + number(12);
+    if children {
+        ticks += number(13) + number(14);
+    }
+    (comm, number(1) as i64, ticks * 10.0)
+}
+
+/// This process's CPU time so far, in milliseconds.
+fn own_cpu_ms() -> f64 {
+    stat_cpu_ms(
+        &std::fs::read_to_string("/proc/self/stat").unwrap_or_default(),
+        false,
+    )
+    .2
+}
+
+/// CPU milliseconds used so far by every process named `comm` (e.g. every
+/// PostgreSQL process), those that ended included: their parent (the
+/// postmaster) counts them once it has waited for them.
+fn server_cpu_ms(comm: &str) -> f64 {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let pid: i64 = entry.file_name().to_string_lossy().parse().unwrap_or(-1);
+        let (name, ppid, _) = stat_cpu_ms(&stat, false);
+        if name == comm {
+            found.push((pid, ppid, stat));
+        }
+    }
+    let pids: std::collections::HashSet<i64> = found.iter().map(|(pid, ..)| *pid).collect();
+    found
+        .iter()
+        .map(|(_, ppid, stat)| stat_cpu_ms(stat, !pids.contains(ppid)).2)
+        .sum()
+}
+
 fn peak_rss_kib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -853,5 +925,7 @@ fn median_of(runs: &[Measured]) -> Measured {
         connections: of(|m| m.connections),
         commits_per_message: of(|m| m.commits_per_message),
         not_acked: of(|m| m.not_acked),
+        consumer_cpu_ms: of(|m| m.consumer_cpu_ms),
+        postgres_cpu_ms: of(|m| m.postgres_cpu_ms),
     }
 }

@@ -336,6 +336,36 @@ impl StatusLog {
         committed
     }
 
+    /// Whether [`StatusLog::record_within`] can write into a plugin's
+    /// transaction: the log is on PostgreSQL.
+    pub fn writes_within(&self) -> bool {
+        matches!(&self.db, Backend::Postgres(pg) if pg.status_signer().is_some())
+    }
+
+    /// Append `entries` inside plugin's PostgreSQL transaction `tx` and
+    /// commit it: the plugin's effects and its status rows are durable
+    /// together, in one commit, or neither is. The rows are signed (see
+    /// `postgres::StatusSigner`), so the plugin's role can write only these.
+    pub async fn record_within(
+        &self,
+        tx: crate::capability::sql::Transaction,
+        entries: &[Entry],
+    ) -> anyhow::Result<()> {
+        let signer = match &self.db {
+            Backend::Postgres(pg) => pg.status_signer(),
+            Backend::Sqlite(_) => None,
+        };
+        let Some(signer) = signer else {
+            tx.rollback().await;
+            anyhow::bail!("the status log is not on PostgreSQL");
+        };
+        let rows = serde_json::to_string(entries)?;
+        tx.commit_with(signer.sign(rows)).await?;
+        metrics::counter!(crate::metrics::STATUS_COMMITS).increment(1);
+        metrics::counter!(crate::metrics::STATUS_WRITES).increment(1);
+        Ok(())
+    }
+
     /// Plugins that already finished this message (done or skipped), so a
     /// redelivery does not run them again. On PostgreSQL the look-ups of
     /// every message that asks while one runs are answered by one query.

@@ -209,6 +209,135 @@ async fn components_store_in_postgres_and_the_status_log_lands_there() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_lone_sql_plugins_status_rows_commit_in_its_own_transaction_and_cannot_be_forged() {
+    let db = TestDb::new().await;
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        &format!(
+            "{}retry: {{ backoff: {{ initial: 20ms, max: 50ms }} }}\nplugins:\n  grants:\n    probe: {{ sql: true }}\n",
+            db.yaml("")
+        ),
+    );
+    probe(&d, "m-1", "sql", "");
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(summary.done, 1, "{summary}");
+    let admin = db.admin().await;
+    // One transaction wrote the plugin's row and the message's three status
+    // rows (received, the plugin done, the message done): one xmin.
+    let effect: String = admin
+        .query_one("SELECT xmin::text FROM probe.t WHERE x = 'm-1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let status: Vec<(String, String, String)> = admin
+        .query(
+            "SELECT xmin::text, plugin, status FROM sandpipe.status WHERE message_id = 'm-1' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let expected: Vec<(String, String, String)> =
+        [("", "received"), ("probe", "done"), ("", "done")]
+            .iter()
+            .map(|(p, s)| (effect.clone(), (*p).to_owned(), (*s).to_owned()))
+            .collect();
+    assert_eq!(status, expected);
+
+    // The plugin's role may call the engine's function, but rows without
+    // the engine's MAC are refused, and the key is out of its reach.
+    let forged = serde_json::json!([{
+        "message_id": "victim", "plugin": "other", "plugin_version": "", "component_sha256": "",
+        "attempt": 1, "status": "done", "info": "forged", "duration_ms": null, "fuel_used": null
+    }])
+    .to_string();
+    let zero_mac = format!("'\\x{}'::bytea", "00".repeat(32));
+    let cases = [
+        (
+            "m-forge",
+            format!("SELECT 1 AS x FROM sandpipe_status.write_status('{forged}', {zero_mac})"),
+        ),
+        (
+            "m-forge-null",
+            format!("SELECT 1 AS x FROM sandpipe_status.write_status('{forged}', NULL)"),
+        ),
+        ("m-key", "SELECT key FROM sandpipe.status_key".to_owned()),
+        (
+            "m-insert",
+            format!(
+                "INSERT INTO sandpipe.status (message_id, plugin, plugin_version, component_sha256, attempt, status, info) VALUES ('victim', 'other', '', '', 1, 'done', '{}')",
+                "forged"
+            ),
+        ),
+    ];
+    for (id, sql) in &cases {
+        probe(&d, id, "sql-query", sql);
+    }
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(summary.done, cases.len() as u64, "{summary}");
+    for (id, sql) in &cases {
+        let row = d.last(id, "probe").await;
+        assert_eq!(row.status, "skipped", "{id}");
+        assert!(
+            row.info.starts_with("error: access denied"),
+            "{sql}: {}",
+            row.info
+        );
+    }
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM sandpipe.status WHERE message_id = 'victim'"
+        )
+        .await,
+        0
+    );
+
+    // When the status rows cannot be written, the plugin's effects are not
+    // committed either: the first attempt is refused (a trigger stands in
+    // for the failure), requeued as an outage, and the second commits both.
+    admin
+        .batch_execute(
+            "CREATE FUNCTION sandpipe.refuse_once() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.message_id = 'm-refused' AND NEW.status = 'done' AND NOT EXISTS (
+                     SELECT 1 FROM sandpipe.status WHERE message_id = 'm-refused' AND status = 'failed'
+                 ) THEN
+                     RAISE EXCEPTION 'refused for the test';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse_once BEFORE INSERT ON sandpipe.status
+                 FOR EACH ROW EXECUTE FUNCTION sandpipe.refuse_once();",
+        )
+        .await
+        .unwrap();
+    probe(&d, "m-refused", "sql", "");
+    let summary = d.run_once().await.unwrap();
+    assert_eq!((summary.done, summary.deliveries), (1, 2), "{summary}");
+    assert_eq!(
+        count(&admin, "SELECT count(*) FROM probe.t WHERE x = 'm-refused'").await,
+        1,
+        "the refused attempt's insert was rolled back with its status rows"
+    );
+    let rows = d.rows("m-refused").await;
+    let failed = rows
+        .iter()
+        .find(|r| r.plugin == "probe" && r.status == "failed")
+        .unwrap_or_else(|| panic!("{rows:?}"));
+    assert!(
+        failed.info.contains("effects could not be committed")
+            && failed.info.contains("refused for the test"),
+        "{}",
+        failed.info
+    );
+    let last = rows.last().unwrap();
+    assert_eq!((last.plugin.as_str(), last.status.as_str()), ("", "done"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn execute_batch_applies_every_list_or_names_the_failing_one() {
     let db = TestDb::new().await;
     let d = Deployment::new(
@@ -1179,6 +1308,19 @@ async fn config_errors_name_the_key() {
             ),
             "plugins.grants.x.sql.schema",
             "the engine",
+        ),
+        (
+            format!(
+                "{}plugins:\n  grants:\n    x: {{ sql: {{ schema: sandpipe_status }} }}\n",
+                db.yaml("")
+            ),
+            "plugins.grants.x.sql.schema",
+            "the engine (its status-writing function)",
+        ),
+        (
+            db.yaml(&format!(", schema: {}", "s".repeat(60))),
+            "database.schema",
+            "too long",
         ),
     ] {
         let err = Config::parse(

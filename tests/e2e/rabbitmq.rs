@@ -483,3 +483,75 @@ async fn a_closed_connection_is_reopened_and_nothing_is_lost_or_redone() {
     assert_eq!(total, 30, "a message's effects were committed twice");
     b.cleanup().await;
 }
+
+/// How many times fx-probe's `sql` action stored message `id`.
+fn stored(d: &Deployment, id: &str) -> i64 {
+    d.plugin_db("probe")
+        .query_row("SELECT count(*) FROM t WHERE x = ?1", [id], |r| r.get(0))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivery_skips_finished_plugins_and_a_first_delivery_skips_the_look_up() {
+    let b = Broker::new("dedupe");
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        &format!("{}{GRANTS}", b.listener_yaml("")),
+    );
+    b.publish(&d, &[probe("rmq-seen", "sql")]).await;
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(summary.done, 1, "{summary}");
+    assert_eq!(stored(&d, "rmq-seen"), 1);
+
+    // The same message again, taken and handed back unacked, as a dropped
+    // connection would: the broker marks it redelivered, so the engine
+    // looks up what finished it and does not run the plugin again.
+    b.publish(&d, &[probe("rmq-seen", "sql")]).await;
+    let conn = connect(URL, &sandpipe::tls::Tls::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let taken = ch
+        .basic_get(b.queue.as_str().into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .expect("the message is in the queue");
+    taken
+        .delivery
+        .acker
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    // A producer's duplicate: two first deliveries of one message id, each
+    // run (at-least-once), since `dedupe: redeliveries` (the default) skips
+    // the look-up for first deliveries.
+    b.publish(&d, &[probe("rmq-dup", "sql"), probe("rmq-dup", "sql")])
+        .await;
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(summary.deliveries, 3, "{summary}");
+    assert_eq!(
+        stored(&d, "rmq-seen"),
+        1,
+        "the redelivery ran the plugin again"
+    );
+    assert_eq!(stored(&d, "rmq-dup"), 2);
+    b.cleanup().await;
+
+    // `dedupe: every-delivery` looks up first deliveries too.
+    let b = Broker::new("dedupe_all");
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        &format!(
+            "{}{GRANTS}pipeline: {{ concurrency: 1, dedupe: every-delivery }}\n",
+            b.listener_yaml("")
+        ),
+    );
+    b.publish(&d, &[probe("rmq-dup", "sql"), probe("rmq-dup", "sql")])
+        .await;
+    let summary = d.run_once().await.unwrap();
+    assert_eq!((summary.deliveries, summary.done), (2, 2), "{summary}");
+    assert_eq!(stored(&d, "rmq-dup"), 1);
+    b.cleanup().await;
+}

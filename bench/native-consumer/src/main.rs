@@ -205,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
     });
 
     let started = Instant::now();
+    let cpu_before = cpu_ms();
     let consumer = channel
         .basic_consume(
             args.queue.as_str().into(),
@@ -240,6 +241,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     dispatcher.abort();
+    let cpu = cpu_ms() - cpu_before;
     let seconds = (last - started).as_secs_f64();
     // Deliveries prefetched beyond `--messages` go back to the queue.
     let _ = channel.close(200, "done".into()).await;
@@ -252,7 +254,7 @@ async fn main() -> anyhow::Result<()> {
             .map_or(0, |d: &Duration| d.as_micros())
     };
     println!(
-        "native-consumer messages={} acked={} rejected={rejected} requeued={requeued} seconds={seconds:.6} msg_per_s={:.1} p50_us={} p99_us={} peak_rss_kib={}",
+        "native-consumer messages={} acked={} rejected={rejected} requeued={requeued} seconds={seconds:.6} msg_per_s={:.1} p50_us={} p99_us={} peak_rss_kib={} cpu_ms={cpu:.0}",
         args.messages,
         latencies.len(),
         latencies.len() as f64 / seconds,
@@ -375,6 +377,25 @@ fn count_lines(data: &[u8]) -> usize {
 }
 
 /// The process's peak resident set size (VmHWM), in KiB.
+/// This process's CPU time so far (user and system), in milliseconds.
+fn cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // After the `(comm)` field: state is field 3, utime 14 and stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Clock ticks of 10 ms (`getconf CLK_TCK` is 100 on Linux).
+    (ticks(11) + ticks(12)) * 10.0
+}
+
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()

@@ -162,6 +162,15 @@ impl Effects {
         self.sql.is_none() && self.emits.is_empty() && self.puts.is_empty() && self.state.is_empty()
     }
 
+    /// Whether the only effect is an open PostgreSQL transaction (which
+    /// the status rows may then join: `StatusLog::record_within`).
+    pub fn only_postgres_sql(&self) -> bool {
+        self.sql.as_ref().is_some_and(|tx| tx.is_postgres())
+            && self.emits.is_empty()
+            && self.puts.is_empty()
+            && self.state.is_empty()
+    }
+
     /// Begin `plugin`'s PostgreSQL transaction now, in a task of its own,
     /// when its last invocation used `sql`: taking a connection and the
     /// `BEGIN` round trip then happen while the guest starts and reads its

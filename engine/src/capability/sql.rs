@@ -130,6 +130,22 @@ impl Transaction {
         }
     }
 
+    /// Run the engine's `call` in the transaction, then commit: both or
+    /// neither. PostgreSQL only (a SQLite plugin's file is its own).
+    pub async fn commit_with(self, call: postgres::EngineCall) -> anyhow::Result<()> {
+        match self.inner {
+            Inner::Postgres(tx) => tx.commit_with(call).await,
+            Inner::Sqlite { .. } => {
+                anyhow::bail!("the engine's statement cannot run in a SQLite plugin's transaction")
+            }
+        }
+    }
+
+    /// Whether this is a PostgreSQL transaction.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.inner, Inner::Postgres(_))
+    }
+
     /// Roll back the transaction.
     pub async fn rollback(self) {
         match self.inner {

@@ -121,6 +121,8 @@ impl DirListener {
             body: Bytes::from(body),
             headers: Vec::new(),
             attempt,
+            // A file left behind by a crash looks like any other.
+            first: false,
             name: name.to_owned(),
             acker: Box::new(DirAcker {
                 spool: self.spool.clone(),

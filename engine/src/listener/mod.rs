@@ -62,6 +62,11 @@ pub struct Delivery {
     pub headers: Vec<(String, String)>,
     /// 1 for the first delivery.
     pub attempt: u32,
+    /// Certainly the message's first delivery to any engine: not a
+    /// broker's redelivery, a retry, a requeue, nor an entry taken over
+    /// from another consumer. The pipeline then skips the status-log
+    /// look-up of the plugins already finished (`pipeline.dedupe`).
+    pub first: bool,
     /// A name for logs (file name, delivery tag).
     pub name: String,
     /// Settles it.

@@ -353,12 +353,16 @@ impl RabbitmqListener {
             .find(|(k, _)| k == ATTEMPT_HEADER)
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or(1);
+        // A retry or requeue is a new publication carrying the attempt
+        // header; anything the broker delivered before is `redelivered`.
+        let first = !delivery.redelivered && !headers.iter().any(|(k, _)| k == ATTEMPT_HEADER);
         self.shared.inflight.fetch_add(1, Ordering::SeqCst);
         Delivery {
             name: format!("{}#{}", self.shared.config.queue, delivery.delivery_tag),
             body: Bytes::from(delivery.data.clone()),
             headers,
             attempt,
+            first,
             acker: Box::new(RabbitAcker {
                 shared: self.shared.clone(),
                 delivery,

@@ -109,7 +109,9 @@ impl Shared {
 pub struct RedisListener {
     shared: Arc<Shared>,
     once: bool,
-    buffer: Mutex<Vec<StreamId>>,
+    /// Fetched entries not yet handed out (last first), each with whether
+    /// it was taken over from another consumer.
+    buffer: Mutex<Vec<(StreamId, bool)>>,
     ready: Readiness,
 }
 
@@ -160,7 +162,7 @@ impl RedisListener {
         })
     }
 
-    fn wrap(&self, entry: StreamId) -> Delivery {
+    fn wrap(&self, entry: StreamId, claimed: bool) -> Delivery {
         let field = &self.shared.config.field;
         let mut headers = Vec::new();
         let mut body = None;
@@ -187,12 +189,17 @@ impl RedisListener {
             .find(|(k, _)| k == ATTEMPT_HEADER)
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or(1);
+        // Retries and requeues come back as new entries with the attempt
+        // header; an entry claimed from a dead consumer may have been
+        // half-processed.
+        let first = !claimed && !headers.iter().any(|(k, _)| k == ATTEMPT_HEADER);
         self.shared.inflight.fetch_add(1, Ordering::SeqCst);
         Delivery {
             name: format!("{}#{}", self.shared.config.stream, entry.id),
             body: Bytes::from(body),
             headers,
             attempt,
+            first,
             acker: Box::new(RedisAcker {
                 shared: self.shared.clone(),
                 entry,
@@ -202,8 +209,9 @@ impl RedisListener {
     }
 
     /// Fill the buffer: due retries first moved back, then entries of dead
-    /// consumers, then new entries (blocking up to `block`).
-    async fn fetch(&self) -> anyhow::Result<Vec<StreamId>> {
+    /// consumers (marked claimed), then new entries (blocking up to
+    /// `block`).
+    async fn fetch(&self) -> anyhow::Result<Vec<(StreamId, bool)>> {
         let c = &self.shared.config;
         let mut conn = self.shared.conn.clone();
         let _: i64 = redis::Script::new(PROMOTE)
@@ -229,7 +237,7 @@ impl RedisListener {
                 count = claimed.claimed.len(),
                 "took over entries left pending by a dead consumer"
             );
-            return Ok(claimed.claimed);
+            return Ok(claimed.claimed.into_iter().map(|e| (e, true)).collect());
         }
         let block = if self.once {
             200
@@ -251,7 +259,13 @@ impl RedisListener {
             .await
             .context("XREADGROUP failed")?;
         Ok(read
-            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+            .map(|r| {
+                r.keys
+                    .into_iter()
+                    .flat_map(|k| k.ids)
+                    .map(|e| (e, false))
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
@@ -274,8 +288,8 @@ impl Listener for RedisListener {
         let mut buffer = self.buffer.lock().await;
         let mut backoff = Duration::from_millis(200);
         loop {
-            if let Some(entry) = buffer.pop() {
-                return Ok(Some(self.wrap(entry)));
+            if let Some((entry, claimed)) = buffer.pop() {
+                return Ok(Some(self.wrap(entry, claimed)));
             }
             match self.fetch().await {
                 Ok(mut entries) => {

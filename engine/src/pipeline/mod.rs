@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::capability::{HostState, MessageContext, Services};
-use crate::config::Config;
+use crate::config::{Config, Dedupe};
 use crate::listener::{Delivery, Listener, Settlement};
 use crate::output::Origin;
 use crate::plugins::LoadedPlugin;
@@ -120,6 +120,14 @@ impl Tally {
     }
 }
 
+/// What the pipeline needs of a delivery besides its content.
+struct Taken<'a> {
+    attempt: u32,
+    /// Certainly its first delivery ([`Delivery::first`]).
+    first: bool,
+    name: &'a str,
+}
+
 /// The longest status-log reason of one plugin on one message.
 pub const MAX_INFO: usize = 16 * 1024;
 
@@ -134,6 +142,10 @@ struct PluginResult {
     /// The failure was a backend's (an output, a store), not the message's.
     outage: bool,
 }
+
+/// A `done` plugin's PostgreSQL transaction, its only effect, left open
+/// for the message's status rows to join (see [`StatusLog::record_within`]).
+type Held = Option<crate::capability::sql::Transaction>;
 
 /// The pipeline: everything needed to process deliveries.
 pub struct Pipeline {
@@ -282,6 +294,7 @@ impl Pipeline {
             body,
             headers,
             attempt,
+            first,
             name,
             acker,
         } = delivery;
@@ -290,7 +303,12 @@ impl Pipeline {
         in_flight.increment(1.0);
         // The message's id once known (for the summary), else the delivery's.
         let mut id = None;
-        let settlement = match self.decide(&body, &headers, attempt, &name, &mut id).await {
+        let delivery = Taken {
+            attempt,
+            first,
+            name: &name,
+        };
+        let settlement = match self.decide(&body, &headers, &delivery, &mut id).await {
             Ok(s) => s,
             Err(e) => {
                 // An infrastructure failure (status log, stores): not the
@@ -344,10 +362,10 @@ impl Pipeline {
         &self,
         body: &bytes::Bytes,
         headers: &[(String, String)],
-        attempt: u32,
-        name: &str,
+        delivery: &Taken<'_>,
         message_id: &mut Option<String>,
     ) -> anyhow::Result<Settlement> {
+        let (attempt, name) = (delivery.attempt, delivery.name);
         let max = self.config.pipeline.max_message_bytes;
         if body.len() as u64 > max.as_u64() {
             // Not parsed: its id is unknown, and parsing is what a huge
@@ -407,7 +425,9 @@ impl Pipeline {
 
         // The look-up of the plugins already finished (a redelivery skips
         // them) does not depend on the resolution: both at once, so the
-        // look-up's round trip hides behind the stores'.
+        // look-up's round trip hides behind the stores'. A first delivery
+        // has nothing to find (`pipeline.dedupe`).
+        let look_up = !delivery.first || self.config.pipeline.dedupe == Dedupe::EveryDelivery;
         let step = std::time::Instant::now();
         let (resolved, finished) = tokio::join!(
             async {
@@ -416,6 +436,9 @@ impl Pipeline {
                 resolved
             },
             async {
+                if !look_up {
+                    return Ok(HashSet::new());
+                }
                 let finished = self.status.finished_plugins(&id).await;
                 record_step("lookup", step);
                 finished
@@ -463,12 +486,19 @@ impl Pipeline {
         // engine is still working on, or that a crash interrupted, has no
         // row yet; its redelivery writes them.
 
+        // A message with one plugin to run whose only effect is SQL on
+        // the status log's PostgreSQL: its status rows are written in the
+        // plugin's own transaction, one commit for both.
+        let hold = to_run.len() == 1 && self.status.writes_within();
         let step = std::time::Instant::now();
-        let results: Vec<PluginResult> = futures::stream::iter(to_run)
-            .map(|plugin| self.run_plugin(plugin, message.clone(), attempt))
+        let (results, held): (Vec<PluginResult>, Vec<Held>) = futures::stream::iter(to_run)
+            .map(|plugin| self.run_plugin(plugin, message.clone(), attempt, hold))
             .buffer_unordered(self.config.pipeline.plugin_concurrency)
-            .collect()
-            .await;
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .unzip();
+        let held = held.into_iter().flatten().next();
         record_step("plugins", step);
 
         let max = self.config.retry.max_attempts;
@@ -530,6 +560,23 @@ impl Pipeline {
         self.outages.store(0, Ordering::SeqCst);
         entries.push(Entry::message(&id, attempt, Status::Done, ""));
         let step = std::time::Instant::now();
+        if let Some(tx) = held {
+            let committed = self.status.record_within(tx, &entries).await;
+            record_step("commit", step);
+            if let Err(e) = committed {
+                // Neither the effects nor the rows: as any failed commit.
+                entries.pop();
+                let info = format!("effects could not be committed: {e:#}");
+                if let Some(row) = entries.iter_mut().find(|e| !e.plugin.is_empty()) {
+                    row.status = Status::Failed;
+                    row.info = info.clone();
+                }
+                let plugin = results.first().map(|r| r.plugin.name.as_str());
+                let reason = format!("plugin `{}`: {info}", plugin.unwrap_or_default());
+                return self.requeue_outage(&id, attempt, reason, entries).await;
+            }
+            return Ok(Settlement::Ack);
+        }
         self.status.record(entries).await?;
         record_step("status", step);
         Ok(Settlement::Ack)
@@ -689,7 +736,8 @@ impl Pipeline {
         plugin: Arc<LoadedPlugin>,
         message: Arc<MessageContext>,
         attempt: u32,
-    ) -> PluginResult {
+        hold: bool,
+    ) -> (PluginResult, Held) {
         let wit_message = Message {
             id: message.id.clone(),
             kind: message.kind.clone(),
@@ -710,6 +758,7 @@ impl Pipeline {
         let denials = std::mem::take(&mut host.denials);
         let outages = std::mem::take(&mut host.outages);
         let mut outage = false;
+        let mut held = None;
         // Denials are counted as they happen (`HostState::deny`): the list
         // keeps only the first 100.
         let label = plugin.name.clone();
@@ -726,6 +775,10 @@ impl Pipeline {
             }
         };
         let (status, info, retry_after) = match result {
+            Ok(Ok(Outcome::Done)) if hold && host.effects.only_postgres_sql() => {
+                held = host.effects.sql.take();
+                (Status::Done, with_denials(String::new()), None)
+            }
             Ok(Ok(Outcome::Done)) => match self.commit(&plugin, &message, host).await {
                 Ok(()) => (Status::Done, with_denials(String::new()), None),
                 Err(e) => {
@@ -798,7 +851,7 @@ impl Pipeline {
                 tracing::debug!(plugin = %plugin.name, message_id = %message.id, "{}", status.as_str())
             }
         }
-        PluginResult {
+        let result = PluginResult {
             plugin,
             status,
             info,
@@ -806,7 +859,8 @@ impl Pipeline {
             duration: usage.duration,
             fuel: usage.fuel,
             outage,
-        }
+        };
+        (result, held)
     }
 
     /// Apply a `done` invocation's effects, in the fixed order: SQL commit,

@@ -68,7 +68,7 @@ use tokio_postgres::types::{FromSql, IsNull, Kind, ToSql, Type, to_sql_checked};
 
 use super::{Outcome, ResultLimit, Work};
 use crate::capability::StateOp;
-use crate::config::{Config, DatabaseConfig};
+use crate::config::{Config, DatabaseConfig, status_schema};
 use crate::sandbox::bindings::WitError;
 use crate::sandbox::bindings::sandpipe::connector::sql::{Rows, Value};
 use crate::tls::Tls;
@@ -151,6 +151,53 @@ pub struct Postgres {
     database: String,
     roles: Arc<BTreeMap<String, PluginRole>>,
     plugin_pool_size: usize,
+    /// Signs status rows written inside a plugin's transaction; set once
+    /// the database is prepared.
+    signer: Option<Arc<StatusSigner>>,
+}
+
+/// Status rows written inside a plugin's own transaction, as the plugin's
+/// role, through the engine's function `<schema>_status.write_status`
+/// (`SECURITY DEFINER`, so it may insert into the closed status table).
+/// Every plugin role may call it, so the rows carry a MAC made with a key
+/// that only the engine's schema holds (`status_key`): a plugin cannot
+/// forge a row, and sees neither the key nor the MACs (they travel as
+/// parameters of the engine's own statement, which `pg_stat_activity`
+/// does not show). MAC = sha256(key ‖ sha256(key ‖ rows)), `rows` the
+/// exact JSON text of the entries.
+pub struct StatusSigner {
+    key: [u8; 32],
+    /// `SELECT "<schema>_status"."write_status"($1, $2)`.
+    call: String,
+}
+
+impl StatusSigner {
+    /// The engine's statement and its two parameters (the rows as JSON
+    /// text, their MAC) for `rows`.
+    pub fn sign(&self, rows: String) -> EngineCall {
+        let inner = sha2::Sha256::new()
+            .chain_update(self.key)
+            .chain_update(rows.as_bytes())
+            .finalize();
+        let mac = sha2::Sha256::new()
+            .chain_update(self.key)
+            .chain_update(inner)
+            .finalize()
+            .to_vec();
+        EngineCall {
+            statement: self.call.clone(),
+            text: rows,
+            mac,
+        }
+    }
+}
+
+/// A statement of the engine's run in a plugin's transaction just before
+/// its commit: `statement` with a text and a bytea parameter.
+pub struct EngineCall {
+    statement: String,
+    text: String,
+    mac: Vec<u8>,
 }
 
 /// `"name"`, with inner quotes doubled.
@@ -320,6 +367,7 @@ impl Postgres {
             database,
             roles: Arc::new(BTreeMap::new()),
             plugin_pool_size: 1,
+            signer: None,
         })
     }
 
@@ -387,6 +435,11 @@ impl Postgres {
             .prepare(&setup, &wanted)
             .await
             .with_context(|| format!("cannot prepare {}", pg.target))?;
+        pg.signer = Some(Arc::new(
+            pg.prepare_status_writer(&setup)
+                .await
+                .with_context(|| format!("cannot prepare {}", pg.target))?,
+        ));
         if let Some(script) = init {
             pg.run_init(script).await?;
         }
@@ -453,10 +506,15 @@ impl Postgres {
              CREATE TABLE IF NOT EXISTS {roles} (
                  role TEXT PRIMARY KEY,
                  password TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS {key} (
+                 id INTEGER PRIMARY KEY CHECK (id = 1),
+                 key BYTEA NOT NULL
              );",
             status = self.table("status"),
             state = self.table("plugin_state"),
             roles = self.table("plugin_role"),
+            key = self.table("status_key"),
         );
         client
             .batch_execute(&ddl)
@@ -544,6 +602,87 @@ impl Postgres {
         Ok(out)
     }
 
+    /// The status key (made by the first engine on this database) and the
+    /// function that writes signed status rows (see [`StatusSigner`]).
+    async fn prepare_status_writer(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> anyhow::Result<StatusSigner> {
+        let fail =
+            |what: &str, e: tokio_postgres::Error| anyhow::anyhow!("{what}: {}", describe(&e));
+        let mut fresh = [0u8; 32];
+        fresh[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        fresh[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        let row = client
+            .query_one(
+                &format!(
+                    "INSERT INTO {} (id, key) VALUES (1, $1)
+                     ON CONFLICT (id) DO UPDATE SET id = excluded.id
+                     RETURNING key",
+                    self.table("status_key")
+                ),
+                &[&fresh.as_slice()],
+            )
+            .await
+            .map_err(|e| fail("storing the status key", e))?;
+        let stored: Vec<u8> = row.get(0);
+        let key: [u8; 32] = stored.as_slice().try_into().map_err(|_| {
+            anyhow::anyhow!(
+                "{} holds a key of {} bytes, not 32",
+                self.table("status_key"),
+                stored.len()
+            )
+        })?;
+        let f = quote_ident(&status_schema(&self.schema));
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {f};
+                 REVOKE ALL ON SCHEMA {f} FROM PUBLIC;
+                 CREATE OR REPLACE FUNCTION {f}.write_status(p_rows text, p_mac bytea)
+                 RETURNS void LANGUAGE plpgsql SECURITY DEFINER
+                 SET search_path = pg_catalog, pg_temp
+                 AS $sandpipe$
+                 DECLARE
+                     k bytea;
+                 BEGIN
+                     SELECT key INTO k FROM {key} WHERE id = 1;
+                     IF k IS NULL OR p_mac IS DISTINCT FROM
+                            sha256(k || sha256(k || convert_to(p_rows, 'UTF8'))) THEN
+                         RAISE EXCEPTION 'status rows not signed by the engine'
+                             USING ERRCODE = 'insufficient_privilege';
+                     END IF;
+                     INSERT INTO {status} (message_id, plugin, plugin_version, component_sha256,
+                         attempt, status, info, duration_ms, fuel_used)
+                     SELECT e.message_id, e.plugin, e.plugin_version, e.component_sha256,
+                            e.attempt, e.status, e.info, e.duration_ms, e.fuel_used
+                     FROM ROWS FROM (jsonb_to_recordset(p_rows::jsonb) AS (
+                              message_id text, plugin text, plugin_version text,
+                              component_sha256 text, attempt integer, status text, info text,
+                              duration_ms double precision, fuel_used bigint))
+                          WITH ORDINALITY AS e(message_id, plugin, plugin_version,
+                              component_sha256, attempt, status, info, duration_ms,
+                              fuel_used, n)
+                     ORDER BY e.n;
+                 END
+                 $sandpipe$;
+                 REVOKE ALL ON FUNCTION {f}.write_status(text, bytea) FROM PUBLIC;",
+                key = self.table("status_key"),
+                status = self.table("status"),
+            ))
+            .await
+            .map_err(|e| fail(&format!("creating {f}.write_status"), e))?;
+        Ok(StatusSigner {
+            key,
+            call: format!("SELECT {f}.write_status($1, $2)"),
+        })
+    }
+
+    /// Signs status rows for a plugin's transaction (`None` before the
+    /// database is prepared).
+    pub fn status_signer(&self) -> Option<&StatusSigner> {
+        self.signer.as_deref()
+    }
+
     /// Run the init script on a connection of its own. PostgreSQL runs a
     /// script without its own `BEGIN`/`COMMIT` as one transaction, so a
     /// failing script leaves nothing behind.
@@ -592,6 +731,7 @@ impl Postgres {
             ))
             .await
             .map_err(|e| anyhow::anyhow!("closing the engine's schema {s}: {}", describe(&e)))?;
+        let f = quote_ident(&status_schema(&self.schema));
         for (plugin, r) in roles {
             let role = quote_ident(&r.role);
             let fail = |e: tokio_postgres::Error| {
@@ -601,6 +741,15 @@ impl Postgres {
                     describe(&e)
                 )
             };
+            // The one thing of the engine's a plugin may use: the function
+            // that writes signed status rows in its transaction.
+            client
+                .batch_execute(&format!(
+                    "GRANT USAGE ON SCHEMA {f} TO {role};
+                     GRANT EXECUTE ON FUNCTION {f}.write_status(text, bytea) TO {role};"
+                ))
+                .await
+                .map_err(fail)?;
             // Only the attributes that are wrong are named, so an admin that
             // is not a superuser can do it as long as nothing needs one.
             let now = client
@@ -801,6 +950,8 @@ enum Command {
     Finish {
         commit: bool,
         discard: bool,
+        /// Run in the transaction just before its commit.
+        before: Option<EngineCall>,
         reply: oneshot::Sender<Result<(), tokio_postgres::Error>>,
     },
 }
@@ -1234,6 +1385,19 @@ async fn clean_session(client: &tokio_postgres::Client) -> Result<(), tokio_post
     Ok(())
 }
 
+/// Run the engine's `call` in a plugin's transaction (kept prepared on the
+/// connection like the plugin's own statements).
+async fn engine_call(
+    tx: &deadpool_postgres::Transaction<'_>,
+    call: &EngineCall,
+) -> Result<(), tokio_postgres::Error> {
+    let stmt = tx
+        .prepare_typed_cached(&call.statement, &[Type::TEXT, Type::BYTEA])
+        .await?;
+    tx.execute(&stmt, &[&call.text, &call.mac]).await?;
+    Ok(())
+}
+
 /// Serve the invocation's commands: `BEGIN` now, the `SET LOCAL`s with the
 /// first statement (one round trip), a savepoint before DDL.
 async fn serve(
@@ -1293,10 +1457,20 @@ async fn serve(
             Command::Finish {
                 commit,
                 discard,
+                before,
                 reply,
             } => {
                 let result = if commit {
-                    tx.commit().await
+                    match before {
+                        Some(call) => match engine_call(&tx, &call).await {
+                            Ok(()) => tx.commit().await,
+                            Err(e) => {
+                                let _ = tx.rollback().await;
+                                Err(e)
+                            }
+                        },
+                        None => tx.commit().await,
+                    }
                 } else {
                     tx.rollback().await
                 };
@@ -1375,7 +1549,7 @@ impl PluginTx {
         WitError::Unavailable(why)
     }
 
-    async fn finish(&mut self, commit: bool) -> anyhow::Result<()> {
+    async fn finish(&mut self, commit: bool, before: Option<EngineCall>) -> anyhow::Result<()> {
         if self.finished {
             return Ok(());
         }
@@ -1396,6 +1570,7 @@ impl PluginTx {
         let command = Command::Finish {
             commit: refusal.is_none() && commit,
             discard,
+            before,
             reply,
         };
         if self.commands.send(command).await.is_err() {
@@ -1416,14 +1591,23 @@ impl PluginTx {
     /// Commit the transaction.
     pub async fn commit(mut self) -> anyhow::Result<()> {
         let plugin = self.plugin.clone();
-        self.finish(true)
+        self.finish(true, None)
+            .await
+            .with_context(|| format!("cannot commit plugin `{plugin}`'s transaction"))
+    }
+
+    /// Run the engine's `call` in the transaction (as the plugin's role),
+    /// then commit: both or neither.
+    pub async fn commit_with(mut self, call: EngineCall) -> anyhow::Result<()> {
+        let plugin = self.plugin.clone();
+        self.finish(true, Some(call))
             .await
             .with_context(|| format!("cannot commit plugin `{plugin}`'s transaction"))
     }
 
     /// Roll the transaction back.
     pub async fn rollback(mut self) {
-        if let Err(e) = self.finish(false).await {
+        if let Err(e) = self.finish(false, None).await {
             tracing::warn!(plugin = %self.plugin, "rollback: {e:#}");
         }
     }
