@@ -1503,6 +1503,20 @@ async fn pooled_connections_are_reused_with_their_statements_and_cleaned_only_wh
         "the plugin's statement was not kept prepared (once) on its connection"
     );
     assert_eq!(pid().await, first, "a clean session was not reused");
+    // Nor was it reset (as by `DISCARD ALL`) when nothing was left: the
+    // session's sequence state, which `DISCARD SEQUENCES` would forget, is
+    // still there for the next invocation on the connection.
+    let mut tx = begin(&alpha).await;
+    tx.execute("CREATE SEQUENCE s", vec![]).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = begin(&alpha).await;
+    let next = table(&tx.query("SELECT nextval('s')", vec![], 1).await.unwrap());
+    tx.commit().await.unwrap();
+    assert_eq!(
+        attempt(&alpha, "SELECT currval('s')").await.ok(),
+        Some(next),
+        "a session that held nothing beyond its transaction was reset"
+    );
     // A function can leave a temporary table or an advisory lock behind
     // without any statement saying so: found after the invocation, cleaned.
     let mut tx = begin(&alpha).await;

@@ -192,6 +192,37 @@ async fn entries_left_pending_by_a_dead_consumer_are_taken_over() {
     let summary = d.run_once().await.unwrap();
     assert_eq!(summary.done, 1, "{summary}");
     assert_eq!(d.last("rs-orphan", "probe").await.status, "done");
+    let stored = || -> i64 {
+        d.plugin_db("probe")
+            .query_row("SELECT count(*) FROM t WHERE x = 'rs-orphan'", [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    };
+    assert_eq!(stored(), 1);
+
+    // The same message again, left pending by another replica that dies
+    // (as one that finished the plugin but not the XACK would): a
+    // taken-over entry is not a first delivery, so the engine looks up
+    // what finished it and does not run the plugin again.
+    k.xadd(&stream, &[("message", &probe("rs-orphan", "sql"))])
+        .await;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("sandpipe")
+        .arg("dead-replica-2")
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(summary.done, 1, "{summary}");
+    assert_eq!(stored(), 1, "the taken-over entry ran the plugin again");
     k.cleanup().await;
 }
 

@@ -1163,11 +1163,14 @@ const CACHED_STATEMENTS: usize = 64;
 
 /// One query, after each invocation: releases any session-level advisory
 /// lock, and tells whether the session still holds anything else that
-/// outlives a transaction (a `PREPARE`d statement, an open cursor, a
-/// `LISTEN`, a temporary table). Prepared once per connection.
+/// outlives a transaction (a `PREPARE`d statement, a `WITH HOLD` cursor, a
+/// `LISTEN`, a temporary table). Prepared once per connection. Only
+/// holdable cursors count: `pg_cursors` also lists the protocol-level
+/// portal of this very query, and any other cursor ended with the
+/// transaction.
 const LEFTOVERS: &str = "SELECT pg_advisory_unlock_all()::text, \
        EXISTS (SELECT 1 FROM pg_prepared_statements WHERE from_sql) \
-    OR EXISTS (SELECT 1 FROM pg_cursors) \
+    OR EXISTS (SELECT 1 FROM pg_cursors WHERE is_holdable) \
     OR EXISTS (SELECT 1 FROM pg_listening_channels()) \
     OR (pg_my_temp_schema() <> 0 \
         AND EXISTS (SELECT 1 FROM pg_class WHERE relnamespace = pg_my_temp_schema()))";
