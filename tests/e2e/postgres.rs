@@ -1549,6 +1549,29 @@ async fn pooled_connections_are_reused_with_their_statements_and_cleaned_only_wh
         "an advisory lock taken by a function outlived its invocation"
     );
     assert_eq!(pid().await, first, "a cleaned session was not reused");
+    // Look-alikes of the check's function and views put first in the
+    // plugin's search_path hide nothing: the check names pg_catalog's.
+    let mut tx = begin(&alpha).await;
+    for sql in [
+        "CREATE FUNCTION pg_advisory_unlock_all() RETURNS bigint LANGUAGE sql AS 'SELECT 0::bigint'",
+        "CREATE VIEW pg_cursors AS SELECT false AS is_holdable WHERE false",
+        "SET LOCAL search_path = alpha, pg_catalog",
+    ] {
+        tx.execute(sql, vec![]).await.unwrap();
+    }
+    tx.query("SELECT pg_advisory_lock(78)::text", vec![], 1)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let locks = count(
+        &admin,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 78",
+    )
+    .await;
+    assert_eq!(
+        locks, 0,
+        "a look-alike kept an advisory lock past its invocation"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

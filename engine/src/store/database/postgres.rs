@@ -35,7 +35,8 @@
 //!   as by `DISCARD ALL` (settings, the plugin's prepared statements,
 //!   cursors, temporary tables, advisory locks, `LISTEN`s all gone). What
 //!   needs cleaning is known from the statements ([`touches_session`]) and
-//!   from one cached query after the transaction ([`LEFTOVERS`], which also
+//!   from one cached query at the end of the transaction
+//!   ([`LEFTOVERS_COLUMNS`], which also
 //!   releases session advisory locks). One whose transaction did not end
 //!   cleanly is closed instead.
 //! - A plugin's DDL runs in a savepoint and, when it races another
@@ -167,13 +168,13 @@ pub struct Postgres {
 /// exact JSON text of the entries.
 pub struct StatusSigner {
     key: [u8; 32],
-    /// `SELECT "<schema>_status"."write_status"($1, $2)`.
+    /// `"<schema>_status".write_status($1, $2)`.
     call: String,
 }
 
 impl StatusSigner {
-    /// The engine's statement and its two parameters (the rows as JSON
-    /// text, their MAC) for `rows`.
+    /// The engine's call and its two parameters (the rows as JSON text,
+    /// their MAC) for `rows`.
     pub fn sign(&self, rows: String) -> EngineCall {
         let inner = sha2::Sha256::new()
             .chain_update(self.key)
@@ -185,17 +186,17 @@ impl StatusSigner {
             .finalize()
             .to_vec();
         EngineCall {
-            statement: self.call.clone(),
+            expression: self.call.clone(),
             text: rows,
             mac,
         }
     }
 }
 
-/// A statement of the engine's run in a plugin's transaction just before
-/// its commit: `statement` with a text and a bytea parameter.
+/// A call of the engine's run in a plugin's transaction just before its
+/// commit: `expression` (selected) with a text and a bytea parameter.
 pub struct EngineCall {
-    statement: String,
+    expression: String,
     text: String,
     mac: Vec<u8>,
 }
@@ -673,7 +674,7 @@ impl Postgres {
             .map_err(|e| fail(&format!("creating {f}.write_status"), e))?;
         Ok(StatusSigner {
             key,
-            call: format!("SELECT {f}.write_status($1, $2)"),
+            call: format!("{f}.write_status($1, $2)"),
         })
     }
 
@@ -1154,6 +1155,9 @@ struct Served {
     /// A statement changed the session itself (see [`touches_session`]):
     /// it is cleaned before reuse without asking.
     session_changed: bool,
+    /// What the check before the `COMMIT` found ([`LEFTOVERS_COLUMNS`]);
+    /// `None` when it did not run (a rollback): then it runs after.
+    leftovers: Option<bool>,
 }
 
 /// Statements kept prepared per plugin connection; past this many the
@@ -1161,19 +1165,29 @@ struct Served {
 /// otherwise grow it without bound).
 const CACHED_STATEMENTS: usize = 64;
 
-/// One query, after each invocation: releases any session-level advisory
-/// lock, and tells whether the session still holds anything else that
-/// outlives a transaction (a `PREPARE`d statement, a `WITH HOLD` cursor, a
-/// `LISTEN`, a temporary table). Prepared once per connection. Only
-/// holdable cursors count: `pg_cursors` also lists the protocol-level
-/// portal of this very query, and any other cursor ended with the
-/// transaction.
-const LEFTOVERS: &str = "SELECT pg_advisory_unlock_all()::text, \
-       EXISTS (SELECT 1 FROM pg_prepared_statements WHERE from_sql) \
-    OR EXISTS (SELECT 1 FROM pg_cursors WHERE is_holdable) \
-    OR EXISTS (SELECT 1 FROM pg_listening_channels()) \
-    OR (pg_my_temp_schema() <> 0 \
-        AND EXISTS (SELECT 1 FROM pg_class WHERE relnamespace = pg_my_temp_schema()))";
+/// The columns of the check run at the end of each invocation: the first
+/// releases any session-level advisory lock, the second (a boolean) tells
+/// whether the session holds anything else that outlives a transaction (a
+/// `PREPARE`d statement, a `WITH HOLD` cursor, a `LISTEN`, a temporary
+/// table). Only holdable cursors count: `pg_cursors` also lists the
+/// protocol-level portal of this very query, and any other cursor ends
+/// with the transaction. Every name is qualified with `pg_catalog`: the
+/// plugin may have changed its `search_path` to put look-alikes first.
+///
+/// A committing invocation runs it in its transaction just before the
+/// `COMMIT` (with the engine's status call, when there is one: one round
+/// trip); an invocation rolled back runs it after ([`LEFTOVERS`]).
+const LEFTOVERS_COLUMNS: &str = "pg_catalog.pg_advisory_unlock_all()::pg_catalog.text, \
+       EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
+    OR EXISTS (SELECT 1 FROM pg_catalog.pg_cursors WHERE is_holdable) \
+    OR EXISTS (SELECT 1 FROM pg_catalog.pg_listening_channels()) \
+    OR (pg_catalog.pg_my_temp_schema() OPERATOR(pg_catalog.<>) 0 \
+        AND EXISTS (SELECT 1 FROM pg_catalog.pg_class \
+                    WHERE relnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()))";
+
+/// [`LEFTOVERS_COLUMNS`] on its own, prepared once per connection.
+static LEFTOVERS: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {LEFTOVERS_COLUMNS}"));
 
 impl PluginDb {
     /// Run the plugin's init script `text` (from `script`) as its role, in
@@ -1242,7 +1256,11 @@ async fn connection_task(
         // next taken: an advisory lock must not outlive the invocation
         // that took it. Asking costs one cached query; cleaning, only
         // when something is left.
-        let clean = served.session_changed || leftovers(&client).await.unwrap_or(true);
+        let left = match served.leftovers {
+            Some(left) => left,
+            None => leftovers(&client).await.unwrap_or(true),
+        };
+        let clean = served.session_changed || left;
         reusable = !clean || clean_session(&client).await.is_ok();
     }
     if !reusable {
@@ -1255,7 +1273,7 @@ async fn connection_task(
 /// Whether the session holds anything beyond its (ended) transaction;
 /// releases its session-level advisory locks in passing.
 async fn leftovers(client: &Object) -> Result<bool, tokio_postgres::Error> {
-    let check = client.prepare_cached(LEFTOVERS).await?;
+    let check = client.prepare_cached(&LEFTOVERS).await?;
     let row = client.query_one(&check, &[]).await?;
     row.try_get::<_, bool>(1)
 }
@@ -1318,7 +1336,7 @@ fn catalog_race(err: &tokio_postgres::Error) -> bool {
 /// says: a leading `SET` (other than `SET LOCAL`, which ends with the
 /// transaction), `RESET`, `DISCARD`, `LOAD`, `LISTEN`, `PREPARE`, `DECLARE`,
 /// `DEALLOCATE`, or a call of `set_config` anywhere. What a function the
-/// plugin defined does is not seen here; [`LEFTOVERS`] catches what such a
+/// plugin defined does is not seen here; [`LEFTOVERS_COLUMNS`] catches what such a
 /// function can leave behind except a changed setting, which then stays on
 /// the plugin's own connections (each invocation still sets its
 /// `search_path` and `statement_timeout` locally).
@@ -1368,8 +1386,8 @@ async fn clean_session(client: &tokio_postgres::Client) -> Result<(), tokio_post
     let messages = client
         .simple_query(
             "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
-             SELECT pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; DISCARD SEQUENCES; \
-             SELECT name FROM pg_prepared_statements WHERE from_sql",
+             SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; \
+             DISCARD SEQUENCES; SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql",
         )
         .await?;
     let mut deallocate = String::new();
@@ -1388,17 +1406,27 @@ async fn clean_session(client: &tokio_postgres::Client) -> Result<(), tokio_post
     Ok(())
 }
 
-/// Run the engine's `call` in a plugin's transaction (kept prepared on the
-/// connection like the plugin's own statements).
-async fn engine_call(
+/// The end of a committing invocation, in its transaction: the engine's
+/// `call` (if any) and the [`LEFTOVERS_COLUMNS`] check, one statement kept
+/// prepared on the connection; what the check found.
+async fn before_commit(
     tx: &deadpool_postgres::Transaction<'_>,
-    call: &EngineCall,
-) -> Result<(), tokio_postgres::Error> {
-    let stmt = tx
-        .prepare_typed_cached(&call.statement, &[Type::TEXT, Type::BYTEA])
-        .await?;
-    tx.execute(&stmt, &[&call.text, &call.mac]).await?;
-    Ok(())
+    call: Option<&EngineCall>,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = match call {
+        Some(call) => {
+            let statement = format!("SELECT {}, {LEFTOVERS_COLUMNS}", call.expression);
+            let stmt = tx
+                .prepare_typed_cached(&statement, &[Type::TEXT, Type::BYTEA])
+                .await?;
+            tx.query_one(&stmt, &[&call.text, &call.mac]).await?
+        }
+        None => {
+            let stmt = tx.prepare_cached(&LEFTOVERS).await?;
+            tx.query_one(&stmt, &[]).await?
+        }
+    };
+    row.try_get(row.len() - 1)
 }
 
 /// Serve the invocation's commands: `BEGIN` now, the `SET LOCAL`s with the
@@ -1413,6 +1441,7 @@ async fn serve(
         reusable: false,
         forget_statements: false,
         session_changed: false,
+        leftovers: None,
     };
     let tx = match client.transaction().await {
         Ok(tx) => tx,
@@ -1464,15 +1493,15 @@ async fn serve(
                 reply,
             } => {
                 let result = if commit {
-                    match before {
-                        Some(call) => match engine_call(&tx, &call).await {
-                            Ok(()) => tx.commit().await,
-                            Err(e) => {
-                                let _ = tx.rollback().await;
-                                Err(e)
-                            }
-                        },
-                        None => tx.commit().await,
+                    match before_commit(&tx, before.as_ref()).await {
+                        Ok(left) => {
+                            served.leftovers = Some(left);
+                            tx.commit().await
+                        }
+                        Err(e) => {
+                            let _ = tx.rollback().await;
+                            Err(e)
+                        }
                     }
                 } else {
                     tx.rollback().await
