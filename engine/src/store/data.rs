@@ -69,6 +69,8 @@ struct DiskRoot {
     written: Option<PathBuf>,
     /// With every symbolic link resolved: objects must really lie below it.
     canonical: PathBuf,
+    /// The store itself, for its mapping of locations to file paths.
+    files: Arc<LocalFileSystem>,
 }
 
 impl DiskRoot {
@@ -79,7 +81,12 @@ impl DiskRoot {
             .ok()
             .filter(|p| !p.components().any(|c| c == Component::ParentDir))
             .filter(|p| *p != canonical);
-        Ok(Self { written, canonical })
+        let files = Arc::new(LocalFileSystem::new_with_prefix(&canonical)?);
+        Ok(Self {
+            written,
+            canonical,
+            files,
+        })
     }
 
     /// The root for messages: `/data`, or `/data` (`/mnt/disk1/data`) when
@@ -96,13 +103,64 @@ impl DiskRoot {
     async fn confine(&self, location: &str, path: &ObjectPath) -> Result<(), DataError> {
         match escape(&self.canonical, Path::new(path.as_ref())).await {
             None => Ok(()),
-            Some(how) => Err(DataError::Invalid(format!(
-                "invalid location `{location}`: {how}, outside the data store's root {}",
-                self.describe()
-            ))),
+            Some(how) => Err(self.outside(location, how)),
         }
     }
+
+    fn outside(&self, location: &str, how: &str) -> DataError {
+        DataError::Invalid(format!(
+            "invalid location `{location}`: {how}, outside the data store's root {}",
+            self.describe()
+        ))
+    }
+
+    /// Confine `path` and open its file, in one blocking task (a hop to the
+    /// blocking pool costs more than the check and the open together);
+    /// then `then` on the open file and its size, in the same task.
+    async fn with_file<T: Send + 'static>(
+        self: &Arc<Self>,
+        location: &str,
+        path: &ObjectPath,
+        then: impl FnOnce(std::fs::File, u64) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, DataError> {
+        let file = self
+            .files
+            .path_to_filesystem(path)
+            .map_err(|e| store_error(location, e))?;
+        let (disk, location, relative) = (
+            self.clone(),
+            location.to_owned(),
+            PathBuf::from(path.as_ref()),
+        );
+        tokio::task::spawn_blocking(move || {
+            if let Some(how) = escape_blocking(&disk.canonical, &relative) {
+                return Err(disk.outside(&location, how));
+            }
+            let opened = std::fs::File::open(&file).and_then(|f| {
+                let meta = f.metadata()?;
+                if meta.is_dir() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "a directory",
+                    ));
+                }
+                then(f, meta.len())
+            });
+            opened.map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory => {
+                    DataError::NotFound(location)
+                }
+                _ => DataError::Unavailable(format!("cannot read `{location}`: {e}")),
+            })
+        })
+        .await
+        .map_err(|e| DataError::Unavailable(format!("reading the data store: {e}")))?
+    }
 }
+
+/// An object of a `disk` store no larger than this is read whole in the
+/// task that opens it; a larger one is streamed.
+const READ_WHOLE: u64 = 64 * 1024;
 
 /// How `relative` (lexically clean: normal components only) leaves `root`
 /// (canonical) through a symbolic link, if it does. The longest existing
@@ -155,9 +213,8 @@ impl DataStore {
                 std::fs::create_dir_all(root)
                     .map_err(|e| anyhow::anyhow!("data_store.root {}: {e}", root.display()))?;
                 let disk = DiskRoot::new(root)?;
-                let store = Arc::new(LocalFileSystem::new_with_prefix(&disk.canonical)?);
                 return Ok(Self {
-                    store,
+                    store: disk.files.clone(),
                     disk: Some(Arc::new(disk)),
                 });
             }
@@ -273,7 +330,26 @@ impl DataStore {
 
     /// Open the object at `location` for streaming.
     pub async fn open(&self, location: &str) -> Result<ObjectStream, DataError> {
-        let path = self.object_path(location).await?;
+        let path = parse_location(location)?;
+        if let Some(disk) = &self.disk {
+            // A small object whole, in the task that checks and opens it.
+            let read = disk
+                .with_file(location, &path, |mut file, size| {
+                    if size > READ_WHOLE {
+                        return Ok(None);
+                    }
+                    let mut bytes = Vec::with_capacity(size as usize);
+                    std::io::Read::read_to_end(&mut file, &mut bytes)?;
+                    Ok(Some(Bytes::from(bytes)))
+                })
+                .await?;
+            if let Some(bytes) = read {
+                return Ok(ObjectStream {
+                    size: Some(bytes.len() as u64),
+                    stream: futures::stream::once(async { Ok(bytes) }).boxed(),
+                });
+            }
+        }
         let result = self
             .store
             .get(&path)
@@ -290,7 +366,14 @@ impl DataStore {
 
     /// Whether an object exists at `location`.
     pub async fn exists(&self, location: &str) -> Result<bool, DataError> {
-        let path = self.object_path(location).await?;
+        let path = parse_location(location)?;
+        if let Some(disk) = &self.disk {
+            return match disk.with_file(location, &path, |_, _| Ok(())).await {
+                Ok(()) => Ok(true),
+                Err(DataError::NotFound(_)) => Ok(false),
+                Err(e) => Err(e),
+            };
+        }
         match self.store.head(&path).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -409,6 +492,29 @@ mod tests {
             store.open("a/nope.txt").await.err(),
             Some(DataError::NotFound(_))
         ));
+        // A folder is no object; one larger than what is read whole comes
+        // streamed, all of it.
+        assert!(!store.exists("a").await?);
+        assert!(matches!(
+            store.open("a").await.err(),
+            Some(DataError::NotFound(_))
+        ));
+        let big: Vec<u8> = (0..3 * READ_WHOLE as usize)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        store.put("big.bin", Bytes::from(big.clone())).await?;
+        let mut object = store.open("big.bin").await?;
+        assert_eq!(object.size, Some(big.len() as u64));
+        let (mut all, mut chunks) = (Vec::new(), 0);
+        while let Some(chunk) = object.stream.next().await {
+            all.extend_from_slice(&chunk?);
+            chunks += 1;
+        }
+        assert!(
+            all == big && chunks > 1,
+            "{} bytes in {chunks} chunks",
+            all.len()
+        );
         Ok(())
     }
 }
