@@ -300,12 +300,17 @@ fn one_run(prefetch: u16, mode: Mode, messages: usize, consumer: &Path) -> Measu
         .unwrap();
     }
     let cache = guests::guest_target_dir().join("bench-code-cache");
+    // More `sandbox` keys for the engine, to measure a knob:
+    // SANDPIPE_BENCH_SANDBOX="keep_resident: 1MiB".
+    let knobs = std::env::var("SANDPIPE_BENCH_SANDBOX")
+        .map(|k| format!(", {k}"))
+        .unwrap_or_default();
     let yaml = format!(
         "listener:\n  type: rabbitmq\n  url: \"{AMQP}\"\n  exchange: {{ name: {exchange}, type: fanout }}\n  queue: {queue}\n  prefetch: {prefetch}\n\
          data_store: {{ type: disk, root: data }}\n\
          meta_store: {{ type: redis, url: \"{REDIS}\" }}\n\
          database: {{ type: postgres, url: \"{POSTGRES}/{db}\" }}\n\
-         sandbox: {{ cache_dir: \"{}\" }}\n\
+         sandbox: {{ cache_dir: \"{}\"{knobs} }}\n\
          pipeline: {{ concurrency: {} }}\n\
          plugins:\n  grants:\n    {PLUGIN}: {{ meta: true, blob: true, sql: true }}\n",
         cache.display(),

@@ -947,6 +947,14 @@ async fn a_hostile_plugin_stays_inside_its_schema() {
         .unwrap();
     assert_eq!(table(&settings), "\"4MB\", \"alpha\", \"20s\"");
     tx.rollback().await;
+    // Those are the role's defaults; an invocation with another timeout
+    // (`sandpipe exec`'s) sets its own, for its transaction only.
+    let mut limits = config.limits_for("alpha");
+    limits.timeout = Duration::from_secs(3);
+    let shorter = database.plugin_db("alpha", &limits).unwrap();
+    let timeout = "SELECT current_setting('statement_timeout')";
+    assert_eq!(attempt(&shorter, timeout).await.unwrap(), "\"3s\"");
+    assert_eq!(attempt(&alpha, timeout).await.unwrap(), "\"20s\"");
     assert_eq!(
         attempt(&beta, "SELECT pg_try_advisory_lock(4242)")
             .await

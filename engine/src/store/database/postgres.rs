@@ -16,10 +16,12 @@
 //!   `SET ROLE`, which `RESET ROLE` would undo. The plugin cannot become
 //!   anyone else: `SET ROLE` needs a membership it does not have, and
 //!   `SET SESSION AUTHORIZATION` needs a superuser login.
-//! - Every invocation is one transaction: `BEGIN`, then (sent with its
-//!   first statement, in the same round trip) `SET LOCAL search_path` to
-//!   the plugin's schema and `SET LOCAL statement_timeout` to the plugin's
-//!   timeout. Because the
+//! - Every invocation is one transaction, on a connection whose
+//!   `search_path` is the plugin's schema and `statement_timeout` the
+//!   plugin's timeout: the role's defaults, set at every start (a
+//!   connection the plugin changed with `SET` is reset to them before it
+//!   is reused; an invocation with another timeout, `sandpipe exec`'s, sets
+//!   it locally). Because the
 //!   plugin may change `statement_timeout` itself, the host also holds the
 //!   deadline: past it, the statement is cancelled through the protocol's
 //!   cancel request and the connection is closed, not reused.
@@ -87,6 +89,9 @@ struct PluginRole {
     role: String,
     password: String,
     schema: String,
+    /// The role's default `statement_timeout`: the plugin's configured
+    /// `timeout` (set with its `search_path` at start, see `harden`).
+    timeout: Duration,
 }
 
 /// What the server allows, read at start to size the pools.
@@ -402,7 +407,11 @@ impl Postgres {
         for (name, grant) in &config.plugins.grants {
             if let Some(sql) = &grant.sql {
                 let schema = sql.schema_for(name);
-                wanted.insert(name.clone(), (role_name(&pg.database, &schema), schema));
+                let timeout = config.limits_for(name).timeout;
+                wanted.insert(
+                    name.clone(),
+                    (role_name(&pg.database, &schema), schema, timeout),
+                );
             }
         }
         let server: (i32, i32, i64) = {
@@ -479,7 +488,7 @@ impl Postgres {
     async fn prepare(
         &self,
         client: &tokio_postgres::Client,
-        wanted: &BTreeMap<String, (String, String)>,
+        wanted: &BTreeMap<String, (String, String, Duration)>,
     ) -> anyhow::Result<BTreeMap<String, PluginRole>> {
         let s = quote_ident(&self.schema);
         let ddl = format!(
@@ -530,7 +539,7 @@ impl Postgres {
             .map_err(|e| anyhow::anyhow!("{}", describe(&e)))?
             .get(0);
         let mut out = BTreeMap::new();
-        for (plugin, (role, schema)) in wanted {
+        for (plugin, (role, schema, timeout)) in wanted {
             let fail = |what: &str, e: tokio_postgres::Error| {
                 anyhow::anyhow!(
                     "plugin `{plugin}`: {what} (role {role}, schema {schema}): {}",
@@ -597,6 +606,7 @@ impl Postgres {
                     role: role.clone(),
                     password,
                     schema: schema.clone(),
+                    timeout: *timeout,
                 },
             );
         }
@@ -743,11 +753,17 @@ impl Postgres {
                 )
             };
             // The one thing of the engine's a plugin may use: the function
-            // that writes signed status rows in its transaction.
+            // that writes signed status rows in its transaction. And the
+            // role's defaults, so an invocation needs no `SET LOCAL`s:
+            // `search_path` its schema, `statement_timeout` its timeout.
             client
                 .batch_execute(&format!(
                     "GRANT USAGE ON SCHEMA {f} TO {role};
-                     GRANT EXECUTE ON FUNCTION {f}.write_status(text, bytea) TO {role};"
+                     GRANT EXECUTE ON FUNCTION {f}.write_status(text, bytea) TO {role};
+                     ALTER ROLE {role} SET search_path = {};
+                     ALTER ROLE {role} SET statement_timeout = {};",
+                    quote_ident(&r.schema),
+                    r.timeout.as_millis().max(1)
                 ))
                 .await
                 .map_err(fail)?;
@@ -859,6 +875,7 @@ impl Postgres {
             role: r.role.clone(),
             schema: r.schema.clone(),
             timeout,
+            role_timeout: r.timeout,
             pool: pool(config, self.tls.clone(), self.plugin_pool_size)?,
             tls: self.tls.clone(),
             ddl_lock: ddl_lock_key(&r.role),
@@ -932,6 +949,9 @@ pub struct PluginDb {
     role: String,
     schema: String,
     timeout: Duration,
+    /// The role's default `statement_timeout`; an invocation with another
+    /// timeout (`sandpipe exec`'s) sets its own locally.
+    role_timeout: Duration,
     pool: Pool,
     /// For cancel requests and messages.
     tls: PgTls,
@@ -1018,17 +1038,19 @@ impl PluginDb {
 
     /// Open a connection as the plugin's role and begin the invocation's
     /// transaction: `search_path` is the plugin's schema, `statement_timeout`
-    /// the plugin's timeout, which is also the host's deadline from now.
+    /// the plugin's timeout (both the role's defaults), which is also the
+    /// host's deadline from now.
     pub async fn begin(&self) -> Result<PluginTx, WitError> {
         let deadline = Instant::now() + self.timeout;
         let client = self.connection(deadline).await?;
         let cancel = client.cancel_token();
         let setup = Setup {
-            settings: format!(
-                "SET LOCAL search_path = {}; SET LOCAL statement_timeout = {}",
-                quote_ident(&self.schema),
-                self.timeout.as_millis().max(1)
-            ),
+            settings: (self.timeout != self.role_timeout).then(|| {
+                format!(
+                    "SET LOCAL statement_timeout = {}",
+                    self.timeout.as_millis().max(1)
+                )
+            }),
             ddl_lock: self.ddl_lock,
         };
         let (commands, inbox) = mpsc::channel(1);
@@ -1138,9 +1160,10 @@ impl PluginDb {
 
 /// What an invocation's transaction starts with.
 struct Setup {
-    /// `SET LOCAL` of the plugin's `search_path` and `statement_timeout`:
-    /// sent with the invocation's first statement, in the same round trip.
-    settings: String,
+    /// `SET LOCAL statement_timeout` when the invocation's timeout is not
+    /// the role's default: sent with its first statement, in the same
+    /// round trip.
+    settings: Option<String>,
     /// The advisory lock key taken before the transaction's first DDL.
     ddl_lock: i64,
 }
@@ -1453,7 +1476,7 @@ async fn serve(
     if ready.send(Ok(())).is_err() {
         return served;
     }
-    let mut settings = Some(setup.settings.as_str());
+    let mut settings = setup.settings.as_deref();
     let mut ddl_locked = false;
     while let Some(command) = inbox.recv().await {
         match command {
