@@ -155,6 +155,26 @@ async fn stream_entries_are_processed_retried_and_dead_lettered() {
     k.cleanup().await;
 }
 
+/// Add fx-probe message `rs-orphan` to `stream`, read it as `replica`
+/// (which then dies without acking it), and wait past `claim_idle`.
+async fn orphan(k: &Keys, conn: &mut ConnectionManager, stream: &str, replica: &str) {
+    k.xadd(stream, &[("message", &probe("rs-orphan", "sql"))])
+        .await;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("sandpipe")
+        .arg(replica)
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn entries_left_pending_by_a_dead_consumer_are_taken_over() {
     let k = Keys::new("claim");
@@ -169,22 +189,8 @@ async fn entries_left_pending_by_a_dead_consumer_are_taken_over() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    k.xadd(&stream, &[("message", &probe("rs-orphan", "sql"))])
-        .await;
     // A replica reads the entry and dies without acking it.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("sandpipe")
-        .arg("dead-replica")
-        .arg("COUNT")
-        .arg(10)
-        .arg("STREAMS")
-        .arg(&stream)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    orphan(&k, &mut conn, &stream, "dead-replica").await;
     let d = Deployment::new(
         &[("fx-probe", "probe")],
         &format!("{}{GRANTS}", k.listener_yaml()),
@@ -205,21 +211,7 @@ async fn entries_left_pending_by_a_dead_consumer_are_taken_over() {
     // (as one that finished the plugin but not the XACK would): a
     // taken-over entry is not a first delivery, so the engine looks up
     // what finished it and does not run the plugin again.
-    k.xadd(&stream, &[("message", &probe("rs-orphan", "sql"))])
-        .await;
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("sandpipe")
-        .arg("dead-replica-2")
-        .arg("COUNT")
-        .arg(10)
-        .arg("STREAMS")
-        .arg(&stream)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    orphan(&k, &mut conn, &stream, "dead-replica-2").await;
     let summary = d.run_once().await.unwrap();
     assert_eq!(summary.done, 1, "{summary}");
     assert_eq!(stored(), 1, "the taken-over entry ran the plugin again");
