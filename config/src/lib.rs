@@ -24,6 +24,7 @@ use rustls_pki_types::pem::PemObject as _;
 use serde::Deserialize;
 
 pub mod envelope;
+pub mod http;
 mod postgres;
 
 pub use postgres::{PgSslMode, postgres_url};
@@ -805,6 +806,18 @@ pub struct Limits {
     pub state_bytes: ByteSize,
     /// Host calls per invocation. Default 100000.
     pub host_calls: u64,
+    /// Outbound HTTP requests per invocation (`http` grant). Default 100.
+    pub http_requests: u32,
+    /// Bytes of request bodies sent per invocation. Default 16MiB.
+    pub http_request_bytes: ByteSize,
+    /// Bytes of response bodies received per invocation; a longer
+    /// response fails when the guest reads past it (it is streamed, never
+    /// held whole). Default 64MiB.
+    pub http_response_bytes: ByteSize,
+    /// Requests of one plugin in flight at once, across all its
+    /// invocations; more wait for a turn (within their deadline).
+    /// Default 16.
+    pub http_concurrency: u32,
 }
 
 impl Default for Limits {
@@ -824,6 +837,10 @@ impl Default for Limits {
             blob_readers: 16,
             state_bytes: ByteSize::mib(16),
             host_calls: 100_000,
+            http_requests: 100,
+            http_request_bytes: ByteSize::mib(16),
+            http_response_bytes: ByteSize::mib(64),
+            http_concurrency: 16,
         }
     }
 }
@@ -861,6 +878,14 @@ pub struct LimitOverrides {
     pub state_bytes: Option<ByteSize>,
     /// See [`Limits::host_calls`].
     pub host_calls: Option<u64>,
+    /// See [`Limits::http_requests`].
+    pub http_requests: Option<u32>,
+    /// See [`Limits::http_request_bytes`].
+    pub http_request_bytes: Option<ByteSize>,
+    /// See [`Limits::http_response_bytes`].
+    pub http_response_bytes: Option<ByteSize>,
+    /// See [`Limits::http_concurrency`].
+    pub http_concurrency: Option<u32>,
 }
 
 impl LimitOverrides {
@@ -885,6 +910,10 @@ impl LimitOverrides {
             blob_readers: self.blob_readers.unwrap_or(base.blob_readers),
             state_bytes: self.state_bytes.unwrap_or(base.state_bytes),
             host_calls: self.host_calls.unwrap_or(base.host_calls),
+            http_requests: self.http_requests.unwrap_or(base.http_requests),
+            http_request_bytes: self.http_request_bytes.unwrap_or(base.http_request_bytes),
+            http_response_bytes: self.http_response_bytes.unwrap_or(base.http_response_bytes),
+            http_concurrency: self.http_concurrency.unwrap_or(base.http_concurrency),
         }
     }
 }
@@ -917,6 +946,9 @@ pub struct Grant {
     /// `meta`: the message's metadata and a plugin-scoped state.
     #[serde(default, deserialize_with = "bool_or_map")]
     pub meta: Option<MetaGrant>,
+    /// `http`: outbound requests through `wasi:http` to the hosts its
+    /// `allow` list names (see [`http`]).
+    pub http: Option<http::HttpGrant>,
     /// The plugin's own configuration values, readable through `config`.
     #[serde(default)]
     pub config: BTreeMap<String, serde_json::Value>,

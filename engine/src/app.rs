@@ -74,6 +74,7 @@ pub async fn assemble_with(
         data: DataStore::new(&config.data_store, &tls)?,
         state: StateStore::new(database.clone())?,
         outputs: Outputs::new(&config.outputs, &tls)?,
+        http: Arc::new(crate::capability::http::HttpClient::new(&tls)),
     });
     let (max_memory, fuel) = plugins::engine_shape(&config);
     let sandbox = Arc::new(Sandbox::new(&config.sandbox, max_memory, fuel)?);

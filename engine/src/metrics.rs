@@ -49,6 +49,18 @@ pub const DB_POOL_WAIT_SECONDS: &str = "sandpipe_db_pool_wait_seconds";
 /// labelled `plugin`; the pool then shrinks and invocations wait.
 pub const DB_REFUSED: &str = "sandpipe_db_connections_refused_total";
 
+/// Outbound HTTP requests sent, per plugin, destination host and status
+/// class (`2xx`, `4xx`, ..., or `error` when no response came).
+pub const HTTP_REQUESTS: &str = "sandpipe_http_requests_total";
+/// Seconds from sending an outbound request to its response head, per
+/// plugin and destination host.
+pub const HTTP_SECONDS: &str = "sandpipe_http_request_seconds";
+/// Request body bytes sent, per plugin and destination host.
+pub const HTTP_SENT_BYTES: &str = "sandpipe_http_sent_bytes_total";
+/// Response body bytes received (read by the guest), per plugin and
+/// destination host.
+pub const HTTP_RECEIVED_BYTES: &str = "sandpipe_http_received_bytes_total";
+
 /// Seconds per step of a message's way, labelled `step`: `resolve` (data
 /// object and metadata), `lookup` (plugins already finished), `plugins`
 /// (every routed plugin, its effects' commit included), `commit` (one
@@ -99,6 +111,20 @@ pub fn describe() {
         STEP_SECONDS,
         metrics::Unit::Seconds,
         "Time per step of a message's way (resolve, lookup, plugins, commit, status)."
+    );
+    metrics::describe_counter!(
+        HTTP_REQUESTS,
+        "Outbound HTTP requests per plugin, destination host and status class."
+    );
+    metrics::describe_histogram!(
+        HTTP_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from an outbound HTTP request to its response head."
+    );
+    metrics::describe_counter!(HTTP_SENT_BYTES, "Outbound HTTP request body bytes.");
+    metrics::describe_counter!(
+        HTTP_RECEIVED_BYTES,
+        "Outbound HTTP response body bytes read."
     );
     metrics::describe_counter!(STATUS_COMMITS, "Status-log group commits.");
     metrics::describe_counter!(STATUS_WRITES, "Status-log writes committed.");

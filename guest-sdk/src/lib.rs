@@ -20,6 +20,7 @@
 //! | [`meta`] | the message's metadata, plugin-scoped state | `meta` |
 //! | [`sql`] | parameterised SQL in the plugin's database | `sql` |
 //! | [`emit`] | publishing to named outputs | `emit` |
+//! | [`http`] | outbound HTTP requests to allow-listed destinations | `http` |
 //!
 //! Every host call returns a [`Result`] with the SDK's [`Error`]: the engine
 //! never traps a plugin for a policy decision (a missing grant, an exceeded
@@ -144,6 +145,7 @@ pub mod config;
 pub mod emit;
 mod error;
 mod host;
+pub mod http;
 pub mod log;
 pub mod meta;
 mod plugin;

@@ -10,6 +10,7 @@ mod exec;
 mod fx_insert;
 mod harness;
 mod hostile;
+mod http;
 mod leaks;
 mod limits;
 mod outage;

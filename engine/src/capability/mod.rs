@@ -14,6 +14,7 @@
 pub mod blob;
 pub mod config;
 pub mod emit;
+pub mod http;
 pub mod journal;
 pub mod log;
 pub mod meta;
@@ -39,6 +40,8 @@ pub struct Services {
     pub state: StateStore,
     /// Named outputs (`emit`).
     pub outputs: Outputs,
+    /// Outbound HTTP (`http`).
+    pub http: Arc<http::HttpClient>,
 }
 
 /// What one plugin is, may do, and is backed by. Built once at load.
@@ -59,6 +62,9 @@ pub struct PluginContext {
     /// begins its PostgreSQL transaction while the guest starts (see
     /// [`Effects::begin_early`]).
     pub used_sql: std::sync::atomic::AtomicBool,
+    /// Turns for the plugin's HTTP requests in flight
+    /// (`limits.http_concurrency`), shared by all its invocations.
+    pub http_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl PluginContext {
@@ -78,10 +84,14 @@ impl PluginContext {
             .iter()
             .map(|(k, v)| (k.clone(), render_value(v)))
             .collect();
+        let http_slots = Arc::new(tokio::sync::Semaphore::new(
+            limits.http_concurrency.max(1) as usize
+        ));
         Self {
             name: name.to_owned(),
             grant,
             limits,
+            http_slots,
             config,
             db,
             services,
@@ -225,10 +235,17 @@ pub struct HostState {
     /// Every host call with its result, when on (`sandpipe exec`); see
     /// [`journal`].
     pub journal: Option<Vec<journal::HostCall>>,
+    /// When the invocation's deadline passes (set when its limits are
+    /// armed); host calls that wait end by then.
+    pub deadline: std::time::Instant,
     calls: u64,
     log_bytes: u64,
     /// Blob readers open now.
     readers: u32,
+    /// HTTP requests sent so far.
+    http_requests: u32,
+    /// What the invocation's HTTP requests record while they run.
+    http_use: Option<Arc<http::HttpUse>>,
 }
 
 /// The longest denial message kept (see [`HostState::deny`]).
@@ -265,17 +282,20 @@ pub enum Interface {
     Sql,
     /// `emit`.
     Emit,
+    /// `http`: `wasi:http/outgoing-handler`.
+    Http,
 }
 
 impl Interface {
     /// Every interface of the `plugin` world.
-    pub const ALL: [Interface; 6] = [
+    pub const ALL: [Interface; 7] = [
         Self::Log,
         Self::Config,
         Self::Blob,
         Self::Meta,
         Self::Sql,
         Self::Emit,
+        Self::Http,
     ];
 
     /// The interface's name in WIT.
@@ -287,12 +307,17 @@ impl Interface {
             Self::Meta => "meta",
             Self::Sql => "sql",
             Self::Emit => "emit",
+            Self::Http => "http",
         }
     }
 
     /// The interface a component import names, e.g.
-    /// `sandpipe:connector/sql@0.1.0` → `Sql`.
+    /// `sandpipe:connector/sql@0.1.0` → `Sql`;
+    /// `wasi:http/outgoing-handler@0.2.0` → `Http`.
     pub fn from_import(import: &str) -> Option<Self> {
+        if import.starts_with("wasi:http/outgoing-handler") {
+            return Some(Self::Http);
+        }
         let rest = import.strip_prefix("sandpipe:connector/")?;
         let name = rest.split('@').next()?;
         Self::ALL.into_iter().find(|i| i.name() == name)
@@ -306,6 +331,7 @@ impl Interface {
             Self::Meta => grant.meta.is_some(),
             Self::Sql => grant.sql.is_some(),
             Self::Emit => grant.emit_any || !grant.emit.is_empty(),
+            Self::Http => grant.http.is_some(),
         }
     }
 
@@ -317,6 +343,7 @@ impl Interface {
             Self::Meta => "meta: true",
             Self::Sql => "sql: true",
             Self::Emit => "emit: [<output>]",
+            Self::Http => "http: { allow: [\"https://<host>\"] }",
         };
         format!("`{example}` under plugins.grants.{plugin}")
     }
@@ -325,6 +352,7 @@ impl Interface {
 impl HostState {
     /// A fresh state for one invocation of `plugin`.
     pub fn new(plugin: Arc<PluginContext>, message: Option<Arc<MessageContext>>) -> Self {
+        let plugin_timeout = plugin.limits.timeout;
         Self {
             plugin,
             message,
@@ -333,9 +361,12 @@ impl HostState {
             logs: Vec::new(),
             outages: Vec::new(),
             journal: None,
+            deadline: std::time::Instant::now() + plugin_timeout,
             calls: 0,
             log_bytes: 0,
             readers: 0,
+            http_requests: 0,
+            http_use: None,
         }
     }
 
@@ -448,6 +479,11 @@ mod tests {
             Some(Interface::Emit)
         );
         assert_eq!(Interface::from_import("wasi:cli/environment@0.2.0"), None);
+        assert_eq!(
+            Interface::from_import("wasi:http/outgoing-handler@0.2.6"),
+            Some(Interface::Http)
+        );
+        assert_eq!(Interface::from_import("wasi:http/types@0.2.6"), None);
         assert_eq!(
             Interface::from_import("sandpipe:connector/types@0.1.0"),
             None

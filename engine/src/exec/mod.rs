@@ -82,8 +82,10 @@ pub struct ExecArgs {
     #[arg(long, value_name = "FILE")]
     pub sql_init: Option<PathBuf>,
     /// Grant only these (comma-separated: `blob`, `meta`, `sql`, `emit`
-    /// (any output), `emit:OUTPUT`, or `none`); default: every interface
-    /// the component imports. `log` and `config` are always granted.
+    /// (any output), `emit:OUTPUT`, `http:SCHEME://HOST[:PORT]` (one entry
+    /// of the `http.allow` list; repeat it for more), or `none`); default:
+    /// every interface the component imports but `http`, whose
+    /// destinations must be named. `log` and `config` are always granted.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub grant: Option<Vec<String>>,
     /// Fuel budget (default: unlimited; fuel used is always reported).
@@ -331,7 +333,8 @@ pub fn resolve_grant(
             imported.dedup();
             imported
                 .into_iter()
-                .filter(|i| !matches!(i, Interface::Log | Interface::Config))
+                // `http` needs an allow-list, which imports cannot tell.
+                .filter(|i| !matches!(i, Interface::Log | Interface::Config | Interface::Http))
                 .map(|i| i.name().to_owned())
                 .collect()
         }
@@ -352,11 +355,21 @@ pub fn resolve_grant(
             "meta" => grant.meta = Some(MetaGrant {}),
             "sql" => grant.sql = Some(SqlGrant::default()),
             "emit" => grant.emit_any = true,
+            other if other.starts_with("http:") => {
+                let entry = &other["http:".len()..];
+                let allowed = crate::config::http::AllowedHost::try_from(entry.to_owned())
+                    .map_err(|e| usage(format!("--grant {other:?}: {e}")))?;
+                grant
+                    .http
+                    .get_or_insert_with(Default::default)
+                    .allow
+                    .push(allowed);
+            }
             other => match other.strip_prefix("emit:") {
                 Some(output) if !output.is_empty() => grant.emit.push(output.to_owned()),
                 _ => {
                     return Err(usage(format!(
-                        "--grant {other:?}: expected blob, meta, sql, emit, emit:OUTPUT or none"
+                        "--grant {other:?}: expected blob, meta, sql, emit, emit:OUTPUT, http:SCHEME://HOST[:PORT] or none"
                     )));
                 }
             },
@@ -430,6 +443,9 @@ pub async fn run(path: &Path, inputs: &Inputs, cache_dir: Option<&Path>) -> anyh
         data,
         state: StateStore::new(database.clone())?,
         outputs: Outputs::default(),
+        http: Arc::new(crate::capability::http::HttpClient::new(
+            &crate::tls::Tls::default(),
+        )),
     });
     let db = match grant.sql {
         Some(_) => Some(Arc::new(database.plugin_db(&inputs.name, &limits)?)),

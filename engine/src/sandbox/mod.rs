@@ -28,6 +28,7 @@ use wasmtime::{
     UpdateDeadline,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::capability::HostState;
 use crate::config::{Limits, SandboxConfig};
@@ -42,9 +43,15 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// The most bytes one `wasi:random` call may ask the host for.
 pub const MAX_RANDOM_BYTES: u64 = 1 << 20;
 
+/// How long past its deadline a guest call may still be waiting (in a
+/// host call, where the epoch deadline does not reach it) before the host
+/// gives up on it: see [`Sandbox::invoke`].
+pub const HOST_GRACE: Duration = Duration::from_millis(500);
+
 /// The data of one invocation's [`Store`].
 pub struct InvocationState {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
     /// Resources handed to the guest (WASI streams, blob readers).
     pub table: ResourceTable,
     limiter: MemoryLimiter,
@@ -57,6 +64,18 @@ impl WasiView for InvocationState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+/// `wasi:http`: the requests go through the host state's hooks
+/// (`capability::http`), which check the `http` grant.
+impl WasiHttpView for InvocationState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.host,
         }
     }
 }
@@ -350,6 +369,8 @@ impl Sandbox {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(anyhow::Error::from)?;
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state: &mut InvocationState| state)
             .map_err(anyhow::Error::from)?;
         // The previous minor version's imports, served by the same code.
@@ -480,6 +501,7 @@ impl Sandbox {
             .max_random_size(MAX_RANDOM_BYTES);
         InvocationState {
             wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             limiter: MemoryLimiter {
                 limit: usize::try_from(limits.memory.as_u64()).unwrap_or(usize::MAX),
@@ -503,6 +525,7 @@ impl Sandbox {
             let _ = store.set_fuel(limits.fuel.unwrap_or(u64::MAX));
         }
         let deadline = Instant::now() + limits.timeout;
+        store.data_mut().host.deadline = deadline;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             if Instant::now() >= deadline {
@@ -562,6 +585,7 @@ impl Sandbox {
                 let permit = self.instances.clone().acquire_owned().await;
                 let started = Instant::now();
                 let mut state = Self::state(limits, host, &capture);
+                state.host.deadline = started + limits.timeout;
                 let result =
                     tokio::time::timeout(limits.timeout, native.execute(&mut state, message))
                         .await
@@ -572,6 +596,7 @@ impl Sandbox {
                             )
                         });
                 drop(permit);
+                state.host.gather();
                 let usage = Usage {
                     duration: started.elapsed(),
                     fuel: None,
@@ -633,10 +658,15 @@ impl Sandbox {
             }
         };
         let fuel_before = warm.store.get_fuel().ok();
-        let result = bounded::execute(&warm.instance, &mut warm.store, &message).await;
+        let result = within_deadline(
+            limits,
+            bounded::execute(&warm.instance, &mut warm.store, &message),
+        )
+        .await;
         let usage = self.usage(started, fuel_before, &warm.store);
         let idle = HostState::new(plugin_context, None);
-        let host = std::mem::replace(&mut warm.store.data_mut().host, idle);
+        let mut host = std::mem::replace(&mut warm.store.data_mut().host, idle);
+        host.gather();
         let result = match result {
             Ok(result) => {
                 warm.served += 1;
@@ -701,11 +731,12 @@ impl Sandbox {
         let mut store = self.store(limits, host, &capture);
         let fuel_before = store.get_fuel().ok();
         let result = match pre.instance_pre().instantiate_async(&mut store).await {
-            Ok(instance) => call(&instance, &mut store).await,
+            Ok(instance) => within_deadline(limits, call(&instance, &mut store)).await,
             Err(err) => Err(err),
         };
         let usage = self.usage(started, fuel_before, &store);
-        let state = store.into_data();
+        let mut state = store.into_data();
+        state.host.gather();
         drop(permit);
         let result = result.map_err(|err| {
             trap::classify(
@@ -717,6 +748,20 @@ impl Sandbox {
             )
         });
         (result, state.host, usage)
+    }
+}
+
+/// `call`, given up [`HOST_GRACE`] after the invocation's deadline: the
+/// epoch deadline interrupts a guest that runs, not one waiting in a host
+/// call, so this bounds a call whatever it waits for. Given up, it fails
+/// as a deadline (and its store, left mid-call, is dropped).
+async fn within_deadline<T>(
+    limits: &Limits,
+    call: impl Future<Output = wasmtime::Result<T>>,
+) -> wasmtime::Result<T> {
+    match tokio::time::timeout(limits.timeout + HOST_GRACE, call).await {
+        Ok(result) => result,
+        Err(_) => Err(wasmtime::Error::new(wasmtime::Trap::Interrupt)),
     }
 }
 

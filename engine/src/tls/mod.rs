@@ -173,6 +173,28 @@ impl Tls {
         Ok(self.trust()?.verified.clone())
     }
 
+    /// A client configuration for outbound HTTP (the `http` capability):
+    /// the webpki roots (Mozilla's, compiled in, so the same on every
+    /// machine and image) plus `tls.ca_file`'s certificates; chain and host
+    /// name checked.
+    pub fn web(&self) -> anyhow::Result<Arc<ClientConfig>> {
+        let mut roots = RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        for certificate in &self.inner.ca {
+            roots
+                .add(certificate.clone())
+                .map_err(|e| anyhow::anyhow!("tls.ca_file: {e}"))?;
+        }
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| anyhow::anyhow!("cannot configure TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// The trusted roots.
     pub fn roots(&self) -> anyhow::Result<Arc<RootCertStore>> {
         Ok(self.trust()?.roots.clone())

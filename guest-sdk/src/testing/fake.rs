@@ -29,6 +29,7 @@ pub(super) struct Effects {
     pub(super) state_changes: Vec<StateChange>,
     pub(super) calls: Vec<String>,
     pub(super) denials: Vec<String>,
+    pub(super) http_requests: Vec<crate::http::Request>,
 }
 
 /// One invocation in progress: the host, the message, the effects.
@@ -394,4 +395,54 @@ pub(crate) fn emit_publish(
         });
         Ok(())
     })
+}
+
+/// A response body of the fake host.
+pub(crate) struct HttpBody {
+    bytes: Vec<u8>,
+    pos: usize,
+}
+
+pub(crate) fn http_send(request: &crate::http::Request) -> Result<crate::http::Answer, Error> {
+    request.parts()?;
+    SESSION.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let Some(session) = cell.as_mut() else {
+            no_host()
+        };
+        session.effects.calls.push("http.handle".to_owned());
+        session.effects.http_requests.push(request.clone());
+        let canned = session
+            .host
+            .http
+            .iter()
+            .find(|c| c.method == request.method && c.url == request.url)
+            .cloned();
+        match canned {
+            Some(c) => Ok((
+                c.status,
+                c.headers,
+                HttpBody {
+                    bytes: c.body,
+                    pos: 0,
+                },
+            )),
+            None => {
+                let message = format!(
+                    "plugin `{}` sent {} {}, which no FakeHost::http response answers (in the \
+                     engine: a destination outside the `http.allow` list is denied)",
+                    session.plugin, request.method, request.url
+                );
+                Err(session.deny(message))
+            }
+        }
+    })
+}
+
+pub(crate) fn http_read(body: &mut HttpBody, buf: &mut [u8]) -> Result<usize, Error> {
+    let rest = &body.bytes[body.pos..];
+    let n = rest.len().min(buf.len());
+    buf[..n].copy_from_slice(&rest[..n]);
+    body.pos += n;
+    Ok(n)
 }

@@ -19,6 +19,7 @@
 //! | `meta` | the message's metadata ([`FakeHost::meta`]), plugin state ([`FakeHost::state`]); changes are captured ([`Report::state_changes`]) |
 //! | `sql` | an in-memory SQLite database ([`FakeHost::sql_init`] runs the plugin's init script as the engine does, [`FakeHost::sql`] sets it up from outside, [`Report::query`] inspects it); statements are captured ([`Report::sql`]) |
 //! | `emit` | captured messages ([`Report::emits`]); [`FakeHost::outputs`] declares the outputs |
+//! | `http` | canned responses ([`FakeHost::http`]); requests are captured ([`Report::http_requests`]) |
 //!
 //! It behaves like the engine where a test can notice: `$1, $2, ...`
 //! parameters and the SQL value mapping are the engine's (the same SQLite),
@@ -212,6 +213,22 @@ pub struct FakeHost {
     grants: Option<Vec<Capability>>,
     outputs: Option<Vec<String>>,
     failures: Vec<(Capability, Error)>,
+    http: Vec<CannedResponse>,
+}
+
+/// A response [`FakeHost::http`] serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CannedResponse {
+    /// The request's method.
+    pub method: String,
+    /// The request's URL, exactly.
+    pub url: String,
+    /// The status code.
+    pub status: u16,
+    /// The headers.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
 }
 
 impl Default for FakeHost {
@@ -258,7 +275,32 @@ impl FakeHost {
             grants: None,
             outputs: None,
             failures: Vec::new(),
+            http: Vec::new(),
         }
+    }
+
+    /// Answer `method url` (the URL exactly as the plugin writes it) with
+    /// `status` and `body`. A request nothing answers fails as the engine
+    /// fails a destination outside the `http.allow` list
+    /// ([`Error::AccessDenied`]). Requests are recorded
+    /// ([`Report::http_requests`]).
+    #[must_use]
+    pub fn http(mut self, method: &str, url: &str, status: u16, body: impl Into<Vec<u8>>) -> Self {
+        self.http.push(CannedResponse {
+            method: method.to_ascii_uppercase(),
+            url: url.to_owned(),
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+        });
+        self
+    }
+
+    /// Serve `response` (with headers of its own).
+    #[must_use]
+    pub fn http_response(mut self, response: CannedResponse) -> Self {
+        self.http.push(response);
+        self
     }
 
     /// A `config` value. Strings are returned as they are, other JSON
@@ -554,6 +596,8 @@ pub struct Report {
     pub calls: Vec<String>,
     /// Denied calls' texts.
     pub denials: Vec<String>,
+    /// HTTP requests sent, in order, answered or not.
+    pub http_requests: Vec<crate::http::Request>,
     host: FakeHost,
 }
 
@@ -798,6 +842,7 @@ fn finish(plugin: Description, outcome: Result<Outcome, Error>, session: Session
         state_changes: effects.state_changes,
         calls: effects.calls,
         denials: effects.denials,
+        http_requests: effects.http_requests,
         host,
     }
 }

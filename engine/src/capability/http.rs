@@ -1,0 +1,559 @@
+//! `http`: outbound requests through `wasi:http/outgoing-handler`, sent by
+//! the host for the guest to the destinations the plugin's `http` grant
+//! allows (`config::http`), and nowhere else.
+//!
+//! Every request goes through [`HostState`]'s `send_request` hook:
+//!
+//! 1. the `http` grant and the host-call count ([`HostState::enter`]), the
+//!    request quota (`limits.http_requests`) and the allow-list, checked on
+//!    the URL before anything leaves the engine (a denial is recorded like
+//!    any other: the status log, the `denied` metric);
+//! 2. the name is resolved by the host, and an address that is loopback,
+//!    private, link-local, unspecified or otherwise special is refused
+//!    unless the allow-list names it literally (`config::http::is_special`):
+//!    the check is on the address connected to, so DNS cannot lead a
+//!    request around the list;
+//! 3. a connection of its own (TCP; TLS with rustls, the webpki roots and
+//!    `tls.ca_file`), HTTP/1.1; redirects are not followed (the guest sees
+//!    the 3xx and may follow it, through the list again);
+//! 4. the bodies are metered both ways (`limits.http_request_bytes`,
+//!    `limits.http_response_bytes`), the response streamed to the guest as
+//!    it reads, never held whole; every wait (a turn among the plugin's
+//!    requests in flight, `limits.http_concurrency`; name lookup; connect;
+//!    the first byte; every next byte) ends at the invocation's deadline
+//!    at the latest, so a slow peer cannot hold a guest that waits in a
+//!    host call past it.
+//!
+//! What the asynchronous part finds (a refused address, the journal entry
+//! of a response) is kept in [`HttpUse`] and gathered into the host state
+//! when the call returns ([`HostState::gather`]).
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt as _;
+use serde_json::json;
+use tokio::net::TcpStream;
+use wasmtime_wasi_http::io::TokioIo;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+use crate::capability::journal::HostCall;
+use crate::capability::{HostState, Interface, PluginContext, cut};
+use crate::config::http::{default_port, is_special};
+use crate::sandbox::bindings::WitError;
+use crate::tls::Tls;
+
+/// What every plugin's requests share: the TLS client configuration.
+pub struct HttpClient {
+    tls: Option<Arc<rustls::ClientConfig>>,
+    error: Option<String>,
+}
+
+impl HttpClient {
+    /// The client of an engine whose TLS settings are `tls`: the webpki
+    /// roots plus `tls.ca_file`'s certificates.
+    pub fn new(tls: &Tls) -> Self {
+        match tls.web() {
+            Ok(config) => Self {
+                tls: Some(config),
+                error: None,
+            },
+            Err(e) => Self {
+                tls: None,
+                error: Some(e.to_string()),
+            },
+        }
+    }
+}
+
+/// What the asynchronous part of one invocation's requests records.
+#[derive(Default)]
+pub struct HttpUse {
+    request_bytes: AtomicU64,
+    response_bytes: AtomicU64,
+    denials: Mutex<Vec<String>>,
+    journal: Mutex<Vec<HostCall>>,
+}
+
+impl HttpUse {
+    fn deny(&self, plugin: &str, message: String) {
+        let message = cut(message, super::MAX_DENIAL);
+        tracing::warn!(plugin, "denied: {message}");
+        metrics::counter!(crate::metrics::DENIED, "plugin" => plugin.to_owned()).increment(1);
+        if let Ok(mut denials) = self.denials.lock()
+            && denials.len() < 100
+        {
+            denials.push(message);
+        }
+    }
+}
+
+/// One request that passed the checks made before it is sent.
+struct Allowed {
+    plugin: Arc<PluginContext>,
+    client: Arc<HttpClient>,
+    usage: Arc<HttpUse>,
+    journal: bool,
+    scheme: String,
+    host: String,
+    port: u16,
+    deadline: Instant,
+}
+
+type Sent = Result<
+    (
+        http::Response<WasiBody>,
+        Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ),
+    Error,
+>;
+
+impl HostState {
+    /// The checks made before a request leaves: the grant, the quotas,
+    /// the allow-list. A refusal is recorded here.
+    fn admit(&mut self, request: &http::Request<WasiBody>) -> Result<Allowed, Error> {
+        let uri = request.uri();
+        let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
+        let url = format!("{} {}", request.method(), uri);
+        let journal = self.journal_call(Interface::Http, "handle", || json!({ "request": url }));
+        let result = self.admit_inner(request, &scheme);
+        if let Err(error) = &result {
+            let error = match error {
+                Error::HttpRequestDenied => WitError::AccessDenied(
+                    self.denials
+                        .last()
+                        .cloned()
+                        .unwrap_or_else(|| "denied".into()),
+                ),
+                other => WitError::LimitExceeded(other.to_string()),
+            };
+            self.journal_result::<()>(journal, &Err(error), |_| json!(null));
+        }
+        result
+    }
+
+    fn admit_inner(
+        &mut self,
+        request: &http::Request<WasiBody>,
+        scheme: &str,
+    ) -> Result<Allowed, Error> {
+        let denied = |e: WitError| match e {
+            WitError::AccessDenied(_) => Error::HttpRequestDenied,
+            other => Error::InternalError(Some(crate::pipeline::wit_error_text(&other))),
+        };
+        self.enter(Interface::Http, "outgoing-handler.handle")
+            .map_err(denied)?;
+        let plugin = self.plugin.clone();
+        let limits = &plugin.limits;
+        self.http_requests += 1;
+        if self.http_requests > limits.http_requests {
+            return Err(denied(self.limit(
+                "http_requests",
+                format!(
+                    "more than {} HTTP requests in one invocation",
+                    limits.http_requests
+                ),
+            )));
+        }
+        let uri = request.uri();
+        let host = uri.host().unwrap_or_default().to_owned();
+        let port = uri.port_u16().unwrap_or_else(|| default_port(scheme));
+        let grant = plugin.grant.http.as_ref();
+        if grant.and_then(|g| g.allows(scheme, &host, port)).is_none() {
+            let listed = grant
+                .map(|g| {
+                    g.allow
+                        .iter()
+                        .map(|a| a.text.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            return Err(denied(self.deny(format!(
+                "plugin `{}` sent a request to {scheme}://{}:{port}, which its `http.allow` \
+                 list does not allow (allowed: [{listed}]; add the destination under \
+                 plugins.grants.{}.http.allow)",
+                plugin.name,
+                bracket(&host),
+                plugin.name
+            ))));
+        }
+        let usage = self.http_use.get_or_insert_with(Default::default).clone();
+        Ok(Allowed {
+            client: plugin.services.http.clone(),
+            plugin,
+            usage,
+            journal: self.journaling(),
+            scheme: scheme.to_owned(),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port,
+            deadline: self.deadline,
+        })
+    }
+
+    /// Gather what the invocation's requests found after their host call
+    /// returned (refused addresses, journal entries) into this state.
+    pub fn gather(&mut self) {
+        let Some(usage) = self.http_use.take() else {
+            return;
+        };
+        if let Ok(mut denials) = usage.denials.lock() {
+            for denial in denials.drain(..) {
+                if self.denials.len() < 100 {
+                    self.denials.push(denial);
+                }
+            }
+        }
+        if let (Some(journal), Ok(mut entries)) = (self.journal.as_mut(), usage.journal.lock()) {
+            journal.append(&mut entries);
+        }
+    }
+}
+
+/// `[::1]` for an IPv6 address, the host as it is otherwise.
+fn bracket(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
+impl WasiHttpHooks for HostState {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> Box<dyn Future<Output = Sent> + Send> {
+        match self.admit(&request) {
+            Ok(allowed) => Box::new(send(allowed, request, options)),
+            Err(error) => Box::new(async move { Err(error) }),
+        }
+    }
+}
+
+/// The earlier of `deadline` and `timeout` from now.
+fn until(deadline: Instant, timeout: Option<Duration>) -> tokio::time::Instant {
+    let by_timeout = timeout.map(|t| Instant::now() + t).unwrap_or(deadline);
+    tokio::time::Instant::from_std(by_timeout.min(deadline))
+}
+
+async fn send(
+    allowed: Allowed,
+    request: http::Request<WasiBody>,
+    options: Option<RequestOptions>,
+) -> Sent {
+    let started = Instant::now();
+    let url = format!("{} {}", request.method(), request.uri());
+    let plugin = allowed.plugin.name.clone();
+    let host = allowed.host.clone();
+    let result = exchange(&allowed, request, options).await;
+    let status = match &result {
+        Ok(response) => format!("{}xx", response.status().as_u16() / 100),
+        Err(_) => "error".to_owned(),
+    };
+    metrics::counter!(crate::metrics::HTTP_REQUESTS, "plugin" => plugin.clone(), "host" => host.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!(crate::metrics::HTTP_SECONDS, "plugin" => plugin, "host" => host)
+        .record(started.elapsed().as_secs_f64());
+    if allowed.journal
+        && let Ok(mut journal) = allowed.usage.journal.lock()
+    {
+        let result = match &result {
+            Ok(response) => json!({ "ok": { "status": response.status().as_u16() } }),
+            Err(error) => json!({ "error": error.to_string() }),
+        };
+        journal.push(HostCall {
+            interface: "http".into(),
+            function: "response".into(),
+            args: json!({ "request": url }),
+            result,
+        });
+    }
+    result.map(|response| {
+        (
+            response,
+            Box::new(async { Ok(()) }) as Box<dyn Future<Output = Result<(), Error>> + Send>,
+        )
+    })
+}
+
+/// Send one allowed request and return the response head with its body
+/// still streaming.
+async fn exchange(
+    allowed: &Allowed,
+    mut request: http::Request<WasiBody>,
+    options: Option<RequestOptions>,
+) -> Result<http::Response<WasiBody>, Error> {
+    let deadline = tokio::time::Instant::from_std(allowed.deadline);
+    let options = options.unwrap_or_default();
+    let limits = &allowed.plugin.limits;
+
+    // A turn among the plugin's requests in flight.
+    let permit =
+        tokio::time::timeout_at(deadline, allowed.plugin.http_slots.clone().acquire_owned())
+            .await
+            .map_err(|_| Error::ConnectionLimitReached)?
+            .map_err(|_| Error::ConnectionLimitReached)?;
+
+    // Where to connect: only addresses the list allows.
+    let addresses: Vec<IpAddr> = match allowed.host.parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => tokio::time::timeout_at(
+            deadline,
+            tokio::net::lookup_host((allowed.host.as_str(), allowed.port)),
+        )
+        .await
+        .map_err(|_| Error::DnsTimeout)?
+        .map_err(|e| Error::DnsError {
+            rcode: Some(e.to_string()),
+            info_code: None,
+        })?
+        .map(|a| a.ip())
+        .collect(),
+    };
+    let grant = allowed.plugin.grant.http.as_ref();
+    let (usable, refused): (Vec<IpAddr>, Vec<IpAddr>) = addresses.into_iter().partition(|ip| {
+        !is_special(*ip)
+            || grant.is_some_and(|g| g.names_address(&allowed.scheme, *ip, allowed.port))
+    });
+    if usable.is_empty() {
+        let refused: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        allowed.usage.deny(
+            &allowed.plugin.name,
+            format!(
+                "plugin `{}` sent a request to {}, which resolves to {} only: a loopback, \
+                 private, link-local or otherwise special address, refused unless the \
+                 `http.allow` list names it literally (e.g. `{}://{}:{}`)",
+                allowed.plugin.name,
+                bracket(&allowed.host),
+                if refused.is_empty() {
+                    "no address".to_owned()
+                } else {
+                    refused.join(", ")
+                },
+                allowed.scheme,
+                refused
+                    .first()
+                    .map(|a| bracket(a))
+                    .unwrap_or_else(|| "ADDRESS".into()),
+                allowed.port
+            ),
+        );
+        return Err(Error::HttpRequestDenied);
+    }
+
+    // Connect to the first that answers.
+    let connect_by = until(allowed.deadline, options.connect_timeout);
+    let mut last = None;
+    let mut stream = None;
+    for ip in usable {
+        match tokio::time::timeout_at(
+            connect_by,
+            TcpStream::connect(SocketAddr::new(ip, allowed.port)),
+        )
+        .await
+        {
+            Ok(Ok(s)) => {
+                stream = Some(s);
+                break;
+            }
+            Ok(Err(e)) => last = Some(Error::Connect(e)),
+            Err(_) => {
+                last = Some(Error::ConnectionTimeout);
+                break;
+            }
+        }
+    }
+    let stream = stream.ok_or_else(|| last.unwrap_or(Error::ConnectionRefused))?;
+    let _ = stream.set_nodelay(true);
+
+    let io: Box<dyn Io> = if allowed.scheme == "https" {
+        let config = allowed
+            .client
+            .tls
+            .clone()
+            .ok_or_else(|| Error::InternalError(allowed.client.error.clone()))?;
+        let name = rustls::pki_types::ServerName::try_from(allowed.host.clone())
+            .map_err(|e| Error::InternalError(Some(format!("not a TLS server name: {e}"))))?;
+        let tls = tokio::time::timeout_at(
+            connect_by,
+            tokio_rustls::TlsConnector::from(config).connect(name, stream),
+        )
+        .await
+        .map_err(|_| Error::ConnectionTimeout)?
+        .map_err(Error::Tls)?;
+        Box::new(tls)
+    } else {
+        Box::new(stream)
+    };
+    let (mut sender, connection) = tokio::time::timeout_at(
+        connect_by,
+        hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(io)),
+    )
+    .await
+    .map_err(|_| Error::ConnectionTimeout)??;
+    // The connection is driven until the response body is read or
+    // dropped, and never past the deadline.
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout_at(deadline, connection).await;
+    });
+
+    // The request line names the path only (the host is in `Host`).
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    *request.uri_mut() = http::Uri::builder()
+        .path_and_query(path)
+        .build()
+        .map_err(|_| Error::HttpRequestUriInvalid)?;
+    let request = request.map(|body| {
+        Metered {
+            inner: body,
+            usage: allowed.usage.clone(),
+            counter: Direction::Request,
+            limit: limits.http_request_bytes.as_u64(),
+            idle: None,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            plugin: allowed.plugin.name.clone(),
+            host: allowed.host.clone(),
+            _permit: None,
+        }
+        .boxed_unsync()
+    });
+
+    let response = tokio::time::timeout_at(
+        until(allowed.deadline, options.first_byte_timeout),
+        sender.send_request(request),
+    )
+    .await
+    .map_err(|_| Error::ConnectionReadTimeout)?
+    .map_err(|e| {
+        if e.is_timeout() {
+            Error::HttpResponseTimeout
+        } else {
+            Error::Hyper(e)
+        }
+    })?;
+    let between = options.between_bytes_timeout;
+    Ok(response.map(|incoming| {
+        Metered {
+            inner: incoming.map_err(Error::Hyper).boxed_unsync(),
+            usage: allowed.usage.clone(),
+            counter: Direction::Response,
+            limit: limits.http_response_bytes.as_u64(),
+            idle: between.map(|t| (t, Box::pin(tokio::time::sleep(t)))),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            plugin: allowed.plugin.name.clone(),
+            host: allowed.host.clone(),
+            _permit: Some(permit),
+        }
+        .boxed_unsync()
+    }))
+}
+
+/// A stream TLS or plain TCP.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    Request,
+    Response,
+}
+
+/// A body counted against the invocation's quota for its direction, and
+/// cut at the deadline (and, for a response, after the idle time between
+/// bytes the guest asked for).
+struct Metered {
+    inner: WasiBody,
+    usage: Arc<HttpUse>,
+    counter: Direction,
+    limit: u64,
+    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    plugin: String,
+    host: String,
+    /// A response holds its plugin's turn until it is read or dropped.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    let (counter, metric) = match this.counter {
+                        Direction::Request => {
+                            (&this.usage.request_bytes, crate::metrics::HTTP_SENT_BYTES)
+                        }
+                        Direction::Response => (
+                            &this.usage.response_bytes,
+                            crate::metrics::HTTP_RECEIVED_BYTES,
+                        ),
+                    };
+                    let total = counter.fetch_add(n, Ordering::Relaxed) + n;
+                    metrics::counter!(metric, "plugin" => this.plugin.clone(), "host" => this.host.clone())
+                        .increment(n);
+                    if total > this.limit {
+                        let key = match this.counter {
+                            Direction::Request => "http_request_bytes",
+                            Direction::Response => "http_response_bytes",
+                        };
+                        metrics::counter!(crate::metrics::LIMIT_EXCEEDED, "plugin" => this.plugin.clone(), "limit" => key)
+                            .increment(1);
+                        tracing::warn!(plugin = %this.plugin, limit = key, "limit exceeded: more than {} bytes", this.limit);
+                        return Poll::Ready(Some(Err(match this.counter {
+                            Direction::Request => Error::HttpRequestBodySize(Some(total)),
+                            Direction::Response => Error::HttpResponseBodySize(Some(total)),
+                        })));
+                    }
+                }
+                if let Some((timeout, sleep)) = this.idle.as_mut() {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + *timeout);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(Error::ConnectionReadTimeout)));
+                }
+                if let Some((_, sleep)) = this.idle.as_mut()
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Some(Err(Error::ConnectionReadTimeout)));
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,388 @@
+//! The `http` capability end to end: fx-http (a Rust guest on the SDK's
+//! `http` module) against a test HTTP server this file starts on
+//! 127.0.0.1. A plugin enriches messages from an allowed service; every
+//! way around the allow-list and the quotas ends as a typed failure of that
+//! plugin on that message, recorded in the status log and the metrics,
+//! with the server never reached where it must not be, and the engine
+//! ready throughout.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::harness::Deployment;
+use crate::hostile::{metric, serve, served};
+
+/// Requests the test server received, by path.
+#[derive(Clone, Default)]
+pub struct Hits(Arc<Mutex<BTreeMap<String, u64>>>);
+
+impl Hits {
+    /// Requests received for `path`.
+    pub fn get(&self, path: &str) -> u64 {
+        self.0.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    fn count(&self, uri: &Uri) {
+        *self
+            .0
+            .lock()
+            .unwrap()
+            .entry(uri.path().to_owned())
+            .or_default() += 1;
+    }
+}
+
+/// A test HTTP server on 127.0.0.1: its port and what it received. It
+/// serves until the test's runtime ends.
+///
+/// | route | answer |
+/// |---|---|
+/// | `GET /item` | `{"name": "widget", "price": 3}` |
+/// | `GET /headers` | the request's `host` header, as text |
+/// | `GET /redirect` | 302 to `http://169.254.169.254/latest/meta-data` |
+/// | `GET /big` | 1 GiB, made as it is sent, 64 KiB at a time |
+/// | `GET /slow` | one byte a second, for a minute |
+/// | `POST /length` | the length of the body it read, as text |
+pub async fn server() -> (u16, Hits) {
+    let hits = Hits::default();
+    let app = Router::new()
+        .route(
+            "/item",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    r#"{"name":"widget","price":3}"#,
+                )
+            }),
+        )
+        .route(
+            "/headers",
+            get(|headers: HeaderMap| async move {
+                headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("none")
+                    .to_owned()
+            }),
+        )
+        .route(
+            "/redirect",
+            get(|| async {
+                Response::builder()
+                    .status(StatusCode::FOUND)
+                    .header(header::LOCATION, "http://169.254.169.254/latest/meta-data")
+                    .body(Body::empty())
+                    .unwrap()
+            }),
+        )
+        .route(
+            "/big",
+            get(|| async {
+                let chunk = Bytes::from(vec![b'b'; 64 << 10]);
+                let stream = futures::stream::iter(
+                    (0..(1u64 << 30) / (64 << 10))
+                        .map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+                );
+                Body::from_stream(stream).into_response()
+            }),
+        )
+        .route(
+            "/slow",
+            get(|| async {
+                let stream = futures::stream::unfold(0u32, |n| async move {
+                    if n >= 60 {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Some((Ok::<_, std::io::Error>(Bytes::from_static(b"s")), n + 1))
+                });
+                Body::from_stream(stream).into_response()
+            }),
+        )
+        .route(
+            "/length",
+            post(|body: Bytes| async move { body.len().to_string() }),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            hits.clone(),
+            |State(hits): State<Hits>,
+             request: axum::extract::Request,
+             next: axum::middleware::Next| async move {
+                hits.count(request.uri());
+                next.run(request).await
+            },
+        ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, hits)
+}
+
+/// Put a `test/http` message asking for `fields` in the spool (a
+/// `data_type` among them replaces the type).
+fn request(d: &Deployment, id: &str, fields: serde_json::Value) {
+    let mut body = serde_json::json!({"uuid_ref": id, "data_type": "test/http"});
+    body.as_object_mut()
+        .unwrap()
+        .extend(fields.as_object().unwrap().clone());
+    d.message(&format!("{id}.json"), &body.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_enriches_messages_from_an_allowed_service() {
+    let (http_port, hits) = server().await;
+    let (d, port) = served(
+        &[("fx-http", "enrich")],
+        &format!(
+            "outputs:\n  out: {{ type: dir, path: out }}\nplugins:\n  grants:\n    enrich:\n      \
+             emit: [out]\n      http: {{ allow: [\"http://127.0.0.1:{http_port}\"] }}\n"
+        ),
+    );
+    for i in 0..3 {
+        request(
+            &d,
+            &format!("m-enrich-{i}"),
+            serde_json::json!({"action": "enrich", "url": format!("http://127.0.0.1:{http_port}/item")}),
+        );
+    }
+    request(
+        &d,
+        "m-post",
+        serde_json::json!({"action": "post", "url": format!("http://127.0.0.1:{http_port}/length"), "bytes": 100_000}),
+    );
+    request(
+        &d,
+        "m-host",
+        serde_json::json!({"action": "get", "url": format!("http://127.0.0.1:{http_port}/headers")}),
+    );
+    let served = serve(&d, port, 5).await;
+    assert_eq!(served.summary.done, 5, "{}", served.summary);
+    assert_eq!(hits.get("/item"), 3);
+
+    let emitted = d.files("out");
+    assert_eq!(emitted.len(), 3, "{emitted:?}");
+    let first: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path("out").join(&emitted[0])).unwrap()).unwrap();
+    let text = first["payload"].as_str().unwrap().to_owned();
+    assert!(
+        text.contains("widget") && text.contains("m-enrich-"),
+        "{text}"
+    );
+
+    let post = d.last("m-post", "enrich").await;
+    assert_eq!(post.info, "status=200 body=100000");
+    // The engine sets `Host` from the URL.
+    let host = d.last("m-host", "enrich").await;
+    assert_eq!(
+        host.info,
+        format!("status=200 bytes=15 body=127.0.0.1:{http_port}")
+    );
+
+    let m = &served.metrics;
+    assert_eq!(
+        metric(
+            m,
+            r#"sandpipe_http_requests_total{plugin="enrich",host="127.0.0.1",status="2xx"}"#
+        ),
+        5.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            m,
+            r#"sandpipe_http_sent_bytes_total{plugin="enrich",host="127.0.0.1"}"#
+        ) >= 100_000.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_way_around_the_allow_list_and_the_quotas_fails_typed() {
+    let (http_port, hits) = server().await;
+    // A second server that the list names only by a name resolving to
+    // loopback: it must never be reached.
+    let (named_port, named_hits) = server().await;
+    let (d, port) = served(
+        &[("fx-http", "web"), ("fx-http", "nogrant")],
+        &format!(
+            "plugins:\n  grants:\n    web:\n      mime: [test/http]\n      http: {{ allow: \
+             [\"http://127.0.0.1:{http_port}\", \"http://localhost:{named_port}\", \"http://*:80\"] \
+             }}\n      limits: {{ timeout: 3s, http_requests: 20, http_response_bytes: 1MiB }}\n    \
+             nogrant: {{ mime: [test/nogrant] }}\n"
+        ),
+    );
+    let at = |path: &str| format!("http://127.0.0.1:{http_port}{path}");
+    let cases = [
+        // A host outside the list.
+        (
+            "m-outside",
+            serde_json::json!({"action": "get", "url": "http://example.org:8080/item"}),
+        ),
+        // An address outside the list (`*` names never match an address).
+        (
+            "m-metadata",
+            serde_json::json!({"action": "get", "url": "http://169.254.169.254/latest/meta-data"}),
+        ),
+        // An allowed name that resolves to loopback only.
+        (
+            "m-rebind",
+            serde_json::json!({"action": "get", "url": format!("http://localhost:{named_port}/item")}),
+        ),
+        // A redirect is not followed: the guest sees the 302.
+        (
+            "m-redirect",
+            serde_json::json!({"action": "get", "url": at("/redirect")}),
+        ),
+        // A forged Host header is refused before anything is sent.
+        (
+            "m-host",
+            serde_json::json!({"action": "get", "url": at("/headers"), "headers": {"host": "evil.example"}}),
+        ),
+        // 1 GiB: bounded by the response quota, streamed, never held.
+        (
+            "m-big",
+            serde_json::json!({"action": "stream", "url": at("/big")}),
+        ),
+        // One byte a second: ends at the deadline.
+        (
+            "m-slow",
+            serde_json::json!({"action": "stream", "url": at("/slow")}),
+        ),
+        // 100,000 requests: the request quota.
+        (
+            "m-many",
+            serde_json::json!({"action": "get-many", "url": at("/item"), "count": 100_000}),
+        ),
+    ];
+    for (id, fields) in &cases {
+        request(&d, id, fields.clone());
+    }
+    // No `http` grant at all.
+    request(
+        &d,
+        "m-nogrant",
+        serde_json::json!({"data_type": "test/nogrant", "action": "get", "url": at("/item")}),
+    );
+    let started = Instant::now();
+    let served = serve(&d, port, cases.len() + 1).await;
+    assert_eq!(
+        served.ready,
+        Some((200, "ready\n".to_owned())),
+        "the engine was not ready after the attacks"
+    );
+    // The slow server did not hold its message much past the 3 s deadline.
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    let outside = d.last("m-outside", "web").await;
+    assert_eq!(outside.status, "failed");
+    assert!(
+        outside.info.starts_with("denied-call: access-denied: the engine denied the request to http://example.org:8080/item")
+            && outside.info.contains("[denied: plugin `web` sent a request to http://example.org:8080, which its `http.allow` list does not allow"),
+        "{}",
+        outside.info
+    );
+    let metadata = d.last("m-metadata", "web").await;
+    assert!(
+        metadata
+            .info
+            .contains("[denied: plugin `web` sent a request to http://169.254.169.254:80"),
+        "{}",
+        metadata.info
+    );
+    let rebind = d.last("m-rebind", "web").await;
+    assert!(
+        rebind.info.starts_with("denied-call: access-denied")
+            && rebind
+                .info
+                .contains("which resolves to 127.0.0.1 only: a loopback, private, link-local"),
+        "{}",
+        rebind.info
+    );
+    let redirect = d.last("m-redirect", "web").await;
+    assert_eq!(redirect.status, "skipped");
+    assert!(
+        redirect.info.starts_with("status=302 "),
+        "{}",
+        redirect.info
+    );
+    let host = d.last("m-host", "web").await;
+    assert!(
+        host.info.starts_with("plugin-error: invalid: request to")
+            && host.info.contains("a header was refused"),
+        "{}",
+        host.info
+    );
+    let big = d.last("m-big", "web").await;
+    assert!(
+        big.info.starts_with(
+            "plugin-error: limit-exceeded: the response body is over the plugin's quota"
+        ) && big.info.contains("limits.http_response_bytes"),
+        "{}",
+        big.info
+    );
+    // The body's wait ends at the deadline, and so does the invocation.
+    let slow = d.last("m-slow", "web").await;
+    assert_eq!(
+        slow.info, "deadline: plugin exceeded its deadline of 3s",
+        "{}",
+        slow.info
+    );
+    let many = d.last("m-many", "web").await;
+    assert!(
+        many.info.starts_with(
+            "plugin-error: limit-exceeded: more than 20 HTTP requests in one invocation (limits.http_requests)"
+        ),
+        "{}",
+        many.info
+    );
+    let nogrant = d.last("m-nogrant", "nogrant").await;
+    assert!(
+        nogrant.info.contains(
+            "[denied: plugin `nogrant` called http.outgoing-handler.handle but has no `http` grant"
+        ),
+        "{}",
+        nogrant.info
+    );
+
+    // What must not reach the server did not; what was allowed did, and
+    // no more than the quota.
+    assert_eq!(hits.get("/headers"), 0);
+    assert_eq!(named_hits.get("/item"), 0);
+    assert_eq!(hits.get("/redirect"), 1);
+    assert_eq!(hits.get("/item"), 20);
+    assert_eq!(hits.get("/big"), 1);
+
+    let m = &served.metrics;
+    assert_eq!(
+        metric(
+            m,
+            r#"sandpipe_limit_exceeded_total{plugin="web",limit="http_requests"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            m,
+            r#"sandpipe_limit_exceeded_total{plugin="web",limit="http_response_bytes"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+    assert!(metric(m, r#"sandpipe_denied_calls_total{plugin="web"}"#) >= 3.0);
+    assert_eq!(
+        metric(
+            m,
+            r#"sandpipe_http_requests_total{plugin="web",host="127.0.0.1",status="3xx"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+}
