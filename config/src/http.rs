@@ -36,9 +36,136 @@ pub struct HttpGrant {
     /// then only documents that the plugin was considered).
     #[serde(default)]
     pub allow: Vec<AllowedHost>,
+    /// Credentials the engine adds to requests to a destination (a key in
+    /// the `allow` form), from the top-level `secrets:`; the plugin never
+    /// sees them. The first matching destination, in the order written,
+    /// applies; its header replaces one the plugin set.
+    #[serde(default, deserialize_with = "auth_map")]
+    pub auth: Vec<(AllowedHost, HttpAuth)>,
+}
+
+/// How the engine authenticates requests to one destination. Each names
+/// secrets of the top-level `secrets:` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "AuthSpec")]
+pub enum HttpAuth {
+    /// `bearer: SECRET`: `Authorization: Bearer <secret>`.
+    Bearer(String),
+    /// `header: { NAME: SECRET, ... }`: each header set to its secret.
+    Header(std::collections::BTreeMap<String, String>),
+    /// `basic: { user: NAME, password: SECRET }`: `Authorization: Basic
+    /// base64(user:secret)`; the user name is written as it is.
+    Basic {
+        /// The user name (not a secret).
+        user: String,
+        /// The secret holding the password.
+        password: String,
+    },
+}
+
+/// `HttpAuth` as written: a map with exactly one of its keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthSpec {
+    bearer: Option<String>,
+    header: Option<std::collections::BTreeMap<String, String>>,
+    basic: Option<BasicSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BasicSpec {
+    user: String,
+    password: String,
+}
+
+impl TryFrom<AuthSpec> for HttpAuth {
+    type Error = String;
+
+    fn try_from(spec: AuthSpec) -> Result<Self, String> {
+        match (spec.bearer, spec.header, spec.basic) {
+            (Some(secret), None, None) => Ok(Self::Bearer(secret)),
+            (None, Some(headers), None) if !headers.is_empty() => Ok(Self::Header(headers)),
+            (None, None, Some(BasicSpec { user, password })) => Ok(Self::Basic { user, password }),
+            _ => Err(
+                "give exactly one of `bearer: SECRET`, `header: { NAME: SECRET }` and \
+                      `basic: { user: NAME, password: SECRET }`"
+                    .into(),
+            ),
+        }
+    }
+}
+
+impl HttpAuth {
+    /// The secrets this names.
+    pub fn secrets(&self) -> Vec<&str> {
+        match self {
+            Self::Bearer(secret) => vec![secret.as_str()],
+            Self::Header(headers) => headers.values().map(String::as_str).collect(),
+            Self::Basic { password, .. } => vec![password.as_str()],
+        }
+    }
+
+    /// The header names this sets, lowercase.
+    pub fn header_names(&self) -> Vec<String> {
+        match self {
+            Self::Bearer(_) | Self::Basic { .. } => vec!["authorization".into()],
+            Self::Header(headers) => headers.keys().map(|k| k.to_ascii_lowercase()).collect(),
+        }
+    }
+}
+
+/// Headers the engine sets itself or that only hops use: never set from a
+/// secret.
+pub const RESERVED_HEADERS: [&str; 10] = [
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "http2-settings",
+];
+
+fn auth_map<'de, D>(de: D) -> Result<Vec<(AllowedHost, HttpAuth)>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    // In the order written: a map that keeps it.
+    struct Ordered;
+    impl<'de> serde::de::Visitor<'de> for Ordered {
+        type Value = Vec<(AllowedHost, HttpAuth)>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map of destinations (`https://host`) to `bearer`, `header` or `basic`")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let host = AllowedHost::try_from(key).map_err(serde::de::Error::custom)?;
+                let auth = map.next_value::<HttpAuth>()?;
+                out.push((host, auth));
+            }
+            Ok(out)
+        }
+    }
+    de.deserialize_map(Ordered)
 }
 
 impl HttpGrant {
+    /// The credentials for a request to `scheme://host:port`, if any.
+    pub fn auth_for(&self, scheme: &str, host: &str, port: u16) -> Option<&HttpAuth> {
+        self.auth
+            .iter()
+            .find(|(a, _)| a.matches(scheme, host, port))
+            .map(|(_, auth)| auth)
+    }
+
     /// The first entry allowing a request to `scheme://host:port`, where
     /// `host` is the request's host as written (a name, or an IP address
     /// without brackets).
@@ -403,6 +530,7 @@ mod tests {
                 .iter()
                 .map(|e| AllowedHost::try_from((*e).to_owned()).unwrap_or_else(|e| panic!("{e}")))
                 .collect(),
+            auth: Vec::new(),
         }
     }
 

@@ -116,6 +116,16 @@ pub struct Config {
     /// `rediss://`, PostgreSQL's `sslmode`, an `https://` S3 endpoint).
     #[serde(default)]
     pub tls: TlsConfig,
+    /// Credentials, by name: each from an environment variable or a file
+    /// (a Kubernetes secret volume), never written in this file. Grants
+    /// bind them to destinations (`http.auth`); plugins never see them.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretSource>,
+    /// Values of grants' `config` that came from `${ENV}` references, as
+    /// `plugins.grants.NAME.config.KEY` (`sandpipe check` warns: `config`
+    /// is readable by the plugin, credentials belong in `secrets`).
+    #[serde(skip)]
+    pub env_in_grant_config: Vec<String>,
     /// The directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -769,6 +779,17 @@ impl Default for PluginsConfig {
     }
 }
 
+/// Where a secret's value comes from: exactly one of `env` and `file`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// An environment variable's name.
+    pub env: Option<String>,
+    /// A file (relative to the config file), read at start; one trailing
+    /// newline is dropped.
+    pub file: Option<PathBuf>,
+}
+
 /// Per-invocation limits of the sandbox and of the host capabilities.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -1101,6 +1122,7 @@ impl Config {
             }
         })?;
         config.file = file.to_owned();
+        config.env_in_grant_config = env_in_grant_config(text);
         config.base_dir = file
             .parent()
             .map(Path::to_path_buf)
@@ -1144,6 +1166,11 @@ impl Config {
                 if let Some(init) = init {
                     fix(init);
                 }
+            }
+        }
+        for secret in self.secrets.values_mut() {
+            if let Some(path) = &mut secret.file {
+                fix(path);
             }
         }
         for output in self.outputs.values_mut() {
@@ -1193,6 +1220,7 @@ impl Config {
         if let Err(message) = self.tls.ca_certificates() {
             return Err(invalid("tls.ca_file".into(), message));
         }
+        self.validate_secrets()?;
         for (name, grant) in &self.plugins.grants {
             for output in &grant.emit {
                 if !self.outputs.contains_key(output) {
@@ -1238,6 +1266,59 @@ impl Config {
                     self.sandbox.max_instances
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// The `secrets` section and the `http.auth` bindings that name them.
+    fn validate_secrets(&self) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            file: self.file.clone(),
+            key,
+            message,
+        };
+        for (name, source) in &self.secrets {
+            if source.env.is_some() == source.file.is_some() {
+                return Err(invalid(
+                    format!("secrets.{name}"),
+                    "give exactly one of `env: VARIABLE` and `file: PATH` (a secret's value is \
+                     never written in this file)"
+                        .into(),
+                ));
+            }
+        }
+        for (plugin, grant) in &self.plugins.grants {
+            let Some(http_grant) = &grant.http else {
+                continue;
+            };
+            for (destination, auth) in &http_grant.auth {
+                let key = format!("plugins.grants.{plugin}.http.auth.\"{destination}\"");
+                for secret in auth.secrets() {
+                    if !self.secrets.contains_key(secret) {
+                        return Err(invalid(
+                            key,
+                            format!(
+                                "secret `{secret}` is not declared under `secrets` (declared: {})",
+                                list_or_none(self.secrets.keys())
+                            ),
+                        ));
+                    }
+                }
+                for header in auth.header_names() {
+                    let token = !header.is_empty()
+                        && header
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                    if !token || http::RESERVED_HEADERS.contains(&header.as_str()) {
+                        return Err(invalid(
+                            key,
+                            format!(
+                                "`{header}` cannot carry a secret (not a header name, or one the engine sets itself)"
+                            ),
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -1349,6 +1430,47 @@ fn strip_location(message: &str) -> String {
     }
 }
 
+/// The grants' `config` values written with a `${NAME}` reference, read
+/// from the text before expansion (nothing if it is not YAML).
+fn env_in_grant_config(text: &str) -> Vec<String> {
+    fn mentions_env(value: &serde_yaml_ng::Value) -> bool {
+        match value {
+            serde_yaml_ng::Value::String(s) => s.contains("${"),
+            serde_yaml_ng::Value::Sequence(items) => items.iter().any(mentions_env),
+            serde_yaml_ng::Value::Mapping(map) => map.values().any(mentions_env),
+            serde_yaml_ng::Value::Tagged(tagged) => mentions_env(&tagged.value),
+            _ => false,
+        }
+    }
+    let Ok(raw) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text) else {
+        return Vec::new();
+    };
+    let Some(grants) = raw
+        .get("plugins")
+        .and_then(|p| p.get("grants"))
+        .and_then(|g| g.as_mapping())
+    else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for (name, grant) in grants {
+        let Some(config) = grant.get("config").and_then(|c| c.as_mapping()) else {
+            continue;
+        };
+        for (key, value) in config {
+            if mentions_env(value) {
+                found.push(format!(
+                    "plugins.grants.{}.config.{}",
+                    name.as_str().unwrap_or("?"),
+                    key.as_str().unwrap_or("?")
+                ));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
 /// Replace `${NAME}` with the environment variable `NAME`.
 fn expand_env(file: &Path, text: &str) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
@@ -1409,6 +1531,82 @@ mod tests {
         assert!(err.contains("line 6"), "{err}");
         assert!(err.contains("plugins.grants.a.limits"), "{err}");
         assert!(err.contains("memroy"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_named_sources_and_http_auth_binds_them_to_destinations() -> anyhow::Result<()> {
+        let c = parse(
+            "listener: { type: dir, path: spool }\nsecrets:\n  token: { env: ZENODO_TOKEN }\n  key: { file: keys/api }\nplugins:\n  grants:\n    p:\n      http:\n        allow: [\"https://zenodo.org\", \"https://*.example.org\"]\n        auth:\n          \"https://zenodo.org\": { bearer: token }\n          \"https://*.example.org\": { header: { X-Api-Key: key } }\n          \"https://*:*\": { basic: { user: me, password: token } }\n",
+        )?;
+        assert_eq!(
+            c.secrets["key"].file.as_deref(),
+            Some(Path::new("/etc/sandpipe/keys/api"))
+        );
+        let http = c.plugins.grants["p"].http.as_ref().unwrap();
+        assert_eq!(
+            http.auth_for("https", "zenodo.org", 443),
+            Some(&http::HttpAuth::Bearer("token".into()))
+        );
+        assert!(matches!(
+            http.auth_for("https", "api.example.org", 443),
+            Some(http::HttpAuth::Header(_))
+        ));
+        assert!(matches!(
+            http.auth_for("https", "other.org", 8443),
+            Some(http::HttpAuth::Basic { .. })
+        ));
+        assert_eq!(http.auth_for("http", "zenodo.org", 80), None);
+        Ok(())
+    }
+
+    #[test]
+    fn a_binding_to_an_undeclared_secret_or_a_reserved_header_is_refused() {
+        let base = "listener: { type: dir, path: spool }\nsecrets:\n  token: { env: T }\nplugins:\n  grants:\n    p:\n      http:\n        allow: [\"https://a.org\"]\n        auth:\n";
+        for (binding, expected) in [
+            (
+                "          \"https://a.org\": { bearer: nope }\n",
+                "secret `nope` is not declared under `secrets` (declared: token)",
+            ),
+            (
+                "          \"https://a.org\": { header: { Host: token } }\n",
+                "`host` cannot carry a secret",
+            ),
+            (
+                "          \"a.org\": { bearer: token }\n",
+                "scheme is missing",
+            ),
+        ] {
+            let err = parse(&format!("{base}{binding}"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(expected), "{err}");
+            assert!(err.contains("plugins.grants.p.http.auth"), "{err}");
+        }
+        let err =
+            parse("listener: { type: dir, path: spool }\nsecrets:\n  s: { env: A, file: b }\n")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+        assert!(
+            err.contains("secrets.s") && err.contains("exactly one"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn config_values_from_env_references_are_noted() -> anyhow::Result<()> {
+        let c = parse(
+            "listener: { type: dir, path: spool }\nplugins:\n  grants:\n    p:\n      config: { url: \"https://x.org\", token: \"${HOME}\", nested: [\"a${HOME}\"] }\n",
+        )?;
+        assert_eq!(
+            c.env_in_grant_config,
+            vec![
+                "plugins.grants.p.config.nested".to_owned(),
+                "plugins.grants.p.config.token".to_owned()
+            ]
+        );
+        Ok(())
     }
 
     #[test]

@@ -75,6 +75,7 @@ pub async fn assemble_with(
         state: StateStore::new(database.clone())?,
         outputs: Outputs::new(&config.outputs, &tls)?,
         http: Arc::new(crate::capability::http::HttpClient::new(&tls)),
+        secrets: crate::secrets::Secrets::load(&config)?,
     });
     let (max_memory, fuel) = plugins::engine_shape(&config);
     let sandbox = Arc::new(Sandbox::new(&config.sandbox, max_memory, fuel)?);
@@ -204,6 +205,14 @@ pub async fn check(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow::
         }
     };
     writeln!(out, "config {}: ok", config_file.display())?;
+    for key in &config.env_in_grant_config {
+        writeln!(
+            out,
+            "  warning: {key} comes from an ${{ENV}} reference: a plugin reads its `config`, so a \
+             credential there is the plugin's to leak; declare it under `secrets:` and bind it \
+             with `http.auth` instead"
+        )?;
+    }
     let assembled = assemble(config).await?;
     for p in &assembled.plugins {
         writeln!(

@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod plugins;
 pub mod sandbox;
 pub mod scaffold;
+pub mod secrets;
 pub mod server;
 pub mod status;
 pub mod store;

@@ -51,9 +51,30 @@ impl Hits {
 /// | `GET /big` | 1 GiB, made as it is sent, 64 KiB at a time |
 /// | `GET /slow` | one byte a second, for a minute |
 /// | `POST /length` | the length of the body it read, as text |
+/// | `GET /auth` | 200 `ok` if `Authorization` is `Bearer <secret>`, else 401 `no` |
 pub async fn server() -> (u16, Hits) {
+    server_expecting("no secret here").await
+}
+
+/// [`server`], whose `/auth` expects `secret`.
+pub async fn server_expecting(secret: &str) -> (u16, Hits) {
     let hits = Hits::default();
+    let expected = format!("Bearer {secret}");
     let app = Router::new()
+        .route(
+            "/auth",
+            get(move |headers: HeaderMap| async move {
+                if headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|h| h.to_str().ok())
+                    == Some(expected.as_str())
+                {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::UNAUTHORIZED, "no")
+                }
+            }),
+        )
         .route(
             "/item",
             get(|| async {
@@ -384,5 +405,95 @@ async fn every_way_around_the_allow_list_and_the_quotas_fails_typed() {
         ),
         1.0,
         "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_reaches_its_destination_and_never_the_plugin() {
+    let (secret, masked) = crate::leaks::secret();
+    let (http_port, hits) = server_expecting(&secret).await;
+    let origin = format!("http://127.0.0.1:{http_port}");
+    let (d, port) = served(
+        &[
+            ("fx-hostile", "leaky"),
+            ("fx-http", "web"),
+            ("fx-http", "other"),
+        ],
+        &format!(
+            "secrets:\n  api_token: {{ file: token.txt }}\nplugins:\n  grants:\n    leaky:\n      \
+             mime: [test/hostile]\n      http: {{ allow: [\"{origin}\"], auth: {{ \"{origin}\": {{ \
+             bearer: api_token }} }} }}\n    web:\n      mime: [test/http]\n      http: {{ allow: \
+             [\"{origin}\"], auth: {{ \"{origin}\": {{ bearer: api_token }} }} }}\n      config: {{ \
+             where: \"{origin}\" }}\n    other:\n      mime: [test/other]\n      http: {{ allow: \
+             [\"{origin}\"] }}\n"
+        ),
+    );
+    // A Kubernetes secret volume's file: the value and a newline.
+    std::fs::write(d.path("token.txt"), format!("{secret}\n")).unwrap();
+    let auth = format!("{origin}/auth");
+    // Requests that carried the secret, then a scan of the same instance's
+    // whole memory for it.
+    let mut scan = serde_json::json!({"uuid_ref": "m-scan", "data_type": "test/hostile"});
+    scan.as_object_mut().unwrap().extend(
+        serde_json::json!({"action": "http-scan", "url": auth, "count": 20, "masked": masked})
+            .as_object()
+            .unwrap()
+            .clone(),
+    );
+    d.message("m-scan.json", &scan.to_string());
+    // A header the plugin sets is replaced by the bound one.
+    request(
+        &d,
+        "m-guess",
+        serde_json::json!({"action": "get", "url": auth, "headers": {"authorization": "Bearer guessed"}}),
+    );
+    // Without a binding, no credentials.
+    request(
+        &d,
+        "m-other",
+        serde_json::json!({"data_type": "test/other", "action": "get", "url": auth}),
+    );
+    let served = serve(&d, port, 3).await;
+    assert_eq!(served.summary.dead, 0, "{}", served.summary);
+
+    let scan = d.last("m-scan", "leaky").await;
+    assert!(
+        scan.info
+            .starts_with(&format!("statuses {:?}; clean: scanned ", vec![200; 20])),
+        "{}",
+        scan.info
+    );
+    assert_eq!(
+        d.last("m-guess", "web").await.info,
+        "status=200 bytes=2 body=ok"
+    );
+    assert_eq!(
+        d.last("m-other", "other").await.info,
+        "status=401 bytes=2 body=no"
+    );
+    assert_eq!(hits.get("/auth"), 22);
+
+    // Nothing the engine shows holds the secret.
+    for id in ["m-scan", "m-guess", "m-other"] {
+        for row in d.rows(id).await {
+            assert!(!row.info.contains(&secret), "{}", row.info);
+        }
+    }
+    assert!(!served.metrics.contains(&secret));
+    assert!(!served.ready.unwrap().1.contains(&secret));
+}
+
+#[test]
+fn check_warns_about_config_values_from_the_environment() {
+    let d = Deployment::new(
+        &[("fx-http", "web")],
+        "plugins:\n  grants:\n    web:\n      config: { token: \"${HOME}\", url: \"https://example.org\" }\n",
+    );
+    let out = d.cli(&["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("warning: plugins.grants.web.config.token comes from an ${ENV} reference")
+            && !text.contains("config.url"),
+        "{text}"
     );
 }

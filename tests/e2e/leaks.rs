@@ -13,7 +13,7 @@
 use crate::harness::{Deployment, shared_cache};
 
 /// A fresh secret, and its bytes XOR 0xA5 in hex (what the scanner gets).
-fn secret() -> (String, String) {
+pub fn secret() -> (String, String) {
     let secret = format!("sandpipe-secret-{}", uuid::Uuid::new_v4().simple());
     let masked = secret
         .bytes()

@@ -235,9 +235,74 @@ impl WasiHttpHooks for HostState {
         options: Option<RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Box<dyn Future<Output = Sent> + Send> {
-        match self.admit(&request) {
+        let mut request = request;
+        match self
+            .admit(&request)
+            .and_then(|allowed| authorize(&allowed, &mut request).map(|()| allowed))
+        {
             Ok(allowed) => Box::new(send(allowed, request, options)),
             Err(error) => Box::new(async move { Err(error) }),
+        }
+    }
+}
+
+/// Add the credentials the grant binds to the request's destination
+/// (`http.auth`), replacing any header of the same name the guest set.
+/// Header values made from a secret are marked sensitive; an error never
+/// quotes one.
+fn authorize(allowed: &Allowed, request: &mut http::Request<WasiBody>) -> Result<(), Error> {
+    use crate::config::http::HttpAuth;
+    use base64::Engine as _;
+    let Some(auth) = allowed
+        .plugin
+        .grant
+        .http
+        .as_ref()
+        .and_then(|g| g.auth_for(&allowed.scheme, &allowed.host, allowed.port))
+    else {
+        return Ok(());
+    };
+    let secrets = &allowed.plugin.services.secrets;
+    let secret = |name: &str| {
+        secrets.get(name).ok_or_else(|| {
+            Error::InternalError(Some(format!(
+                "secret `{name}` is not loaded (declare it under `secrets:`)"
+            )))
+        })
+    };
+    let mut set = |name: &str, value: String, secret_name: &str| -> Result<(), Error> {
+        let name = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| Error::InternalError(Some(format!("`{name}` is not a header name"))))?;
+        let mut value = http::HeaderValue::from_str(&value).map_err(|_| {
+            Error::InternalError(Some(format!(
+                "secret `{secret_name}` cannot be a header value (control characters?)"
+            )))
+        })?;
+        value.set_sensitive(true);
+        request.headers_mut().insert(name, value);
+        Ok(())
+    };
+    match auth {
+        HttpAuth::Bearer(name) => {
+            let token = secret(name)?;
+            set("authorization", format!("Bearer {}", token.expose()), name)
+        }
+        HttpAuth::Header(headers) => {
+            for (header, name) in headers {
+                set(header, secret(name)?.expose().to_owned(), name)?;
+            }
+            Ok(())
+        }
+        HttpAuth::Basic { user, password } => {
+            let pair = format!("{user}:{}", secret(password)?.expose());
+            set(
+                "authorization",
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                ),
+                password,
+            )
         }
     }
 }

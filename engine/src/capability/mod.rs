@@ -42,6 +42,8 @@ pub struct Services {
     pub outputs: Outputs,
     /// Outbound HTTP (`http`).
     pub http: Arc<http::HttpClient>,
+    /// The values `http.auth` bindings apply.
+    pub secrets: crate::secrets::Secrets,
 }
 
 /// What one plugin is, may do, and is backed by. Built once at load.

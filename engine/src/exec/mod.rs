@@ -446,6 +446,7 @@ pub async fn run(path: &Path, inputs: &Inputs, cache_dir: Option<&Path>) -> anyh
         http: Arc::new(crate::capability::http::HttpClient::new(
             &crate::tls::Tls::default(),
         )),
+        secrets: crate::secrets::Secrets::default(),
     });
     let db = match grant.sql {
         Some(_) => Some(Arc::new(database.plugin_db(&inputs.name, &limits)?)),
