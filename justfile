@@ -63,6 +63,10 @@ py-plugin:
 js-plugin:
     examples/plugins/componentize-js.sh examples/plugins/js-validate/validate.js "{{plugins_dir}}/js-validate.wasm"
 
+# Build examples/plugins/js-enrich (fetch through the `http` grant) into target/plugins/
+js-enrich:
+    examples/plugins/componentize-js.sh examples/plugins/js-enrich/enrich.js "{{plugins_dir}}/js-enrich.wasm" --http
+
 # Build both non-Rust example plugins
 polyglot: py-plugin js-plugin
 

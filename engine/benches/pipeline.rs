@@ -114,7 +114,7 @@ const TRIVIAL: Scenario = Scenario {
     init: false,
 };
 
-const SCENARIOS: [Scenario; 7] = [
+const SCENARIOS: [Scenario; 8] = [
     TRIVIAL,
     // The same with four times the messages in flight: bigger status-log
     // group commits.
@@ -159,6 +159,25 @@ const SCENARIOS: [Scenario; 7] = [
         sandbox: "",
         init: true,
     },
+    // One outbound HTTP GET of 1 KiB per message (fx-http's `fetch`), from
+    // a server the benchmark's parent process runs on 127.0.0.1.
+    Scenario {
+        name: "http-get-1k",
+        krate: "fx-http",
+        plugin: "fetch",
+        grant: "{ http: { allow: [\"http://127.0.0.1:*\"] } }",
+        body: |i| {
+            let port = std::env::var(HTTP_PORT).unwrap_or_default();
+            format!(
+                r#"{{"uuid_ref":"m-{i}","data_type":"test/http","action":"fetch","url":"http://127.0.0.1:{port}/kib"}}"#
+            )
+        },
+        native: true,
+        share: 1.0,
+        concurrency: 16,
+        sandbox: "",
+        init: false,
+    },
     Scenario {
         name: "python-csv",
         krate: "polyglot:python-csv",
@@ -190,6 +209,38 @@ const SCENARIOS: [Scenario; 7] = [
         init: false,
     },
 ];
+
+/// The environment variable that tells a run where the HTTP server is.
+const HTTP_PORT: &str = "SANDPIPE_BENCH_HTTP_PORT";
+
+/// The port of a server answering `GET /kib` with 1 KiB, started once (on
+/// a thread of its own) by the parent process for the `http-get-1k` runs.
+fn http_server() -> u16 {
+    static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *PORT.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap().port()).unwrap();
+                let kib = Bytes::from(vec![b'k'; 1024]);
+                let app = axum::Router::new().route(
+                    "/kib",
+                    axum::routing::get(move || {
+                        let kib = kib.clone();
+                        async move { kib }
+                    }),
+                );
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        rx.recv().unwrap()
+    })
+}
 
 /// The component of `scenario`, or `None` for a polyglot example that has
 /// not been built: the newest of `target/plugins/NAME.wasm` (`just
@@ -743,7 +794,11 @@ fn median_of(runs: &[Measured]) -> Measured {
 }
 
 fn spawn(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
-    let out = Command::new(std::env::current_exe().unwrap())
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    if scenario.name.starts_with("http") {
+        command.env(HTTP_PORT, http_server().to_string());
+    }
+    let out = command
         .args(["--child", scenario.name, mode.arg(), "--messages"])
         .arg(messages.to_string())
         .output()
@@ -842,6 +897,7 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
                 vec![(scenario.plugin.into(), Arc::new(Trivial))]
             }
             (true, "image-meta") => vec![(scenario.plugin.into(), Arc::new(ImageMetaNative))],
+            (true, "http-get-1k") => vec![(scenario.plugin.into(), Arc::new(HttpFetch))],
             (true, _) => vec![(scenario.plugin.into(), Arc::new(TextStats))],
         };
         let assembled = assemble_with(config, natives).await.unwrap();
@@ -973,6 +1029,59 @@ impl NativePlugin for Trivial {
                 Some("done") => Ok(Outcome::Done),
                 other => Err(WitError::Invalid(format!("unexpected action {other:?}"))),
             }
+        })
+    }
+}
+
+/// fx-http's `fetch` natively: one GET through the same host code a
+/// component's `wasi:http/outgoing-handler.handle` reaches (the `http`
+/// capability's `send_request`: grant, quota, allow-list, address check,
+/// connection, metered body), the body read whole.
+struct HttpFetch;
+
+impl NativePlugin for HttpFetch {
+    fn describe(&self) -> Description {
+        native_description("fx-http", &["test/http"])
+    }
+
+    fn execute<'a>(
+        &'a self,
+        state: &'a mut InvocationState,
+        msg: Message,
+    ) -> BoxFuture<'a, Result<Outcome, WitError>> {
+        use http_body_util::BodyExt as _;
+        use wasmtime_wasi_http::WasiHttpHooks as _;
+        Box::pin(async move {
+            let body: serde_json::Value =
+                serde_json::from_slice(&msg.body).map_err(|e| WitError::Invalid(e.to_string()))?;
+            let url = body.get("url").and_then(|u| u.as_str()).unwrap_or_default();
+            let uri: http::Uri = url.parse().map_err(|_| WitError::Invalid(url.into()))?;
+            let host = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+            let request = http::Request::get(uri)
+                .header(http::header::HOST, host)
+                .body(
+                    http_body_util::Empty::<Bytes>::new()
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                )
+                .unwrap();
+            let sent = state
+                .host
+                .send_request(request, None, Box::new(async { Ok(()) }));
+            let (response, _io) = Box::into_pin(sent)
+                .await
+                .map_err(|e| WitError::Unavailable(e.to_string()))?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| WitError::Unavailable(e.to_string()))?
+                .to_bytes();
+            if status != 200 || bytes.len() > 1 << 20 {
+                return Err(WitError::Unavailable(format!("{url} answered {status}")));
+            }
+            Ok(Outcome::Done)
         })
     }
 }

@@ -4,18 +4,24 @@
 # (@bytecodealliance/componentize-js and jco) with `npm ci` first when it is
 # missing or stale.
 #
-#   examples/plugins/componentize-js.sh SRC.js OUT.wasm
+#   examples/plugins/componentize-js.sh SRC.js OUT.wasm [--http]
 #
-# The world is `plugin` of wit/sandpipe.wit. WASI http and the fetch event
-# are disabled: with them the component imports wasi:http, which the engine
-# does not link. Exit status 75 means the tool could not be installed.
+# The world is `plugin` of wit/sandpipe.wit. The fetch event (an incoming
+# HTTP handler) is disabled; so is WASI http, which `fetch` needs, unless
+# `--http` is given: then the component imports wasi:http/outgoing-handler,
+# and only a grant's `http.allow` list lets its requests out. Exit status
+# 75 means the tool could not be installed.
 set -euo pipefail
 
-if [ $# -ne 2 ]; then
-    echo "usage: $0 SRC.js OUT.wasm" >&2
+if [ $# -lt 2 ] || [ $# -gt 3 ] || { [ $# -eq 3 ] && [ "$3" != --http ]; }; then
+    echo "usage: $0 SRC.js OUT.wasm [--http]" >&2
     exit 2
 fi
 src=$1 out=$2
+disable=(-d http -d fetch-event)
+if [ "${3:-}" = --http ]; then
+    disable=(-d fetch-event)
+fi
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 pkg=$root/examples/plugins/js-validate
 tool=$pkg/node_modules/.bin/componentize-js
@@ -39,6 +45,6 @@ tmp=$out.tmp.$$
 trap 'rm -f "$tmp"' EXIT
 # componentize-js resolves its engine relative to itself; run it from the
 # package so `npx`-style lookup is not needed.
-"$tool" "$src" -w "$root/wit" -n plugin -d http -d fetch-event -o "$tmp" >&2
+"$tool" "$src" -w "$root/wit" -n plugin "${disable[@]}" -o "$tmp" >&2
 mv "$tmp" "$out"
 echo "built $out ($(wc -c <"$out") bytes)" >&2

@@ -33,6 +33,8 @@ struct Recipe {
     args: &'static [&'static str],
     /// Every file the build depends on besides the script and the WIT.
     inputs: &'static [&'static str],
+    /// The script's arguments after the output path.
+    flags: &'static [&'static str],
 }
 
 const PYTHON_CSV: Recipe = Recipe {
@@ -40,6 +42,7 @@ const PYTHON_CSV: Recipe = Recipe {
     script: "examples/plugins/componentize-py.sh",
     args: &["examples/plugins/python-csv", "app"],
     inputs: &["examples/plugins/python-csv/app.py"],
+    flags: &[],
 };
 
 const PY_WASI: Recipe = Recipe {
@@ -47,6 +50,7 @@ const PY_WASI: Recipe = Recipe {
     script: "examples/plugins/componentize-py.sh",
     args: &["tests/fixtures/py-wasi", "app"],
     inputs: &["tests/fixtures/py-wasi/app.py"],
+    flags: &[],
 };
 
 const JS_VALIDATE: Recipe = Recipe {
@@ -58,6 +62,19 @@ const JS_VALIDATE: Recipe = Recipe {
         "examples/plugins/js-validate/package.json",
         "examples/plugins/js-validate/package-lock.json",
     ],
+    flags: &[],
+};
+
+const JS_ENRICH: Recipe = Recipe {
+    name: "js-enrich",
+    script: "examples/plugins/componentize-js.sh",
+    args: &["examples/plugins/js-enrich/enrich.js"],
+    inputs: &[
+        "examples/plugins/js-enrich/enrich.js",
+        "examples/plugins/js-validate/package.json",
+        "examples/plugins/js-validate/package-lock.json",
+    ],
+    flags: &["--http"],
 };
 
 /// The built component of `recipe`, or why it could not be built because
@@ -82,6 +99,7 @@ fn build(recipe: &Recipe) -> Result<PathBuf, String> {
         .iter()
         .chain(recipe.args)
         .chain(recipe.inputs)
+        .chain(recipe.flags)
     {
         hash.update(rel.as_bytes());
         let path = root.join(rel);
@@ -103,6 +121,7 @@ fn build(recipe: &Recipe) -> Result<PathBuf, String> {
         .arg(recipe.script)
         .args(recipe.args)
         .arg(&out)
+        .args(recipe.flags)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", recipe.script));
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -484,4 +503,60 @@ async fn a_python_guest_reaches_no_file_environment_or_socket_of_the_host() {
         matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "the guest reached a local socket"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn js_enrich_fetches_from_an_allowed_service_and_nowhere_else() {
+    let (port, hits) = crate::http::server().await;
+    let grant = |name: &str, url: &str| {
+        format!(
+            "    {name}:\n      emit: [out]\n      http: {{ allow: [\"http://127.0.0.1:{port}\"] }}\n      \
+             config: {{ url: \"{url}\", output: out }}\n      {LIMITS}\n"
+        )
+    };
+    let extra = format!(
+        "outputs:\n  out: {{ type: dir, path: out }}\nplugins:\n  grants:\n{}{}{}",
+        grant("js-enrich", &format!("http://127.0.0.1:{port}/item?id={{id}}")),
+        grant("js-missing", &format!("http://127.0.0.1:{port}/gone/{{id}}")),
+        grant("js-outside", "http://example.org/items/{id}"),
+    );
+    let Some(d) = deployment("js_enrich", &[&JS_ENRICH], &extra) else {
+        return;
+    };
+    for other in ["js-missing", "js-outside"] {
+        std::fs::copy(
+            d.path("plugins/js-enrich.wasm"),
+            d.path(&format!("plugins/{other}.wasm")),
+        )
+        .unwrap();
+    }
+    d.message(
+        "1.json",
+        r#"{"uuid_ref": "m-1", "data_type": "application/json"}"#,
+    );
+    let summary = d.run_once().await.unwrap();
+    let rows = statuses(&d, &["m-1"]).await;
+    let enriched = d.last("m-1", "js-enrich").await;
+    assert_eq!(enriched.status, "done", "{rows}");
+    let doc = read_json(&d.path("out/m-1.js-enrich.0.json"));
+    let payload: serde_json::Value =
+        serde_json::from_str(doc["payload"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        payload,
+        serde_json::json!({"id": "m-1", "found": {"name": "widget", "price": 3}})
+    );
+    let missing = d.last("m-1", "js-missing").await;
+    assert_eq!(missing.status, "skipped", "{rows}");
+    assert!(missing.info.ends_with("/gone/m-1: not found"), "{rows}");
+    // `fetch` to a host outside the list rejects; the denial is recorded.
+    let outside = d.last("m-1", "js-outside").await;
+    assert_ne!(outside.status, "done", "{rows}");
+    assert!(
+        outside
+            .info
+            .contains("[denied: plugin `js-outside` sent a request to http://example.org:80"),
+        "{rows}"
+    );
+    assert_eq!(hits.get("/item"), 1);
+    assert_eq!(summary.dead, 1, "{summary}");
 }
