@@ -67,6 +67,10 @@ js-plugin:
 js-enrich:
     examples/plugins/componentize-js.sh examples/plugins/js-enrich/enrich.js "{{plugins_dir}}/js-enrich.wasm" --http
 
+# Build examples/plugins/python-enrich (the plugin-http world) into target/plugins/
+py-enrich:
+    examples/plugins/componentize-py.sh examples/plugins/python-enrich app "{{plugins_dir}}/python-enrich.wasm" plugin-http
+
 # Build both non-Rust example plugins
 polyglot: py-plugin js-plugin
 

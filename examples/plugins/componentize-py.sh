@@ -2,10 +2,11 @@
 # Build a Python plugin into a wasm component with componentize-py, installing
 # the pinned componentize-py into a virtualenv first when it is missing.
 #
-#   examples/plugins/componentize-py.sh SRC_DIR MODULE OUT.wasm
+#   examples/plugins/componentize-py.sh SRC_DIR MODULE OUT.wasm [WORLD]
 #
 # SRC_DIR holds MODULE.py (a `class WitWorld(wit_world.WitWorld)`); the world
-# is `plugin` of wit/sandpipe.wit. The virtualenv lives in
+# is WORLD of wit/sandpipe.wit, by default `plugin` (`plugin-http` adds
+# wasi:http's outgoing handler). The virtualenv lives in
 # $SANDPIPE_TOOLS_DIR/venv (default: the guest target dir's polyglot/ folder,
 # outside git), or with `pip install --target` in $SANDPIPE_TOOLS_DIR/site
 # when no virtualenv can be made. Exit status 75 means the tool could not be
@@ -14,11 +15,11 @@ set -euo pipefail
 
 COMPONENTIZE_PY_VERSION=0.25.1
 
-if [ $# -ne 3 ]; then
-    echo "usage: $0 SRC_DIR MODULE OUT.wasm" >&2
+if [ $# -lt 3 ] || [ $# -gt 4 ]; then
+    echo "usage: $0 SRC_DIR MODULE OUT.wasm [WORLD]" >&2
     exit 2
 fi
-src=$1 module=$2 out=$3
+src=$1 module=$2 out=$3 world=${4:-plugin}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 guests=${SANDPIPE_GUEST_TARGET_DIR:-$root/target/guests}
 tools=${SANDPIPE_TOOLS_DIR:-$guests/polyglot}
@@ -64,6 +65,6 @@ mkdir -p "$(dirname "$out")"
 # Build next to the output and rename, so a half-written file is never used.
 tmp=$out.tmp.$$
 trap 'rm -f "$tmp"' EXIT
-tool -d "$root/wit" -w plugin componentize -p "$src" "$module" -o "$tmp" >&2
+tool -d "$root/wit" -w "$world" componentize -p "$src" "$module" -o "$tmp" >&2
 mv "$tmp" "$out"
 echo "built $out ($(wc -c <"$out") bytes)" >&2

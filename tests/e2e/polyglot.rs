@@ -65,6 +65,14 @@ const JS_VALIDATE: Recipe = Recipe {
     flags: &[],
 };
 
+const PY_ENRICH: Recipe = Recipe {
+    name: "py-enrich",
+    script: "examples/plugins/componentize-py.sh",
+    args: &["examples/plugins/python-enrich", "app"],
+    inputs: &["examples/plugins/python-enrich/app.py"],
+    flags: &["plugin-http"],
+};
+
 const JS_ENRICH: Recipe = Recipe {
     name: "js-enrich",
     script: "examples/plugins/componentize-js.sh",
@@ -507,26 +515,39 @@ async fn a_python_guest_reaches_no_file_environment_or_socket_of_the_host() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn js_enrich_fetches_from_an_allowed_service_and_nowhere_else() {
+    enriches("js_enrich", &JS_ENRICH, "js").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_enrich_calls_an_allowed_service_and_nowhere_else() {
+    enriches("python_enrich", &PY_ENRICH, "py").await;
+}
+
+/// An enrich example (`recipe`) run as three plugins against the test HTTP
+/// server: `P-enrich` gets the item and emits it, `P-missing` gets a 404
+/// and skips, `P-outside` asks for a host outside its list and is denied.
+async fn enriches(test: &str, recipe: &Recipe, p: &str) {
     let (port, hits) = crate::http::server().await;
     let grant = |name: &str, url: &str| {
         format!(
-            "    {name}:\n      emit: [out]\n      http: {{ allow: [\"http://127.0.0.1:{port}\"] }}\n      \
+            "    {p}-{name}:\n      emit: [out]\n      http: {{ allow: [\"http://127.0.0.1:{port}\"] }}\n      \
              config: {{ url: \"{url}\", output: out }}\n      {LIMITS}\n"
         )
     };
     let extra = format!(
         "outputs:\n  out: {{ type: dir, path: out }}\nplugins:\n  grants:\n{}{}{}",
-        grant("js-enrich", &format!("http://127.0.0.1:{port}/item?id={{id}}")),
-        grant("js-missing", &format!("http://127.0.0.1:{port}/gone/{{id}}")),
-        grant("js-outside", "http://example.org/items/{id}"),
+        grant("enrich", &format!("http://127.0.0.1:{port}/item?id={{id}}")),
+        grant("missing", &format!("http://127.0.0.1:{port}/gone/{{id}}")),
+        grant("outside", "http://example.org/items/{id}"),
     );
-    let Some(d) = deployment("js_enrich", &[&JS_ENRICH], &extra) else {
+    let Some(d) = deployment(test, &[recipe], &extra) else {
         return;
     };
-    for other in ["js-missing", "js-outside"] {
+    assert_eq!(recipe.name, format!("{p}-enrich"));
+    for name in ["missing", "outside"] {
         std::fs::copy(
-            d.path("plugins/js-enrich.wasm"),
-            d.path(&format!("plugins/{other}.wasm")),
+            d.path(&format!("plugins/{}.wasm", recipe.name)),
+            d.path(&format!("plugins/{p}-{name}.wasm")),
         )
         .unwrap();
     }
@@ -536,25 +557,26 @@ async fn js_enrich_fetches_from_an_allowed_service_and_nowhere_else() {
     );
     let summary = d.run_once().await.unwrap();
     let rows = statuses(&d, &["m-1"]).await;
-    let enriched = d.last("m-1", "js-enrich").await;
+    let enriched = d.last("m-1", &format!("{p}-enrich")).await;
     assert_eq!(enriched.status, "done", "{rows}");
-    let doc = read_json(&d.path("out/m-1.js-enrich.0.json"));
+    let doc = read_json(&d.path(&format!("out/m-1.{p}-enrich.0.json")));
     let payload: serde_json::Value =
         serde_json::from_str(doc["payload"].as_str().unwrap()).unwrap();
     assert_eq!(
         payload,
         serde_json::json!({"id": "m-1", "found": {"name": "widget", "price": 3}})
     );
-    let missing = d.last("m-1", "js-missing").await;
+    let missing = d.last("m-1", &format!("{p}-missing")).await;
     assert_eq!(missing.status, "skipped", "{rows}");
     assert!(missing.info.ends_with("/gone/m-1: not found"), "{rows}");
-    // `fetch` to a host outside the list rejects; the denial is recorded.
-    let outside = d.last("m-1", "js-outside").await;
+    // A request to a host outside the list is refused; the denial is
+    // recorded.
+    let outside = d.last("m-1", &format!("{p}-outside")).await;
     assert_ne!(outside.status, "done", "{rows}");
     assert!(
-        outside
-            .info
-            .contains("[denied: plugin `js-outside` sent a request to http://example.org:80"),
+        outside.info.contains(&format!(
+            "[denied: plugin `{p}-outside` sent a request to http://example.org:80"
+        )),
         "{rows}"
     );
     assert_eq!(hits.get("/item"), 1);
