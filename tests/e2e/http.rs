@@ -52,6 +52,7 @@ impl Hits {
 /// | `GET /slow` | one byte a second, for a minute |
 /// | `POST /length` | the length of the body it read, as text |
 /// | `GET /auth` | 200 `ok` if `Authorization` is `Bearer <secret>`, else 401 `no` |
+/// | `GET /secure/{id}` | with that header, 200 `{"item": id, "stock": 12}`; else 401 `no` |
 pub async fn server() -> (u16, Hits) {
     server_expecting("no secret here").await
 }
@@ -60,7 +61,27 @@ pub async fn server() -> (u16, Hits) {
 pub async fn server_expecting(secret: &str) -> (u16, Hits) {
     let hits = Hits::default();
     let expected = format!("Bearer {secret}");
+    let secure = expected.clone();
     let app = Router::new()
+        .route(
+            "/secure/{id}",
+            get(
+                move |headers: HeaderMap, axum::extract::Path(id): axum::extract::Path<String>| async move {
+                    if headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok())
+                        == Some(secure.as_str())
+                    {
+                        (
+                            StatusCode::OK,
+                            [(header::CONTENT_TYPE, "application/json")],
+                            serde_json::json!({"item": id, "stock": 12}).to_string(),
+                        )
+                            .into_response()
+                    } else {
+                        (StatusCode::UNAUTHORIZED, "no").into_response()
+                    }
+                },
+            ),
+        )
         .route(
             "/auth",
             get(move |headers: HeaderMap| async move {
@@ -496,4 +517,62 @@ fn check_warns_about_config_values_from_the_environment() {
             && !text.contains("config.url"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_http_enrich_connector_enriches_messages_from_an_authenticated_api() {
+    let (secret, _) = crate::leaks::secret();
+    let (http_port, hits) = server_expecting(&secret).await;
+    let origin = format!("http://127.0.0.1:{http_port}");
+    let grant = |name: &str, auth: bool| {
+        let auth = if auth {
+            format!(", auth: {{ \"{origin}\": {{ bearer: api_token }} }}")
+        } else {
+            String::new()
+        };
+        format!(
+            "    {name}:\n      mime: [application/json]\n      emit: [enriched]\n      http: {{ allow: \
+             [\"{origin}\"]{auth} }}\n      config: {{ url: \"{origin}/secure/{{id}}\", output: \
+             enriched }}\n"
+        )
+    };
+    let (d, port) = served(
+        &[("http-enrich", "enrich"), ("http-enrich", "anonymous")],
+        &format!(
+            "outputs:\n  enriched: {{ type: dir, path: out }}\nsecrets:\n  api_token: {{ file: \
+             token }}\nplugins:\n  grants:\n{}{}",
+            grant("enrich", true),
+            grant("anonymous", false)
+        ),
+    );
+    std::fs::write(d.path("token"), &secret).unwrap();
+    d.message(
+        "m-7.json",
+        r#"{"uuid_ref": "item 7", "data_type": "application/json"}"#,
+    );
+    let served = serve(&d, port, 1).await;
+    assert_eq!(served.summary.dead, 1, "{}", served.summary);
+    let enriched = d.last("item 7", "enrich").await;
+    assert_eq!(enriched.status, "done", "{}", enriched.info);
+    let emitted = d.files("out");
+    assert_eq!(emitted.len(), 1, "{emitted:?}");
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path("out").join(&emitted[0])).unwrap()).unwrap();
+    let payload: serde_json::Value =
+        serde_json::from_str(doc["payload"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        payload,
+        serde_json::json!({"id": "item 7", "found": {"item": "item 7", "stock": 12}})
+    );
+    // Without the binding the API refuses, and the connector dead-letters.
+    let anonymous = d.last("item 7", "anonymous").await;
+    assert_eq!(anonymous.status, "dead", "{}", anonymous.info);
+    assert!(
+        anonymous
+            .info
+            .ends_with(&format!("{origin}/secure/item%207 answered 401")),
+        "{}",
+        anonymous.info
+    );
+    assert_eq!(hits.get("/secure/item%207"), 2);
 }
