@@ -673,3 +673,63 @@ fn a_failing_sql_init_script_stops_exec_naming_the_file_and_line() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_responses_are_recorded_and_replayed_without_a_network() {
+    let (port, hits) = crate::http::server().await;
+    let f = Files::new();
+    let message = f.write(
+        "message.json",
+        format!(
+            r#"{{"uuid_ref":"m-http","data_type":"test/http","action":"get","url":"http://127.0.0.1:{port}/item"}}"#
+        )
+        .as_bytes(),
+    );
+    let dir = f.path("rec");
+    let rec = dir.display().to_string();
+    let plugin = wasm("fx-http");
+    let grant = format!("http:http://127.0.0.1:{port}");
+    let args: Vec<String> = [
+        "exec",
+        &plugin,
+        "--message",
+        &message,
+        "--grant",
+        &grant,
+        "--record",
+        &rec,
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    // The server runs on this test's runtime: the binary runs beside it.
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        sandpipe(&args)
+    })
+    .await
+    .unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains(r#"skip: status=200 bytes=27 body={"name":"widget","price":3}"#),
+        "{text}{}",
+        stderr(&out)
+    );
+    assert!(text.contains("http.handle"), "{text}");
+    assert_eq!(hits.get("/item"), 1);
+    let recording = std::fs::read_to_string(dir.join("recording.json")).unwrap();
+    assert!(
+        recording.contains(&format!("http://127.0.0.1:{port}/item")),
+        "{recording}"
+    );
+
+    // The replay is served from the recording: the server sees nothing.
+    let (rec2, plugin2) = (rec.clone(), plugin.clone());
+    let out = tokio::task::spawn_blocking(move || sandpipe(&["replay", &rec2, &plugin2]))
+        .await
+        .unwrap();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(text.contains("no difference"), "{text}");
+    assert_eq!(hits.get("/item"), 1);
+}

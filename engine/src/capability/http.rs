@@ -49,26 +49,78 @@ use crate::config::http::{default_port, is_special};
 use crate::sandbox::bindings::WitError;
 use crate::tls::Tls;
 
-/// What every plugin's requests share: the TLS client configuration.
+/// What every plugin's requests share: the TLS client configuration, and
+/// for `sandpipe exec --record` / `replay` the tape of exchanges.
 pub struct HttpClient {
     tls: Option<Arc<rustls::ClientConfig>>,
     error: Option<String>,
+    tape: Tape,
 }
 
 impl HttpClient {
     /// The client of an engine whose TLS settings are `tls`: the webpki
     /// roots plus `tls.ca_file`'s certificates.
     pub fn new(tls: &Tls) -> Self {
-        match tls.web() {
-            Ok(config) => Self {
-                tls: Some(config),
-                error: None,
-            },
-            Err(e) => Self {
-                tls: None,
-                error: Some(e.to_string()),
-            },
+        Self::with_tape(tls, Tape::Live)
+    }
+
+    /// [`HttpClient::new`], recording or replaying exchanges.
+    pub fn with_tape(tls: &Tls, tape: Tape) -> Self {
+        let (tls, error) = match tls.web() {
+            Ok(config) => (Some(config), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        Self { tls, error, tape }
+    }
+
+    /// The exchanges recorded so far (with [`Tape::record`]).
+    pub fn recorded(&self) -> Vec<Exchange> {
+        match &self.tape {
+            Tape::Record(tape) => tape.lock().map(|t| t.clone()).unwrap_or_default(),
+            _ => Vec::new(),
         }
+    }
+}
+
+/// One request and the response it got, as `exec --record` keeps it (in
+/// `recording.json`; the body base64). The request's headers are not kept:
+/// they may hold a secret the engine added.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Exchange {
+    /// The method.
+    pub method: String,
+    /// The URL.
+    pub url: String,
+    /// The response's status.
+    pub status: u16,
+    /// The response's headers.
+    pub headers: Vec<(String, String)>,
+    /// The response's body (at most the plugin's `http_response_bytes`),
+    /// base64.
+    pub body: String,
+}
+
+/// Where responses come from.
+pub enum Tape {
+    /// The network.
+    Live,
+    /// The network, each exchange kept (the response read whole, up to the
+    /// plugin's quota, before the guest sees it).
+    Record(Mutex<Vec<Exchange>>),
+    /// The exchanges of a recording, each served once, in order, for the
+    /// same method and URL; nothing is sent.
+    Replay(Mutex<Vec<Option<Exchange>>>),
+}
+
+impl Tape {
+    /// A tape that records.
+    pub fn record() -> Self {
+        Self::Record(Mutex::new(Vec::new()))
+    }
+
+    /// A tape that serves `exchanges`.
+    pub fn replay(exchanges: Vec<Exchange>) -> Self {
+        Self::Replay(Mutex::new(exchanges.into_iter().map(Some).collect()))
     }
 }
 
@@ -322,7 +374,11 @@ async fn send(
     let url = format!("{} {}", request.method(), request.uri());
     let plugin = allowed.plugin.name.clone();
     let host = allowed.host.clone();
-    let result = exchange(&allowed, request, options).await;
+    let result = match &allowed.client.tape {
+        Tape::Live => exchange(&allowed, request, options).await,
+        Tape::Record(tape) => record(&allowed, request, options, tape).await,
+        Tape::Replay(tape) => replay(&url, tape),
+    };
     let status = match &result {
         Ok(response) => format!("{}xx", response.status().as_u16() / 100),
         Err(_) => "error".to_owned(),
@@ -340,7 +396,7 @@ async fn send(
         };
         journal.push(HostCall {
             interface: "http".into(),
-            function: "response".into(),
+            function: "handle".into(),
             args: json!({ "request": url }),
             result,
         });
@@ -351,6 +407,80 @@ async fn send(
             Box::new(async { Ok(()) }) as Box<dyn Future<Output = Result<(), Error>> + Send>,
         )
     })
+}
+
+/// [`exchange`], the response read whole (up to the plugin's quota) and
+/// kept on the tape.
+async fn record(
+    allowed: &Allowed,
+    request: http::Request<WasiBody>,
+    options: Option<RequestOptions>,
+    tape: &Mutex<Vec<Exchange>>,
+) -> Result<http::Response<WasiBody>, Error> {
+    use base64::Engine as _;
+    let method = request.method().to_string();
+    let url = request.uri().to_string();
+    let response = exchange(allowed, request, options).await?;
+    let (head, body) = response.into_parts();
+    let bytes = body.collect().await?.to_bytes();
+    if let Ok(mut tape) = tape.lock() {
+        tape.push(Exchange {
+            method,
+            url,
+            status: head.status.as_u16(),
+            headers: head
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: base64::engine::general_purpose::STANDARD.encode(&bytes),
+        });
+    }
+    Ok(http::Response::from_parts(head, full(bytes)))
+}
+
+/// The recorded response to `METHOD URL` (`url` is both), served once.
+fn replay(
+    url: &str,
+    tape: &Mutex<Vec<Option<Exchange>>>,
+) -> Result<http::Response<WasiBody>, Error> {
+    use base64::Engine as _;
+    let missing = || {
+        Error::InternalError(Some(format!(
+            "replay: the recording has no (further) response to {url}"
+        )))
+    };
+    let mut tape = tape.lock().map_err(|_| missing())?;
+    let slot = tape
+        .iter_mut()
+        .find(|e| {
+            e.as_ref()
+                .is_some_and(|e| format!("{} {}", e.method, e.url) == url)
+        })
+        .ok_or_else(missing)?;
+    let exchange = slot.take().ok_or_else(missing)?;
+    let body = base64::engine::general_purpose::STANDARD
+        .decode(&exchange.body)
+        .map_err(|_| Error::InternalError(Some("replay: a recorded body is not base64".into())))?;
+    let mut response = http::Response::builder().status(exchange.status);
+    for (name, value) in &exchange.headers {
+        response = response.header(name, value);
+    }
+    response
+        .body(full(Bytes::from(body)))
+        .map_err(|e| Error::InternalError(Some(format!("replay: {e}"))))
+}
+
+/// A body of `bytes`, whole.
+fn full(bytes: Bytes) -> WasiBody {
+    http_body_util::Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// Send one allowed request and return the response head with its body

@@ -176,6 +176,10 @@ pub struct Inputs {
     /// The grant (see [`ExecArgs::grant`]); `None`: what the component
     /// imports.
     pub grants: Option<Vec<String>>,
+    /// The HTTP exchanges of a recorded run (`--record`), which `replay`
+    /// serves instead of the network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<crate::capability::http::Exchange>,
     /// Limits.
     pub limits: LimitArgs,
 }
@@ -297,6 +301,7 @@ impl Inputs {
             config,
             sql_init,
             grants: args.grant.clone(),
+            http: Vec::new(),
             limits: LimitArgs {
                 fuel: args.fuel,
                 timeout_ms: args.timeout.map(|t| t.as_millis() as u64),
@@ -409,7 +414,12 @@ impl Drop for TempDir {
 }
 
 /// Run the plugin at `path` on `inputs`; the report says what it did.
-pub async fn run(path: &Path, inputs: &Inputs, cache_dir: Option<&Path>) -> anyhow::Result<Report> {
+pub async fn run(
+    path: &Path,
+    inputs: &Inputs,
+    cache_dir: Option<&Path>,
+    http: Arc<crate::capability::http::HttpClient>,
+) -> anyhow::Result<Report> {
     let tmp = TempDir::new()?;
     let limits = inputs.limits.limits();
     let cache_dir = cache_dir
@@ -443,9 +453,7 @@ pub async fn run(path: &Path, inputs: &Inputs, cache_dir: Option<&Path>) -> anyh
         data,
         state: StateStore::new(database.clone())?,
         outputs: Outputs::default(),
-        http: Arc::new(crate::capability::http::HttpClient::new(
-            &crate::tls::Tls::default(),
-        )),
+        http,
         secrets: crate::secrets::Secrets::default(),
     });
     let db = match grant.sql {
@@ -565,14 +573,30 @@ pub async fn exec(args: ExecArgs) -> ExitCode {
         Ok(i) => i,
         Err(e) => return error_exit(&e),
     };
-    let report = match run(&args.plugin, &inputs, args.cache_dir.as_deref()).await {
+    use crate::capability::http::{HttpClient, Tape};
+    let tape = if args.record.is_some() {
+        Tape::record()
+    } else {
+        Tape::Live
+    };
+    let http = Arc::new(HttpClient::with_tape(&crate::tls::Tls::default(), tape));
+    let report = match run(
+        &args.plugin,
+        &inputs,
+        args.cache_dir.as_deref(),
+        http.clone(),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => return error_exit(&e),
     };
-    if let Some(dir) = &args.record
-        && let Err(e) = record::save(dir, &inputs, &report)
-    {
-        return error_exit(&e);
+    if let Some(dir) = &args.record {
+        let mut inputs = inputs;
+        inputs.http = http.recorded();
+        if let Err(e) = record::save(dir, &inputs, &report) {
+            return error_exit(&e);
+        }
     }
     let mut out = std::io::stdout().lock();
     let printed = if args.json {
@@ -600,7 +624,18 @@ pub async fn replay(args: ReplayArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => return error_exit(&e),
     };
-    let report = match run(&args.plugin, &recording.inputs, args.cache_dir.as_deref()).await {
+    let http = Arc::new(crate::capability::http::HttpClient::with_tape(
+        &crate::tls::Tls::default(),
+        crate::capability::http::Tape::replay(recording.inputs.http.clone()),
+    ));
+    let report = match run(
+        &args.plugin,
+        &recording.inputs,
+        args.cache_dir.as_deref(),
+        http,
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => return error_exit(&e),
     };

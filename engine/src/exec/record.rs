@@ -3,8 +3,12 @@
 //! A recording is a folder: `message.json` (the message as given), `data`
 //! (the data object, when there is one), `init.sql` (the SQL init script,
 //! when there was one) and `recording.json` (format 1: the other inputs —
-//! data location, metadata, config, the grant the run had, limits — and
-//! the whole report, every host call with its result included). `replay` runs a build on the same inputs, with the same
+//! data location, metadata, config, the grant the run had, limits, the
+//! HTTP exchanges (each request's method and URL with the response's
+//! status, headers and body, read whole up to the plugin's quota; never
+//! the request's headers, which may carry a secret) — and the whole
+//! report, every host call with its result included). `replay` serves
+//! those responses instead of the network. `replay` runs a build on the same inputs, with the same
 //! in-memory capabilities, and compares the host calls (function,
 //! arguments, results) and the outcome. Fuel and duration are shown, never
 //! compared.
