@@ -825,6 +825,11 @@ pub struct Limits {
     /// Bytes of state changes (keys and values) queued per invocation.
     /// Default 16MiB.
     pub state_bytes: ByteSize,
+    /// State changes (sets and deletes) queued per invocation. Default
+    /// 10000.
+    pub state_changes: u32,
+    /// The largest state value. Default 1MiB.
+    pub state_value_bytes: ByteSize,
     /// Host calls per invocation. Default 100000.
     pub host_calls: u64,
     /// Outbound HTTP requests per invocation (`http` grant). Default 100.
@@ -857,6 +862,8 @@ impl Default for Limits {
             blob_put_bytes: ByteSize::mib(64),
             blob_readers: 16,
             state_bytes: ByteSize::mib(16),
+            state_changes: 10_000,
+            state_value_bytes: ByteSize::mib(1),
             host_calls: 100_000,
             http_requests: 100,
             http_request_bytes: ByteSize::mib(16),
@@ -897,6 +904,10 @@ pub struct LimitOverrides {
     pub blob_readers: Option<u32>,
     /// See [`Limits::state_bytes`].
     pub state_bytes: Option<ByteSize>,
+    /// See [`Limits::state_changes`].
+    pub state_changes: Option<u32>,
+    /// See [`Limits::state_value_bytes`].
+    pub state_value_bytes: Option<ByteSize>,
     /// See [`Limits::host_calls`].
     pub host_calls: Option<u64>,
     /// See [`Limits::http_requests`].
@@ -930,6 +941,8 @@ impl LimitOverrides {
             blob_put_bytes: self.blob_put_bytes.unwrap_or(base.blob_put_bytes),
             blob_readers: self.blob_readers.unwrap_or(base.blob_readers),
             state_bytes: self.state_bytes.unwrap_or(base.state_bytes),
+            state_changes: self.state_changes.unwrap_or(base.state_changes),
+            state_value_bytes: self.state_value_bytes.unwrap_or(base.state_value_bytes),
             host_calls: self.host_calls.unwrap_or(base.host_calls),
             http_requests: self.http_requests.unwrap_or(base.http_requests),
             http_request_bytes: self.http_request_bytes.unwrap_or(base.http_request_bytes),

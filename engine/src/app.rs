@@ -191,7 +191,13 @@ pub async fn run(
         )
         .await?,
     );
-    assembled.pipeline().run(listener, shutdown).await
+    // The sandbox's fatal condition stops the run at once, settling
+    // nothing more (what is in flight is redelivered, as after a crash).
+    let pipeline = assembled.pipeline();
+    tokio::select! {
+        result = pipeline.run(listener, shutdown) => result,
+        fatal = assembled.sandbox.fatal() => Err(anyhow::Error::new(fatal)),
+    }
 }
 
 /// `sandpipe check`: validate the config and every component; print a

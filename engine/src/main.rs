@@ -106,7 +106,13 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // The sandbox cannot go on safely: 75 (EX_TEMPFAIL) asks the
+            // supervisor for a restart.
+            if e.downcast_ref::<sandpipe::sandbox::Fatal>().is_some() {
+                ExitCode::from(75)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -143,10 +143,10 @@ impl InvocationState {
     }
 
     fn open_reader(&mut self, object: ObjectStream) -> Result<Resource<BlobReader>, WitError> {
-        let reader = self
-            .table
-            .push(BlobReader::from(object))
-            .map_err(|e| WitError::LimitExceeded(format!("too many open readers: {e}")))?;
+        let reader = self.table.push(BlobReader::from(object)).map_err(|e| {
+            self.host
+                .limit("blob_readers", format!("too many open readers: {e}"))
+        })?;
         self.host.readers += 1;
         Ok(reader)
     }

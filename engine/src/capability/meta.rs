@@ -10,8 +10,6 @@ use crate::sandbox::bindings::sandpipe::connector::meta::Host;
 
 /// Longest state key.
 const MAX_KEY: usize = 512;
-/// Largest state value.
-const MAX_VALUE: usize = 1 << 20;
 
 impl InvocationState {
     async fn meta_all(&mut self) -> Result<String, WitError> {
@@ -47,10 +45,12 @@ impl InvocationState {
     async fn meta_state_set(&mut self, key: String, value: Vec<u8>) -> Result<(), WitError> {
         self.host.enter(Interface::Meta, "state-set")?;
         check_key(&key)?;
-        if value.len() > MAX_VALUE {
-            return Err(WitError::LimitExceeded(format!(
-                "state values are limited to {MAX_VALUE} bytes"
-            )));
+        let max = self.host.plugin.limits.state_value_bytes;
+        if value.len() as u64 > max.as_u64() {
+            return Err(self.host.limit(
+                "state_value_bytes",
+                format!("a state value of {} bytes is over {max}", value.len()),
+            ));
         }
         self.queue_state(key.len() + value.len())?;
         self.host.effects.state.push(StateOp::Set(key, value));
@@ -66,11 +66,14 @@ impl InvocationState {
     }
 
     /// Room for one more state change of `size` bytes (key and value):
-    /// at most 10000 changes and `limits.state_bytes` per invocation.
+    /// at most `limits.state_changes` changes and `limits.state_bytes`
+    /// per invocation.
     fn queue_state(&mut self, size: usize) -> Result<(), WitError> {
-        if self.host.effects.state.len() >= 10_000 {
-            return Err(WitError::LimitExceeded(
-                "more than 10000 state changes in one invocation".into(),
+        let changes = self.host.plugin.limits.state_changes;
+        if self.host.effects.state.len() >= changes as usize {
+            return Err(self.host.limit(
+                "state_changes",
+                format!("more than {changes} state changes in one invocation"),
             ));
         }
         let limit = self.host.plugin.limits.state_bytes;

@@ -15,10 +15,67 @@ pub(super) struct CodeCache {
     engine_key: String,
 }
 
+/// Refuse a cache folder another user can write: it holds native code
+/// that is loaded without re-verification, so whoever can write there can
+/// run code in the engine. Writable by its group or by everyone, or owned
+/// by another user than the engine's (root aside), it is refused.
+#[cfg(unix)]
+fn private(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let refuse = |why: String| {
+        anyhow::anyhow!(
+            "sandbox.cache_dir {} {why}: the cache holds native code the engine loads without \
+             re-verification, so only the engine's user may write it (chmod 700, or choose \
+             another folder)",
+            dir.display()
+        )
+    };
+    let meta = std::fs::metadata(dir)
+        .with_context(|| format!("cannot read the code cache {}", dir.display()))?;
+    if !meta.is_dir() {
+        return Err(refuse("is not a folder".into()));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(refuse(format!(
+            "is writable by other users (mode {mode:03o})"
+        )));
+    }
+    // Our own user id, without FFI: the owner of a file we make there.
+    let probe = dir.join(format!(".owner-{}", uuid::Uuid::new_v4()));
+    let me = std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::metadata(&probe))
+        .map(|m| m.uid())
+        .with_context(|| format!("cannot write the code cache {}", dir.display()));
+    let _ = std::fs::remove_file(&probe);
+    let me = me?;
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(refuse(format!(
+            "belongs to another user (uid {}, the engine runs as {me})",
+            meta.uid()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn private(_: &Path) -> anyhow::Result<()> {
+    Ok(())
+}
+
 impl CodeCache {
     pub(super) fn new(dir: &Path, engine: &Engine) -> anyhow::Result<Self> {
+        let fresh = !dir.exists();
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the code cache {}", dir.display()))?;
+        #[cfg(unix)]
+        if fresh {
+            // Private from the start, whatever the umask.
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("cannot make the code cache {} private", dir.display()))?;
+        }
+        private(dir)?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         Ok(Self {
@@ -67,5 +124,32 @@ impl CodeCache {
         let component =
             unsafe { Component::deserialize(engine, &native) }.map_err(anyhow::Error::from)?;
         Ok((component, false))
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn a_cache_folder_others_can_write_is_refused() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let cache = dir.path().join("code");
+        std::fs::create_dir(&cache)?;
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700))?;
+        private(&cache)?;
+        for mode in [0o777, 0o775, 0o757] {
+            std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(mode))?;
+            let err = private(&cache)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains("is writable by other users") && err.contains("sandbox.cache_dir"),
+                "{mode:o}: {err}"
+            );
+        }
+        Ok(())
     }
 }

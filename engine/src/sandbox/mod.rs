@@ -307,7 +307,18 @@ pub struct Sandbox {
     fuel: bool,
     memory_reset: MemoryReset,
     ticker_stop: Arc<AtomicBool>,
+    /// Why the sandbox can no longer run plugins safely, once it cannot:
+    /// the application stops (see [`Fatal`]).
+    fatal: tokio::sync::watch::Receiver<Option<String>>,
 }
+
+/// The sandbox can no longer run plugins safely (swap appeared while
+/// pooling slots are reset by dirty pages only). The application stops
+/// without settling what is in flight, so it is redelivered to an engine
+/// that starts afresh; `sandpipe run` exits with status 75 (EX_TEMPFAIL).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Fatal(pub String);
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
@@ -384,6 +395,7 @@ impl Sandbox {
         bounded::link(&mut linker).map_err(anyhow::Error::from)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (fatal_tx, fatal) = tokio::sync::watch::channel(None);
         {
             let engine = engine.clone();
             let stop = ticker_stop.clone();
@@ -396,21 +408,22 @@ impl Sandbox {
                         engine.increment_epoch();
                         ticks = ticks.wrapping_add(1);
                         if memory_reset.dirty_pages_only
+                            && fatal_tx.borrow().is_none()
                             && ticks.is_multiple_of(SWAP_CHECK_TICKS)
                             && swap_active()
                         {
                             // The dirty-page reset is no longer sound (see
                             // `MemoryReset::plan`) and the engine cannot be
-                            // reconfigured: stop, within a second of the
-                            // swap appearing. Unsettled deliveries are
-                            // redelivered; the restarted engine sees the
-                            // swap and resets slots whole.
-                            tracing::error!(
-                                "swap was turned on while pooling slots are reset by dirty pages \
-                                 only, which swap makes unsafe: exiting so that a restart \
-                                 resets them whole"
-                            );
-                            std::process::exit(75);
+                            // reconfigured: tell the application, which
+                            // stops within a second of the swap appearing.
+                            // Unsettled deliveries are redelivered; the
+                            // restarted engine sees the swap and resets
+                            // slots whole.
+                            let why = "swap was turned on while pooling slots are reset by \
+                                       dirty pages only, which swap makes unsafe: stopping so \
+                                       that a restart resets them whole";
+                            tracing::error!("{why}");
+                            let _ = fatal_tx.send(Some(why.to_owned()));
                         }
                     }
                 })
@@ -426,7 +439,22 @@ impl Sandbox {
             fuel,
             memory_reset,
             ticker_stop,
+            fatal,
         })
+    }
+
+    /// Resolves when the sandbox can no longer run plugins safely, with
+    /// why; never otherwise.
+    pub async fn fatal(&self) -> Fatal {
+        let mut fatal = self.fatal.clone();
+        loop {
+            if let Some(why) = fatal.borrow_and_update().clone() {
+                return Fatal(why);
+            }
+            if fatal.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Whether fuel is metered.

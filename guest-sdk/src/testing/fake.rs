@@ -295,8 +295,10 @@ pub(crate) fn meta_state_set(key: &str, value: &[u8]) -> Result<(), WitError> {
         s.enter(Capability::Meta, "state-set")?;
         check_state_key(key)?;
         if value.len() > MAX_STATE_VALUE {
+            // The engine's default `limits.state_value_bytes`, in its words.
             return Err(Error::limit_exceeded(format!(
-                "state values are limited to {MAX_STATE_VALUE} bytes"
+                "a state value of {} bytes is over 1.0 MiB (limits.state_value_bytes)",
+                value.len()
             )));
         }
         s.effects.state_changes.push(StateChange::Set {
