@@ -114,7 +114,7 @@ const TRIVIAL: Scenario = Scenario {
     init: false,
 };
 
-const SCENARIOS: [Scenario; 8] = [
+const SCENARIOS: [Scenario; 9] = [
     TRIVIAL,
     // The same with four times the messages in flight: bigger status-log
     // group commits.
@@ -166,16 +166,24 @@ const SCENARIOS: [Scenario; 8] = [
         krate: "fx-http",
         plugin: "fetch",
         grant: "{ http: { allow: [\"http://127.0.0.1:*\"] } }",
-        body: |i| {
-            let port = std::env::var(HTTP_PORT).unwrap_or_default();
-            format!(
-                r#"{{"uuid_ref":"m-{i}","data_type":"test/http","action":"fetch","url":"http://127.0.0.1:{port}/kib"}}"#
-            )
-        },
+        body: http_fetch,
         native: true,
         share: 1.0,
         concurrency: 16,
         sandbox: "",
+        init: false,
+    },
+    // The same with the opt-in dirty-page reset of pooling slots.
+    Scenario {
+        name: "http-get-1k-dirty-reset",
+        krate: "fx-http",
+        plugin: "fetch",
+        grant: "{ http: { allow: [\"http://127.0.0.1:*\"] } }",
+        body: http_fetch,
+        native: true,
+        share: 1.0,
+        concurrency: 16,
+        sandbox: ", dirty_page_reset: true",
         init: false,
     },
     Scenario {
@@ -209,6 +217,14 @@ const SCENARIOS: [Scenario; 8] = [
         init: false,
     },
 ];
+
+/// fx-http's `fetch` of the parent's 1 KiB.
+fn http_fetch(i: usize) -> String {
+    let port = std::env::var(HTTP_PORT).unwrap_or_default();
+    format!(
+        r#"{{"uuid_ref":"m-{i}","data_type":"test/http","action":"fetch","url":"http://127.0.0.1:{port}/kib"}}"#
+    )
+}
 
 /// The environment variable that tells a run where the HTTP server is.
 const HTTP_PORT: &str = "SANDPIPE_BENCH_HTTP_PORT";
@@ -272,6 +288,8 @@ struct Measured {
     p50_us: f64,
     p99_us: f64,
     peak_rss_kib: f64,
+    /// The process's CPU time (user + system) per message, µs.
+    cpu_us: f64,
 }
 
 fn main() {
@@ -304,8 +322,8 @@ fn main() {
             arg("--messages").unwrap(),
         );
         println!(
-            "{} {} {} {}",
-            m.per_second, m.p50_us, m.p99_us, m.peak_rss_kib
+            "{} {} {} {} {}",
+            m.per_second, m.p50_us, m.p99_us, m.peak_rss_kib, m.cpu_us
         );
         return;
     }
@@ -326,9 +344,9 @@ fn main() {
         );
         println!();
         println!(
-            "| workload | mode | msg/s | p50 latency | p99 latency | peak RSS | throughput ratio |"
+            "| workload | mode | msg/s | p50 latency | p99 latency | peak RSS | CPU per message | throughput ratio |"
         );
-        println!("|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|");
     }
     for scenario in SCENARIOS
         .iter()
@@ -364,13 +382,14 @@ fn main() {
                 format!("**{:.2}**", m.per_second / base)
             };
             println!(
-                "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.1} MiB | {ratio} |",
+                "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.1} MiB | {:.0} µs | {ratio} |",
                 scenario.name,
                 mode.name(),
                 m.per_second,
                 m.p50_us,
                 m.p99_us,
-                m.peak_rss_kib / 1024.0
+                m.peak_rss_kib / 1024.0,
+                m.cpu_us
             );
         }
     }
@@ -605,6 +624,7 @@ fn rabbit_child(prefetch: u16, mode: Mode, messages: usize, replicas: usize) -> 
             p50_us: 0.0,
             p99_us: 0.0,
             peak_rss_kib: rss,
+            cpu_us: 0.0,
         };
 
         // Clean up: queues, exchanges, the Redis key, the database and
@@ -790,6 +810,7 @@ fn median_of(runs: &[Measured]) -> Measured {
         p50_us: of(|m| m.p50_us),
         p99_us: of(|m| m.p99_us),
         peak_rss_kib: of(|m| m.peak_rss_kib),
+        cpu_us: of(|m| m.cpu_us),
     }
 }
 
@@ -819,6 +840,7 @@ fn spawn(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
         p50_us: v[1],
         p99_us: v[2],
         peak_rss_kib: v[3],
+        cpu_us: v[4],
     }
 }
 
@@ -897,7 +919,9 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
                 vec![(scenario.plugin.into(), Arc::new(Trivial))]
             }
             (true, "image-meta") => vec![(scenario.plugin.into(), Arc::new(ImageMetaNative))],
-            (true, "http-get-1k") => vec![(scenario.plugin.into(), Arc::new(HttpFetch))],
+            (true, "http-get-1k" | "http-get-1k-dirty-reset") => {
+                vec![(scenario.plugin.into(), Arc::new(HttpFetch))]
+            }
             (true, _) => vec![(scenario.plugin.into(), Arc::new(TextStats))],
         };
         let assembled = assemble_with(config, natives).await.unwrap();
@@ -909,8 +933,10 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
         let latencies = listener.latencies.clone();
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
         let started = Instant::now();
+        let cpu_before = cpu_seconds();
         let summary = pipeline.run(listener, shutdown).await.unwrap();
         let elapsed = started.elapsed();
+        let cpu = cpu_seconds() - cpu_before;
         assert_eq!(summary.done, messages as u64, "{summary}");
         let mut latencies: Vec<f64> = latencies
             .lock()
@@ -925,8 +951,27 @@ fn child(scenario: &Scenario, mode: Mode, messages: usize) -> Measured {
             p50_us: at(0.5),
             p99_us: at(0.99),
             peak_rss_kib: peak_rss_kib(),
+            cpu_us: cpu * 1e6 / messages as f64,
         }
     })
+}
+
+/// The process's CPU time so far (user + system, /proc/self/stat, in
+/// clock ticks of 10 ms).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12
+    // after the state field.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// A multi-threaded runtime, as the engine's binary uses.

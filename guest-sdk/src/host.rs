@@ -195,20 +195,15 @@ mod wasi_http {
         ))
     }
 
-    pub(crate) fn http_read(body: &mut HttpBody, buf: &mut [u8]) -> Result<usize, Error> {
+    pub(crate) fn http_read(body: &mut HttpBody, max: usize) -> Result<Vec<u8>, Error> {
         let Some(stream) = body.stream.as_ref() else {
-            return Ok(0);
+            return Ok(Vec::new());
         };
-        let max = u64::try_from(buf.len()).unwrap_or(u64::MAX);
-        match stream.blocking_read(max) {
-            Ok(bytes) => {
-                let n = bytes.len().min(buf.len());
-                buf[..n].copy_from_slice(&bytes[..n]);
-                Ok(n)
-            }
+        match stream.blocking_read(u64::try_from(max).unwrap_or(u64::MAX)) {
+            Ok(bytes) => Ok(bytes),
             Err(StreamError::Closed) => {
                 body.stream = None;
-                Ok(0)
+                Ok(Vec::new())
             }
             Err(StreamError::LastOperationFailed(e)) => {
                 body.stream = None;

@@ -211,26 +211,38 @@ impl Response {
 
     /// Read the next bytes of the body into `buf`; 0 at its end.
     pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, Error> {
-        host::http_read(&mut self.body, buf)
+        let chunk = host::http_read(&mut self.body, buf.len())?;
+        buf[..chunk.len()].copy_from_slice(&chunk);
+        Ok(chunk.len())
+    }
+
+    /// The next chunk of the body, at most `max` bytes (what has arrived,
+    /// waiting for at least one byte); empty at its end.
+    pub fn read_chunk(&mut self, max: usize) -> Result<Vec<u8>, Error> {
+        host::http_read(&mut self.body, max)
     }
 
     /// The whole body, if it is at most `max` bytes
-    /// ([`Error::LimitExceeded`] otherwise, having read only `max + 1`).
+    /// ([`Error::LimitExceeded`] otherwise, having read at most `max + 1`).
     pub fn bytes(mut self, max: usize) -> Result<Vec<u8>, Error> {
         let mut body = Vec::new();
-        let mut chunk = vec![0u8; 64 * 1024];
         loop {
-            let n = self.read(&mut chunk)?;
-            if n == 0 {
+            let room = (max - body.len()).saturating_add(1).min(64 * 1024);
+            let chunk = self.read_chunk(room)?;
+            if chunk.is_empty() {
                 return Ok(body);
             }
-            if body.len() + n > max {
+            if body.len() + chunk.len() > max {
                 return Err(Error::limit_exceeded(format!(
                     "the response from {} is longer than {max} bytes",
                     self.url
                 )));
             }
-            body.extend_from_slice(&chunk[..n]);
+            if body.is_empty() {
+                body = chunk;
+            } else {
+                body.extend_from_slice(&chunk);
+            }
         }
     }
 

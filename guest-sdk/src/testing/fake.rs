@@ -441,10 +441,9 @@ pub(crate) fn http_send(request: &crate::http::Request) -> Result<crate::http::A
     })
 }
 
-pub(crate) fn http_read(body: &mut HttpBody, buf: &mut [u8]) -> Result<usize, Error> {
+pub(crate) fn http_read(body: &mut HttpBody, max: usize) -> Result<Vec<u8>, Error> {
     let rest = &body.bytes[body.pos..];
-    let n = rest.len().min(buf.len());
-    buf[..n].copy_from_slice(&rest[..n]);
+    let n = rest.len().min(max);
     body.pos += n;
-    Ok(n)
+    Ok(rest[..n].to_vec())
 }
