@@ -223,9 +223,10 @@ pub async fn check(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow::
     for p in &assembled.plugins {
         writeln!(
             out,
-            "plugin `{}` {} (sha256 {}): ok, handles {}",
+            "plugin `{}` {} (world {}, sha256 {}): ok, handles {}",
             p.name,
             p.description.version,
+            p.component.world,
             p.component.sha256,
             p.mime.join(", ")
         )?;
@@ -258,8 +259,8 @@ pub async fn plugins(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow
     let assembled = assemble(Config::load(config_file)?).await?;
     writeln!(
         out,
-        "{:<16} {:<9} {:<28} {:<34} LIMITS",
-        "NAME", "VERSION", "MIME", "IMPORTS (granted / DENIED)"
+        "{:<16} {:<9} {:<7} {:<28} {:<34} LIMITS",
+        "NAME", "VERSION", "WORLD", "MIME", "IMPORTS (granted / DENIED)"
     )?;
     for p in &assembled.plugins {
         let imports: Vec<String> = p
@@ -278,9 +279,10 @@ pub async fn plugins(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow
         let l = &p.context.limits;
         writeln!(
             out,
-            "{:<16} {:<9} {:<28} {:<34} memory {}, timeout {:?}, fuel {}",
+            "{:<16} {:<9} {:<7} {:<28} {:<34} memory {}, timeout {:?}, fuel {}",
             p.name,
             p.description.version,
+            p.component.world.name(),
             p.mime.join(","),
             imports.join(","),
             l.memory,

@@ -160,6 +160,7 @@ pub async fn load_native(
         warm: None,
         sha256: "native".into(),
         imports: Vec::new(),
+        world: crate::sandbox::World::Plugin,
         from_cache: false,
     };
     let path = Path::new("(native)");

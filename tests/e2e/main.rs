@@ -26,6 +26,7 @@ mod sandbox;
 mod scaffold;
 mod sdk_scenarios;
 mod server;
+mod session;
 mod sqapi;
 mod tls;
 mod with_redis;

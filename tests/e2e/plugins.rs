@@ -121,6 +121,10 @@ async fn check_lists_ungranted_imports_and_strict_plugins_are_refused() {
     let out = lenient.cli(&["check"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("plugin `probe` 0.1.0 (world plugin, sha256 "),
+        "{stdout}"
+    );
     for interface in ["sql", "emit", "blob", "meta"] {
         assert!(
             stdout.contains(&format!(
@@ -292,6 +296,7 @@ async fn plugins_lists_names_versions_mime_and_denied_imports() {
     assert!(out.status.success(), "{stdout}");
     let probe_line = stdout.lines().find(|l| l.starts_with("probe ")).unwrap();
     assert!(probe_line.contains("test/probe"), "{probe_line}");
+    assert!(probe_line.contains(" plugin "), "the world: {probe_line}");
     assert!(probe_line.contains("sql"), "{probe_line}");
     assert!(probe_line.contains("EMIT"), "{probe_line}");
     let text_line = stdout

@@ -10,6 +10,7 @@ pub mod bindings;
 pub mod bounded;
 mod cache;
 pub mod compat;
+pub mod session;
 mod stdio;
 mod trap;
 
@@ -33,6 +34,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use crate::capability::HostState;
 use crate::config::{Limits, SandboxConfig};
 pub use bindings::{Plugin, PluginPre};
+pub use session::Session;
 pub use stdio::Capture;
 pub use trap::{Failure, FailureKind};
 
@@ -201,8 +203,79 @@ pub struct LoadedComponent {
     pub sha256: String,
     /// Every import of the component, as named in the component.
     pub imports: Vec<String>,
+    /// The world it was built for, found from its exports.
+    pub world: World,
     /// True when the native code came from the on-disk cache.
     pub from_cache: bool,
+}
+
+/// The worlds of the `sandpipe:connector` package a component can be
+/// built for. The engine finds a component's world from what it exports;
+/// nobody declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum World {
+    /// `plugin` (and `plugin-http`, the same exports): `describe`,
+    /// `execute`; run once per message by the pipeline.
+    Plugin,
+}
+
+impl World {
+    /// Every world, with the exports that make it.
+    pub const ALL: [(World, &'static [&'static str]); 1] =
+        [(World::Plugin, &["describe", "execute"])];
+
+    /// The world's name in WIT.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Plugin => "plugin",
+        }
+    }
+
+    /// The world whose exports `exports` are (extra exports are allowed:
+    /// a toolchain may add its own), or why there is none.
+    pub fn of(exports: &[String]) -> Result<Self, String> {
+        Self::ALL
+            .iter()
+            .find(|(_, needed)| needed.iter().all(|n| exports.iter().any(|e| e == n)))
+            .map(|(world, _)| *world)
+            .ok_or_else(|| {
+                let known: Vec<String> = Self::ALL
+                    .iter()
+                    .map(|(w, needed)| format!("{} ({})", w.name(), needed.join(", ")))
+                    .collect();
+                format!(
+                    "it exports [{}], which is no world of sandpipe:connector: the worlds are {}",
+                    exports.join(", "),
+                    known.join("; ")
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A call on an instance in its store: what [`Sandbox::invoke`],
+/// `Sandbox::call_warm` and [`Session::call`] run.
+pub trait GuestCall<T>:
+    for<'a> FnOnce(
+        &'a Instance,
+        &'a mut Store<InvocationState>,
+    ) -> BoxFuture<'a, wasmtime::Result<T>>
+    + Send
+{
+}
+
+impl<T, F> GuestCall<T> for F where
+    F: for<'a> FnOnce(
+            &'a Instance,
+            &'a mut Store<InvocationState>,
+        ) -> BoxFuture<'a, wasmtime::Result<T>>
+        + Send
+{
 }
 
 /// What [`Sandbox::execute`] returns: the plugin's own result, or the
@@ -484,6 +557,13 @@ impl Sandbox {
         if let Some(why) = compat::unsupported(&imports) {
             anyhow::bail!("cannot load {}: {why}", path.display());
         }
+        let exports = component
+            .component_type()
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect::<Vec<_>>();
+        let world = World::of(&exports)
+            .map_err(|why| anyhow::anyhow!("cannot load {}: {why}", path.display()))?;
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -502,6 +582,7 @@ impl Sandbox {
             warm: None,
             sha256,
             imports,
+            world,
             from_cache,
         })
     }
@@ -647,72 +728,107 @@ impl Sandbox {
     ) -> Executed {
         let permit = self.instances.clone().acquire_owned().await;
         let started = Instant::now();
-        let plugin_context = host.plugin.clone();
         let mut warm = match pool.take() {
-            Some(mut warm) => {
-                warm.capture.clear();
-                let state = warm.store.data_mut();
-                state.host = host;
-                state.limiter.hit = None;
-                self.arm(&mut warm.store, limits);
-                warm
-            }
-            None => {
-                let capture = Capture::new(limits.stderr_bytes.as_u64() as usize);
-                let mut store = self.store(limits, host, &capture);
-                match pre.instance_pre().instantiate_async(&mut store).await {
-                    Ok(instance) => Warm {
-                        store,
-                        instance,
-                        capture,
-                        served: 0,
-                    },
-                    Err(err) => {
-                        let state = store.into_data();
-                        let failure = trap::classify(
-                            &err,
-                            limits,
-                            state.limiter.hit,
-                            &state.host.denials,
-                            &capture.text(),
-                        );
-                        let usage = Usage {
-                            duration: started.elapsed(),
-                            fuel: None,
-                        };
-                        return (Err(failure), state.host, usage);
-                    }
+            Some(warm) => warm,
+            None => match self
+                .warm_up(pre, limits, HostState::new(host.plugin.clone(), None))
+                .await
+            {
+                Ok(warm) => warm,
+                Err(failure) => {
+                    let usage = Usage {
+                        duration: started.elapsed(),
+                        fuel: None,
+                    };
+                    return (Err(failure), host, usage);
                 }
-            }
+            },
         };
+        let (result, host, usage) = self
+            .call_warm(&mut warm, limits, host, started, move |instance, store| {
+                Box::pin(async move { bounded::execute(instance, store, &message).await })
+            })
+            .await;
+        // A trap poisons the store: then the instance is dropped.
+        if result.is_ok() {
+            warm.served += 1;
+            if warm.served < pool.messages && host.open_readers() == 0 {
+                pool.put(warm);
+            }
+        }
+        drop(permit);
+        (result, host, usage)
+    }
+
+    /// A new instance of `pre` kept warm for calls to come, instantiated
+    /// with `limits` armed and `idle` (a host state without a message) in
+    /// its store; or why it could not start.
+    async fn warm_up(
+        &self,
+        pre: &PluginPre<InvocationState>,
+        limits: &Limits,
+        idle: HostState,
+    ) -> Result<Warm, Failure> {
+        let capture = Capture::new(limits.stderr_bytes.as_u64() as usize);
+        let mut store = self.store(limits, idle, &capture);
+        match within_deadline(limits, pre.instance_pre().instantiate_async(&mut store)).await {
+            Ok(instance) => Ok(Warm {
+                store,
+                instance,
+                capture,
+                served: 0,
+            }),
+            Err(err) => {
+                let state = store.into_data();
+                Err(trap::classify(
+                    &err,
+                    limits,
+                    state.limiter.hit,
+                    &state.host.denials,
+                    &capture.text(),
+                ))
+            }
+        }
+    }
+
+    /// One call on the warm instance `warm`: its limits armed for this
+    /// call alone (fuel, deadline, and — with `host`, a fresh host state —
+    /// host calls and quotas), `call` run within the host-side deadline,
+    /// and the host state taken back. An `Err` is a trap (or the deadline):
+    /// the instance must not serve again.
+    async fn call_warm<T, F>(
+        &self,
+        warm: &mut Warm,
+        limits: &Limits,
+        host: HostState,
+        started: Instant,
+        call: F,
+    ) -> (Result<T, Failure>, HostState, Usage)
+    where
+        T: Send,
+        F: GuestCall<T>,
+    {
+        let plugin = host.plugin.clone();
+        warm.capture.clear();
+        let state = warm.store.data_mut();
+        state.host = host;
+        state.limiter.hit = None;
+        self.arm(&mut warm.store, limits);
         let fuel_before = warm.store.get_fuel().ok();
-        let result = within_deadline(
-            limits,
-            bounded::execute(&warm.instance, &mut warm.store, &message),
-        )
-        .await;
+        let result = within_deadline(limits, call(&warm.instance, &mut warm.store)).await;
         let usage = self.usage(started, fuel_before, &warm.store);
-        let idle = HostState::new(plugin_context, None);
+        let idle = HostState::new(plugin, None);
         let mut host = std::mem::replace(&mut warm.store.data_mut().host, idle);
         host.gather();
-        let result = match result {
-            Ok(result) => {
-                warm.served += 1;
-                if warm.served < pool.messages && host.open_readers() == 0 {
-                    pool.put(warm);
-                }
-                Ok(result)
-            }
-            // A trap poisons the store: the instance is dropped.
-            Err(err) => Err(trap::classify(
+        let result = result.map_err(|err| {
+            trap::classify(
                 &err,
                 limits,
                 warm.store.data().limiter.hit,
                 &host.denials,
                 &warm.capture.text(),
-            )),
-        };
-        drop(permit);
+            )
+        });
         (result, host, usage)
     }
 
@@ -747,11 +863,7 @@ impl Sandbox {
     ) -> (Result<T, Failure>, HostState, Usage)
     where
         T: Send,
-        F: for<'a> FnOnce(
-                &'a Instance,
-                &'a mut Store<InvocationState>,
-            ) -> BoxFuture<'a, wasmtime::Result<T>>
-            + Send,
+        F: GuestCall<T>,
     {
         let capture = Capture::new(limits.stderr_bytes.as_u64() as usize);
         let permit = self.instances.clone().acquire_owned().await;
@@ -796,6 +908,25 @@ async fn within_deadline<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_components_world_is_found_from_its_exports() {
+        let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            World::of(&names(&["describe", "execute"])),
+            Ok(World::Plugin)
+        );
+        assert_eq!(
+            World::of(&names(&["execute", "describe", "cabi_extra"])),
+            Ok(World::Plugin)
+        );
+        let why = World::of(&names(&["wasi:cli/run@0.2.0"])).unwrap_err();
+        assert!(
+            why.contains("exports [wasi:cli/run@0.2.0]")
+                && why.contains("plugin (describe, execute)"),
+            "{why}"
+        );
+    }
 
     #[test]
     fn dirty_page_reset_only_when_asked_and_without_swap() {

@@ -25,6 +25,9 @@ pub enum FailureKind {
     Trap,
     /// The plugin returned an error value.
     PluginError,
+    /// A long-lived instance failed and its replacement waits out a
+    /// backoff (`sandbox::Session`).
+    Restarting,
 }
 
 impl FailureKind {
@@ -39,6 +42,7 @@ impl FailureKind {
             Self::DeniedCall => "denied-call",
             Self::Trap => "trap",
             Self::PluginError => "plugin-error",
+            Self::Restarting => "restarting",
         }
     }
 }
