@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod capability;
+pub mod error;
 pub use sandpipe_config as config;
 pub mod exec;
 pub mod listener;

@@ -455,6 +455,35 @@ impl HostState {
     }
 }
 
+/// A backend's error as the guest sees it.
+impl From<crate::error::HostError> for WitError {
+    fn from(error: crate::error::HostError) -> Self {
+        use crate::error::HostError as E;
+        match error {
+            E::AccessDenied(m) => Self::AccessDenied(m),
+            E::LimitExceeded(m) => Self::LimitExceeded(m),
+            E::NotFound(m) => Self::NotFound(m),
+            E::Invalid(m) => Self::Invalid(m),
+            E::Unavailable(m) => Self::Unavailable(m),
+            E::Internal(m) => Self::Internal(m),
+        }
+    }
+}
+
+/// A guest's error as the host words it (`kind: text`).
+impl From<WitError> for crate::error::HostError {
+    fn from(error: WitError) -> Self {
+        match error {
+            WitError::AccessDenied(m) => Self::AccessDenied(m),
+            WitError::LimitExceeded(m) => Self::LimitExceeded(m),
+            WitError::NotFound(m) => Self::NotFound(m),
+            WitError::Invalid(m) => Self::Invalid(m),
+            WitError::Unavailable(m) => Self::Unavailable(m),
+            WitError::Internal(m) => Self::Internal(m),
+        }
+    }
+}
+
 /// The empty `types` interface host.
 impl crate::sandbox::bindings::sandpipe::connector::types::Host for InvocationState {}
 

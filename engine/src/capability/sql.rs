@@ -13,7 +13,53 @@ use crate::config::Limits;
 use crate::sandbox::InvocationState;
 use crate::sandbox::bindings::WitError;
 use crate::sandbox::bindings::sandpipe::connector::sql::{Host, Rows, Value};
-use crate::store::database::{Outcome, PluginConn, PluginDb, ResultLimit, Work, postgres, sqlite};
+use crate::store::database::{
+    self as store, Outcome, PluginConn, PluginDb, ResultLimit, Work, postgres, sqlite,
+};
+
+/// A guest's value as the store takes it.
+fn store_value(value: Value) -> store::Value {
+    match value {
+        Value::Null => store::Value::Null,
+        Value::Boolean(b) => store::Value::Boolean(b),
+        Value::Int(i) => store::Value::Int(i),
+        Value::Float(f) => store::Value::Float(f),
+        Value::Text(t) => store::Value::Text(t),
+        Value::Bytes(b) => store::Value::Bytes(b),
+        Value::Json(j) => store::Value::Json(j),
+        Value::Timestamp(t) => store::Value::Timestamp(t),
+    }
+}
+
+/// A store's value as the guest gets it.
+fn wit_value(value: store::Value) -> Value {
+    match value {
+        store::Value::Null => Value::Null,
+        store::Value::Boolean(b) => Value::Boolean(b),
+        store::Value::Int(i) => Value::Int(i),
+        store::Value::Float(f) => Value::Float(f),
+        store::Value::Text(t) => Value::Text(t),
+        store::Value::Bytes(b) => Value::Bytes(b),
+        store::Value::Json(j) => Value::Json(j),
+        store::Value::Timestamp(t) => Value::Timestamp(t),
+    }
+}
+
+fn store_values(values: Vec<Value>) -> Vec<store::Value> {
+    values.into_iter().map(store_value).collect()
+}
+
+/// A store's rows as the guest gets them.
+fn wit_rows(rows: store::Rows) -> Rows {
+    Rows {
+        columns: rows.columns,
+        values: rows
+            .values
+            .into_iter()
+            .map(|row| row.into_iter().map(wit_value).collect())
+            .collect(),
+    }
+}
 
 /// An invocation's open transaction.
 pub struct Transaction {
@@ -51,7 +97,7 @@ impl Transaction {
                     _turn: turn,
                 }
             }
-            PluginDb::Postgres(db) => Inner::Postgres(db.begin().await?),
+            PluginDb::Postgres(db) => Inner::Postgres(db.begin().await.map_err(WitError::from)?),
         };
         Ok(Self { inner })
     }
@@ -78,9 +124,9 @@ impl Transaction {
                 .await
                 .map_err(|e| WitError::Internal(e.to_string()))?;
                 *conn = Some(c);
-                result
+                result.map_err(WitError::from)
             }
-            Inner::Postgres(tx) => tx.run(statement, work, limit).await,
+            Inner::Postgres(tx) => tx.run(statement, work, limit).await.map_err(WitError::from),
         }
     }
 
@@ -97,10 +143,14 @@ impl Transaction {
             ..ResultLimit::of(&Limits::default())
         };
         match self
-            .run(statement.to_owned(), Work::Query(params), limit)
+            .run(
+                statement.to_owned(),
+                Work::Query(store_values(params)),
+                limit,
+            )
             .await?
         {
-            Outcome::Rows(rows) => Ok(rows),
+            Outcome::Rows(rows) => Ok(wit_rows(rows)),
             Outcome::Changed(_) => Err(WitError::Internal("expected rows".into())),
         }
     }
@@ -109,7 +159,11 @@ impl Transaction {
     pub async fn execute(&mut self, statement: &str, params: Vec<Value>) -> Result<u64, WitError> {
         let limit = ResultLimit::of(&Limits::default());
         match self
-            .run(statement.to_owned(), Work::Execute(vec![params]), limit)
+            .run(
+                statement.to_owned(),
+                Work::Execute(vec![store_values(params)]),
+                limit,
+            )
             .await?
         {
             Outcome::Changed(n) => Ok(n),
@@ -212,8 +266,11 @@ impl Host for InvocationState {
             "query",
             || json!({ "statement": statement, "params": journal::sql_params(&params) }),
         );
-        let result = match self.sql("query", statement, Work::Query(params)).await {
-            Ok(Outcome::Rows(rows)) => Ok(rows),
+        let result = match self
+            .sql("query", statement, Work::Query(store_values(params)))
+            .await
+        {
+            Ok(Outcome::Rows(rows)) => Ok(wit_rows(rows)),
             Ok(Outcome::Changed(_)) => Err(WitError::Internal("expected rows".into())),
             Err(e) => Err(e),
         };
@@ -228,7 +285,11 @@ impl Host for InvocationState {
             || json!({ "statement": statement, "params": journal::sql_params(&params) }),
         );
         let result = self
-            .changes("execute", statement, Work::Execute(vec![params]))
+            .changes(
+                "execute",
+                statement,
+                Work::Execute(vec![store_values(params)]),
+            )
             .await;
         self.host
             .journal_result(call, &result, |n| json!({ "changed": n }));
@@ -246,7 +307,11 @@ impl Host for InvocationState {
             || json!({ "statement": statement, "batch": journal::sql_batch(&batch) }),
         );
         let result = self
-            .changes("execute-batch", statement, Work::Execute(batch))
+            .changes(
+                "execute-batch",
+                statement,
+                Work::Execute(batch.into_iter().map(store_values).collect()),
+            )
             .await;
         self.host
             .journal_result(call, &result, |n| json!({ "changed": n }));

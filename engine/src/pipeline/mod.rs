@@ -928,14 +928,7 @@ async fn discard(host: HostState) {
 
 /// `access-denied: ...` and so on.
 pub fn wit_error_text(error: &WitError) -> String {
-    match error {
-        WitError::AccessDenied(m) => format!("access-denied: {m}"),
-        WitError::LimitExceeded(m) => format!("limit-exceeded: {m}"),
-        WitError::NotFound(m) => format!("not-found: {m}"),
-        WitError::Invalid(m) => format!("invalid: {m}"),
-        WitError::Unavailable(m) => format!("unavailable: {m}"),
-        WitError::Internal(m) => format!("internal: {m}"),
-    }
+    crate::error::HostError::from(error.clone()).to_string()
 }
 
 #[cfg(test)]

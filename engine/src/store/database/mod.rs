@@ -18,12 +18,42 @@ use std::sync::Arc;
 
 use crate::capability::StateOp;
 use crate::config::{Config, DatabaseConfig, Limits};
-use crate::sandbox::bindings::WitError;
-use crate::sandbox::bindings::sandpipe::connector::sql::{Rows, Value};
+use crate::error::HostError;
 use crate::tls::Tls;
 
 pub use postgres::Postgres;
 pub use sqlite::{PluginConn, Sqlite};
+
+/// A SQL value of a plugin's statement: a parameter or a result (the
+/// capability layer converts the WIT `sql.value` to and from it).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// SQL NULL.
+    Null,
+    /// A boolean.
+    Boolean(bool),
+    /// A 64-bit signed integer.
+    Int(i64),
+    /// A 64-bit float.
+    Float(f64),
+    /// UTF-8 text.
+    Text(String),
+    /// Raw bytes.
+    Bytes(Vec<u8>),
+    /// A JSON document, as text.
+    Json(String),
+    /// Microseconds since 1970-01-01T00:00:00Z.
+    Timestamp(i64),
+}
+
+/// A query's result.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Rows {
+    /// Column names, in order.
+    pub columns: Vec<String>,
+    /// One list of values per row, in column order.
+    pub values: Vec<Vec<Value>>,
+}
 
 /// One plugin statement's result.
 #[derive(Debug)]
@@ -48,19 +78,11 @@ pub enum Work {
 impl Work {
     /// Name the failing parameter list of a batch in its error; a single
     /// `execute` keeps the driver's message as it is.
-    pub fn failed_at(error: WitError, index: usize, lists: usize) -> WitError {
+    pub fn failed_at(error: HostError, index: usize, lists: usize) -> HostError {
         if lists <= 1 {
             return error;
         }
-        let at = |m: String| format!("parameter list {index} of {lists}: {m}");
-        match error {
-            WitError::AccessDenied(m) => WitError::AccessDenied(at(m)),
-            WitError::LimitExceeded(m) => WitError::LimitExceeded(at(m)),
-            WitError::NotFound(m) => WitError::NotFound(at(m)),
-            WitError::Invalid(m) => WitError::Invalid(at(m)),
-            WitError::Unavailable(m) => WitError::Unavailable(at(m)),
-            WitError::Internal(m) => WitError::Internal(at(m)),
-        }
+        error.map_text(|m| format!("parameter list {index} of {lists}: {m}"))
     }
 }
 
@@ -86,8 +108,8 @@ impl ResultLimit {
     }
 
     /// `limit-exceeded` for a query with more than `rows` rows.
-    pub fn too_many_rows(&self) -> WitError {
-        WitError::LimitExceeded(format!(
+    pub fn too_many_rows(&self) -> HostError {
+        HostError::LimitExceeded(format!(
             "query returned more than {} rows (limits.sql_rows)",
             self.rows
         ))
@@ -95,10 +117,10 @@ impl ResultLimit {
 
     /// Count a value of `len` bytes (`None`: a fixed-size value) into
     /// `used`; `limit-exceeded` once the query's values pass `bytes`.
-    pub fn count(&self, used: &mut u64, len: Option<usize>) -> Result<(), WitError> {
+    pub fn count(&self, used: &mut u64, len: Option<usize>) -> Result<(), HostError> {
         *used = used.saturating_add(len.map_or(8, |l| l as u64));
         if *used > self.bytes {
-            return Err(WitError::LimitExceeded(format!(
+            return Err(HostError::LimitExceeded(format!(
                 "query returned more than {} of values (limits.sql_bytes)",
                 bytesize::ByteSize::b(self.bytes)
             )));

@@ -70,10 +70,10 @@ use tokio_postgres::CancelToken;
 use tokio_postgres::types::{FromSql, IsNull, Kind, ToSql, Type, to_sql_checked};
 
 use super::{Outcome, ResultLimit, Work};
+use super::{Rows, Value};
 use crate::capability::StateOp;
 use crate::config::{Config, DatabaseConfig, status_schema};
-use crate::sandbox::bindings::WitError;
-use crate::sandbox::bindings::sandpipe::connector::sql::{Rows, Value};
+use crate::error::HostError;
 use crate::tls::Tls;
 use crate::tls::postgres::PgTls;
 
@@ -981,7 +981,7 @@ enum Command {
 /// for it (any error the server reports does).
 #[derive(Debug)]
 struct Failed {
-    error: WitError,
+    error: HostError,
     aborted: bool,
     /// DDL that met another transaction's DDL in the catalog.
     race: bool,
@@ -996,7 +996,7 @@ impl Failed {
         }
     }
 
-    fn local(error: WitError) -> Self {
+    fn local(error: HostError) -> Self {
         Self {
             error,
             aborted: false,
@@ -1040,7 +1040,7 @@ impl PluginDb {
     /// transaction: `search_path` is the plugin's schema, `statement_timeout`
     /// the plugin's timeout (both the role's defaults), which is also the
     /// host's deadline from now.
-    pub async fn begin(&self) -> Result<PluginTx, WitError> {
+    pub async fn begin(&self) -> Result<PluginTx, HostError> {
         let deadline = Instant::now() + self.timeout;
         let client = self.connection(deadline).await?;
         let cancel = client.cancel_token();
@@ -1075,11 +1075,11 @@ impl PluginDb {
             }
             Ok(Err(_)) => {
                 tx.finished = true;
-                Err(WitError::Unavailable(
+                Err(HostError::Unavailable(
                     "the PostgreSQL connection ended before the transaction began".into(),
                 ))
             }
-            Err(_) => Err(WitError::Unavailable(format!(
+            Err(_) => Err(HostError::Unavailable(format!(
                 "PostgreSQL did not begin plugin `{}`'s transaction within {:?}",
                 self.plugin, self.timeout
             ))),
@@ -1093,7 +1093,7 @@ impl PluginDb {
     /// more connections ("too many clients"): then the pool shrinks to what
     /// it has, so later invocations queue for those instead of failing.
     /// Time spent waiting is in `sandpipe_db_pool_wait_seconds`.
-    async fn connection(&self, deadline: Instant) -> Result<Object, WitError> {
+    async fn connection(&self, deadline: Instant) -> Result<Object, HostError> {
         let asked = Instant::now();
         let mut pause = Duration::from_millis(5);
         let waiting =
@@ -1119,7 +1119,7 @@ impl PluginDb {
                     metrics::counter!(crate::metrics::DB_REFUSED, "plugin" => self.plugin.clone())
                         .increment(1);
                     if Instant::now() + pause >= deadline {
-                        break Err(WitError::Unavailable(format!(
+                        break Err(HostError::Unavailable(format!(
                             "plugin `{}`: PostgreSQL refused more connections and none came free within the plugin's timeout of {:?}: {}",
                             self.plugin,
                             self.timeout,
@@ -1136,7 +1136,7 @@ impl PluginDb {
                         }
                         _ => None,
                     };
-                    break Err(WitError::Unavailable(format!(
+                    break Err(HostError::Unavailable(format!(
                         "plugin `{}` cannot connect to PostgreSQL as role {}: {}",
                         self.plugin,
                         self.role,
@@ -1144,7 +1144,7 @@ impl PluginDb {
                     )));
                 }
                 Err(_) => {
-                    break Err(WitError::Unavailable(format!(
+                    break Err(HostError::Unavailable(format!(
                         "no connection for plugin `{}` came free within its timeout of {:?} (database.plugin_pool_size)",
                         self.plugin, self.timeout
                     )));
@@ -1548,14 +1548,14 @@ impl PluginTx {
         statement: String,
         work: Work,
         limit: ResultLimit,
-    ) -> Result<Outcome, WitError> {
+    ) -> Result<Outcome, HostError> {
         if let Some(why) = &self.broken {
-            return Err(WitError::Invalid(format!(
+            return Err(HostError::Invalid(format!(
                 "this invocation's transaction is over: {why}"
             )));
         }
         if let Some(keyword) = transaction_control(&statement) {
-            return Err(WitError::AccessDenied(format!(
+            return Err(HostError::AccessDenied(format!(
                 "`{keyword}` is transaction control, which the engine owns: each invocation's statements run in one transaction, committed only when the plugin returns done"
             )));
         }
@@ -1572,11 +1572,11 @@ impl PluginTx {
         match tokio::time::timeout_at(self.deadline, answer).await {
             Ok(Ok(Ok(outcome))) => Ok(outcome),
             Ok(Ok(Err(Failed { error, aborted, .. }))) => {
-                if let WitError::Unavailable(why) = &error {
+                if let HostError::Unavailable(why) = &error {
                     self.broken = Some(why.clone());
                 }
                 if aborted && self.aborted.is_none() {
-                    self.aborted = Some(crate::pipeline::wit_error_text(&error));
+                    self.aborted = Some(error.to_string());
                 }
                 Err(error)
             }
@@ -1593,15 +1593,15 @@ impl PluginTx {
                     cancel.cancel_query(self.tls.clone()),
                 )
                 .await;
-                Err(WitError::LimitExceeded(why))
+                Err(HostError::LimitExceeded(why))
             }
         }
     }
 
-    fn lost(&mut self) -> WitError {
+    fn lost(&mut self) -> HostError {
         let why = "the connection to PostgreSQL was lost".to_owned();
         self.broken = Some(why.clone());
-        WitError::Unavailable(why)
+        HostError::Unavailable(why)
     }
 
     async fn finish(&mut self, commit: bool, before: Option<EngineCall>) -> anyhow::Result<()> {
@@ -1743,15 +1743,15 @@ fn leading_keywords(sql: &str, n: usize) -> Vec<String> {
 }
 
 /// The WIT error for a PostgreSQL error.
-fn pg_error(err: &tokio_postgres::Error) -> WitError {
+fn pg_error(err: &tokio_postgres::Error) -> HostError {
     let text = describe(err);
     if let Some(db) = err.as_db_error() {
         let code = db.code().code();
         return match code {
             // insufficient_privilege
-            "42501" => WitError::AccessDenied(text),
+            "42501" => HostError::AccessDenied(text),
             // query_canceled: statement_timeout (or the host's cancel)
-            "57014" => WitError::LimitExceeded(format!("statement cancelled: {text}")),
+            "57014" => HostError::LimitExceeded(format!("statement cancelled: {text}")),
             // connection exception, operator intervention, insufficient
             // resources, serialization failure, deadlock, lock not available
             c if c.starts_with("08")
@@ -1761,17 +1761,17 @@ fn pg_error(err: &tokio_postgres::Error) -> WitError {
                 || c == "40P01"
                 || c == "55P03" =>
             {
-                WitError::Unavailable(text)
+                HostError::Unavailable(text)
             }
-            _ => WitError::Invalid(text),
+            _ => HostError::Invalid(text),
         };
     }
     let io = std::iter::successors(std::error::Error::source(err), |e| e.source())
         .any(|e| e.is::<std::io::Error>());
     if err.is_closed() || io {
-        WitError::Unavailable(text)
+        HostError::Unavailable(text)
     } else {
-        WitError::Invalid(text)
+        HostError::Invalid(text)
     }
 }
 
@@ -1847,10 +1847,10 @@ enum Encoded {
 
 impl Param {
     /// Parameter `$index` with `value`, for a placeholder of type `ty`.
-    fn new(index: usize, value: Value, ty: &Type) -> Result<Self, WitError> {
+    fn new(index: usize, value: Value, ty: &Type) -> Result<Self, HostError> {
         let mismatch = |value: &Value| {
             let kind = kind_of(value);
-            WitError::Invalid(format!(
+            HostError::Invalid(format!(
                 "parameter ${index} is {kind} but the statement expects {ty}; pass a matching value, or pass text and cast the placeholder (`${index}::text::{ty}`)"
             ))
         };
@@ -1862,7 +1862,7 @@ impl Param {
         };
         let mut out = BytesMut::new();
         let range = |i: i64, name: &str| {
-            WitError::Invalid(format!(
+            HostError::Invalid(format!(
                 "parameter ${index}: {i} is out of range for {name}"
             ))
         };
@@ -1883,22 +1883,22 @@ impl Param {
             (Class::Float8, Value::Float(f)) => out.put_f64(*f),
             (Class::Float8, Value::Int(i)) => out.put_f64(*i as f64),
             (Class::Numeric, Value::Int(i)) => encode_numeric(&i.to_string(), &mut out)
-                .map_err(|e| WitError::Invalid(format!("parameter ${index}: {e}")))?,
+                .map_err(|e| HostError::Invalid(format!("parameter ${index}: {e}")))?,
             (Class::Numeric, Value::Float(f)) => {
                 let text = if f.is_nan() {
                     "NaN".to_owned()
                 } else if f.is_finite() {
                     format!("{f}")
                 } else {
-                    return Err(WitError::Invalid(format!(
+                    return Err(HostError::Invalid(format!(
                         "parameter ${index}: {f} is not a numeric value"
                     )));
                 };
                 encode_numeric(&text, &mut out)
-                    .map_err(|e| WitError::Invalid(format!("parameter ${index}: {e}")))?
+                    .map_err(|e| HostError::Invalid(format!("parameter ${index}: {e}")))?
             }
             (Class::Numeric, Value::Text(s)) => encode_numeric(s.trim(), &mut out)
-                .map_err(|e| WitError::Invalid(format!("parameter ${index}: {e}")))?,
+                .map_err(|e| HostError::Invalid(format!("parameter ${index}: {e}")))?,
             (Class::Text, Value::Text(s) | Value::Json(s)) => out.put_slice(s.as_bytes()),
             (Class::Json, Value::Json(s) | Value::Text(s)) => out.put_slice(s.as_bytes()),
             (Class::Jsonb, Value::Json(s) | Value::Text(s)) => {
@@ -1912,7 +1912,7 @@ impl Param {
             ),
             (Class::Uuid, Value::Text(s)) => {
                 let id = uuid::Uuid::parse_str(s.trim()).map_err(|e| {
-                    WitError::Invalid(format!("parameter ${index}: not a UUID: {e}"))
+                    HostError::Invalid(format!("parameter ${index}: not a UUID: {e}"))
                 })?;
                 out.put_slice(id.as_bytes());
             }
@@ -2028,7 +2028,7 @@ async fn run(
     let types = stmt.params();
     let bind = |params: Vec<Value>| {
         if types.len() != params.len() {
-            return Err(WitError::Invalid(format!(
+            return Err(HostError::Invalid(format!(
                 "the statement has {} placeholder(s) but {} parameter(s) were given",
                 types.len(),
                 params.len()
@@ -2065,7 +2065,7 @@ async fn run(
     let mut sized = Vec::with_capacity(columns.len());
     for column in stmt.columns() {
         let Some(class) = class(column.type_()) else {
-            return Err(Failed::local(WitError::Invalid(format!(
+            return Err(Failed::local(HostError::Invalid(format!(
                 "column `{}` has type {}, which the sql interface does not return; cast it in the query, e.g. `{}::text`",
                 column.name(),
                 column.type_(),

@@ -18,9 +18,9 @@ use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension as _};
 
 use super::{Outcome, ResultLimit, Work};
+use super::{Rows, Value};
 use crate::capability::StateOp;
-use crate::sandbox::bindings::WitError;
-use crate::sandbox::bindings::sandpipe::connector::sql::{Rows, Value};
+use crate::error::HostError;
 
 /// A SQLite database used from async code through `spawn_blocking`: one
 /// connection for writes (and reads inside them), and one for reads alone,
@@ -392,21 +392,21 @@ fn from_sql(value: ValueRef<'_>) -> Value {
     }
 }
 
-fn sql_error(err: rusqlite::Error) -> WitError {
+fn sql_error(err: rusqlite::Error) -> HostError {
     match &err {
         rusqlite::Error::SqliteFailure(e, _)
             if e.code == rusqlite::ErrorCode::AuthorizationForStatementDenied =>
         {
-            WitError::AccessDenied(format!("statement not allowed in a plugin database: {err}"))
+            HostError::AccessDenied(format!("statement not allowed in a plugin database: {err}"))
         }
         // A function the authorizer refuses is reported as a plain error.
         _ if err.to_string().starts_with("not authorized") => {
-            WitError::AccessDenied(format!("statement not allowed in a plugin database: {err}"))
+            HostError::AccessDenied(format!("statement not allowed in a plugin database: {err}"))
         }
         rusqlite::Error::SqliteFailure(e, _)
             if e.code == rusqlite::ErrorCode::OperationInterrupted =>
         {
-            WitError::LimitExceeded(format!("statement interrupted at its deadline: {err}"))
+            HostError::LimitExceeded(format!("statement interrupted at its deadline: {err}"))
         }
         rusqlite::Error::SqliteFailure(e, _)
             if matches!(
@@ -414,9 +414,9 @@ fn sql_error(err: rusqlite::Error) -> WitError {
                 rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
             ) =>
         {
-            WitError::Unavailable(err.to_string())
+            HostError::Unavailable(err.to_string())
         }
-        _ => WitError::Invalid(err.to_string()),
+        _ => HostError::Invalid(err.to_string()),
     }
 }
 
@@ -427,7 +427,7 @@ pub fn run(
     statement: &str,
     work: Work,
     limit: ResultLimit,
-) -> Result<Outcome, WitError> {
+) -> Result<Outcome, HostError> {
     let mut stmt = conn.conn.prepare(statement).map_err(sql_error)?;
     let params = match work {
         Work::Query(params) => params,
@@ -490,7 +490,7 @@ mod tests {
         (dir, db, conn)
     }
 
-    fn exec(conn: &PluginConn, sql: &str) -> Result<u64, WitError> {
+    fn exec(conn: &PluginConn, sql: &str) -> Result<u64, HostError> {
         match run(conn, sql, Work::Execute(vec![Vec::new()]), rows(100))? {
             Outcome::Changed(n) => Ok(n),
             Outcome::Rows(_) => Ok(0),
@@ -519,7 +519,7 @@ mod tests {
         }
         let batch = vec![list(4, Some("d")), list(5, None), list(6, Some("f"))];
         match run(&conn, insert, Work::Execute(batch), rows(10)) {
-            Err(WitError::Invalid(m)) => {
+            Err(HostError::Invalid(m)) => {
                 assert!(m.starts_with("parameter list 1 of 3: "), "{m}");
                 assert!(m.contains("NOT NULL"), "{m}");
             }
@@ -616,7 +616,7 @@ mod tests {
         let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
         let result = run(&conn, endless, Work::Query(Vec::new()), rows(100));
         assert!(
-            matches!(result, Err(WitError::LimitExceeded(_))),
+            matches!(result, Err(HostError::LimitExceeded(_))),
             "{:?}",
             result.err()
         );
@@ -624,7 +624,7 @@ mod tests {
         let many = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000) SELECT x FROM c";
         let result = run(&conn, many, Work::Query(Vec::new()), rows(100));
         assert!(
-            matches!(&result, Err(WitError::LimitExceeded(m)) if m.contains("more than 100 rows (limits.sql_rows)")),
+            matches!(&result, Err(HostError::LimitExceeded(m)) if m.contains("more than 100 rows (limits.sql_rows)")),
             "{:?}",
             result.err()
         );
@@ -633,7 +633,7 @@ mod tests {
         let wide = "SELECT zeroblob(2000000)";
         let result = run(&conn, wide, Work::Query(Vec::new()), rows(100));
         assert!(
-            matches!(&result, Err(WitError::LimitExceeded(m)) if m.contains("more than 1.0 MiB of values (limits.sql_bytes)")),
+            matches!(&result, Err(HostError::LimitExceeded(m)) if m.contains("more than 1.0 MiB of values (limits.sql_bytes)")),
             "{:?}",
             result.err()
         );
