@@ -2,16 +2,38 @@
 //! wasmtime. Kept private to the engine: the rest of the code uses the
 //! re-exports in [`crate::sandbox`] and the types below.
 
+// The capabilities: every interface a world imports, generated once and
+// linked once (`Capabilities::add_to_linker`), whatever the world.
 wasmtime::component::bindgen!({
-    world: "plugin",
+    world: "capabilities",
     path: "../wit",
     imports: { default: async },
-    exports: { default: async },
     with: {
         "sandpipe:connector/blob.reader": crate::capability::blob::BlobReader,
     },
 });
 
+/// The `plugin` world: the capabilities above (not generated again) and
+/// its exports, `describe` and `execute`.
+pub mod plugin {
+    wasmtime::component::bindgen!({
+        world: "plugin",
+        path: "../wit",
+        imports: { default: async },
+        exports: { default: async },
+        with: {
+            "sandpipe:connector/types": super::sandpipe::connector::types,
+            "sandpipe:connector/log": super::sandpipe::connector::log,
+            "sandpipe:connector/config": super::sandpipe::connector::config,
+            "sandpipe:connector/blob": super::sandpipe::connector::blob,
+            "sandpipe:connector/meta": super::sandpipe::connector::meta,
+            "sandpipe:connector/sql": super::sandpipe::connector::sql,
+            "sandpipe:connector/emit": super::sandpipe::connector::emit,
+        },
+    });
+}
+
+pub use self::plugin::{Description, Message, Outcome, Plugin, PluginPre};
 pub use self::sandpipe::connector::types::{Capability, Error as WitError, RetryAfter};
 
 /// The previous minor version, `sandpipe:connector@0.1.0`

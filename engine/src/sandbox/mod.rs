@@ -455,8 +455,12 @@ impl Sandbox {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)?;
-        Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state: &mut InvocationState| state)
-            .map_err(anyhow::Error::from)?;
+        // Every capability interface, once, for every world.
+        bindings::Capabilities::add_to_linker::<_, HasSelf<_>>(
+            &mut linker,
+            |state: &mut InvocationState| state,
+        )
+        .map_err(anyhow::Error::from)?;
         // The previous minor version's imports, served by the same code.
         bindings::v0_1::Plugin::add_to_linker::<_, HasSelf<_>>(
             &mut linker,
