@@ -252,6 +252,11 @@ impl IpRange {
         Ok(Self { base, prefix })
     }
 
+    /// Whether the range is one address.
+    pub fn is_single(&self) -> bool {
+        self.prefix == if self.base.is_ipv4() { 32 } else { 128 }
+    }
+
     /// Whether `ip` lies in the range.
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
@@ -348,6 +353,20 @@ pub fn is_special(ip: IpAddr) -> bool {
 }
 
 impl AllowedHost {
+    /// How a request to `host` that this entry allowed is named in the
+    /// metrics: the host itself when the entry names one host or address,
+    /// else the entry's pattern (`*.example.org`, `*`, `10.0.0.0/8`), so a
+    /// plugin cannot make the metrics grow with names of its choosing.
+    pub fn metric_host(&self, host: &str) -> String {
+        match &self.host {
+            HostPattern::Name(_) => host.to_ascii_lowercase(),
+            HostPattern::Range(r) if r.is_single() => host.to_owned(),
+            HostPattern::AnyName => "*".into(),
+            HostPattern::Subdomains(domain) => format!("*{domain}"),
+            HostPattern::Range(r) => format!("{}/{}", r.base, r.prefix),
+        }
+    }
+
     /// Whether a request to `scheme://host:port` matches this entry.
     pub fn matches(&self, scheme: &str, host: &str, port: u16) -> bool {
         if !self.scheme.matches(scheme) || !self.port.matches(port, scheme) {
@@ -557,6 +576,40 @@ mod tests {
         assert!(g.allows("https", "svc.internal", 65535).is_some());
         assert!(g.allows("https", "range.example", 8001).is_some());
         assert!(g.allows("https", "range.example", 8002).is_none());
+    }
+
+    #[test]
+    fn metrics_name_one_host_or_the_pattern_never_a_name_the_plugin_chose() {
+        let g = allow(&[
+            "https://api.example.org",
+            "https://*.example.net",
+            "https://*:8443",
+            "http://10.1.0.0/16:*",
+            "http://127.0.0.1:8080",
+        ]);
+        let label = |scheme: &str, host: &str, port: u16| {
+            g.allows(scheme, host, port).map(|a| a.metric_host(host))
+        };
+        assert_eq!(
+            label("https", "API.example.org", 443).as_deref(),
+            Some("api.example.org")
+        );
+        assert_eq!(
+            label("https", "x1.example.net", 443).as_deref(),
+            Some("*.example.net")
+        );
+        assert_eq!(
+            label("https", "random-1234.org", 8443).as_deref(),
+            Some("*")
+        );
+        assert_eq!(
+            label("http", "10.1.2.3", 80).as_deref(),
+            Some("10.1.0.0/16")
+        );
+        assert_eq!(
+            label("http", "127.0.0.1", 8080).as_deref(),
+            Some("127.0.0.1")
+        );
     }
 
     #[test]

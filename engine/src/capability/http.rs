@@ -154,6 +154,8 @@ struct Allowed {
     journal: bool,
     scheme: String,
     host: String,
+    /// The host as the metrics name it (`AllowedHost::metric_host`).
+    metric_host: String,
     port: u16,
     deadline: Instant,
 }
@@ -217,7 +219,7 @@ impl HostState {
         let host = uri.host().unwrap_or_default().to_owned();
         let port = uri.port_u16().unwrap_or_else(|| default_port(scheme));
         let grant = plugin.grant.http.as_ref();
-        if grant.and_then(|g| g.allows(scheme, &host, port)).is_none() {
+        let Some(entry) = grant.and_then(|g| g.allows(scheme, &host, port)) else {
             let listed = grant
                 .map(|g| {
                     g.allow
@@ -235,7 +237,9 @@ impl HostState {
                 bracket(&host),
                 plugin.name
             ))));
-        }
+        };
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let metric_host = entry.metric_host(bare);
         let usage = self.http_use.get_or_insert_with(Default::default).clone();
         Ok(Allowed {
             client: plugin.services.http.clone(),
@@ -243,10 +247,8 @@ impl HostState {
             usage,
             journal: self.journaling(),
             scheme: scheme.to_owned(),
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
+            host: bare.to_owned(),
+            metric_host,
             port,
             deadline: self.deadline,
         })
@@ -373,7 +375,7 @@ async fn send(
     let started = Instant::now();
     let url = format!("{} {}", request.method(), request.uri());
     let plugin = allowed.plugin.name.clone();
-    let host = allowed.host.clone();
+    let host = allowed.metric_host.clone();
     let result = match &allowed.client.tape {
         Tape::Live => exchange(&allowed, request, options).await,
         Tape::Record(tape) => record(&allowed, request, options, tape).await,
@@ -623,7 +625,7 @@ async fn exchange(
             idle: None,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
             plugin: allowed.plugin.name.clone(),
-            host: allowed.host.clone(),
+            host: allowed.metric_host.clone(),
             _permit: None,
         }
         .boxed_unsync()
@@ -652,7 +654,7 @@ async fn exchange(
             idle: between.map(|t| (t, Box::pin(tokio::time::sleep(t)))),
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
             plugin: allowed.plugin.name.clone(),
-            host: allowed.host.clone(),
+            host: allowed.metric_host.clone(),
             _permit: Some(permit),
         }
         .boxed_unsync()
