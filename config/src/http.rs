@@ -353,17 +353,45 @@ pub fn is_special(ip: IpAddr) -> bool {
 }
 
 impl AllowedHost {
-    /// How a request to `host` that this entry allowed is named in the
-    /// metrics: the host itself when the entry names one host or address,
-    /// else the entry's pattern (`*.example.org`, `*`, `10.0.0.0/8`), so a
+    /// How requests this entry allowed are named in the metrics: the one
+    /// host or address the entry names (as the entry writes it, however
+    /// the request spelt it), else the entry's pattern (`*.example.org`, `*`, `10.0.0.0/8`), so a
     /// plugin cannot make the metrics grow with names of its choosing.
-    pub fn metric_host(&self, host: &str) -> String {
+    pub fn metric_host(&self) -> String {
         match &self.host {
-            HostPattern::Name(_) => host.to_ascii_lowercase(),
-            HostPattern::Range(r) if r.is_single() => host.to_owned(),
+            HostPattern::Name(name) => name.clone(),
+            HostPattern::Range(r) if r.is_single() => r.base.to_string(),
             HostPattern::AnyName => "*".into(),
             HostPattern::Subdomains(domain) => format!("*{domain}"),
             HostPattern::Range(r) => format!("{}/{}", r.base, r.prefix),
+        }
+    }
+
+    /// Why this entry cannot be a destination a secret is bound to
+    /// (`http.auth`), if it cannot: the secret must go to hosts the
+    /// operator names, over TLS — so no `*` host, no range wider than one
+    /// address, no `*` scheme, and `http` only to a loopback address named
+    /// literally (nothing lies between the engine and it).
+    pub fn auth_problem(&self) -> Option<String> {
+        match &self.host {
+            HostPattern::AnyName => {
+                return Some("a `*` host would send the secret wherever the plugin asks".into());
+            }
+            HostPattern::Range(r) if !r.is_single() => {
+                return Some("an address range would send the secret to any address in it".into());
+            }
+            _ => {}
+        }
+        let loopback = matches!(&self.host, HostPattern::Range(r) if r.base.is_loopback());
+        match self.scheme {
+            SchemePattern::Https => None,
+            SchemePattern::Http if loopback => None,
+            SchemePattern::Http => Some(
+                "plain `http` would send the secret in clear text (allowed only to a loopback \
+                 address named literally)"
+                    .into(),
+            ),
+            SchemePattern::Any => Some("bind the secret to `https://`, not `*://`".into()),
         }
     }
 
@@ -588,7 +616,7 @@ mod tests {
             "http://127.0.0.1:8080",
         ]);
         let label = |scheme: &str, host: &str, port: u16| {
-            g.allows(scheme, host, port).map(|a| a.metric_host(host))
+            g.allows(scheme, host, port).map(|a| a.metric_host())
         };
         assert_eq!(
             label("https", "API.example.org", 443).as_deref(),
@@ -610,6 +638,32 @@ mod tests {
             label("http", "127.0.0.1", 8080).as_deref(),
             Some("127.0.0.1")
         );
+    }
+
+    #[test]
+    fn a_secret_goes_only_to_named_hosts_over_tls_or_to_loopback() {
+        let problem = |e: &str| {
+            AllowedHost::try_from(e.to_owned())
+                .unwrap_or_else(|e| panic!("{e}"))
+                .auth_problem()
+        };
+        for fine in [
+            "https://api.example.org",
+            "https://*.example.org:8443",
+            "https://10.0.0.1",
+            "http://127.0.0.1:8080",
+            "http://[::1]:80",
+        ] {
+            assert_eq!(problem(fine), None, "{fine}");
+        }
+        for (bad, why) in [
+            ("https://*:*", "`*` host"),
+            ("https://10.0.0.0/8", "address range"),
+            ("http://api.example.org", "clear text"),
+            ("*://api.example.org", "not `*://`"),
+        ] {
+            assert!(problem(bad).is_some_and(|p| p.contains(why)), "{bad}");
+        }
     }
 
     #[test]

@@ -1306,6 +1306,9 @@ impl Config {
             };
             for (destination, auth) in &http_grant.auth {
                 let key = format!("plugins.grants.{plugin}.http.auth.\"{destination}\"");
+                if let Some(problem) = destination.auth_problem() {
+                    return Err(invalid(key, format!("cannot carry a secret: {problem}")));
+                }
                 for secret in auth.secrets() {
                     if !self.secrets.contains_key(secret) {
                         return Err(invalid(
@@ -1549,7 +1552,7 @@ mod tests {
     #[test]
     fn secrets_are_named_sources_and_http_auth_binds_them_to_destinations() -> anyhow::Result<()> {
         let c = parse(
-            "listener: { type: dir, path: spool }\nsecrets:\n  token: { env: ZENODO_TOKEN }\n  key: { file: keys/api }\nplugins:\n  grants:\n    p:\n      http:\n        allow: [\"https://zenodo.org\", \"https://*.example.org\"]\n        auth:\n          \"https://zenodo.org\": { bearer: token }\n          \"https://*.example.org\": { header: { X-Api-Key: key } }\n          \"https://*:*\": { basic: { user: me, password: token } }\n",
+            "listener: { type: dir, path: spool }\nsecrets:\n  token: { env: ZENODO_TOKEN }\n  key: { file: keys/api }\nplugins:\n  grants:\n    p:\n      http:\n        allow: [\"https://zenodo.org\", \"https://*.example.org\"]\n        auth:\n          \"https://zenodo.org\": { bearer: token }\n          \"https://*.example.org\": { header: { X-Api-Key: key } }\n          \"https://other.org:8443\": { basic: { user: me, password: token } }\n",
         )?;
         assert_eq!(
             c.secrets["key"].file.as_deref(),
@@ -1568,6 +1571,7 @@ mod tests {
             http.auth_for("https", "other.org", 8443),
             Some(http::HttpAuth::Basic { .. })
         ));
+        assert_eq!(http.auth_for("https", "another.org", 8443), None);
         assert_eq!(http.auth_for("http", "zenodo.org", 80), None);
         Ok(())
     }

@@ -109,7 +109,9 @@ fn main() -> ExitCode {
             // The sandbox cannot go on safely: 75 (EX_TEMPFAIL) asks the
             // supervisor for a restart.
             if e.downcast_ref::<sandpipe::sandbox::Fatal>().is_some() {
-                ExitCode::from(75)
+                // At once: not after the runtime has waited for whatever
+                // blocking work is still running.
+                std::process::exit(75);
             } else {
                 ExitCode::FAILURE
             }

@@ -205,8 +205,15 @@ async fn a_plugin_enriches_messages_from_an_allowed_service() {
         "m-host",
         serde_json::json!({"action": "get", "url": format!("http://127.0.0.1:{http_port}/headers")}),
     );
-    let served = serve(&d, port, 5).await;
-    assert_eq!(served.summary.done, 5, "{}", served.summary);
+    // User info in the URL does not reach `Host`: the engine sets it from
+    // the host it checked.
+    request(
+        &d,
+        "m-userinfo",
+        serde_json::json!({"action": "get", "url": format!("http://evil.example@127.0.0.1:{http_port}/headers")}),
+    );
+    let served = serve(&d, port, 6).await;
+    assert_eq!(served.summary.done, 6, "{}", served.summary);
     assert_eq!(hits.get("/item"), 3);
 
     let emitted = d.files("out");
@@ -228,13 +235,18 @@ async fn a_plugin_enriches_messages_from_an_allowed_service() {
         format!("status=200 bytes=15 body=127.0.0.1:{http_port}")
     );
 
+    assert_eq!(
+        d.last("m-userinfo", "enrich").await.info,
+        format!("status=200 bytes=15 body=127.0.0.1:{http_port}")
+    );
+
     let m = &served.metrics;
     assert_eq!(
         metric(
             m,
             r#"sandpipe_http_requests_total{plugin="enrich",host="127.0.0.1",status="2xx"}"#
         ),
-        5.0,
+        6.0,
         "{m}"
     );
     assert!(
@@ -296,6 +308,11 @@ async fn every_way_around_the_allow_list_and_the_quotas_fails_typed() {
         (
             "m-slow",
             serde_json::json!({"action": "stream", "url": at("/slow")}),
+        ),
+        // TRACE would echo a bound secret back.
+        (
+            "m-trace",
+            serde_json::json!({"action": "request", "method": "TRACE", "url": at("/item")}),
         ),
         // 100,000 requests: the request quota.
         (
@@ -375,6 +392,14 @@ async fn every_way_around_the_allow_list_and_the_quotas_fails_typed() {
         slow.info, "deadline: plugin exceeded its deadline of 3s",
         "{}",
         slow.info
+    );
+    let trace = d.last("m-trace", "web").await;
+    assert!(
+        trace
+            .info
+            .contains("[denied: plugin `web` sent a TRACE request, which the engine does not send"),
+        "{}",
+        trace.info
     );
     let many = d.last("m-many", "web").await;
     assert!(
@@ -575,4 +600,33 @@ async fn the_http_enrich_connector_enriches_messages_from_an_authenticated_api()
         anonymous.info
     );
     assert_eq!(hits.get("/secure/item%207"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reused_instance_that_keeps_a_response_is_not_reused() {
+    let (http_port, _hits) = server().await;
+    let (d, port) = served(
+        &[("fx-http", "keeper")],
+        &format!(
+            "pipeline: {{ concurrency: 1 }}\nplugins:\n  grants:\n    keeper:\n      http: {{ allow: \
+             [\"http://127.0.0.1:{http_port}\"] }}\n      reuse: {{ instances: 1, messages: 100 }}\n"
+        ),
+    );
+    let item = format!("http://127.0.0.1:{http_port}/item");
+    // One message at a time, in order (the spool is read sorted): reused
+    // as usual while nothing is left open, but a call that keeps a
+    // response (its connection, the plugin's turn) ends its instance.
+    request(&d, "m-1", serde_json::json!({"action": "calls"}));
+    request(&d, "m-2", serde_json::json!({"action": "calls"}));
+    request(
+        &d,
+        "m-3",
+        serde_json::json!({"action": "keep", "url": item}),
+    );
+    request(&d, "m-4", serde_json::json!({"action": "calls"}));
+    let _ = serve(&d, port, 4).await;
+    assert_eq!(d.last("m-2", "keeper").await.info, "calls 2");
+    assert_eq!(d.last("m-3", "keeper").await.status, "done");
+    // The next call is served by a new instance.
+    assert_eq!(d.last("m-4", "keeper").await.info, "calls 1");
 }

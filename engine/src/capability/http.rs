@@ -204,6 +204,18 @@ impl HostState {
         self.enter(Interface::Http, "outgoing-handler.handle")
             .map_err(denied)?;
         let plugin = self.plugin.clone();
+        // TRACE echoes the request (and a bound secret) back; CONNECT
+        // would tunnel past the engine.
+        if matches!(
+            *request.method(),
+            http::Method::TRACE | http::Method::CONNECT
+        ) {
+            return Err(denied(self.deny(format!(
+                "plugin `{}` sent a {} request, which the engine does not send",
+                plugin.name,
+                request.method()
+            ))));
+        }
         let limits = &plugin.limits;
         self.http_requests += 1;
         if self.http_requests > limits.http_requests {
@@ -239,7 +251,7 @@ impl HostState {
             ))));
         };
         let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let metric_host = entry.metric_host(bare);
+        let metric_host = entry.metric_host();
         let usage = self.http_use.get_or_insert_with(Default::default).clone();
         Ok(Allowed {
             client: plugin.services.http.clone(),
@@ -260,6 +272,9 @@ impl HostState {
         let Some(usage) = self.http_use.take() else {
             return;
         };
+        // Someone else holds it: a request or response body the guest
+        // kept (in its resource table) or a connection still running.
+        self.http_open = Arc::strong_count(&usage) > 1;
         if let Ok(mut denials) = usage.denials.lock() {
             for denial in denials.drain(..) {
                 if self.denials.len() < 100 {
@@ -283,6 +298,12 @@ fn bracket(host: &str) -> String {
 }
 
 impl WasiHttpHooks for HostState {
+    /// `Host` is set by the engine from the checked host (`exchange`), not
+    /// from the guest's authority (which may carry user info).
+    fn set_host_header(&mut self) -> bool {
+        false
+    }
+
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
@@ -506,18 +527,7 @@ async fn exchange(
     // Where to connect: only addresses the list allows.
     let addresses: Vec<IpAddr> = match allowed.host.parse::<IpAddr>() {
         Ok(ip) => vec![ip],
-        Err(_) => tokio::time::timeout_at(
-            deadline,
-            tokio::net::lookup_host((allowed.host.as_str(), allowed.port)),
-        )
-        .await
-        .map_err(|_| Error::DnsTimeout)?
-        .map_err(|e| Error::DnsError {
-            rcode: Some(e.to_string()),
-            info_code: None,
-        })?
-        .map(|a| a.ip())
-        .collect(),
+        Err(_) => resolve(&allowed.host, allowed.port, deadline).await?,
     };
     let grant = allowed.plugin.grant.http.as_ref();
     let (usable, refused): (Vec<IpAddr>, Vec<IpAddr>) = addresses.into_iter().partition(|ip| {
@@ -606,6 +616,17 @@ async fn exchange(
         let _ = tokio::time::timeout_at(deadline, connection).await;
     });
 
+    // `Host` is the checked host (and port when not the scheme's).
+    let authority = if allowed.port == default_port(&allowed.scheme) {
+        bracket(&allowed.host)
+    } else {
+        format!("{}:{}", bracket(&allowed.host), allowed.port)
+    };
+    let host_header =
+        http::HeaderValue::from_str(&authority).map_err(|_| Error::HttpRequestUriInvalid)?;
+    request
+        .headers_mut()
+        .insert(http::header::HOST, host_header);
     // The request line names the path only (the host is in `Host`).
     let path = request
         .uri()
@@ -659,6 +680,42 @@ async fn exchange(
         }
         .boxed_unsync()
     }))
+}
+
+/// Name lookups in flight at once, engine-wide. The system resolver runs
+/// on a blocking thread that a timeout cannot stop: each lookup holds a
+/// turn until its thread returns, so a resolver that never answers ties up
+/// at most this many threads.
+const MAX_LOOKUPS: usize = 32;
+
+/// The addresses `host` resolves to (the system resolver), by `deadline`.
+async fn resolve(
+    host: &str,
+    port: u16,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<IpAddr>, Error> {
+    static LOOKUPS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    let lookups = LOOKUPS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUPS)));
+    let turn = tokio::time::timeout_at(deadline, lookups.clone().acquire_owned())
+        .await
+        .map_err(|_| Error::DnsTimeout)?
+        .map_err(|_| Error::DnsTimeout)?;
+    let name = host.to_owned();
+    let lookup = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        use std::net::ToSocketAddrs as _;
+        (name.as_str(), port)
+            .to_socket_addrs()
+            .map(|found| found.map(|a| a.ip()).collect::<Vec<_>>())
+    });
+    tokio::time::timeout_at(deadline, lookup)
+        .await
+        .map_err(|_| Error::DnsTimeout)?
+        .map_err(|e| Error::InternalError(Some(e.to_string())))?
+        .map_err(|e| Error::DnsError {
+            rcode: Some(e.to_string()),
+            info_code: None,
+        })
 }
 
 /// A stream TLS or plain TCP.

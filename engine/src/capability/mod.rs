@@ -248,6 +248,8 @@ pub struct HostState {
     http_requests: u32,
     /// What the invocation's HTTP requests record while they run.
     http_use: Option<Arc<http::HttpUse>>,
+    /// Whether HTTP work outlived the call (see [`HostState::gather`]).
+    http_open: bool,
 }
 
 /// The longest denial message kept (see [`HostState::deny`]).
@@ -369,12 +371,21 @@ impl HostState {
             readers: 0,
             http_requests: 0,
             http_use: None,
+            http_open: false,
         }
     }
 
     /// Blob readers the plugin has open now.
     pub fn open_readers(&self) -> u32 {
         self.readers
+    }
+
+    /// Whether the call left something open that an instance must not
+    /// carry into the next call: a blob reader, or HTTP work (a response
+    /// kept, a connection running) that would hold the plugin's turns and
+    /// quotas past the call.
+    pub fn left_open(&self) -> bool {
+        self.readers > 0 || self.http_open
     }
 
     /// Count a host call and check the interface is granted.

@@ -65,16 +65,15 @@ fn private(_: &Path) -> anyhow::Result<()> {
 
 impl CodeCache {
     pub(super) fn new(dir: &Path, engine: &Engine) -> anyhow::Result<Self> {
-        let fresh = !dir.exists();
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the code cache {}", dir.display()))?;
+        // Private from the moment it exists, whatever the umask (folders
+        // it makes above it too).
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
         #[cfg(unix)]
-        if fresh {
-            // Private from the start, whatever the umask.
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .with_context(|| format!("cannot make the code cache {} private", dir.display()))?;
-        }
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(dir)
+            .with_context(|| format!("cannot create the code cache {}", dir.display()))?;
         private(dir)?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);

@@ -756,7 +756,7 @@ impl Sandbox {
         // A trap poisons the store: then the instance is dropped.
         if result.is_ok() {
             warm.served += 1;
-            if warm.served < pool.messages && host.open_readers() == 0 {
+            if warm.served < pool.messages && !host.left_open() {
                 pool.put(warm);
             }
         }
@@ -874,10 +874,13 @@ impl Sandbox {
         let started = Instant::now();
         let mut store = self.store(limits, host, &capture);
         let fuel_before = store.get_fuel().ok();
-        let result = match pre.instance_pre().instantiate_async(&mut store).await {
-            Ok(instance) => within_deadline(limits, call(&instance, &mut store)).await,
-            Err(err) => Err(err),
-        };
+        // Instantiation (a start function) and the call, both within the
+        // host-side deadline.
+        let result = within_deadline(limits, async {
+            let instance = pre.instance_pre().instantiate_async(&mut store).await?;
+            call(&instance, &mut store).await
+        })
+        .await;
         let usage = self.usage(started, fuel_before, &store);
         let mut state = store.into_data();
         state.host.gather();

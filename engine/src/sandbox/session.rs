@@ -149,6 +149,11 @@ impl Session {
         if result.is_ok() {
             self.failures = 0;
             self.retry_at = None;
+            if host.left_open() {
+                // A reader or a response kept across calls would carry its
+                // limits past them: start the next call afresh (no backoff).
+                self.live = None;
+            }
         } else {
             // A trap poisons the store: drop it and its slot.
             self.live = None;
