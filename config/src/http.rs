@@ -318,6 +318,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
 /// allow-list names it: loopback, private (RFC 1918, unique local),
 /// link-local (169.254.0.0/16 with the cloud metadata services, fe80::/10),
 /// unspecified, shared (100.64.0.0/10), benchmarking, documentation,
+/// 6to4 and Teredo (which carry IPv4 addresses),
 /// multicast, broadcast and reserved addresses. IPv4-mapped IPv6
 /// addresses are judged as the IPv4 address they carry.
 pub fn is_special(ip: IpAddr) -> bool {
@@ -347,6 +348,8 @@ pub fn is_special(ip: IpAddr) -> bool {
                 || (first & 0xffc0) == 0xfec0 // site-local (deprecated)
                 || first == 0x2001 && v6.segments()[1] == 0x0db8 // documentation
                 || first == 0x0064 && v6.segments()[1] == 0xff9b // NAT64
+                || first == 0x2002 // 6to4: carries an IPv4 address
+                || first == 0x2001 && v6.segments()[1] == 0 // Teredo
                 || v6.segments()[..6] == [0, 0, 0, 0, 0, 0] // IPv4-compatible
         }
     }
@@ -728,6 +731,8 @@ mod tests {
             "fd00::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "2002:7f00:1::",
+            "2001:0:4136:e378::1",
             "255.255.255.255",
         ] {
             assert!(is_special(special.parse().unwrap()), "{special}");
