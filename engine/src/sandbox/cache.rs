@@ -63,6 +63,42 @@ fn private(_: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether a cached file may be loaded: a regular file (not a symbolic
+/// link), owned by the cache folder's owner, writable by nobody else. One
+/// that is not is left alone and the component compiled again (the new
+/// code replaces it), with a warning.
+#[cfg(unix)]
+fn trusted_file(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let folder = path.parent().and_then(|d| std::fs::metadata(d).ok());
+    let ok = match (std::fs::symlink_metadata(path), folder) {
+        (Ok(file), Some(folder)) => {
+            file.file_type().is_file() && file.uid() == folder.uid() && file.mode() & 0o022 == 0
+        }
+        _ => false,
+    };
+    if !ok {
+        tracing::warn!(path = %path.display(), "not loading cached code that is a link, another user's or writable by others");
+    }
+    ok
+}
+
+#[cfg(not(unix))]
+fn trusted_file(_: &Path) -> bool {
+    true
+}
+
+/// Write `bytes` to a new file `path` readable and writable by the
+/// engine's user only, whatever the umask.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(bytes)
+}
+
 impl CodeCache {
     pub(super) fn new(dir: &Path, engine: &Engine) -> anyhow::Result<Self> {
         // Private from the moment it exists, whatever the umask (folders
@@ -96,7 +132,7 @@ impl CodeCache {
         bytes: &[u8],
     ) -> anyhow::Result<(Component, bool)> {
         let path = self.path(sha256);
-        if path.exists() {
+        if path.exists() && trusted_file(&path) {
             // SAFETY: the file was written by `Engine::precompile_component`
             // below, into a cache folder that only the engine writes (see
             // docs/security.md), under a name that binds it to this
@@ -115,7 +151,7 @@ impl CodeCache {
             .precompile_component(bytes)
             .map_err(anyhow::Error::from)?;
         let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
-        std::fs::write(&tmp, &native)
+        write_private(&tmp, &native)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .with_context(|| format!("cannot write the code cache {}", path.display()))?;
         // SAFETY: as above; we just produced these bytes with this engine.
@@ -149,6 +185,21 @@ mod tests {
                 "{mode:o}: {err}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn cached_files_that_are_links_or_writable_by_others_are_not_loaded() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("a.cwasm");
+        std::fs::write(&file, b"code")?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
+        assert!(trusted_file(&file));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666))?;
+        assert!(!trusted_file(&file));
+        let link = dir.path().join("b.cwasm");
+        std::os::unix::fs::symlink(&file, &link)?;
+        assert!(!trusted_file(&link));
         Ok(())
     }
 }
