@@ -630,3 +630,58 @@ async fn a_reused_instance_that_keeps_a_response_is_not_reused() {
     // The next call is served by a new instance.
     assert_eq!(d.last("m-4", "keeper").await.info, "calls 1");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_is_verified_against_the_webpki_roots_and_tls_ca_file() {
+    use crate::harness::tls::{TestCa, TlsProxy};
+    let (http_port, hits) = server().await;
+    let ca = TestCa::new();
+    let proxy = TlsProxy::start(http_port, &ca.server(&["127.0.0.1"]), false).await;
+    let url = format!("https://127.0.0.1:{}/item", proxy.port);
+    let grant = format!(
+        "plugins:\n  grants:\n    web:\n      http: {{ allow: [\"https://127.0.0.1:{}\"] }}\n",
+        proxy.port
+    );
+    // The test CA in tls.ca_file: the server's certificate is trusted.
+    let (trusted, port) = served(&[("fx-http", "web")], &grant);
+    let ca_file = ca.write(trusted.dir.path());
+    std::fs::write(
+        &trusted.config,
+        format!(
+            "{}tls: {{ ca_file: \"{}\" }}\n",
+            std::fs::read_to_string(&trusted.config).unwrap(),
+            ca_file.display()
+        ),
+    )
+    .unwrap();
+    request(
+        &trusted,
+        "m-tls",
+        serde_json::json!({"action": "get", "url": url}),
+    );
+    let _ = serve(&trusted, port, 1).await;
+    let row = trusted.last("m-tls", "web").await;
+    assert!(row.info.starts_with("status=200 bytes=27 "), "{}", row.info);
+    assert_eq!(hits.get("/item"), 1);
+    assert!(proxy.handshakes() >= 1);
+
+    // Without it, the webpki roots do not know the test CA: no request
+    // reaches the server.
+    let (untrusted, port) = served(&[("fx-http", "web")], &grant);
+    request(
+        &untrusted,
+        "m-tls",
+        serde_json::json!({"action": "get", "url": url}),
+    );
+    let _ = serve(&untrusted, port, 1).await;
+    let row = untrusted.last("m-tls", "web").await;
+    assert_eq!(row.status, "failed", "{}", row.info);
+    assert!(
+        row.info
+            .starts_with("plugin-error: unavailable: request to")
+            && row.info.contains("Tls"),
+        "{}",
+        row.info
+    );
+    assert_eq!(hits.get("/item"), 1);
+}
