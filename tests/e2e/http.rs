@@ -659,11 +659,22 @@ async fn https_is_verified_against_the_webpki_roots_and_tls_ca_file() {
         "m-tls",
         serde_json::json!({"action": "get", "url": url}),
     );
-    let _ = serve(&trusted, port, 1).await;
+    // Five requests in a row: one connection, kept alive between them.
+    request(
+        &trusted,
+        "m-tls-many",
+        serde_json::json!({"action": "get-many", "url": url, "count": 5}),
+    );
+    let _ = serve(&trusted, port, 2).await;
     let row = trusted.last("m-tls", "web").await;
     assert!(row.info.starts_with("status=200 bytes=27 "), "{}", row.info);
-    assert_eq!(hits.get("/item"), 1);
-    assert!(proxy.handshakes() >= 1);
+    assert_eq!(trusted.last("m-tls-many", "web").await.info, "sent 5");
+    assert_eq!(hits.get("/item"), 6);
+    assert!(
+        (1..=2).contains(&proxy.handshakes()),
+        "{} TLS handshakes for 6 requests",
+        proxy.handshakes()
+    );
 
     // Without it, the webpki roots do not know the test CA: no request
     // reaches the server.
@@ -683,5 +694,5 @@ async fn https_is_verified_against_the_webpki_roots_and_tls_ca_file() {
         "{}",
         row.info
     );
-    assert_eq!(hits.get("/item"), 1);
+    assert_eq!(hits.get("/item"), 6);
 }

@@ -524,6 +524,94 @@ async fn exchange(
             .map_err(|_| Error::ConnectionLimitReached)?
             .map_err(|_| Error::ConnectionLimitReached)?;
 
+    // A kept-alive connection of this plugin to this destination (its
+    // address was checked when it was made), else a new one.
+    let key = PoolKey {
+        scheme: allowed.scheme.clone(),
+        host: allowed.host.clone(),
+        port: allowed.port,
+    };
+    let mut sender = match allowed.plugin.http_pool.take(&key).await {
+        Some(sender) => sender,
+        None => connect(allowed, &options, deadline).await?,
+    };
+
+    // `Host` is the checked host (and port when not the scheme's).
+    let authority = if allowed.port == default_port(&allowed.scheme) {
+        bracket(&allowed.host)
+    } else {
+        format!("{}:{}", bracket(&allowed.host), allowed.port)
+    };
+    let host_header =
+        http::HeaderValue::from_str(&authority).map_err(|_| Error::HttpRequestUriInvalid)?;
+    request
+        .headers_mut()
+        .insert(http::header::HOST, host_header);
+    // The request line names the path only (the host is in `Host`).
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    *request.uri_mut() = http::Uri::builder()
+        .path_and_query(path)
+        .build()
+        .map_err(|_| Error::HttpRequestUriInvalid)?;
+    let request = request.map(|body| {
+        Metered {
+            inner: body,
+            usage: allowed.usage.clone(),
+            counter: Direction::Request,
+            limit: limits.http_request_bytes.as_u64(),
+            idle: None,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            plugin: allowed.plugin.name.clone(),
+            host: allowed.metric_host.clone(),
+            _permit: None,
+            give_back: None,
+        }
+        .boxed_unsync()
+    });
+
+    let response = tokio::time::timeout_at(
+        until(allowed.deadline, options.first_byte_timeout),
+        sender.send_request(request),
+    )
+    .await
+    .map_err(|_| Error::ConnectionReadTimeout)?
+    .map_err(|e| {
+        if e.is_timeout() {
+            Error::HttpResponseTimeout
+        } else {
+            Error::Hyper(e)
+        }
+    })?;
+    let between = options.between_bytes_timeout;
+    Ok(response.map(|incoming| {
+        Metered {
+            inner: incoming.map_err(Error::Hyper).boxed_unsync(),
+            usage: allowed.usage.clone(),
+            counter: Direction::Response,
+            limit: limits.http_response_bytes.as_u64(),
+            idle: between.map(|t| (t, Box::pin(tokio::time::sleep(t)))),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            plugin: allowed.plugin.name.clone(),
+            host: allowed.metric_host.clone(),
+            _permit: Some(permit),
+            give_back: Some((sender, key, allowed.plugin.clone())),
+        }
+        .boxed_unsync()
+    }))
+}
+
+/// A new connection for `allowed`: the name resolved, the addresses
+/// checked, TCP (and TLS) connected, HTTP/1.1 handshaken; its driver runs
+/// in a task of its own, at most [`MAX_CONNECTION_LIFE`].
+async fn connect(
+    allowed: &Allowed,
+    options: &RequestOptions,
+    deadline: tokio::time::Instant,
+) -> Result<Sender, Error> {
     // Where to connect: only addresses the list allows.
     let addresses: Vec<IpAddr> = match allowed.host.parse::<IpAddr>() {
         Ok(ip) => vec![ip],
@@ -604,82 +692,74 @@ async fn exchange(
     } else {
         Box::new(stream)
     };
-    let (mut sender, connection) = tokio::time::timeout_at(
+    let (sender, connection) = tokio::time::timeout_at(
         connect_by,
         hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(io)),
     )
     .await
     .map_err(|_| Error::ConnectionTimeout)??;
-    // The connection is driven until the response body is read or
-    // dropped, and never past the deadline.
+    // Driven until every sender is gone (a pooled one expires after
+    // `IDLE_FOR`), at most `MAX_CONNECTION_LIFE`.
     tokio::spawn(async move {
-        let _ = tokio::time::timeout_at(deadline, connection).await;
+        let _ = tokio::time::timeout(MAX_CONNECTION_LIFE, connection).await;
     });
+    Ok(sender)
+}
 
-    // `Host` is the checked host (and port when not the scheme's).
-    let authority = if allowed.port == default_port(&allowed.scheme) {
-        bracket(&allowed.host)
-    } else {
-        format!("{}:{}", bracket(&allowed.host), allowed.port)
-    };
-    let host_header =
-        http::HeaderValue::from_str(&authority).map_err(|_| Error::HttpRequestUriInvalid)?;
-    request
-        .headers_mut()
-        .insert(http::header::HOST, host_header);
-    // The request line names the path only (the host is in `Host`).
-    let path = request
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    *request.uri_mut() = http::Uri::builder()
-        .path_and_query(path)
-        .build()
-        .map_err(|_| Error::HttpRequestUriInvalid)?;
-    let request = request.map(|body| {
-        Metered {
-            inner: body,
-            usage: allowed.usage.clone(),
-            counter: Direction::Request,
-            limit: limits.http_request_bytes.as_u64(),
-            idle: None,
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
-            plugin: allowed.plugin.name.clone(),
-            host: allowed.metric_host.clone(),
-            _permit: None,
-        }
-        .boxed_unsync()
-    });
+/// The sending half of an HTTP/1.1 connection.
+type Sender = hyper::client::conn::http1::SendRequest<WasiBody>;
 
-    let response = tokio::time::timeout_at(
-        until(allowed.deadline, options.first_byte_timeout),
-        sender.send_request(request),
-    )
-    .await
-    .map_err(|_| Error::ConnectionReadTimeout)?
-    .map_err(|e| {
-        if e.is_timeout() {
-            Error::HttpResponseTimeout
-        } else {
-            Error::Hyper(e)
+/// How long an idle kept-alive connection may wait for its next request.
+pub const IDLE_FOR: Duration = Duration::from_secs(30);
+/// Idle connections kept per plugin and destination.
+pub const IDLE_PER_DESTINATION: usize = 8;
+/// The longest a connection lives, kept alive or not.
+pub const MAX_CONNECTION_LIFE: Duration = Duration::from_secs(300);
+
+/// Where a kept-alive connection goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    scheme: String,
+    host: String,
+    port: u16,
+}
+
+/// One plugin's idle kept-alive connections, by destination. Never
+/// shared between plugins; a connection's address was checked against
+/// the plugin's allow-list when it was made.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<std::collections::HashMap<PoolKey, Vec<(Sender, Instant)>>>,
+}
+
+impl Pool {
+    /// An idle connection to `key` that can take a request (one just
+    /// given back may need a moment to finish its last response).
+    async fn take(&self, key: &PoolKey) -> Option<Sender> {
+        loop {
+            let (mut sender, since) = self.idle.lock().ok()?.get_mut(key)?.pop()?;
+            if since.elapsed() >= IDLE_FOR || sender.is_closed() {
+                continue;
+            }
+            if let Ok(Ok(())) =
+                tokio::time::timeout(Duration::from_millis(200), sender.ready()).await
+            {
+                return Some(sender);
+            }
         }
-    })?;
-    let between = options.between_bytes_timeout;
-    Ok(response.map(|incoming| {
-        Metered {
-            inner: incoming.map_err(Error::Hyper).boxed_unsync(),
-            usage: allowed.usage.clone(),
-            counter: Direction::Response,
-            limit: limits.http_response_bytes.as_u64(),
-            idle: between.map(|t| (t, Box::pin(tokio::time::sleep(t)))),
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
-            plugin: allowed.plugin.name.clone(),
-            host: allowed.metric_host.clone(),
-            _permit: Some(permit),
+    }
+
+    /// Keep `sender` for the next request to `key` (the stale ones of
+    /// `key` are dropped, which closes them).
+    fn put(&self, key: PoolKey, sender: Sender) {
+        if let Ok(mut idle) = self.idle.lock() {
+            let list = idle.entry(key).or_default();
+            list.retain(|(s, since)| since.elapsed() < IDLE_FOR && !s.is_closed());
+            if list.len() < IDLE_PER_DESTINATION && !sender.is_closed() {
+                list.push((sender, Instant::now()));
+            }
         }
-        .boxed_unsync()
-    }))
+    }
 }
 
 /// Name lookups in flight at once, engine-wide. The system resolver runs
@@ -742,6 +822,9 @@ struct Metered {
     host: String,
     /// A response holds its plugin's turn until it is read or dropped.
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// A response's connection, given back to the plugin's pool when the
+    /// body has been read to its end (dropped with it otherwise).
+    give_back: Option<(Sender, PoolKey, Arc<PluginContext>)>,
 }
 
 impl Body for Metered {
@@ -798,6 +881,14 @@ impl Body for Metered {
                     return Poll::Ready(Some(Err(Error::ConnectionReadTimeout)));
                 }
                 Poll::Pending
+            }
+            Poll::Ready(None) => {
+                // Read to its end: the connection may serve the
+                // plugin's next request to the same destination.
+                if let Some((sender, key, plugin)) = this.give_back.take() {
+                    plugin.http_pool.put(key, sender);
+                }
+                Poll::Ready(None)
             }
             other => other,
         }

@@ -67,6 +67,8 @@ pub struct PluginContext {
     /// Turns for the plugin's HTTP requests in flight
     /// (`limits.http_concurrency`), shared by all its invocations.
     pub http_slots: Arc<tokio::sync::Semaphore>,
+    /// The plugin's idle kept-alive HTTP connections.
+    pub http_pool: http::Pool,
 }
 
 impl PluginContext {
@@ -94,6 +96,7 @@ impl PluginContext {
             grant,
             limits,
             http_slots,
+            http_pool: http::Pool::default(),
             config,
             db,
             services,
