@@ -131,41 +131,59 @@ mod wasi_http {
         outgoing
             .set_path_with_query(Some(&path))
             .map_err(|()| bad("path"))?;
-        let options = RequestOptions::new();
-        let nanos = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        if let Some(t) = request.connect_timeout {
-            let _ = options.set_connect_timeout(Some(nanos(t)));
-        }
-        if let Some(t) = request.first_byte_timeout {
-            let _ = options.set_first_byte_timeout(Some(nanos(t)));
-        }
-        if let Some(t) = request.between_bytes_timeout {
-            let _ = options.set_between_bytes_timeout(Some(nanos(t)));
-        }
-        let body = outgoing
-            .body()
-            .map_err(|()| internal(url, "no request body"))?;
-        let future =
-            outgoing_handler::handle(outgoing, Some(options)).map_err(|code| error(url, code))?;
-        {
-            let stream = body
-                .write()
-                .map_err(|()| internal(url, "no request body stream"))?;
-            for chunk in request.body.chunks(4096) {
-                stream
-                    .blocking_write_and_flush(chunk)
-                    .map_err(|e| match e {
-                        StreamError::LastOperationFailed(e) => {
-                            match wasip2::http::types::http_error_code(&e) {
-                                Some(code) => error(url, code),
-                                None => internal(url, &e.to_debug_string()),
-                            }
-                        }
-                        StreamError::Closed => internal(url, "the request body was closed"),
-                    })?;
+        // Options and a body only when there are some: each is a few host
+        // calls per request.
+        let timeouts = [
+            request.connect_timeout,
+            request.first_byte_timeout,
+            request.between_bytes_timeout,
+        ];
+        let options = timeouts.iter().any(Option::is_some).then(|| {
+            let options = RequestOptions::new();
+            let nanos = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            if let Some(t) = request.connect_timeout {
+                let _ = options.set_connect_timeout(Some(nanos(t)));
             }
+            if let Some(t) = request.first_byte_timeout {
+                let _ = options.set_first_byte_timeout(Some(nanos(t)));
+            }
+            if let Some(t) = request.between_bytes_timeout {
+                let _ = options.set_between_bytes_timeout(Some(nanos(t)));
+            }
+            options
+        });
+        let body = if request.body.is_empty() {
+            None
+        } else {
+            Some(
+                outgoing
+                    .body()
+                    .map_err(|()| internal(url, "no request body"))?,
+            )
+        };
+        let future =
+            outgoing_handler::handle(outgoing, options).map_err(|code| error(url, code))?;
+        if let Some(body) = body {
+            {
+                let stream = body
+                    .write()
+                    .map_err(|()| internal(url, "no request body stream"))?;
+                for chunk in request.body.chunks(4096) {
+                    stream
+                        .blocking_write_and_flush(chunk)
+                        .map_err(|e| match e {
+                            StreamError::LastOperationFailed(e) => {
+                                match wasip2::http::types::http_error_code(&e) {
+                                    Some(code) => error(url, code),
+                                    None => internal(url, &e.to_debug_string()),
+                                }
+                            }
+                            StreamError::Closed => internal(url, "the request body was closed"),
+                        })?;
+                }
+            }
+            OutgoingBody::finish(body, None).map_err(|code| error(url, code))?;
         }
-        OutgoingBody::finish(body, None).map_err(|code| error(url, code))?;
         future.subscribe().block();
         let response = match future.get() {
             Some(Ok(Ok(response))) => response,
