@@ -203,7 +203,7 @@ async fn metadata_larger_than_max_metadata_bytes_is_dead_lettered_from_redis() {
 async fn each_quota_lets_the_limit_through_refuses_past_it_and_is_overridable_per_plugin() {
     let (d, port) = served(
         &[("fx-hostile", "quota")],
-        "outputs:\n  out: { type: dir, path: out }\nplugins:\n  grants:\n    quota:\n      emit: [out]\n      sql: true\n      blob: true\n      limits: { log_bytes: 1000, emits: 3, emit_bytes: 100, sql_rows: 5, sql_bytes: 1000, host_calls: 50, blob_readers: 3, state_bytes: 1000 }\n      meta: true\n",
+        "outputs:\n  out: { type: dir, path: out }\nplugins:\n  grants:\n    quota:\n      emit: [out]\n      sql: true\n      blob: true\n      limits: { log_bytes: 1000, emits: 3, emit_bytes: 100, sql_rows: 5, sql_bytes: 1000, host_calls: 50, blob_readers: 3, state_bytes: 1000, state_changes: 3, state_value_bytes: 500 }\n      meta: true\n",
     );
     let rows = |n: u32| {
         format!(
@@ -291,6 +291,26 @@ async fn each_quota_lets_the_limit_through_refuses_past_it_and_is_overridable_pe
             "state-past",
             serde_json::json!({"action": "state-flood", "count": 2, "bytes": 499}),
             Some("state_bytes"),
+        ),
+        (
+            "changes-at",
+            serde_json::json!({"action": "state-flood", "count": 3, "bytes": 10}),
+            None,
+        ),
+        (
+            "changes-past",
+            serde_json::json!({"action": "state-flood", "count": 4, "bytes": 10}),
+            Some("state_changes"),
+        ),
+        (
+            "value-at",
+            serde_json::json!({"action": "state-flood", "count": 1, "bytes": 500}),
+            None,
+        ),
+        (
+            "value-past",
+            serde_json::json!({"action": "state-flood", "count": 1, "bytes": 501}),
+            Some("state_value_bytes"),
         ),
         // Dropped readers make room for new ones.
         (

@@ -980,6 +980,31 @@ mod tests {
         )));
     }
 
+    #[tokio::test]
+    async fn a_call_waiting_past_its_deadline_is_given_up_as_a_deadline() {
+        let limits = Limits {
+            timeout: Duration::from_millis(50),
+            ..Limits::default()
+        };
+        let started = Instant::now();
+        // A call that never returns: a guest waiting in a host call that
+        // never answers, which no epoch can interrupt.
+        let result = within_deadline(&limits, std::future::pending::<wasmtime::Result<()>>()).await;
+        let elapsed = started.elapsed();
+        assert!(matches!(
+            result
+                .as_ref()
+                .err()
+                .and_then(|e| e.downcast_ref::<wasmtime::Trap>()),
+            Some(wasmtime::Trap::Interrupt)
+        ));
+        assert!(elapsed >= limits.timeout + HOST_GRACE, "{elapsed:?}");
+        assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+        // A call that returns in time is its own result.
+        let quick = within_deadline(&limits, async { Ok::<_, wasmtime::Error>(7) }).await;
+        assert!(matches!(quick, Ok(7)));
+    }
+
     #[test]
     fn limiter_refuses_growth_past_the_limit_and_remembers_it() {
         let mut l = MemoryLimiter {
