@@ -1054,6 +1054,11 @@ fn native_description(name: &str, mime: &[&str]) -> Description {
     }
 }
 
+/// The message's body as JSON (as the fixtures' `msg.body_json()`).
+fn body_json(msg: &Message) -> Result<serde_json::Value, WitError> {
+    serde_json::from_slice(&msg.body).map_err(|e| WitError::Invalid(e.to_string()))
+}
+
 /// fx-probe's `done` action natively: parse the body, find the action.
 struct Trivial;
 
@@ -1068,8 +1073,7 @@ impl NativePlugin for Trivial {
         msg: Message,
     ) -> BoxFuture<'a, Result<Outcome, WitError>> {
         Box::pin(async move {
-            let body: serde_json::Value =
-                serde_json::from_slice(&msg.body).map_err(|e| WitError::Invalid(e.to_string()))?;
+            let body = body_json(&msg)?;
             match body.get("action").and_then(|a| a.as_str()) {
                 Some("done") => Ok(Outcome::Done),
                 other => Err(WitError::Invalid(format!("unexpected action {other:?}"))),
@@ -1097,8 +1101,7 @@ impl NativePlugin for HttpFetch {
         use http_body_util::BodyExt as _;
         use wasmtime_wasi_http::WasiHttpHooks as _;
         Box::pin(async move {
-            let body: serde_json::Value =
-                serde_json::from_slice(&msg.body).map_err(|e| WitError::Invalid(e.to_string()))?;
+            let body = body_json(&msg)?;
             let url = body.get("url").and_then(|u| u.as_str()).unwrap_or_default();
             let uri: http::Uri = url.parse().map_err(|_| WitError::Invalid(url.into()))?;
             let host = uri.authority().map(|a| a.to_string()).unwrap_or_default();

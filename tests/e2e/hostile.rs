@@ -84,7 +84,13 @@ pub fn metric(text: &str, series: &str) -> f64 {
 /// Put a `test/hostile` message asking for `fields` (an object with at
 /// least `action`) in the spool, as `<id>.json`.
 pub fn hostile(d: &Deployment, id: &str, fields: serde_json::Value) {
-    let mut body = serde_json::json!({"uuid_ref": id, "data_type": "test/hostile"});
+    put(d, id, "test/hostile", fields);
+}
+
+/// Put a message of type `kind` with id `id` and `fields` (an object; a
+/// `data_type` among them replaces `kind`) in the spool, as `<id>.json`.
+pub fn put(d: &Deployment, id: &str, kind: &str, fields: serde_json::Value) {
+    let mut body = serde_json::json!({"uuid_ref": id, "data_type": kind});
     body.as_object_mut()
         .unwrap()
         .extend(fields.as_object().unwrap().clone());

@@ -171,11 +171,7 @@ pub async fn server_expecting(secret: &str) -> (u16, Hits) {
 /// Put a `test/http` message asking for `fields` in the spool (a
 /// `data_type` among them replaces the type).
 fn request(d: &Deployment, id: &str, fields: serde_json::Value) {
-    let mut body = serde_json::json!({"uuid_ref": id, "data_type": "test/http"});
-    body.as_object_mut()
-        .unwrap()
-        .extend(fields.as_object().unwrap().clone());
-    d.message(&format!("{id}.json"), &body.to_string());
+    crate::hostile::put(d, id, "test/http", fields);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -479,14 +475,11 @@ async fn a_secret_reaches_its_destination_and_never_the_plugin() {
     let auth = format!("{origin}/auth");
     // Requests that carried the secret, then a scan of the same instance's
     // whole memory for it.
-    let mut scan = serde_json::json!({"uuid_ref": "m-scan", "data_type": "test/hostile"});
-    scan.as_object_mut().unwrap().extend(
-        serde_json::json!({"action": "http-scan", "url": auth, "count": 20, "masked": masked})
-            .as_object()
-            .unwrap()
-            .clone(),
+    crate::hostile::hostile(
+        &d,
+        "m-scan",
+        serde_json::json!({"action": "http-scan", "url": auth, "count": 20, "masked": masked}),
     );
-    d.message("m-scan.json", &scan.to_string());
     // A header the plugin sets is replaced by the bound one.
     request(
         &d,
