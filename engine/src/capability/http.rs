@@ -174,8 +174,11 @@ impl HostState {
     fn admit(&mut self, request: &http::Request<WasiBody>) -> Result<Allowed, Error> {
         let uri = request.uri();
         let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
-        let url = format!("{} {}", request.method(), uri);
-        let journal = self.journal_call(Interface::Http, "handle", || json!({ "request": url }));
+        let journal = self.journal_call(
+            Interface::Http,
+            "handle",
+            || json!({ "request": format!("{} {}", request.method(), uri) }),
+        );
         let result = self.admit_inner(request, &scheme);
         if let Err(error) = &result {
             let error = match error {
@@ -394,7 +397,12 @@ async fn send(
     options: Option<RequestOptions>,
 ) -> Sent {
     let started = Instant::now();
-    let url = format!("{} {}", request.method(), request.uri());
+    // `METHOD URL`, for the journal and the replay tape only.
+    let url = if allowed.journal || matches!(allowed.client.tape, Tape::Replay(_)) {
+        format!("{} {}", request.method(), request.uri())
+    } else {
+        String::new()
+    };
     let plugin = allowed.plugin.name.clone();
     let host = allowed.metric_host.clone();
     let result = match &allowed.client.tape {
