@@ -52,8 +52,8 @@ use crate::tls::Tls;
 /// What every plugin's requests share: the TLS client configuration, and
 /// for `sandpipe exec --record` / `replay` the tape of exchanges.
 pub struct HttpClient {
-    tls: Option<Arc<rustls::ClientConfig>>,
-    error: Option<String>,
+    /// The TLS client configuration, or why there is none.
+    tls: Result<Arc<rustls::ClientConfig>, String>,
     tape: Tape,
 }
 
@@ -66,11 +66,10 @@ impl HttpClient {
 
     /// [`HttpClient::new`], recording or replaying exchanges.
     pub fn with_tape(tls: &Tls, tape: Tape) -> Self {
-        let (tls, error) = match tls.web() {
-            Ok(config) => (Some(config), None),
-            Err(e) => (None, Some(e.to_string())),
-        };
-        Self { tls, error, tape }
+        Self {
+            tls: tls.web().map_err(|e| e.to_string()),
+            tape,
+        }
     }
 
     /// The exchanges recorded so far (with [`Tape::record`]).
@@ -686,7 +685,7 @@ async fn connect(
             .client
             .tls
             .clone()
-            .ok_or_else(|| Error::InternalError(allowed.client.error.clone()))?;
+            .map_err(|why| Error::InternalError(Some(why)))?;
         let name = rustls::pki_types::ServerName::try_from(allowed.host.clone())
             .map_err(|e| Error::InternalError(Some(format!("not a TLS server name: {e}"))))?;
         let tls = tokio::time::timeout_at(
