@@ -186,12 +186,12 @@ impl Effects {
             && self.state.is_empty()
     }
 
-    /// Begin `plugin`'s PostgreSQL transaction now, in a task of its own,
-    /// when its last invocation used `sql`: taking a connection and the
-    /// `BEGIN` round trip then happen while the guest starts and reads its
-    /// input, not when it runs its first statement. A transaction the
-    /// guest does not use is rolled back in the background
-    /// ([`Effects::settle_sql`]).
+    /// Take a connection for `plugin`'s PostgreSQL transaction now, in a
+    /// task of its own, when its last invocation used `sql`: waiting for
+    /// the pool then happens while the guest starts and reads its input,
+    /// not when it runs its first statement (whose round trip carries the
+    /// `BEGIN`). A connection the guest does not use goes back to the
+    /// pool in the background ([`Effects::settle_sql`]).
     pub fn begin_early(&mut self, plugin: &PluginContext) {
         use std::sync::atomic::Ordering;
         if let Some(db) = &plugin.db

@@ -973,7 +973,7 @@ enum Command {
         discard: bool,
         /// Run in the transaction just before its commit.
         before: Option<EngineCall>,
-        reply: oneshot::Sender<Result<(), tokio_postgres::Error>>,
+        reply: oneshot::Sender<Result<(), String>>,
     },
 }
 
@@ -1036,10 +1036,11 @@ impl PluginDb {
         &self.schema
     }
 
-    /// Open a connection as the plugin's role and begin the invocation's
-    /// transaction: `search_path` is the plugin's schema, `statement_timeout`
-    /// the plugin's timeout (both the role's defaults), which is also the
-    /// host's deadline from now.
+    /// Open a connection as the plugin's role for the invocation's
+    /// transaction, which begins with its first statement (or with the
+    /// engine's status rows when it has none): `search_path` is the
+    /// plugin's schema, `statement_timeout` the plugin's timeout (both the
+    /// role's defaults), which is also the host's deadline from now.
     pub async fn begin(&self) -> Result<PluginTx, HostError> {
         let deadline = Instant::now() + self.timeout;
         let client = self.connection(deadline).await?;
@@ -1054,9 +1055,8 @@ impl PluginDb {
             ddl_lock: self.ddl_lock,
         };
         let (commands, inbox) = mpsc::channel(1);
-        let (ready, started) = oneshot::channel();
-        tokio::spawn(connection_task(client, setup, ready, inbox));
-        let mut tx = PluginTx {
+        tokio::spawn(connection_task(client, setup, inbox));
+        Ok(PluginTx {
             plugin: self.plugin.clone(),
             commands,
             cancel,
@@ -1066,24 +1066,7 @@ impl PluginDb {
             broken: None,
             aborted: None,
             finished: false,
-        };
-        match tokio::time::timeout_at(deadline, started).await {
-            Ok(Ok(Ok(()))) => Ok(tx),
-            Ok(Ok(Err(e))) => {
-                tx.finished = true;
-                Err(pg_error(&e))
-            }
-            Ok(Err(_)) => {
-                tx.finished = true;
-                Err(HostError::Unavailable(
-                    "the PostgreSQL connection ended before the transaction began".into(),
-                ))
-            }
-            Err(_) => Err(HostError::Unavailable(format!(
-                "PostgreSQL did not begin plugin `{}`'s transaction within {:?}",
-                self.plugin, self.timeout
-            ))),
-        }
+        })
     }
 }
 
@@ -1261,13 +1244,8 @@ impl PluginDb {
 }
 
 /// The task that owns one invocation's connection and transaction.
-async fn connection_task(
-    mut client: Object,
-    setup: Setup,
-    ready: oneshot::Sender<Result<(), tokio_postgres::Error>>,
-    mut inbox: mpsc::Receiver<Command>,
-) {
-    let served = serve(&mut client, &setup, ready, &mut inbox).await;
+async fn connection_task(mut client: Object, setup: Setup, mut inbox: mpsc::Receiver<Command>) {
+    let served = serve(&mut client, &setup, &mut inbox).await;
     if served.forget_statements || client.statement_cache.size() > CACHED_STATEMENTS {
         client.statement_cache.clear();
     }
@@ -1314,18 +1292,21 @@ fn ddl_lock_key(role: &str) -> i64 {
 /// Run `prelude` (simple statements, may be empty) and then `statement`,
 /// pipelined: sent together, answered in order, one round trip.
 async fn pipelined(
-    tx: &deadpool_postgres::Transaction<'_>,
+    link: &Link<'_>,
     prelude: &[&str],
     statement: &str,
     work: Work,
     limit: ResultLimit,
 ) -> Result<Outcome, Failed> {
     if prelude.is_empty() {
-        return run(tx, statement, work, limit).await;
+        return run(link, statement, work, limit).await;
     }
     let prelude = prelude.join("; ");
-    let (before, result) =
-        futures::join!(tx.batch_execute(&prelude), run(tx, statement, work, limit));
+    let client = link.client()?;
+    let (before, result) = futures::join!(
+        client.batch_execute(&prelude),
+        run(link, statement, work, limit)
+    );
     before.map_err(Failed::server).and(result)
 }
 
@@ -1429,53 +1410,136 @@ async fn clean_session(client: &tokio_postgres::Client) -> Result<(), tokio_post
     Ok(())
 }
 
-/// The end of a committing invocation, in its transaction: the engine's
-/// `call` (if any) and the [`LEFTOVERS_COLUMNS`] check, one statement kept
-/// prepared on the connection; what the check found.
-async fn before_commit(
-    tx: &deadpool_postgres::Transaction<'_>,
-    call: Option<&EngineCall>,
-) -> Result<bool, tokio_postgres::Error> {
-    let row = match call {
+/// Commit the invocation's transaction in one round trip with its last
+/// statement: the engine's `call` (if any) and the [`LEFTOVERS_COLUMNS`]
+/// check, one statement kept prepared on the connection (and `BEGIN`
+/// first, in the same round trip, when no statement of the plugin's ran).
+/// What the check found.
+///
+/// If the last statement fails, PostgreSQL has aborted the transaction and
+/// answers the `COMMIT` behind it by rolling back: the statement's error is
+/// the result, and nothing was committed.
+async fn commit(link: &Link<'_>, call: Option<&EngineCall>) -> Result<bool, String> {
+    if !link.began && call.is_none() {
+        // No statement ran and nothing is to be written: nothing to commit,
+        // and nothing can be left in the session.
+        return Ok(false);
+    }
+    let client = link.client().map_err(|f| f.error.to_string())?;
+    let fail = |e: tokio_postgres::Error| describe(&e);
+    let (stmt, params): (_, Vec<&(dyn ToSql + Sync)>) = match call {
         Some(call) => {
             let statement = format!("SELECT {}, {LEFTOVERS_COLUMNS}", call.expression);
-            let stmt = tx
-                .prepare_typed_cached(&statement, &[Type::TEXT, Type::BYTEA])
-                .await?;
-            tx.query_one(&stmt, &[&call.text, &call.mac]).await?
+            let stmt = link
+                .cache
+                .prepare_typed(client, &statement, &[Type::TEXT, Type::BYTEA])
+                .await
+                .map_err(fail)?;
+            (stmt, vec![&call.text, &call.mac])
         }
-        None => {
-            let stmt = tx.prepare_cached(&LEFTOVERS).await?;
-            tx.query_one(&stmt, &[]).await?
+        None => (
+            link.cache.prepare(client, &LEFTOVERS).await.map_err(fail)?,
+            Vec::new(),
+        ),
+    };
+    let begin = async {
+        match link.began {
+            true => Ok(()),
+            false => client.batch_execute("BEGIN").await,
         }
     };
-    row.try_get(row.len() - 1)
+    // Polled in this order, so sent in this order.
+    let (begun, row, committed) = futures::join!(
+        begin,
+        client.query_one(&stmt, &params),
+        client.batch_execute("COMMIT")
+    );
+    begun.map_err(fail)?;
+    let row = row.map_err(fail)?;
+    committed.map_err(fail)?;
+    row.try_get(row.len() - 1).map_err(fail)
 }
 
-/// Serve the invocation's commands: `BEGIN` now, the `SET LOCAL`s with the
-/// first statement (one round trip), a savepoint before DDL.
-async fn serve(
-    client: &mut Object,
-    setup: &Setup,
-    ready: oneshot::Sender<Result<(), tokio_postgres::Error>>,
-    inbox: &mut mpsc::Receiver<Command>,
-) -> Served {
+/// An invocation's connection while its task serves it. The transaction is
+/// begun by hand, in the same round trip as its first statement, and
+/// committed by hand, in the same round trip as its last (the engine's
+/// check and status rows): `tokio_postgres`'s `Transaction` sends `BEGIN`
+/// and waits for it, and its `commit` consumes it, so neither can be
+/// pipelined. A `Transaction` is still taken when a query needs a portal
+/// (row-limited fetching exists only there); it is then forgotten, never
+/// dropped, since the transaction is ended by hand.
+struct Link<'c> {
+    cache: Arc<deadpool_postgres::StatementCache>,
+    conn: Conn<'c>,
+    /// `BEGIN` has been sent.
+    began: bool,
+}
+
+enum Conn<'c> {
+    Client(&'c mut tokio_postgres::Client),
+    Transaction(tokio_postgres::Transaction<'c>),
+    /// Taking a `Transaction` failed: the connection is not used again.
+    Lost,
+}
+
+impl<'c> Link<'c> {
+    fn client(&self) -> Result<&tokio_postgres::Client, Failed> {
+        match &self.conn {
+            Conn::Client(client) => Ok(&**client),
+            Conn::Transaction(tx) => Ok(tx.client()),
+            Conn::Lost => Err(Failed::local(HostError::Unavailable(
+                "the connection to PostgreSQL was lost".into(),
+            ))),
+        }
+    }
+
+    /// The `Transaction` a portal needs, taken now if need be (its `BEGIN`
+    /// is the invocation's when none was sent yet; else PostgreSQL answers
+    /// it with a warning, and it costs the round trip that pipelining the
+    /// first `BEGIN` saved).
+    async fn transaction(&mut self) -> Result<&tokio_postgres::Transaction<'c>, Failed> {
+        if let Conn::Client(_) = self.conn {
+            let Conn::Client(client) = std::mem::replace(&mut self.conn, Conn::Lost) else {
+                return Err(Failed::local(HostError::Unavailable(
+                    "the connection to PostgreSQL was lost".into(),
+                )));
+            };
+            let tx = client.transaction().await.map_err(Failed::server)?;
+            self.conn = Conn::Transaction(tx);
+            self.began = true;
+        }
+        match &self.conn {
+            Conn::Transaction(tx) => Ok(tx),
+            _ => Err(Failed::local(HostError::Unavailable(
+                "the connection to PostgreSQL was lost".into(),
+            ))),
+        }
+    }
+
+    /// The transaction has been ended by hand: the `Transaction`, if one
+    /// was taken, must not send its `ROLLBACK` on drop.
+    fn ended(self) {
+        if let Conn::Transaction(tx) = self.conn {
+            std::mem::forget(tx);
+        }
+    }
+}
+
+/// Serve the invocation's commands: `BEGIN` and the `SET LOCAL`s with the
+/// first statement (one round trip), a savepoint before DDL, the `COMMIT`
+/// with the engine's last statement.
+async fn serve(client: &mut Object, setup: &Setup, inbox: &mut mpsc::Receiver<Command>) -> Served {
     let mut served = Served {
         reusable: false,
         forget_statements: false,
         session_changed: false,
         leftovers: None,
     };
-    let tx = match client.transaction().await {
-        Ok(tx) => tx,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return served;
-        }
+    let mut link = Link {
+        cache: client.statement_cache.clone(),
+        conn: Conn::Client(client),
+        began: false,
     };
-    if ready.send(Ok(())).is_err() {
-        return served;
-    }
     let mut settings = setup.settings.as_deref();
     let mut ddl_locked = false;
     while let Some(command) = inbox.recv().await {
@@ -1486,14 +1550,29 @@ async fn serve(
                 limit,
                 reply,
             } => {
+                // Rows are fetched through a portal, which needs the
+                // transaction object.
+                if matches!(work, Work::Query(_))
+                    && let Err(e) = link.transaction().await
+                {
+                    served.forget_statements = true;
+                    let _ = reply.send(Err(e));
+                    continue;
+                }
                 let ddl = is_ddl(&statement);
                 // DDL runs optimistically in a savepoint; if it raced
                 // another transaction's DDL in the catalog, it runs again
                 // under the schema's DDL lock (held to the end).
                 let guard = (ddl && !ddl_locked).then_some("SAVEPOINT sandpipe_ddl");
                 let again = guard.is_some().then(|| work.clone());
-                let prelude: Vec<&str> = settings.take().into_iter().chain(guard).collect();
-                let mut result = pipelined(&tx, &prelude, &statement, work, limit).await;
+                let begin = (!link.began).then_some("BEGIN");
+                link.began = true;
+                let prelude: Vec<&str> = begin
+                    .into_iter()
+                    .chain(settings.take())
+                    .chain(guard)
+                    .collect();
+                let mut result = pipelined(&link, &prelude, &statement, work, limit).await;
                 if let (Some(work), Err(Failed { race: true, .. })) = (again, &result) {
                     tracing::debug!(
                         "a plugin's DDL raced another transaction's; again under the schema's DDL lock"
@@ -1502,7 +1581,7 @@ async fn serve(
                         "ROLLBACK TO SAVEPOINT sandpipe_ddl; SELECT pg_advisory_xact_lock({})",
                         setup.ddl_lock
                     );
-                    result = pipelined(&tx, &[lock.as_str()], &statement, work, limit).await;
+                    result = pipelined(&link, &[lock.as_str()], &statement, work, limit).await;
                     ddl_locked = true;
                 }
                 served.forget_statements |= ddl || result.is_err();
@@ -1510,25 +1589,29 @@ async fn serve(
                 let _ = reply.send(result);
             }
             Command::Finish {
-                commit,
+                commit: committing,
                 discard,
                 before,
                 reply,
             } => {
-                let result = if commit {
-                    match before_commit(&tx, before.as_ref()).await {
-                        Ok(left) => {
-                            served.leftovers = Some(left);
-                            tx.commit().await
-                        }
-                        Err(e) => {
-                            let _ = tx.rollback().await;
-                            Err(e)
-                        }
+                let result = if committing {
+                    commit(&link, before.as_ref()).await.map(|left| {
+                        served.leftovers = Some(left);
+                    })
+                } else if link.began {
+                    match link.client() {
+                        Ok(client) => client
+                            .batch_execute("ROLLBACK")
+                            .await
+                            .map_err(|e| describe(&e)),
+                        Err(failed) => Err(failed.error.to_string()),
                     }
                 } else {
-                    tx.rollback().await
+                    // Nothing ran: nothing to roll back, nothing left.
+                    served.leftovers = Some(false);
+                    Ok(())
                 };
+                link.ended();
                 served.reusable = result.is_ok() && !discard;
                 let _ = reply.send(result);
                 return served;
@@ -1636,7 +1719,7 @@ impl PluginTx {
             .await
             .map_err(|_| anyhow::anyhow!("PostgreSQL did not end the transaction within {wait:?}"))?
             .map_err(|_| anyhow::anyhow!("the connection to PostgreSQL was lost"))?;
-        result.map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
+        result.map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some(why) = refusal {
             anyhow::bail!("not committed: {why}");
         }
@@ -2017,14 +2100,19 @@ impl<'a> FromSql<'a> for Cell {
 
 /// Run one statement inside the invocation's transaction.
 async fn run(
-    tx: &deadpool_postgres::Transaction<'_>,
+    link: &Link<'_>,
     statement: &str,
     work: Work,
     limit: ResultLimit,
 ) -> Result<Outcome, Failed> {
+    let client = link.client()?;
     // Kept prepared on the connection: the plugin's next invocation on it
     // binds and executes without parsing again.
-    let stmt = tx.prepare_cached(statement).await.map_err(Failed::server)?;
+    let stmt = link
+        .cache
+        .prepare(client, statement)
+        .await
+        .map_err(Failed::server)?;
     let types = stmt.params();
     let bind = |params: Vec<Value>| {
         if types.len() != params.len() {
@@ -2049,7 +2137,7 @@ async fn run(
             for (index, params) in batch.into_iter().enumerate() {
                 let params =
                     bind(params).map_err(|e| Failed::local(Work::failed_at(e, index, lists)))?;
-                changed += tx
+                changed += client
                     .execute_raw(&stmt, params.iter())
                     .await
                     .map_err(|e| Failed {
@@ -2078,6 +2166,11 @@ async fn run(
             Class::Text | Class::Json | Class::Jsonb | Class::Bytea | Class::Numeric
         ));
     }
+    let Conn::Transaction(tx) = &link.conn else {
+        return Err(Failed::local(HostError::Unavailable(
+            "a query's rows need the transaction, which was not taken".into(),
+        )));
+    };
     let portal = tx
         .bind_raw(&stmt, params.iter())
         .await
