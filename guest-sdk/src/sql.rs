@@ -68,7 +68,7 @@ pub fn execute(statement: &str, params: &[Value]) -> Result<u64, Error> {
 /// in order, with one host call (the engine prepares it once); returns the
 /// total number of rows changed. The first failing list stops the batch,
 /// and the error names its index (`parameter list 3 of 500: ...`). Needs an
-/// engine that links `sandpipe:connector@0.2`.
+/// engine that links `sandpipe:connector@0.2` or later.
 ///
 /// ```no_run
 /// use sandpipe_sdk::{params, sql};

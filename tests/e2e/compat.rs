@@ -1,8 +1,9 @@
-//! WIT versions: a component built against the previous minor version of
-//! `sandpipe:connector` (fx-v01, built on `wit-history/0.1/`) keeps working
-//! in an engine whose WIT grew to 0.2, through every interface; one built
-//! against a version the engine does not link is refused with a message
-//! naming the version it was built against and the ones the engine links.
+//! WIT versions: components built against the previous versions of
+//! `sandpipe:connector` keep working in an engine whose WIT is 1.0, through
+//! every interface: fx-v01, built on `wit-history/0.1/`, and fx-probe as
+//! built against 0.2.0; one built against a version the engine does not
+//! link is refused with a message naming the version it was built against
+//! and the ones the engine links.
 
 use crate::harness::Deployment;
 use crate::harness::component;
@@ -25,8 +26,108 @@ fn v01_bytes() -> Vec<u8> {
     bytes
 }
 
+/// `bytes` with every `from` replaced by `to` (of the same length, so a
+/// component stays valid: names in a component are length-prefixed).
+fn renamed(mut bytes: Vec<u8>, from: &str, to: &str) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let (from, to) = (from.as_bytes(), to.as_bytes());
+    let mut i = 0;
+    while i + from.len() <= bytes.len() {
+        if bytes[i..].starts_with(from) {
+            bytes[i..i + to.len()].copy_from_slice(to);
+        }
+        i += 1;
+    }
+    bytes
+}
+
+/// fx-probe as a 0.2.0 plugin. 1.0.0 changed no interface of 0.2.0, so a
+/// component built against 0.2.0 is exactly today's fx-probe with every
+/// `sandpipe:connector` version 0.2.0 instead of 1.0.0 (which is how
+/// fx-probe was built before the package became 1.0).
+fn probe_as_0_2() -> Vec<u8> {
+    let bytes = std::fs::read(component("fx-probe")).unwrap();
+    let has =
+        |bytes: &[u8], needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(
+        has(&bytes, "sandpipe:connector/sql@1.0.0"),
+        "fx-probe is built against 1.0.0"
+    );
+    let old = renamed(bytes, "@1.0.0", "@0.2.0");
+    assert!(has(&old, "sandpipe:connector/sql@0.2.0"));
+    assert!(!has(&old, "@1.0.0"));
+    old
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_component_built_against_0_1_runs_every_interface_in_a_0_2_engine() {
+async fn a_component_built_against_0_2_runs_every_interface_in_a_1_0_engine() {
+    let grants = "outputs:\n  out: { type: dir, path: out }\nplugins:\n  grants:\n    v02:\n      blob: true\n      meta: true\n      sql: true\n      emit: [out]\n      config: { greeting: hello }\n";
+    let d = Deployment::new(&[], grants);
+    std::fs::write(d.path("plugins/v02.wasm"), probe_as_0_2()).unwrap();
+    d.data("docs/a.txt", b"0.2 plugins keep working");
+    std::fs::create_dir_all(d.path("meta")).unwrap();
+    std::fs::write(d.path("meta/a.json"), r#"{"camera": "pinhole"}"#).unwrap();
+    let message = |id: &str, action: &str, extra: serde_json::Value| {
+        let mut body = serde_json::json!({
+            "uuid_ref": id, "data_type": "test/probe", "action": action,
+            "data_location": "docs/a.txt", "meta_location": "a.json",
+        });
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        d.message(&format!("{id}.json"), &body.to_string());
+    };
+    message("m-log", "log", serde_json::json!({}));
+    message("m-blob", "blob", serde_json::json!({}));
+    message("m-emit", "emit", serde_json::json!({}));
+    message("m-sql", "sql", serde_json::json!({}));
+    message(
+        "m-batch",
+        "sql-batch",
+        serde_json::json!({"rows": [["a", 1], ["b", 2]]}),
+    );
+    message(
+        "m-query",
+        "sql-query",
+        serde_json::json!({"sql": "SELECT 'from-0.2' AS x"}),
+    );
+    message("m-meta", "echo-meta", serde_json::json!({}));
+    message("m-config", "echo-config", serde_json::json!({}));
+    message("m-state", "echo-state", serde_json::json!({}));
+
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(summary.failed + summary.dead, 0, "{summary}");
+    for id in ["m-log", "m-blob", "m-emit", "m-sql", "m-batch"] {
+        let row = d.last(id, "v02").await;
+        assert_eq!(row.status, "done", "{id}: {row:?}");
+    }
+    let reason = |row: sandpipe::status::Row| (row.status, row.info);
+    assert_eq!(
+        reason(d.last("m-config", "v02").await),
+        ("skipped".into(), "greeting=hello".into())
+    );
+    assert_eq!(
+        reason(d.last("m-state", "v02").await),
+        ("skipped".into(), "counter=1".into())
+    );
+    let meta = reason(d.last("m-meta", "v02").await);
+    assert!(meta.1.contains("pinhole"), "{meta:?}");
+    let query = reason(d.last("m-query", "v02").await);
+    assert_eq!(query.1, r#"rows: [[Value::Text("from-0.2")]]"#, "{query:?}");
+    assert!(
+        d.files("out").iter().any(|f| f.starts_with("m-emit.")),
+        "{:?}",
+        d.files("out")
+    );
+    let batch: i64 = d
+        .plugin_db("v02")
+        .query_row("SELECT sum(n) FROM b", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(batch, 3, "execute-batch, new in 0.2, reached the engine");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_component_built_against_0_1_runs_every_interface_in_a_1_0_engine() {
     let _ = v01_bytes();
     let d = Deployment::new(&[("fx-v01", "v01")], GRANTS);
     let data = b"old plugins keep working".repeat(500);
@@ -70,15 +171,7 @@ async fn a_component_built_against_0_1_runs_every_interface_in_a_0_2_engine() {
 async fn a_component_built_against_an_unsupported_version_is_refused_naming_it() {
     // fx-v01 with every `@0.1.0` renamed `@0.9.0` (same length, so the
     // component stays valid): a plugin built against a future 0.9.
-    let mut bytes = v01_bytes();
-    let (from, to) = (b"@0.1.0", b"@0.9.0");
-    let mut i = 0;
-    while i + from.len() <= bytes.len() {
-        if bytes[i..].starts_with(from) {
-            bytes[i..i + to.len()].copy_from_slice(to);
-        }
-        i += 1;
-    }
+    let bytes = renamed(v01_bytes(), "@0.1.0", "@0.9.0");
     let d = Deployment::new(&[], GRANTS);
     std::fs::write(d.path("plugins/v01.wasm"), &bytes).unwrap();
 
@@ -96,7 +189,7 @@ async fn a_component_built_against_an_unsupported_version_is_refused_naming_it()
             "{said}"
         );
         assert!(
-            said.contains("links sandpipe:connector 0.2.x and 0.1.x only"),
+            said.contains("links sandpipe:connector 1.x, 0.2.x, 0.1.x only"),
             "{said}"
         );
     }

@@ -36,13 +36,28 @@ pub mod plugin {
 pub use self::plugin::{Description, Message, Outcome, Plugin, PluginPre};
 pub use self::sandpipe::connector::types::{Capability, Error as WitError, RetryAfter};
 
-/// The previous minor version, `sandpipe:connector@0.1.0`
-/// (`wit-history/0.1/`), linked next to the current one so that components
-/// built against it keep loading. 0.2 only added to 0.1, so every 0.1
-/// import is served by the same host code (`sandbox::compat`), and a 0.1
+/// The previous version, `sandpipe:connector@0.2.0` (`wit-history/0.2/`),
+/// linked next to the current one so that components built against it
+/// keep loading. 1.0 changed no interface of 0.2, so every 0.2 import is
+/// served by the same host code (`sandbox::compat`), and a 0.2
 /// component's exports are called through the current [`PluginPre`]: the
 /// component model checks types by structure, and the exported types are
 /// unchanged.
+pub mod v0_2 {
+    wasmtime::component::bindgen!({
+        world: "plugin",
+        path: "../wit-history/0.2",
+        imports: { default: async },
+        exports: { default: async },
+        with: {
+            "sandpipe:connector/types": super::sandpipe::connector::types,
+            "sandpipe:connector/blob.reader": crate::capability::blob::BlobReader,
+        },
+    });
+}
+
+/// The version before that, `sandpipe:connector@0.1.0`
+/// (`wit-history/0.1/`), linked the same way: 0.2 only added to 0.1.
 pub mod v0_1 {
     wasmtime::component::bindgen!({
         world: "plugin",

@@ -63,9 +63,7 @@ use wasmtime::{Store, StoreContextMut, ValRaw};
 
 use super::InvocationState;
 use super::bindings::sandpipe::connector as current;
-use super::bindings::v0_1::sandpipe::connector as v0_1;
 use super::bindings::{Message, Outcome, RetryAfter, WitError};
-use super::compat;
 use crate::capability::log::Line;
 
 /// The most of one reason that is copied out of a guest: the status log's
@@ -78,9 +76,9 @@ pub const MAX_REASON: usize = crate::pipeline::MAX_INFO - 512;
 type Reason = Text<MAX_REASON>;
 
 /// The versions of the WIT package whose imports [`link`] redefines: the
-/// current one (`wit/sandpipe.wit`) and 0.1 (`wit-history/0.1`), as the
+/// current one (`wit/sandpipe.wit`), 0.2 and 0.1 (`wit-history/`), as the
 /// generated bindings name their instances.
-const VERSIONS: [&str; 2] = ["0.2.0", "0.1.0"];
+const VERSIONS: [&str; 3] = ["1.0.0", "0.2.0", "0.1.0"];
 
 /// The compact UTF-16 encoding's tag in a string's length.
 const UTF16_TAG: usize = 1 << 31;
@@ -568,25 +566,19 @@ fn headers_too_large(
 /// `Host` implementations. Fails if one of them was not defined before:
 /// under another name the generated function would stay in use.
 pub fn link(linker: &mut Linker<InvocationState>) -> wasmtime::Result<()> {
-    let [now, previous] = VERSIONS;
-    redefine(
-        linker,
-        &format!("sandpipe:connector/log@{now}"),
-        "write",
-        |mut store: StoreContextMut<'_, InvocationState>,
-         (level, line): (current::log::Level, Line)| {
-            Box::new(async move { Ok((store.data_mut().write_line(level, line),)) })
-        },
-    )?;
-    redefine(
-        linker,
-        &format!("sandpipe:connector/log@{previous}"),
-        "write",
-        |mut store: StoreContextMut<'_, InvocationState>,
-         (level, line): (v0_1::log::Level, Line)| {
-            Box::new(async move { Ok((store.data_mut().write_line(compat::level(level), line),)) })
-        },
-    )?;
+    for version in VERSIONS {
+        // Every version's `log.level` has the same cases, and the component
+        // model checks types by structure: one host type serves them all.
+        redefine(
+            linker,
+            &format!("sandpipe:connector/log@{version}"),
+            "write",
+            |mut store: StoreContextMut<'_, InvocationState>,
+             (level, line): (current::log::Level, Line)| {
+                Box::new(async move { Ok((store.data_mut().write_line(level, line),)) })
+            },
+        )?;
+    }
     for version in VERSIONS {
         redefine(
             linker,
@@ -662,8 +654,12 @@ mod tests {
             Some(VERSIONS[0])
         );
         assert_eq!(
-            package_version(include_str!("../../../wit-history/0.1/sandpipe.wit")),
+            package_version(include_str!("../../../wit-history/0.2/sandpipe.wit")),
             Some(VERSIONS[1])
+        );
+        assert_eq!(
+            package_version(include_str!("../../../wit-history/0.1/sandpipe.wit")),
+            Some(VERSIONS[2])
         );
     }
 
@@ -682,6 +678,11 @@ mod tests {
             |state: &mut InvocationState| state,
         )
         .unwrap();
+        super::super::bindings::v0_2::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |state: &mut InvocationState| state,
+        )
+        .unwrap();
         super::super::bindings::v0_1::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
             &mut linker,
             |state: &mut InvocationState| state,
@@ -692,7 +693,7 @@ mod tests {
         let mut bare = Linker::<InvocationState>::new(&engine);
         let error = link(&mut bare).unwrap_err().to_string();
         assert!(
-            error.contains("`sandpipe:connector/log@0.2.0` has no function `write`"),
+            error.contains("`sandpipe:connector/log@1.0.0` has no function `write`"),
             "{error}"
         );
     }

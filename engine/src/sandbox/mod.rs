@@ -461,7 +461,12 @@ impl Sandbox {
             |state: &mut InvocationState| state,
         )
         .map_err(anyhow::Error::from)?;
-        // The previous minor version's imports, served by the same code.
+        // The previous versions' imports, served by the same code.
+        bindings::v0_2::Plugin::add_to_linker::<_, HasSelf<_>>(
+            &mut linker,
+            |state: &mut InvocationState| state,
+        )
+        .map_err(anyhow::Error::from)?;
         bindings::v0_1::Plugin::add_to_linker::<_, HasSelf<_>>(
             &mut linker,
             |state: &mut InvocationState| state,
