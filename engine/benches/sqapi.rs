@@ -305,11 +305,16 @@ fn one_run(prefetch: u16, mode: Mode, messages: usize, consumer: &Path) -> Measu
     let knobs = std::env::var("SANDPIPE_BENCH_SANDBOX")
         .map(|k| format!(", {k}"))
         .unwrap_or_default();
+    // In plain text, as the independent consumer talks to it: the
+    // engine's default (`sslmode=prefer`, libpq's) would encrypt every
+    // exchange with the local server, which offers TLS, and the two would
+    // not do the same work (SANDPIPE_BENCH_SSLMODE=prefer measures that).
+    let sslmode = std::env::var("SANDPIPE_BENCH_SSLMODE").unwrap_or_else(|_| "disable".into());
     let yaml = format!(
         "listener:\n  type: rabbitmq\n  url: \"{AMQP}\"\n  exchange: {{ name: {exchange}, type: fanout }}\n  queue: {queue}\n  prefetch: {prefetch}\n\
          data_store: {{ type: disk, root: data }}\n\
          meta_store: {{ type: redis, url: \"{REDIS}\" }}\n\
-         database: {{ type: postgres, url: \"{POSTGRES}/{db}\" }}\n\
+         database: {{ type: postgres, url: \"{POSTGRES}/{db}?sslmode={sslmode}\" }}\n\
          sandbox: {{ cache_dir: \"{}\"{knobs} }}\n\
          pipeline: {{ concurrency: {} }}\n\
          plugins:\n  grants:\n    {PLUGIN}: {{ meta: true, blob: true, sql: true }}\n",
