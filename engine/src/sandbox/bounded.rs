@@ -578,8 +578,6 @@ pub fn link(linker: &mut Linker<InvocationState>) -> wasmtime::Result<()> {
                 Box::new(async move { Ok((store.data_mut().write_line(level, line),)) })
             },
         )?;
-    }
-    for version in VERSIONS {
         redefine(
             linker,
             &format!("sandpipe:connector/emit@{version}"),

@@ -1003,6 +1003,13 @@ impl Failed {
             race: false,
         }
     }
+
+    /// The connection is gone (a `Transaction` could not be taken on it).
+    fn lost() -> Self {
+        Self::local(HostError::Unavailable(
+            "the connection to PostgreSQL was lost".into(),
+        ))
+    }
 }
 
 /// An invocation's open transaction. Its connection lives in a task of its
@@ -1487,9 +1494,7 @@ impl<'c> Link<'c> {
         match &self.conn {
             Conn::Client(client) => Ok(&**client),
             Conn::Transaction(tx) => Ok(tx.client()),
-            Conn::Lost => Err(Failed::local(HostError::Unavailable(
-                "the connection to PostgreSQL was lost".into(),
-            ))),
+            Conn::Lost => Err(Failed::lost()),
         }
     }
 
@@ -1500,9 +1505,7 @@ impl<'c> Link<'c> {
     async fn transaction(&mut self) -> Result<&tokio_postgres::Transaction<'c>, Failed> {
         if let Conn::Client(_) = self.conn {
             let Conn::Client(client) = std::mem::replace(&mut self.conn, Conn::Lost) else {
-                return Err(Failed::local(HostError::Unavailable(
-                    "the connection to PostgreSQL was lost".into(),
-                )));
+                return Err(Failed::lost());
             };
             let tx = client.transaction().await.map_err(Failed::server)?;
             self.conn = Conn::Transaction(tx);
@@ -1510,9 +1513,7 @@ impl<'c> Link<'c> {
         }
         match &self.conn {
             Conn::Transaction(tx) => Ok(tx),
-            _ => Err(Failed::local(HostError::Unavailable(
-                "the connection to PostgreSQL was lost".into(),
-            ))),
+            _ => Err(Failed::lost()),
         }
     }
 
