@@ -26,6 +26,7 @@ use serde::Deserialize;
 pub mod envelope;
 pub mod http;
 mod postgres;
+pub mod source;
 
 pub use postgres::{PgSslMode, postgres_url};
 
@@ -109,6 +110,10 @@ pub struct Config {
     /// Plugin components and what each is granted.
     #[serde(default)]
     pub plugins: PluginsConfig,
+    /// Source connectors, by name: how their sync jobs run and where the
+    /// documents go (docs/sources.md).
+    #[serde(default)]
+    pub sources: BTreeMap<String, source::SourceConfig>,
     /// The HTTP server for health probes and metrics; none when absent.
     #[serde(default)]
     pub server: Option<ServerConfig>,
@@ -1040,26 +1045,33 @@ pub struct SqlGrant {
 impl SqlGrant {
     /// The schema of plugin `plugin` under this grant.
     pub fn schema_for(&self, plugin: &str) -> String {
-        if let Some(schema) = &self.schema {
-            return schema.clone();
+        match &self.schema {
+            Some(schema) => schema.clone(),
+            None => identifier(plugin),
         }
-        let mut out: String = plugin
-            .chars()
-            .map(|c| {
-                let c = c.to_ascii_lowercase();
-                if c.is_ascii_lowercase() || c.is_ascii_digit() {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        if !out.starts_with(|c: char| c.is_ascii_lowercase() || c == '_') {
-            out.insert_str(0, "p_");
-        }
-        out.truncate(63);
-        out
     }
+}
+
+/// `name` made an SQL identifier: lowercase, every character but ASCII
+/// letters and digits `_`, `p_` in front unless it starts with a letter or
+/// `_`, at most 63 bytes.
+pub fn identifier(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if !out.starts_with(|c: char| c.is_ascii_lowercase() || c == '_') {
+        out.insert_str(0, "p_");
+    }
+    out.truncate(63);
+    out
 }
 
 /// The `blob` grant.
@@ -1196,6 +1208,11 @@ impl Config {
         }
         fix(&mut self.sandbox.cache_dir);
         fix(&mut self.plugins.dir);
+        for source in self.sources.values_mut() {
+            if let Some(source::SinkConfig::Sqlite { path, .. }) = &mut source.sink {
+                fix(path);
+            }
+        }
         for grant in self.plugins.grants.values_mut() {
             if let Some(init) = grant.sql.as_mut().and_then(|s| s.init.as_mut()) {
                 fix(init);
@@ -1263,6 +1280,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_sources()?;
         // Idle warm instances hold pooling slots: leave room for the rest.
         let warm: u64 = self
             .plugins
@@ -1281,6 +1299,96 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The `sources` section.
+    fn validate_sources(&self) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            file: self.file.clone(),
+            key,
+            message,
+        };
+        for (name, source) in &self.sources {
+            if source.page_size == 0 || source.batch.operations == 0 || source.batch.bytes.0 == 0 {
+                return Err(invalid(
+                    format!("sources.{name}"),
+                    "page_size, batch.operations and batch.bytes must be at least 1".into(),
+                ));
+            }
+            let e = &source.errors;
+            if !(0.0..=1.0).contains(&e.max_rate) || e.window == 0 {
+                return Err(invalid(
+                    format!("sources.{name}.errors"),
+                    "max_rate is a share between 0 and 1, over a window of at least 1 document"
+                        .into(),
+                ));
+            }
+            let sink = self
+                .sink_for(name, source)
+                .map_err(|m| invalid(format!("sources.{name}.sink"), m))?;
+            let (schema, table) = match &sink {
+                source::SinkConfig::Postgres { schema, table, .. } => (Some(schema), table),
+                source::SinkConfig::Sqlite { table, .. } => (None, table),
+            };
+            for ident in schema.into_iter().chain(table) {
+                if let Some(problem) = schema_name_problem(ident) {
+                    return Err(invalid(format!("sources.{name}.sink"), problem));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The sink of source `name`, its defaults filled in: the URL (from
+    /// `database` when unset), the table (the source's name made an
+    /// identifier); or why there is none.
+    pub fn sink_for(
+        &self,
+        name: &str,
+        source: &source::SourceConfig,
+    ) -> Result<source::SinkConfig, String> {
+        let table = identifier(name);
+        Ok(match &source.sink {
+            None => match &self.database {
+                DatabaseConfig::Postgres { url, .. } => source::SinkConfig::Postgres {
+                    url: Some(url.clone()),
+                    schema: source::default_sink_schema(),
+                    table: Some(table),
+                },
+                DatabaseConfig::Sqlite { path, .. } => source::SinkConfig::Sqlite {
+                    path: path
+                        .parent()
+                        .map(|dir| dir.join("sources.sqlite"))
+                        .unwrap_or_else(|| self.path(&source::default_sink_path())),
+                    table: Some(table),
+                },
+            },
+            Some(source::SinkConfig::Postgres {
+                url,
+                schema,
+                table: t,
+            }) => {
+                let url = match (url, &self.database) {
+                    (Some(url), _) => url.clone(),
+                    (None, DatabaseConfig::Postgres { url, .. }) => url.clone(),
+                    (None, DatabaseConfig::Sqlite { .. }) => {
+                        return Err(
+                            "a `postgres` sink needs a `url` when `database` is not PostgreSQL"
+                                .into(),
+                        );
+                    }
+                };
+                source::SinkConfig::Postgres {
+                    url: Some(url),
+                    schema: schema.clone(),
+                    table: Some(t.clone().unwrap_or(table)),
+                }
+            }
+            Some(source::SinkConfig::Sqlite { path, table: t }) => source::SinkConfig::Sqlite {
+                path: path.clone(),
+                table: Some(t.clone().unwrap_or(table)),
+            },
+        })
     }
 
     /// The `secrets` section and the `http.auth` bindings that name them.

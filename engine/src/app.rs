@@ -41,12 +41,19 @@ pub struct Assembled {
 }
 
 impl Assembled {
-    /// A pipeline over these parts.
+    /// A pipeline over these parts: the `plugin`-world components (a
+    /// source is called by sync jobs, never routed a message).
     pub fn pipeline(&self) -> Arc<Pipeline> {
+        let plugins = self
+            .plugins
+            .iter()
+            .filter(|p| p.component.world == crate::sandbox::World::Plugin)
+            .cloned()
+            .collect();
         Arc::new(Pipeline::new(
             self.config.clone(),
             self.sandbox.clone(),
-            self.plugins.clone(),
+            plugins,
             self.status.clone(),
             self.meta.clone(),
             self.services.clone(),
@@ -291,6 +298,114 @@ pub async fn plugins(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow
         )?;
     }
     for problem in &assembled.problems {
+        writeln!(out, "error: {problem}")?;
+    }
+    Ok(())
+}
+
+/// The assembled parts of `config_file` and its source `name`, refusing
+/// with the component's own problem when it did not load.
+async fn source(config_file: &Path, name: &str) -> anyhow::Result<crate::sync::Source> {
+    let assembled = assemble(Config::load(config_file)?).await?;
+    let component = assembled
+        .config
+        .sources
+        .get(name)
+        .and_then(|s| s.component.clone())
+        .unwrap_or_else(|| name.to_owned());
+    if let Some(problem) = assembled.problems.iter().find(|p| p.plugin == component) {
+        anyhow::bail!("{}: source `{name}`: {problem}", config_file.display());
+    }
+    crate::sync::Source::new(
+        name,
+        &assembled.config,
+        &assembled.plugins,
+        assembled.sandbox.clone(),
+        &assembled.tls,
+    )
+}
+
+/// `sandpipe sync`: run one job of source `name` to its end, showing its
+/// progress on `progress` (a line at most every second: documents, their
+/// rate, the counts); its final record.
+pub async fn sync(
+    config_file: &Path,
+    name: &str,
+    kind: crate::sync::JobKind,
+    cancel: watch::Receiver<bool>,
+    progress: &mut (dyn std::io::Write + Send),
+) -> anyhow::Result<crate::sync::JobRecord> {
+    let source = source(config_file, name).await?;
+    let _ = writeln!(
+        progress,
+        "{name}: {kind} sync into {}",
+        source.sink().describe()
+    );
+    let mut last = std::time::Instant::now();
+    let mut show = |job: &crate::sync::JobRecord| {
+        if last.elapsed() < std::time::Duration::from_secs(1)
+            || job.state != crate::sync::JobState::InProgress
+        {
+            return;
+        }
+        last = std::time::Instant::now();
+        let seen = job.counts.seen();
+        let rate = seen as f64 / job.duration.as_secs_f64().max(0.001);
+        let _ = writeln!(
+            progress,
+            "{name}: {seen} documents ({rate:.0}/s): {}",
+            job.counts
+        );
+    };
+    source
+        .sync(kind, crate::sync::Trigger::OnDemand, cancel, &mut show)
+        .await
+}
+
+/// One line for a finished job: what `sandpipe sync` prints.
+pub fn job_line(job: &crate::sync::JobRecord) -> String {
+    let mut line = format!(
+        "job {} of source `{}` ({}): {} in {:.1} s: {}",
+        job.id,
+        job.source,
+        job.kind,
+        job.state,
+        job.duration.as_secs_f64(),
+        job.counts
+    );
+    if let Some(error) = &job.error {
+        line.push_str(&format!("; {error}"));
+    }
+    line
+}
+
+/// `sandpipe sources`: each source with its component, sink, documents
+/// and last jobs.
+pub async fn sources(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let assembled = assemble(Config::load(config_file)?).await?;
+    let (sources, problems) = crate::sync::sources(
+        &assembled.config,
+        &assembled.plugins,
+        &assembled.sandbox,
+        &assembled.tls,
+    );
+    for source in &sources {
+        let sink = source.sink();
+        writeln!(out, "source `{}`: into {}", source.name(), sink.describe())?;
+        if sink.prepare().await.is_err() {
+            writeln!(out, "  (the sink cannot be reached)")?;
+            continue;
+        }
+        writeln!(out, "  documents: {}", sink.len().await?)?;
+        let jobs = sink.jobs(source.name(), 3).await?;
+        if jobs.is_empty() {
+            writeln!(out, "  no job yet")?;
+        }
+        for job in jobs {
+            writeln!(out, "  {}", job_line(&job))?;
+        }
+    }
+    for problem in problems {
         writeln!(out, "error: {problem}")?;
     }
     Ok(())

@@ -18,4 +18,5 @@ pub mod secrets;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod sync;
 pub mod tls;

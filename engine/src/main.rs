@@ -58,6 +58,28 @@ enum Command {
     /// Run a plugin build against a recording made by `exec --record` and
     /// show any difference (exit 0: none; 1: some; 2: usage error).
     Replay(sandpipe::exec::ReplayArgs),
+    /// Sync a source into its sink now (exit 0: the job completed; 1: it
+    /// failed or was canceled). Ctrl-C cancels it after the page in hand.
+    Sync {
+        /// The configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The source (its name under `sources:`).
+        source: String,
+        /// A full sync: every document, deleting what the source no
+        /// longer has (the default).
+        #[arg(long, conflicts_with = "incremental")]
+        full: bool,
+        /// An incremental sync: what changed since the last sync.
+        #[arg(long)]
+        incremental: bool,
+    },
+    /// List the sources: component, sink, documents and their last jobs.
+    Sources {
+        /// The configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
     /// Make something new: `sandpipe new plugin NAME --lang rust|python|js`.
     #[command(subcommand)]
     New(New),
@@ -138,6 +160,31 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("sent {} to {at}", message.display());
         }
         Command::Compile { config } => sandpipe::app::compile(&config, &mut stdout)?,
+        Command::Sync {
+            config,
+            source,
+            full: _,
+            incremental,
+        } => {
+            let kind = if incremental {
+                sandpipe::sync::JobKind::Incremental
+            } else {
+                sandpipe::sync::JobKind::Full
+            };
+            let job = sandpipe::app::sync(
+                &config,
+                &source,
+                kind,
+                sandpipe::app::shutdown_signal(),
+                &mut std::io::stderr(),
+            )
+            .await?;
+            writeln!(stdout, "{}", sandpipe::app::job_line(&job))?;
+            if job.state != sandpipe::sync::JobState::Completed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Sources { config } => sandpipe::app::sources(&config, &mut stdout).await?,
         Command::Exec(args) => return Ok(sandpipe::exec::exec(*args).await),
         Command::Replay(args) => return Ok(sandpipe::exec::replay(args).await),
         Command::New(New::Plugin { name, lang, dir }) => {

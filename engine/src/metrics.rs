@@ -69,6 +69,15 @@ pub const HTTP_RECEIVED_BYTES: &str = "sandpipe_http_received_bytes_total";
 /// message's time down.
 pub const STEP_SECONDS: &str = "sandpipe_message_step_seconds";
 
+/// Documents of sync jobs, labelled `source` and `op` (indexed, updated,
+/// deleted, skipped, dropped, error).
+pub const SYNC_DOCUMENTS: &str = "sandpipe_sync_documents_total";
+/// Sync jobs ended, labelled `source`, `kind` (full, incremental) and
+/// `state` (completed, canceled, error).
+pub const SYNC_JOBS: &str = "sandpipe_sync_jobs_total";
+/// Seconds a sync job ran, labelled `source` and `kind`.
+pub const SYNC_SECONDS: &str = "sandpipe_sync_job_seconds";
+
 /// The process's Prometheus recorder (installed on first use).
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -137,6 +146,16 @@ pub fn describe() {
         DB_POOL_WAIT_SECONDS,
         metrics::Unit::Seconds,
         "Time an invocation waited for a connection of its plugin's PostgreSQL pool."
+    );
+    metrics::describe_counter!(
+        SYNC_DOCUMENTS,
+        "Sync jobs' documents per source and operation."
+    );
+    metrics::describe_counter!(SYNC_JOBS, "Sync jobs ended per source, kind and state.");
+    metrics::describe_histogram!(
+        SYNC_SECONDS,
+        metrics::Unit::Seconds,
+        "Time a sync job ran, per source and kind."
     );
     metrics::describe_counter!(
         DB_REFUSED,

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use crate::capability::{HostState, Interface, PluginContext, Services};
 use crate::config::{Config, Grant};
-use crate::sandbox::bindings::{Capability, Description};
-use crate::sandbox::{Code, LoadedComponent, NativePlugin, Sandbox, WarmPool};
+use crate::sandbox::bindings::{Capability, Description, SourceDescription};
+use crate::sandbox::{Code, LoadedComponent, NativePlugin, Sandbox, WarmPool, World};
 use crate::store::database::Database;
 
 /// A plugin ready to run.
@@ -19,9 +19,13 @@ pub struct LoadedPlugin {
     pub path: PathBuf,
     /// The compiled, linked component.
     pub component: LoadedComponent,
-    /// What it says about itself.
+    /// What it says about itself (for a source: its name and version, no
+    /// MIME types or capabilities).
     pub description: Description,
-    /// The MIME types routed to it (the grant's, else its own).
+    /// A `source` component's own description; `None` for a plugin.
+    pub source: Option<SourceDescription>,
+    /// The MIME types routed to it (the grant's, else its own; none for a
+    /// component of another world than `plugin`).
     pub mime: Vec<String>,
     /// Sandpipe interfaces it imports without a grant (calls answer `access-denied`).
     pub ungranted: Vec<Interface>,
@@ -228,17 +232,34 @@ async fn prepare(
         services.clone(),
     ));
     let host = HostState::new(context.clone(), None);
-    let (result, _, _) = sandbox.describe(&component, &limits, host).await;
-    let description = result.map_err(|f| format!("`describe` failed: {f}"))?;
-    let mime = grant
-        .mime
-        .clone()
-        .unwrap_or_else(|| description.mime_types.clone());
+    let (description, source, mime) = match component.world {
+        World::Plugin => {
+            let (result, _, _) = sandbox.describe(&component, &limits, host).await;
+            let description = result.map_err(|f| format!("`describe` failed: {f}"))?;
+            let mime = grant
+                .mime
+                .clone()
+                .unwrap_or_else(|| description.mime_types.clone());
+            (description, None, mime)
+        }
+        World::Source => {
+            let (result, _, _) = sandbox.describe_source(&component, &limits, host).await;
+            let source = result.map_err(|f| format!("`describe` failed: {f}"))?;
+            let description = Description {
+                name: source.name.clone(),
+                version: source.version.clone(),
+                mime_types: Vec::new(),
+                capabilities: Vec::new(),
+            };
+            (description, Some(source), Vec::new())
+        }
+    };
     Ok(LoadedPlugin {
         name: name.to_owned(),
         path: path.to_owned(),
         component,
         description,
+        source,
         mime,
         ungranted,
         context,

@@ -1,7 +1,7 @@
 //! WIT versions: components built against the previous versions of
-//! `sandpipe:connector` keep working in an engine whose WIT is 1.0, through
+//! `sandpipe:connector` keep working in an engine whose WIT is 1.1, through
 //! every interface: fx-v01, built on `wit-history/0.1/`, and fx-probe as
-//! built against 0.2.0; one built against a version the engine does not
+//! built against 0.2.0 and 1.0.0; one built against a version the engine does not
 //! link is refused with a message naming the version it was built against
 //! and the ones the engine links.
 
@@ -41,29 +41,41 @@ fn renamed(mut bytes: Vec<u8>, from: &str, to: &str) -> Vec<u8> {
     bytes
 }
 
-/// fx-probe as a 0.2.0 plugin. 1.0.0 changed no interface of 0.2.0, so a
-/// component built against 0.2.0 is exactly today's fx-probe with every
-/// `sandpipe:connector` version 0.2.0 instead of 1.0.0 (which is how
-/// fx-probe was built before the package became 1.0).
-fn probe_as_0_2() -> Vec<u8> {
+/// fx-probe as built against an older `version` (`0.2.0` or `1.0.0`).
+/// Neither 1.0.0 nor 1.1.0 changed an interface fx-probe imports (1.1.0
+/// only added the `source` world), so a component built against either is
+/// exactly today's fx-probe with every `sandpipe:connector` version
+/// replaced (which is how fx-probe was built before).
+fn probe_as(version: &str) -> Vec<u8> {
     let bytes = std::fs::read(component("fx-probe")).unwrap();
     let has =
         |bytes: &[u8], needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
     assert!(
-        has(&bytes, "sandpipe:connector/sql@1.0.0"),
-        "fx-probe is built against 1.0.0"
+        has(&bytes, "sandpipe:connector/sql@1.1.0"),
+        "fx-probe is built against 1.1.0"
     );
-    let old = renamed(bytes, "@1.0.0", "@0.2.0");
-    assert!(has(&old, "sandpipe:connector/sql@0.2.0"));
-    assert!(!has(&old, "@1.0.0"));
+    let old = renamed(bytes, "@1.1.0", &format!("@{version}"));
+    assert!(has(&old, &format!("sandpipe:connector/sql@{version}")));
+    assert!(!has(&old, "@1.1.0"));
     old
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_component_built_against_0_2_runs_every_interface_in_a_1_0_engine() {
+async fn a_component_built_against_0_2_runs_every_interface_in_a_1_1_engine() {
+    runs_every_interface("0.2.0").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_component_built_against_1_0_runs_every_interface_in_a_1_1_engine() {
+    runs_every_interface("1.0.0").await;
+}
+
+/// fx-probe as built against `version`, through log, blob, emit, sql
+/// (with execute-batch), query, meta, config and state.
+async fn runs_every_interface(version: &str) {
     let grants = "outputs:\n  out: { type: dir, path: out }\nplugins:\n  grants:\n    v02:\n      blob: true\n      meta: true\n      sql: true\n      emit: [out]\n      config: { greeting: hello }\n";
     let d = Deployment::new(&[], grants);
-    std::fs::write(d.path("plugins/v02.wasm"), probe_as_0_2()).unwrap();
+    std::fs::write(d.path("plugins/v02.wasm"), probe_as(version)).unwrap();
     d.data("docs/a.txt", b"0.2 plugins keep working");
     std::fs::create_dir_all(d.path("meta")).unwrap();
     std::fs::write(d.path("meta/a.json"), r#"{"camera": "pinhole"}"#).unwrap();
@@ -127,7 +139,7 @@ async fn a_component_built_against_0_2_runs_every_interface_in_a_1_0_engine() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_component_built_against_0_1_runs_every_interface_in_a_1_0_engine() {
+async fn a_component_built_against_0_1_runs_every_interface_in_a_1_1_engine() {
     let _ = v01_bytes();
     let d = Deployment::new(&[("fx-v01", "v01")], GRANTS);
     let data = b"old plugins keep working".repeat(500);

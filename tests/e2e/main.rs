@@ -27,6 +27,7 @@ mod scaffold;
 mod sdk_scenarios;
 mod server;
 mod session;
+mod sources;
 mod sqapi;
 mod tls;
 mod with_redis;

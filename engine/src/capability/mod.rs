@@ -501,6 +501,10 @@ impl From<WitError> for crate::error::HostError {
 /// The empty `types` interface host.
 impl crate::sandbox::bindings::sandpipe::connector::types::Host for InvocationState {}
 
+/// The empty `source-types` interface host (types only, imported by
+/// every `source` component).
+impl crate::sandbox::bindings::source::sandpipe::connector::source_types::Host for InvocationState {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

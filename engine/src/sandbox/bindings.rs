@@ -33,8 +33,32 @@ pub mod plugin {
     });
 }
 
+/// The `source` world (since 1.1.0): the capabilities above and its
+/// exports, called by the sync jobs (`crate::sync`).
+pub mod source {
+    wasmtime::component::bindgen!({
+        world: "source",
+        path: "../wit",
+        imports: { default: async },
+        exports: { default: async },
+        with: {
+            "sandpipe:connector/types": super::sandpipe::connector::types,
+            "sandpipe:connector/log": super::sandpipe::connector::log,
+            "sandpipe:connector/config": super::sandpipe::connector::config,
+            "sandpipe:connector/blob": super::sandpipe::connector::blob,
+            "sandpipe:connector/meta": super::sandpipe::connector::meta,
+            "sandpipe:connector/sql": super::sandpipe::connector::sql,
+            "sandpipe:connector/emit": super::sandpipe::connector::emit,
+        },
+    });
+}
+
 pub use self::plugin::{Description, Message, Outcome, Plugin, PluginPre};
 pub use self::sandpipe::connector::types::{Capability, Error as WitError, RetryAfter};
+pub use self::source::sandpipe::connector::source_types::{
+    Document, Operation, Page, PageRequest, RuleError, SourceDescription, SyncKind,
+};
+pub use self::source::{Source, SourcePre};
 
 /// The previous version, `sandpipe:connector@0.2.0` (`wit-history/0.2/`),
 /// linked next to the current one so that components built against it

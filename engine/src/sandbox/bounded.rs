@@ -63,7 +63,7 @@ use wasmtime::{Store, StoreContextMut, ValRaw};
 
 use super::InvocationState;
 use super::bindings::sandpipe::connector as current;
-use super::bindings::{Message, Outcome, RetryAfter, WitError};
+use super::bindings::{Document, Message, Outcome, PageRequest, RetryAfter, WitError};
 use crate::capability::log::Line;
 
 /// The most of one reason that is copied out of a guest: the status log's
@@ -78,7 +78,7 @@ type Reason = Text<MAX_REASON>;
 /// The versions of the WIT package whose imports [`link`] redefines: the
 /// current one (`wit/sandpipe.wit`), 0.2 and 0.1 (`wit-history/`), as the
 /// generated bindings name their instances.
-const VERSIONS: [&str; 3] = ["1.0.0", "0.2.0", "0.1.0"];
+const VERSIONS: [&str; 3] = ["1.1.0", "0.2.0", "0.1.0"];
 
 /// The compact UTF-16 encoding's tag in a string's length.
 const UTF16_TAG: usize = 1 << 31;
@@ -355,13 +355,171 @@ pub async fn execute(
             reason: r.reason.into_string(),
         })),
         Ok(OutcomeRaw::DeadLetter(s)) => Ok(Outcome::DeadLetter(s.into_string())),
-        Err(ErrorRaw::AccessDenied(s)) => Err(WitError::AccessDenied(s.into_string())),
-        Err(ErrorRaw::LimitExceeded(s)) => Err(WitError::LimitExceeded(s.into_string())),
-        Err(ErrorRaw::NotFound(s)) => Err(WitError::NotFound(s.into_string())),
-        Err(ErrorRaw::Invalid(s)) => Err(WitError::Invalid(s.into_string())),
-        Err(ErrorRaw::Unavailable(s)) => Err(WitError::Unavailable(s.into_string())),
-        Err(ErrorRaw::Internal(s)) => Err(WitError::Internal(s.into_string())),
+        Err(e) => Err(wit_error(e)),
     })
+}
+
+/// The error a guest returned, its reason copied as [`Reason`].
+fn wit_error(error: ErrorRaw) -> WitError {
+    match error {
+        ErrorRaw::AccessDenied(s) => WitError::AccessDenied(s.into_string()),
+        ErrorRaw::LimitExceeded(s) => WitError::LimitExceeded(s.into_string()),
+        ErrorRaw::NotFound(s) => WitError::NotFound(s.into_string()),
+        ErrorRaw::Invalid(s) => WitError::Invalid(s.into_string()),
+        ErrorRaw::Unavailable(s) => WitError::Unavailable(s.into_string()),
+        ErrorRaw::Internal(s) => WitError::Internal(s.into_string()),
+    }
+}
+
+/// The most documents of one `get-docs` page a lift copies: the largest
+/// `page_size` of any source prepared in this process. Only ever raised.
+static PAGE_DOCS_CAP: AtomicU64 = AtomicU64::new(0);
+
+/// The most bytes of strings (ids, timestamps, bodies) of one page a lift
+/// copies: the largest memory limit of any source prepared in this
+/// process. A guest cannot hold more distinct text than its memory, but it
+/// can point many documents at the same string: counted by length, not by
+/// address, so what the engine copies is never more than the guest's
+/// memory. Only ever raised.
+static PAGE_BYTES_CAP: AtomicU64 = AtomicU64::new(0);
+
+/// Let pages of up to `docs` documents and `bytes` bytes of strings be
+/// copied out of guests (called with each source's page size and memory
+/// limit before it can run).
+pub fn allow_pages_up_to(docs: u64, bytes: u64) {
+    PAGE_DOCS_CAP.fetch_max(docs, Ordering::Relaxed);
+    PAGE_BYTES_CAP.fetch_max(bytes, Ordering::Relaxed);
+}
+
+/// The canonical ABI's size of a `document` in a list: `id` (a pointer
+/// pair at 0), `timestamp` (an `option<string>`: its case at 8, the pair at
+/// 12), `body` (the pair at 20), `op` (one byte at 28), aligned to 4.
+const DOCUMENT_SIZE: usize = 32;
+
+/// A page's `list<document>`: copied when it is within the caps above,
+/// otherwise only measured.
+#[derive(Debug, Clone)]
+pub enum Docs {
+    /// The documents.
+    Copied(Vec<Document>),
+    /// A list of this many documents holding at least this many bytes of
+    /// strings, over the caps, left in the guest's memory.
+    TooLarge {
+        /// Documents.
+        count: u64,
+        /// Bytes of their strings (code units: at least their UTF-8 length).
+        bytes: u64,
+    },
+}
+
+// SAFETY: the same type information as wasmtime's own `Vec<Document>`,
+// to which the lift defers for the copy.
+#[allow(
+    unsafe_code,
+    reason = "wasmtime's lift traits are unsafe to implement; this one measures a list first"
+)]
+unsafe impl ComponentType for Docs {
+    type Lower = [ValRaw; 2];
+    const ABI: CanonicalAbiInfo = CanonicalAbiInfo::POINTER_PAIR;
+
+    fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
+        <Vec<Document> as ComponentType>::typecheck(ty, types)
+    }
+}
+
+// SAFETY: reads only within the guest's memory, bounds-checked; the copy
+// is wasmtime's own lift.
+#[allow(
+    unsafe_code,
+    reason = "wasmtime's lift traits are unsafe to implement; this one measures a list first"
+)]
+unsafe impl Lift for Docs {
+    fn linear_lift_from_flat(
+        cx: &mut LiftContext<'_>,
+        ty: InterfaceType,
+        src: &Self::Lower,
+    ) -> wasmtime::Result<Self> {
+        let (ptr, len) = flat_pair(src);
+        match docs_too_large(cx, ptr, len)? {
+            Some((count, bytes)) => Ok(Docs::TooLarge { count, bytes }),
+            None => <Vec<Document> as Lift>::linear_lift_from_flat(cx, ty, src).map(Docs::Copied),
+        }
+    }
+
+    fn linear_lift_from_memory(
+        cx: &mut LiftContext<'_>,
+        ty: InterfaceType,
+        bytes: &[u8],
+    ) -> wasmtime::Result<Self> {
+        let (ptr, len) = memory_pair(bytes, 0)?;
+        match docs_too_large(cx, ptr, len)? {
+            Some((count, bytes)) => Ok(Docs::TooLarge { count, bytes }),
+            None => {
+                <Vec<Document> as Lift>::linear_lift_from_memory(cx, ty, bytes).map(Docs::Copied)
+            }
+        }
+    }
+}
+
+/// The number of the `count` documents at `ptr` and the code units of
+/// their strings, when either is over its cap; `None` when the list may
+/// be copied.
+fn docs_too_large(
+    cx: &LiftContext<'_>,
+    ptr: usize,
+    count: usize,
+) -> wasmtime::Result<Option<(u64, u64)>> {
+    if count as u64 > PAGE_DOCS_CAP.load(Ordering::Relaxed) {
+        return Ok(Some((count as u64, 0)));
+    }
+    let list = count
+        .checked_mul(DOCUMENT_SIZE)
+        .and_then(|n| ptr.checked_add(n))
+        .and_then(|end| cx.memory().get(ptr..end))
+        .ok_or_else(|| wasmtime::format_err!("list pointer/length out of bounds of memory"))?;
+    if !ptr.is_multiple_of(4) {
+        wasmtime::bail!("list pointer is not aligned");
+    }
+    let encoding = cx.options().string_encoding;
+    let units = |at: usize, doc: &[u8]| -> wasmtime::Result<u64> {
+        Ok(string_layout(encoding, word(doc, at)?).2 as u64)
+    };
+    let mut size: u64 = 0;
+    for doc in list.chunks_exact(DOCUMENT_SIZE) {
+        size = size
+            .saturating_add(units(4, doc)?)
+            .saturating_add(units(24, doc)?);
+        if doc[8] == 1 {
+            size = size.saturating_add(units(16, doc)?);
+        }
+    }
+    Ok((size > PAGE_BYTES_CAP.load(Ordering::Relaxed)).then_some((count as u64, size)))
+}
+
+/// A `page` whose documents lift as [`Docs`].
+#[derive(ComponentType, Lift)]
+#[component(record)]
+pub struct PageRaw {
+    /// The documents.
+    pub docs: Docs,
+    /// The next page's cursor.
+    pub next: Option<String>,
+    /// The sync cursor.
+    #[component(name = "sync-cursor")]
+    pub sync_cursor: Option<String>,
+}
+
+/// Call the instance's `get-docs` on `request`, the page's documents
+/// copied only within the caps ([`allow_pages_up_to`]).
+pub async fn get_docs(
+    instance: &Instance,
+    store: &mut Store<InvocationState>,
+    request: &PageRequest,
+) -> wasmtime::Result<Result<PageRaw, WitError>> {
+    let func = instance
+        .get_typed_func::<(&PageRequest,), (Result<PageRaw, ErrorRaw>,)>(&mut *store, "get-docs")?;
+    let (raw,) = func.call_async(&mut *store, (request,)).await?;
+    Ok(raw.map_err(wit_error))
 }
 
 /// The most bytes of one emitted payload (and, separately, of one emit's
@@ -691,7 +849,7 @@ mod tests {
         let mut bare = Linker::<InvocationState>::new(&engine);
         let error = link(&mut bare).unwrap_err().to_string();
         assert!(
-            error.contains("`sandpipe:connector/log@1.0.0` has no function `write`"),
+            error.contains("`sandpipe:connector/log@1.1.0` has no function `write`"),
             "{error}"
         );
     }

@@ -23,7 +23,7 @@ use anyhow::Context as _;
 use futures::future::BoxFuture;
 use sha2::Digest;
 use tokio::sync::Semaphore;
-use wasmtime::component::{HasSelf, Instance, Linker, ResourceTable};
+use wasmtime::component::{HasSelf, Instance, InstancePre, Linker, ResourceTable};
 use wasmtime::{
     Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
     UpdateDeadline,
@@ -33,7 +33,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::capability::HostState;
 use crate::config::{Limits, SandboxConfig};
-pub use bindings::{Plugin, PluginPre};
+pub use bindings::{Plugin, PluginPre, Source, SourcePre};
 pub use session::Session;
 pub use stdio::Capture;
 pub use trap::{Failure, FailureKind};
@@ -124,10 +124,11 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
-/// What runs a plugin.
+/// What runs a component.
 pub enum Code {
-    /// A component, pre-linked against every host interface.
-    Wasm(PluginPre<InvocationState>),
+    /// A component, pre-linked against every host interface, its exports
+    /// checked against its [`World`]'s at load.
+    Wasm(InstancePre<InvocationState>),
     /// Native Rust code, unsandboxed: see [`NativePlugin`].
     Native(Arc<dyn NativePlugin>),
 }
@@ -217,17 +218,34 @@ pub enum World {
     /// `plugin` (and `plugin-http`, the same exports): `describe`,
     /// `execute`; run once per message by the pipeline.
     Plugin,
+    /// `source`: `describe`, `validate-config`, `ping`, `changed`,
+    /// `get-docs`, `validate-advanced-rules`; called by sync jobs.
+    Source,
 }
 
 impl World {
-    /// Every world, with the exports that make it.
-    pub const ALL: [(World, &'static [&'static str]); 1] =
-        [(World::Plugin, &["describe", "execute"])];
+    /// Every world, with the exports that make it (the first whose exports
+    /// a component has is its world).
+    pub const ALL: [(World, &'static [&'static str]); 2] = [
+        (
+            World::Source,
+            &[
+                "describe",
+                "validate-config",
+                "ping",
+                "changed",
+                "get-docs",
+                "validate-advanced-rules",
+            ],
+        ),
+        (World::Plugin, &["describe", "execute"]),
+    ];
 
     /// The world's name in WIT.
     pub fn name(self) -> &'static str {
         match self {
             Self::Plugin => "plugin",
+            Self::Source => "source",
         }
     }
 
@@ -461,6 +479,12 @@ impl Sandbox {
             |state: &mut InvocationState| state,
         )
         .map_err(anyhow::Error::from)?;
+        // The `source` world's types (an interface with no functions).
+        bindings::source::sandpipe::connector::source_types::add_to_linker::<_, HasSelf<_>>(
+            &mut linker,
+            |state: &mut InvocationState| state,
+        )
+        .map_err(anyhow::Error::from)?;
         // The previous versions' imports, served by the same code.
         bindings::v0_2::Plugin::add_to_linker::<_, HasSelf<_>>(
             &mut linker,
@@ -578,14 +602,17 @@ impl Sandbox {
             .instantiate_pre(&component)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("cannot link {}", path.display()))?;
-        let pre = PluginPre::new(pre)
-            .map_err(anyhow::Error::from)
-            .with_context(|| {
-                format!(
-                    "{} is not a `sandpipe:connector/plugin` component",
-                    path.display()
-                )
-            })?;
+        // The exports' types, checked against the world's.
+        let typed = match world {
+            World::Plugin => PluginPre::new(pre.clone()).map(drop),
+            World::Source => SourcePre::new(pre.clone()).map(drop),
+        };
+        typed.map_err(anyhow::Error::from).with_context(|| {
+            format!(
+                "{} exports the functions of the `sandpipe:connector/{world}` world, with other types",
+                path.display()
+            )
+        })?;
         Ok(LoadedComponent {
             code: Code::Wasm(pre),
             warm: None,
@@ -678,6 +705,31 @@ impl Sandbox {
         }
     }
 
+    /// Call a `source` component's `describe` in a fresh instance.
+    pub async fn describe_source(
+        &self,
+        component: &LoadedComponent,
+        limits: &Limits,
+        host: HostState,
+    ) -> (
+        Result<bindings::SourceDescription, Failure>,
+        HostState,
+        Usage,
+    ) {
+        let Code::Wasm(pre) = &component.code else {
+            let failure = Failure::new(FailureKind::Trap, "a native plugin is not a source");
+            return (Err(failure), host, Usage::default());
+        };
+        self.invoke(pre, limits, host, |instance, store| {
+            Box::pin(async move {
+                Source::new(&mut *store, instance)?
+                    .call_describe(store)
+                    .await
+            })
+        })
+        .await
+    }
+
     /// Call `execute` on `message` (in a fresh instance, for a component):
     /// the plugin's result, or why it failed outside its result (a trap, a
     /// limit), with the host state holding its effects and what it cost.
@@ -729,7 +781,7 @@ impl Sandbox {
     /// left a blob reader open.
     async fn execute_warm(
         &self,
-        pre: &PluginPre<InvocationState>,
+        pre: &InstancePre<InvocationState>,
         pool: &WarmPool,
         limits: &Limits,
         host: HostState,
@@ -774,13 +826,13 @@ impl Sandbox {
     /// its store; or why it could not start.
     async fn warm_up(
         &self,
-        pre: &PluginPre<InvocationState>,
+        pre: &InstancePre<InvocationState>,
         limits: &Limits,
         idle: HostState,
     ) -> Result<Warm, Failure> {
         let capture = Capture::new(limits.stderr_bytes.as_u64() as usize);
         let mut store = self.store(limits, idle, &capture);
-        match within_deadline(limits, pre.instance_pre().instantiate_async(&mut store)).await {
+        match within_deadline(limits, pre.instantiate_async(&mut store)).await {
             Ok(instance) => Ok(Warm {
                 store,
                 instance,
@@ -865,7 +917,7 @@ impl Sandbox {
     /// The instance and its store are dropped before returning.
     async fn invoke<T, F>(
         &self,
-        pre: &PluginPre<InvocationState>,
+        pre: &InstancePre<InvocationState>,
         limits: &Limits,
         host: HostState,
         call: F,
@@ -882,7 +934,7 @@ impl Sandbox {
         // Instantiation (a start function) and the call, both within the
         // host-side deadline.
         let result = within_deadline(limits, async {
-            let instance = pre.instance_pre().instantiate_async(&mut store).await?;
+            let instance = pre.instantiate_async(&mut store).await?;
             call(&instance, &mut store).await
         })
         .await;

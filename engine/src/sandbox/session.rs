@@ -19,10 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedSemaphorePermit;
+use wasmtime::component::InstancePre;
 
 use super::{
-    Code, Failure, FailureKind, GuestCall, InvocationState, LoadedComponent, PluginPre, Sandbox,
-    Usage, Warm,
+    Code, Failure, FailureKind, GuestCall, InvocationState, LoadedComponent, Sandbox, Usage, Warm,
 };
 use crate::capability::{HostState, MessageContext, PluginContext};
 
@@ -42,7 +42,7 @@ pub fn backoff(failures: u32) -> Duration {
 /// A warm instance of one component serving many calls.
 pub struct Session {
     sandbox: Arc<Sandbox>,
-    pre: PluginPre<InvocationState>,
+    pre: InstancePre<InvocationState>,
     plugin: Arc<PluginContext>,
     live: Option<(Warm, OwnedSemaphorePermit)>,
     failures: u32,

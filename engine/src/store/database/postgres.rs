@@ -475,6 +475,18 @@ impl Postgres {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(table))
     }
 
+    /// A connection of its own, outside the pool, closed when dropped: for
+    /// a session-level lock that must end with its holder (a sync job's
+    /// advisory lock).
+    pub async fn dedicated(&self) -> anyhow::Result<tokio_postgres::Client> {
+        connect_once(&self.config, &self.tls).await
+    }
+
+    /// Where the pool connects (`user@host:port/database`), for messages.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
     /// An admin connection from the pool.
     pub async fn client(&self) -> anyhow::Result<Object> {
         self.pool.get().await.map_err(|e| match &e {

@@ -1,0 +1,759 @@
+//! Sync jobs: the engine pages through a `source` component and reconciles
+//! what it yields into the source's sink (docs/sources.md).
+//!
+//! A job takes the sink's lock (one job per sink table, across replicas),
+//! marks jobs an engine left running as failed, records itself, then asks
+//! the source in Elastic's order: `changed` (false: completed, nothing to
+//! do), `validate-config`, `ping`, then `get-docs` page after page, all on
+//! one warm instance ([`Session`]) with the component's limits armed per
+//! call.
+//!
+//! A **full** sync holds the sink's `id → version` index (16 + 8 bytes a
+//! document: [`sink::Sink::index`]); a document whose version is the
+//! sink's is skipped, a new or changed one is upserted, and what the source
+//! no longer yields is deleted once the last page is in. An
+//! **incremental** sync applies each document's operation. Writes go in
+//! batches (`batch.operations` / `batch.bytes`), each in one transaction
+//! with the job's counts. A job that dies half-way leaves the sink with
+//! some documents new and none deleted; the next job starts over and
+//! reconciles (upserts are idempotent, deletions wait for a whole sync), so
+//! nothing is lost or duplicated.
+
+pub mod monitor;
+pub mod sink;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::Digest as _;
+use tokio::sync::watch;
+
+use crate::config::source::SourceConfig;
+use crate::plugins::LoadedPlugin;
+use crate::sandbox::bindings::{Operation, PageRequest, SyncKind, WitError};
+use crate::sandbox::bounded::{self, Docs};
+use crate::sandbox::{GuestCall, Sandbox, Session, Source as SourceBindings, World};
+use monitor::ErrorMonitor;
+use sink::{Batch, Sink, Upsert};
+
+/// A document's key in the sink: the first 16 bytes of SHA-256 of its id.
+pub type Key = [u8; 16];
+
+/// Ids longer than this are replaced by their MD5 in hex (Elastic's
+/// `ES_ID_SIZE_LIMIT`).
+pub const MAX_ID_BYTES: usize = 512;
+
+/// A full or an incremental sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// Everything, with deletions of what the source no longer has.
+    Full,
+    /// What changed since the last sync's cursor.
+    Incremental,
+}
+
+/// Who started a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// `sandpipe sync`, or the HTTP API.
+    OnDemand,
+    /// The schedule.
+    Scheduled,
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    /// Recorded, not started.
+    Pending,
+    /// Running.
+    InProgress,
+    /// Asked to stop; stops after the page in hand.
+    Canceling,
+    /// Stopped when asked (what was written stays; nothing was deleted).
+    Canceled,
+    /// Done.
+    Completed,
+    /// Failed; the record's `error` says why.
+    Error,
+}
+
+macro_rules! names {
+    ($ty:ident { $($case:ident => $name:literal),* $(,)? } else $default:ident) => {
+        impl $ty {
+            /// The name recorded in the job table.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$case => $name,)*
+                }
+            }
+
+            /// The value recorded as `name` (an unknown one reads as the
+            /// default).
+            pub fn parse(name: &str) -> Self {
+                match name {
+                    $($name => Self::$case,)*
+                    _ => Self::$default,
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+names!(JobKind { Full => "full", Incremental => "incremental" } else Full);
+names!(Trigger { OnDemand => "on_demand", Scheduled => "scheduled" } else OnDemand);
+names!(JobState {
+    Pending => "pending",
+    InProgress => "in_progress",
+    Canceling => "canceling",
+    Canceled => "canceled",
+    Completed => "completed",
+    Error => "error",
+} else Error);
+
+/// What a job did to the sink's documents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// New documents written.
+    pub indexed: u64,
+    /// Changed documents written.
+    pub updated: u64,
+    /// Documents deleted.
+    pub deleted: u64,
+    /// Unchanged documents not written (full sync).
+    pub skipped: u64,
+    /// Documents over `max_document_bytes`, not written.
+    pub dropped: u64,
+    /// Documents that failed (bad JSON, a duplicate id, ...).
+    pub errors: u64,
+}
+
+impl Counts {
+    /// Documents the source yielded so far.
+    pub fn seen(&self) -> u64 {
+        self.indexed + self.updated + self.deleted + self.skipped + self.dropped + self.errors
+    }
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} indexed, {} updated, {} deleted, {} skipped, {} dropped, {} errors",
+            self.indexed, self.updated, self.deleted, self.skipped, self.dropped, self.errors
+        )
+    }
+}
+
+/// A job's durable record.
+#[derive(Debug, Clone)]
+pub struct JobRecord {
+    /// Its id in the sink's job table.
+    pub id: i64,
+    /// The source.
+    pub source: String,
+    /// Full or incremental.
+    pub kind: JobKind,
+    /// Who started it.
+    pub trigger: Trigger,
+    /// Where it is.
+    pub state: JobState,
+    /// The sync cursor it ended with (what the next incremental sync
+    /// starts from), once it has one.
+    pub sync_cursor: Option<String>,
+    /// What it did.
+    pub counts: Counts,
+    /// When it started, milliseconds since 1970.
+    pub started_ms: i64,
+    /// How long it ran.
+    pub duration: Duration,
+    /// Why it failed or was canceled.
+    pub error: Option<String>,
+}
+
+/// A document's id as the sink keeps it: an id over [`MAX_ID_BYTES`]
+/// becomes its MD5 in hex, as Elastic's connectors do.
+pub fn sink_id(id: String) -> String {
+    if id.len() > MAX_ID_BYTES {
+        hex::encode(md5::Md5::digest(id.as_bytes()))
+    } else {
+        id
+    }
+}
+
+/// The key of (sink) id `id`.
+pub fn key_of(id: &str) -> Key {
+    let digest = sha2::Sha256::digest(id.as_bytes());
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
+}
+
+/// A document's version: a hash of its timestamp, or of its body when it
+/// has none. Equal versions mean an unchanged document.
+pub fn version_of(timestamp: Option<&str>, body: &str) -> i64 {
+    let mut hash = sha2::Sha256::new();
+    match timestamp {
+        Some(ts) => {
+            hash.update(b"t");
+            hash.update(ts.as_bytes());
+        }
+        None => {
+            hash.update(b"b");
+            hash.update(body.as_bytes());
+        }
+    }
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(bytes)
+}
+
+/// Why a document is not a JSON object, or `None` when it is one.
+fn not_an_object(body: &str) -> Option<String> {
+    if !body.trim_start().starts_with('{') {
+        return Some("its body is not a JSON object".into());
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(body)
+        .err()
+        .map(|e| format!("its body is not valid JSON: {e}"))
+}
+
+/// How a job ended early.
+enum Stop {
+    /// It failed, for this reason.
+    Failed(String),
+    /// It was canceled.
+    Canceled,
+}
+
+impl From<String> for Stop {
+    fn from(why: String) -> Self {
+        Self::Failed(why)
+    }
+}
+
+/// One source, ready to sync.
+pub struct Source {
+    name: String,
+    config: SourceConfig,
+    plugin: Arc<LoadedPlugin>,
+    sandbox: Arc<Sandbox>,
+    sink: Sink,
+}
+
+impl Source {
+    /// Source `name` of `config`, its component among `plugins`.
+    pub fn new(
+        name: &str,
+        config: &crate::config::Config,
+        plugins: &[Arc<LoadedPlugin>],
+        sandbox: Arc<Sandbox>,
+        tls: &crate::tls::Tls,
+    ) -> anyhow::Result<Self> {
+        let source = config.sources.get(name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no source `{name}` under `sources` (declared: {})",
+                config.file.display(),
+                if config.sources.is_empty() {
+                    "none".to_owned()
+                } else {
+                    config
+                        .sources
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            )
+        })?;
+        let component = source.component.as_deref().unwrap_or(name);
+        let plugin = plugins
+            .iter()
+            .find(|p| p.name == component)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "sources.{name}: no component `{component}` loaded from {}/{component}.wasm",
+                    config.plugins.dir.display()
+                )
+            })?;
+        if plugin.component.world != World::Source {
+            anyhow::bail!(
+                "sources.{name}: component `{component}` is a `{}` component, not a `source` one",
+                plugin.component.world
+            );
+        }
+        bounded::allow_pages_up_to(
+            u64::from(source.page_size),
+            plugin.context.limits.memory.as_u64(),
+        );
+        let sink = config
+            .sink_for(name, source)
+            .map_err(|e| anyhow::anyhow!("sources.{name}.sink: {e}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            config: source.clone(),
+            plugin: plugin.clone(),
+            sandbox,
+            sink: Sink::new(&sink, tls)?,
+        })
+    }
+
+    /// The source's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its sink.
+    pub fn sink(&self) -> &Sink {
+        &self.sink
+    }
+
+    /// Whether the source pages incrementally.
+    pub fn incremental(&self) -> bool {
+        self.plugin.source.as_ref().is_some_and(|d| d.incremental)
+    }
+
+    /// Run one job of `kind` to its end: its final record (an `Err` only
+    /// when the job could not even be recorded: the sink is down, or
+    /// another job holds the lock). `cancel` turning true stops it after
+    /// the page in hand; `progress` sees the record after every page.
+    pub async fn sync(
+        &self,
+        kind: JobKind,
+        trigger: Trigger,
+        cancel: watch::Receiver<bool>,
+        progress: &mut (dyn FnMut(&JobRecord) + Send),
+    ) -> anyhow::Result<JobRecord> {
+        let _lock = self.sink.lock().await?;
+        self.sink.prepare().await?;
+        let stale = self.sink.close_interrupted(&self.name).await?;
+        if stale > 0 {
+            tracing::warn!(source = %self.name, "{stale} job(s) left running by a stopped engine marked failed");
+        }
+        let mut job = JobRecord {
+            id: 0,
+            source: self.name.clone(),
+            kind,
+            trigger,
+            state: JobState::InProgress,
+            sync_cursor: None,
+            counts: Counts::default(),
+            started_ms: 0,
+            duration: Duration::ZERO,
+            error: None,
+        };
+        self.sink.start_job(&mut job).await?;
+        tracing::info!(source = %self.name, job = job.id, %kind, "sync started");
+        let started = Instant::now();
+        let ran = tokio::time::timeout(
+            self.config.job_timeout,
+            self.run(&mut job, started, cancel, progress),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Stop::Failed(format!(
+                "ran past sources.{}.job_timeout ({:?})",
+                self.name, self.config.job_timeout
+            )))
+        });
+        job.duration = started.elapsed();
+        let (cursor, batch) = match ran {
+            Ok((cursor, batch)) => {
+                job.state = JobState::Completed;
+                (Some(cursor), batch)
+            }
+            Err(Stop::Canceled) => {
+                job.state = JobState::Canceled;
+                job.error = Some("canceled".into());
+                (None, Batch::default())
+            }
+            Err(Stop::Failed(why)) => {
+                job.state = JobState::Error;
+                job.error = Some(why);
+                (None, Batch::default())
+            }
+        };
+        if let Some(cursor) = &cursor {
+            job.sync_cursor.clone_from(cursor);
+        }
+        self.sink.write(batch, &job, cursor).await?;
+        let source = self.name.clone();
+        metrics::counter!(crate::metrics::SYNC_JOBS, "source" => source.clone(), "kind" => kind.as_str(), "state" => job.state.as_str()).increment(1);
+        metrics::histogram!(crate::metrics::SYNC_SECONDS, "source" => source, "kind" => kind.as_str())
+            .record(job.duration.as_secs_f64());
+        match &job.error {
+            Some(why) => {
+                tracing::warn!(source = %self.name, job = job.id, state = %job.state, counts = %job.counts, "sync ended: {why}")
+            }
+            None => {
+                tracing::info!(source = %self.name, job = job.id, counts = %job.counts, duration = ?job.duration, "sync completed")
+            }
+        }
+        progress(&job);
+        Ok(job)
+    }
+
+    /// Call `what` on the session's instance: its value, or why the job
+    /// fails.
+    async fn call<T: Send>(
+        &self,
+        session: &mut Session,
+        what: &str,
+        call: impl GuestCall<Result<T, WitError>>,
+    ) -> Result<T, String> {
+        let (result, _host, _usage) = session.call(None, call).await;
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(format!(
+                "`{what}` returned {}",
+                crate::pipeline::wit_error_text(&error)
+            )),
+            Err(failure) => Err(format!("`{what}` failed: {failure}")),
+        }
+    }
+
+    /// The job's work, from `changed` to the last write before the final
+    /// one: the sync cursor to keep and the operations not written yet.
+    async fn run(
+        &self,
+        job: &mut JobRecord,
+        started: Instant,
+        cancel: watch::Receiver<bool>,
+        progress: &mut (dyn FnMut(&JobRecord) + Send),
+    ) -> Result<(Option<String>, Batch), Stop> {
+        let mut session = Session::new(
+            self.sandbox.clone(),
+            &self.plugin.component,
+            self.plugin.context.clone(),
+        )
+        .map_err(|e| e.to_string())?;
+        let last_cursor = self
+            .sink
+            .sync_cursor(&self.name)
+            .await
+            .map_err(|e| format!("cannot read the sync cursor: {e:#}"))?;
+        let asked = last_cursor.clone();
+        let changed = self
+            .call(&mut session, "changed", move |instance, store| {
+                Box::pin(async move {
+                    SourceBindings::new(&mut *store, instance)?
+                        .call_changed(store, asked.as_deref())
+                        .await
+                })
+            })
+            .await?;
+        if !changed {
+            tracing::info!(source = %self.name, "nothing changed since the last sync");
+            return Ok((last_cursor, Batch::default()));
+        }
+        self.call(&mut session, "validate-config", |instance, store| {
+            Box::pin(async move {
+                SourceBindings::new(&mut *store, instance)?
+                    .call_validate_config(store)
+                    .await
+            })
+        })
+        .await?;
+        self.call(&mut session, "ping", |instance, store| {
+            Box::pin(async move {
+                SourceBindings::new(&mut *store, instance)?
+                    .call_ping(store)
+                    .await
+            })
+        })
+        .await?;
+        if job.kind == JobKind::Incremental && !self.incremental() {
+            return Err(Stop::Failed(format!(
+                "source `{}` does not sync incrementally (its `describe` says so): run a full sync",
+                self.name
+            )));
+        }
+        let mut index = match job.kind {
+            JobKind::Full => self
+                .sink
+                .index()
+                .await
+                .map_err(|e| format!("cannot read the sink's index: {e:#}"))?,
+            JobKind::Incremental => HashMap::new(),
+        };
+        let mut seen: HashSet<u128> = HashSet::new();
+        let mut monitor = ErrorMonitor::new(&self.config.errors);
+        let mut batch = Batch::default();
+        let mut cursor: Option<String> = None;
+        let mut sync_cursor = last_cursor.clone();
+        let size = self.config.page_size;
+        let max_body = self.config.max_document_bytes.as_u64() as usize;
+        loop {
+            if *cancel.borrow() {
+                job.state = JobState::Canceling;
+                self.flush(&mut batch, job, started).await?;
+                return Err(Stop::Canceled);
+            }
+            let request = PageRequest {
+                kind: match job.kind {
+                    JobKind::Full => SyncKind::Full,
+                    JobKind::Incremental => SyncKind::Incremental,
+                },
+                cursor: cursor.clone(),
+                sync_cursor: last_cursor.clone(),
+                size,
+                advanced_rules: None,
+            };
+            let page = self
+                .call(&mut session, "get-docs", move |instance, store| {
+                    Box::pin(async move { bounded::get_docs(instance, store, &request).await })
+                })
+                .await?;
+            let docs = match page.docs {
+                Docs::Copied(docs) if docs.len() <= size as usize => docs,
+                Docs::Copied(docs) => {
+                    return Err(Stop::Failed(format!(
+                        "`get-docs` returned {} documents for a page of at most {size} (sources.{}.page_size)",
+                        docs.len(),
+                        self.name
+                    )));
+                }
+                Docs::TooLarge { count, bytes } => {
+                    return Err(Stop::Failed(format!(
+                        "`get-docs` returned a page of {count} documents{} for a page of at most {size}: refused uncopied",
+                        if bytes > 0 {
+                            format!(
+                                " holding {bytes} bytes of text, more than the source's memory limit"
+                            )
+                        } else {
+                            String::new()
+                        }
+                    )));
+                }
+            };
+            if let Some(next) = &page.next
+                && cursor.as_ref() == Some(next)
+            {
+                return Err(Stop::Failed(format!(
+                    "`get-docs` returned the cursor it was given (`{}`) as the next page's: the sync would never end",
+                    crate::capability::cut(next.clone(), 200)
+                )));
+            }
+            for doc in docs {
+                let id = sink_id(doc.id);
+                let key = key_of(&id);
+                let number = sink::key_number(&key);
+                let fail = |monitor: &mut ErrorMonitor, job: &mut JobRecord, why: String| {
+                    job.counts.errors += 1;
+                    metrics::counter!(crate::metrics::SYNC_DOCUMENTS, "source" => self.name.clone(), "op" => "error").increment(1);
+                    monitor.error(why).map_err(Stop::Failed)
+                };
+                if id.is_empty() {
+                    fail(&mut monitor, job, "a document with an empty id".into())?;
+                    continue;
+                }
+                if job.kind == JobKind::Full && !seen.insert(number) {
+                    fail(
+                        &mut monitor,
+                        job,
+                        format!("document `{id}` came twice in one sync; the second is ignored"),
+                    )?;
+                    continue;
+                }
+                if doc.op == Operation::Delete {
+                    if batch.touches(&key) {
+                        self.flush(&mut batch, job, started).await?;
+                    }
+                    batch.delete(key);
+                    job.counts.deleted += 1;
+                    self.count("deleted");
+                    monitor.ok();
+                    continue;
+                }
+                if doc.body.len() > max_body {
+                    // Not written; what the sink has of it stays (it is
+                    // `seen`, so a full sync does not delete it).
+                    index.remove(&number);
+                    job.counts.dropped += 1;
+                    self.count("dropped");
+                    tracing::debug!(source = %self.name, id = %id, bytes = doc.body.len(), "document dropped: over max_document_bytes");
+                    continue;
+                }
+                let version = version_of(doc.timestamp.as_deref(), &doc.body);
+                let known = index.remove(&number);
+                if known == Some(version) {
+                    job.counts.skipped += 1;
+                    self.count("skipped");
+                    monitor.ok();
+                    continue;
+                }
+                if let Some(why) = not_an_object(&doc.body) {
+                    fail(&mut monitor, job, format!("document `{id}`: {why}"))?;
+                    continue;
+                }
+                let updated = match job.kind {
+                    JobKind::Full => known.is_some(),
+                    JobKind::Incremental => doc.op == Operation::Update,
+                };
+                if updated {
+                    job.counts.updated += 1;
+                    self.count("updated");
+                } else {
+                    job.counts.indexed += 1;
+                    self.count("indexed");
+                }
+                monitor.ok();
+                if batch.touches(&key) {
+                    self.flush(&mut batch, job, started).await?;
+                }
+                batch.upsert(Upsert {
+                    key,
+                    id,
+                    version,
+                    timestamp: doc.timestamp,
+                    body: doc.body,
+                });
+                if batch.len() >= self.config.batch.operations as usize
+                    || batch.bytes as u64 >= self.config.batch.bytes.as_u64()
+                {
+                    self.flush(&mut batch, job, started).await?;
+                }
+            }
+            if page.sync_cursor.is_some() {
+                sync_cursor = page.sync_cursor;
+            }
+            job.duration = started.elapsed();
+            progress(job);
+            match page.next {
+                None => break,
+                Some(next) => cursor = Some(next),
+            }
+        }
+        // Every page is in: what the source no longer yields goes.
+        for number in index.into_keys() {
+            if batch.len() >= self.config.batch.operations as usize {
+                self.flush(&mut batch, job, started).await?;
+            }
+            batch.delete(number.to_be_bytes());
+            job.counts.deleted += 1;
+            self.count("deleted");
+        }
+        if let Some(last) = monitor.last()
+            && job.counts.errors > 0
+        {
+            tracing::warn!(source = %self.name, errors = job.counts.errors, "documents failed; the last: {last}");
+        }
+        Ok((sync_cursor, batch))
+    }
+
+    fn count(&self, op: &'static str) {
+        metrics::counter!(crate::metrics::SYNC_DOCUMENTS, "source" => self.name.clone(), "op" => op)
+            .increment(1);
+    }
+
+    /// Write `batch` with the job's counts so far.
+    async fn flush(
+        &self,
+        batch: &mut Batch,
+        job: &mut JobRecord,
+        started: Instant,
+    ) -> Result<(), Stop> {
+        job.duration = started.elapsed();
+        let batch = std::mem::take(batch);
+        self.sink
+            .write(batch, job, None)
+            .await
+            .map_err(|e| Stop::Failed(format!("cannot write to {}: {e:#}", self.sink.describe())))
+    }
+}
+
+/// Every source of `config` that loaded, by name, with why the others
+/// did not.
+pub fn sources(
+    config: &crate::config::Config,
+    plugins: &[Arc<LoadedPlugin>],
+    sandbox: &Arc<Sandbox>,
+    tls: &crate::tls::Tls,
+) -> (Vec<Source>, Vec<String>) {
+    let mut ok = Vec::new();
+    let mut problems = Vec::new();
+    for name in config.sources.keys() {
+        match Source::new(name, config, plugins, sandbox.clone(), tls) {
+            Ok(source) => ok.push(source),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    (ok, problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_ids_become_their_md5_as_elastic_does() {
+        let short = "a".repeat(512);
+        assert_eq!(sink_id(short.clone()), short);
+        let long = "a".repeat(513);
+        // md5("a" * 513), as Python's hashlib gives it.
+        let hashed = sink_id(long);
+        assert_eq!(hashed.len(), 32);
+        assert!(hashed.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(hashed, hex::encode(md5::Md5::digest("a".repeat(513))));
+    }
+
+    #[test]
+    fn a_version_is_the_timestamp_else_the_body() {
+        let v = version_of(Some("2026-01-01T00:00:00Z"), "{\"a\":1}");
+        assert_eq!(v, version_of(Some("2026-01-01T00:00:00Z"), "{\"a\":2}"));
+        assert_ne!(v, version_of(Some("2026-01-02T00:00:00Z"), "{\"a\":1}"));
+        assert_ne!(version_of(None, "{\"a\":1}"), version_of(None, "{\"a\":2}"));
+        // A timestamp equal to a body is still another version.
+        assert_ne!(version_of(Some("x"), "y"), version_of(None, "x"));
+    }
+
+    #[test]
+    fn bodies_must_be_json_objects() {
+        assert_eq!(not_an_object(" {\"a\": [1, 2]}"), None);
+        assert!(not_an_object("[1]").unwrap().contains("not a JSON object"));
+        assert!(
+            not_an_object("{\"a\": ")
+                .unwrap()
+                .contains("not valid JSON")
+        );
+        assert!(
+            not_an_object("{} trailing")
+                .unwrap()
+                .contains("not valid JSON")
+        );
+    }
+
+    #[test]
+    fn keys_are_stable_and_differ() {
+        assert_eq!(key_of("doc-1"), key_of("doc-1"));
+        assert_ne!(key_of("doc-1"), key_of("doc-2"));
+        assert_eq!(
+            sink::key_number(&key_of("doc-1")).to_be_bytes(),
+            key_of("doc-1")
+        );
+    }
+
+    #[test]
+    fn job_names_round_trip() {
+        for state in [
+            JobState::Pending,
+            JobState::InProgress,
+            JobState::Canceling,
+            JobState::Canceled,
+            JobState::Completed,
+            JobState::Error,
+        ] {
+            assert_eq!(JobState::parse(state.as_str()), state);
+        }
+        assert_eq!(JobKind::parse("incremental"), JobKind::Incremental);
+        assert_eq!(Trigger::parse("scheduled"), Trigger::Scheduled);
+    }
+}

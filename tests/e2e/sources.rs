@@ -1,0 +1,456 @@
+//! Sync jobs of a `source` component (tests/fixtures/fx-source, whose
+//! documents are a function of its `config`): full and incremental syncs
+//! into the SQLite and PostgreSQL sinks, reconciliation (only what changed
+//! is written), the job records, the lock, a SIGKILL mid-sync, and hostile
+//! sources, each a failed job with its reason and the engine unharmed.
+
+use std::sync::Arc;
+
+use sandpipe::config::Config;
+use sandpipe::sync::{JobKind, JobRecord, JobState, Trigger};
+use tokio::sync::watch;
+
+use crate::harness::Deployment;
+use crate::postgres::{TestDb, connect};
+
+/// A deployment with fx-source as source `src` (`config` its grant's
+/// config, `more` extra keys of the source, `database` the database line).
+fn deployment(config: &str, more: &str, database: &str) -> Deployment {
+    let page = if more.contains("page_size") {
+        ""
+    } else {
+        "page_size: 500"
+    };
+    let more = if page.is_empty() {
+        more.trim_start_matches(", ")
+    } else {
+        more
+    };
+    Deployment::new(
+        &[("fx-source", "src")],
+        &format!(
+            "{database}plugins:\n  grants:\n    src:\n      config: {{ {config} }}\n      limits: {{ timeout: 2s }}\nsources:\n  src: {{ {page}{more} }}\n"
+        ),
+    )
+}
+
+/// Set the source's `generation`.
+fn set_generation(d: &Deployment, generation: u32) {
+    let yaml = std::fs::read_to_string(&d.config).unwrap();
+    let mut out = String::new();
+    for line in yaml.lines() {
+        if line.trim_start().starts_with("config:") {
+            let kept: Vec<&str> = line
+                .trim_start()
+                .trim_start_matches("config:")
+                .trim()
+                .trim_start_matches('{')
+                .trim_end_matches('}')
+                .split(',')
+                .map(str::trim)
+                .filter(|kv| !kv.is_empty() && !kv.starts_with("generation"))
+                .collect();
+            out.push_str(&format!(
+                "      config: {{ {}, generation: {generation} }}\n",
+                kept.join(", ")
+            ));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    std::fs::write(&d.config, out).unwrap();
+}
+
+/// Run one job of `kind` on the deployment's source, as `sandpipe sync` does.
+async fn sync(d: &Deployment, kind: JobKind) -> JobRecord {
+    let config = Config::load(&d.config).unwrap();
+    let assembled = sandpipe::app::assemble(config).await.unwrap();
+    assert!(assembled.problems.is_empty(), "{:?}", assembled.problems);
+    let source = sandpipe::sync::Source::new(
+        "src",
+        &assembled.config,
+        &assembled.plugins,
+        Arc::clone(&assembled.sandbox),
+        &assembled.tls,
+    )
+    .unwrap();
+    let (_cancel, cancelled) = watch::channel(false);
+    source
+        .sync(kind, Trigger::OnDemand, cancelled, &mut |_| {})
+        .await
+        .unwrap()
+}
+
+/// The sink's documents, `(id, version, n)` sorted by id.
+fn sqlite_docs(d: &Deployment) -> Vec<(String, i64, i64)> {
+    let conn = rusqlite::Connection::open(d.path("state/sources.sqlite")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT id, body->>'$.version', body->>'$.n' FROM src ORDER BY body->>'$.n'")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// What fx-source holds in `generation` of `count` documents, as
+/// `(id, version, n)` sorted by n.
+fn expected(count: i64, generation: u32) -> Vec<(String, i64, i64)> {
+    let mut out = Vec::new();
+    for n in 0..count + count / 100 {
+        let exists = if n >= count {
+            generation >= 2
+        } else {
+            generation < 2 || n % 100 != 1
+        };
+        if !exists {
+            continue;
+        }
+        let version = if generation >= 2 && (n >= count || n % 100 == 0) {
+            2
+        } else {
+            1
+        };
+        out.push((format!("doc-{n}"), version, n));
+    }
+    out
+}
+
+fn counts(job: &JobRecord) -> [u64; 6] {
+    let c = &job.counts;
+    [
+        c.indexed, c.updated, c.deleted, c.skipped, c.dropped, c.errors,
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_sync_then_one_percent_changed_writes_only_the_changes() {
+    let d = deployment("count: 20000", "", "");
+    let first = sync(&d, JobKind::Full).await;
+    assert_eq!(first.state, JobState::Completed, "{first:?}");
+    assert_eq!(counts(&first), [20000, 0, 0, 0, 0, 0]);
+    assert_eq!(first.sync_cursor.as_deref(), Some("generation-1"));
+    assert_eq!(sqlite_docs(&d), expected(20000, 1));
+
+    // Nothing changed: `changed` says so, and the job does no work.
+    let idle = sync(&d, JobKind::Full).await;
+    assert_eq!(idle.state, JobState::Completed, "{idle:?}");
+    assert_eq!(counts(&idle), [0; 6]);
+
+    // 1 % updated, 1 % deleted, 1 % added: only they are written.
+    set_generation(&d, 2);
+    let second = sync(&d, JobKind::Full).await;
+    assert_eq!(second.state, JobState::Completed, "{second:?}");
+    assert_eq!(counts(&second), [200, 200, 200, 19600, 0, 0]);
+    assert_eq!(sqlite_docs(&d), expected(20000, 2));
+
+    // The records are durable, newest first.
+    let out = d.cli(&["sources"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("documents: 20000"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "job {} of source `src` (full): completed",
+            second.id
+        )),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_incremental_sync_applies_each_operation() {
+    let d = deployment("count: 5000", "", "");
+    let first = sync(&d, JobKind::Full).await;
+    assert_eq!(first.state, JobState::Completed, "{first:?}");
+    set_generation(&d, 2);
+    let second = sync(&d, JobKind::Incremental).await;
+    assert_eq!(second.state, JobState::Completed, "{second:?}");
+    assert_eq!(counts(&second), [50, 50, 50, 0, 0, 0]);
+    assert_eq!(second.sync_cursor.as_deref(), Some("generation-2"));
+    assert_eq!(sqlite_docs(&d), expected(5000, 2));
+    // Caught up: nothing to do.
+    let third = sync(&d, JobKind::Incremental).await;
+    assert_eq!(counts(&third), [0; 6]);
+    assert_eq!(third.state, JobState::Completed);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sandpipe_sync_prints_the_job_and_documents_without_timestamps_compare_bodies() {
+    let d = deployment("count: 300, timestamps: false", "", "");
+    let out = d.cli(&["sync", "src"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("of source `src` (full): completed")
+            && stdout.contains("300 indexed, 0 updated, 0 deleted, 0 skipped"),
+        "{stdout}"
+    );
+    set_generation(&d, 2);
+    let out = d.cli(&["sync", "src", "--full"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("3 indexed, 3 updated, 3 deleted, 294 skipped"),
+        "{stdout}"
+    );
+    // A source that is not declared is named with those that are.
+    let out = d.cli(&["sync", "nope"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no source `nope` under `sources` (declared: src)"),
+        "{stderr}"
+    );
+}
+
+/// A hostile or failing source's job, with `count` documents.
+async fn hostile(mode: &str, more: &str) -> JobRecord {
+    let d = deployment(&format!("count: 1000, mode: {mode}"), more, "");
+    sync(&d, JobKind::Full).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_sources_fail_their_jobs_with_the_reason() {
+    let failed = |job: &JobRecord, needle: &str| {
+        assert_eq!(job.state, JobState::Error, "{job:?}");
+        let error = job.error.clone().unwrap_or_default();
+        assert!(error.contains(needle), "{needle}: {error}");
+    };
+    failed(
+        &hostile("oversize", "").await,
+        "documents for a page of at most 500",
+    );
+    failed(&hostile("ten-million", "").await, "memory");
+    failed(
+        &hostile("stuck-cursor", "").await,
+        "the sync would never end",
+    );
+    failed(&hostile("loop", "").await, "deadline");
+    failed(
+        &hostile("ping-fails", "").await,
+        "`ping` returned unavailable: the synthetic system is down",
+    );
+    failed(
+        &hostile("bad-json", "").await,
+        "11 document errors in a row",
+    );
+
+    // Some errors, under the monitor's thresholds: counted, the job completes.
+    let dup = hostile("duplicates", "").await;
+    assert_eq!(dup.state, JobState::Completed, "{dup:?}");
+    assert_eq!(counts(&dup), [998, 0, 0, 0, 0, 2]);
+
+    let huge = hostile("huge-doc", "").await;
+    assert_eq!(huge.state, JobState::Completed, "{huge:?}");
+    assert_eq!(counts(&huge), [999, 0, 0, 0, 1, 0]);
+
+    // Ids over 512 bytes are their MD5, as Elastic's.
+    let d = deployment("count: 10, mode: long-ids", "", "");
+    assert_eq!(sync(&d, JobKind::Full).await.state, JobState::Completed);
+    let conn = rusqlite::Connection::open(d.path("state/sources.sqlite")).unwrap();
+    let id: String = conn
+        .query_row("SELECT id FROM src WHERE body->>'$.n' = 0", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let long = format!("doc-0-{}", "x".repeat(600));
+    assert_eq!(
+        id,
+        format!("{:x}", md5_of(long.as_bytes())),
+        "the id of doc-0"
+    );
+
+    // The engine is unharmed: a well-behaved source syncs after them.
+    let d = deployment("count: 100", "", "");
+    assert_eq!(sync(&d, JobKind::Full).await.state, JobState::Completed);
+}
+
+/// MD5 of `bytes`, through Python's hashlib (an implementation other
+/// than the engine's).
+fn md5_of(bytes: &[u8]) -> u128 {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import hashlib, sys; print(hashlib.md5(sys.stdin.buffer.read()).hexdigest())",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(bytes)?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    u128::from_str_radix(String::from_utf8_lossy(&out.stdout).trim(), 16).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_over_the_error_rate_fails() {
+    // Pages of 2 whose second document repeats the first: every other
+    // document is an error, never 11 in a row, a rate of 0.5.
+    let d = deployment(
+        "count: 300, mode: duplicates",
+        ", page_size: 2, errors: { max_rate: 0.3, window: 20 }",
+        "",
+    );
+    let job = sync(&d, JobKind::Full).await;
+    assert_eq!(job.state, JobState::Error, "{job:?}");
+    assert!(
+        job.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("a rate over errors.max_rate (0.3)"),
+        "{job:?}"
+    );
+}
+
+/// The PostgreSQL sink's documents as `(id, version, n)`, sorted by n.
+async fn pg_docs(db: &TestDb) -> Vec<(String, i64, i64)> {
+    let admin = db.admin().await;
+    admin
+        .query(
+            "SELECT id, (body->>'version')::int8, (body->>'n')::int8 FROM sandpipe_sources.src ORDER BY (body->>'n')::int8",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_thousand_documents_into_postgres_then_the_changes_searchable() {
+    let db = TestDb::new().await;
+    let database = format!("database: {{ type: postgres, url: \"{}\" }}\n", db.url());
+    let d = deployment("count: 100000", "", &database);
+    let first = sync(&d, JobKind::Full).await;
+    assert_eq!(first.state, JobState::Completed, "{first:?}");
+    assert_eq!(counts(&first), [100000, 0, 0, 0, 0, 0]);
+    set_generation(&d, 2);
+    let second = sync(&d, JobKind::Full).await;
+    assert_eq!(second.state, JobState::Completed, "{second:?}");
+    assert_eq!(counts(&second), [1000, 1000, 1000, 98000, 0, 0]);
+    assert_eq!(pg_docs(&db).await, expected(100000, 2));
+
+    // The mirror is searchable: the full-text column and its GIN index.
+    let admin = db.admin().await;
+    let hits: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM sandpipe_sources.src WHERE search @@ to_tsquery('simple', 'document & 100042')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(hits, 1);
+    let indexed: bool = admin
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE schemaname = 'sandpipe_sources' AND tablename = 'src' AND indexdef LIKE '%USING gin (search)%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(indexed);
+
+    // One job at a time across engines: a held lock refuses a second.
+    let holder = connect(&db.url()).await;
+    let held: bool = holder
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext('sandpipe:sync'), hashtext('sandpipe_sources.src'))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(held);
+    let config = Config::load(&d.config).unwrap();
+    let assembled = sandpipe::app::assemble(config).await.unwrap();
+    let source = sandpipe::sync::Source::new(
+        "src",
+        &assembled.config,
+        &assembled.plugins,
+        Arc::clone(&assembled.sandbox),
+        &assembled.tls,
+    )
+    .unwrap();
+    let (_cancel, cancelled) = watch::channel(false);
+    let refused = source
+        .sync(JobKind::Full, Trigger::OnDemand, cancelled, &mut |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("another sync into PostgreSQL table sandpipe_sources.src"),
+        "{refused:#}"
+    );
+    drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sync_killed_mid_way_is_run_again_and_the_sink_equals_the_source() {
+    let db = TestDb::new().await;
+    let database = format!("database: {{ type: postgres, url: \"{}\" }}\n", db.url());
+    // A slow source (busy before each page), so the kill comes mid-way.
+    let d = deployment(
+        "count: 60000, spin: 30000000",
+        ", batch: { operations: 200 }",
+        &database,
+    );
+    let first = sync(&d, JobKind::Full).await;
+    assert_eq!(first.state, JobState::Completed, "{first:?}");
+    set_generation(&d, 2);
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sandpipe"))
+        .args(["sync", "src", "-c"])
+        .arg(&d.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once some of its batches are in (the job's counts move).
+    let admin = db.admin().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let seen: i64 = admin
+            .query_one(
+                "SELECT coalesce(max(skipped + updated + indexed), 0) FROM sandpipe_sources.sandpipe_sync_jobs WHERE id > $1",
+                &[&first.id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if seen > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the sync never wrote");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "killed before it finished: {status:?}");
+
+    let again = sync(&d, JobKind::Full).await;
+    assert_eq!(again.state, JobState::Completed, "{again:?}");
+    assert_eq!(pg_docs(&db).await, expected(60000, 2));
+    let killed: (String, String) = {
+        let row = admin
+            .query_one(
+                "SELECT state, error FROM sandpipe_sources.sandpipe_sync_jobs WHERE id > $1 AND id < $2",
+                &[&first.id, &again.id],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(killed.0, "error");
+    assert!(killed.1.starts_with("interrupted"), "{killed:?}");
+}
