@@ -41,6 +41,9 @@ pub struct SourceConfig {
     /// The longest a job may run; past it the job fails. Default 1h.
     #[serde(default = "default_job_timeout", with = "humantime_serde")]
     pub job_timeout: Duration,
+    /// Sync rules: which documents go into the sink.
+    #[serde(default)]
+    pub rules: RulesConfig,
 }
 
 fn default_page_size() -> u32 {
@@ -138,4 +141,39 @@ pub fn default_sink_schema() -> String {
 /// The default file of SQLite sinks.
 pub fn default_sink_path() -> PathBuf {
     PathBuf::from("state/sources.sqlite")
+}
+
+/// `sources.NAME.rules`: which documents go into the sink. The rules in
+/// the file are the draft; a job checks them first and runs only with a
+/// valid draft, which becomes the active rules (docs/sources.md, "Sync
+/// rules").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Basic rules, applied by the engine to every document (Elastic's).
+    #[serde(default)]
+    pub basic: Vec<BasicRule>,
+    /// Advanced rules: the source's own JSON, checked by its
+    /// `validate-advanced-rules` and handed to every `get-docs`.
+    #[serde(default)]
+    pub advanced: Option<serde_json::Value>,
+}
+
+/// One basic rule, as Elastic's connectors define it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicRule {
+    /// The rule's id (reported with its errors).
+    pub id: String,
+    /// `include` or `exclude`.
+    pub policy: String,
+    /// The document's field: a top-level key, else a dotted path.
+    pub field: String,
+    /// `equals`, `contains`, `starts_with`, `ends_with`, `regex`, `<` or `>`.
+    pub rule: String,
+    /// The value compared with the field's (a string; numbers and booleans
+    /// are read as their text).
+    pub value: serde_json::Value,
+    /// Rules apply in this order; the first that matches decides.
+    pub order: i64,
 }

@@ -228,15 +228,29 @@ pub async fn check(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow::
     }
     let assembled = assemble(config).await?;
     for p in &assembled.plugins {
-        writeln!(
-            out,
-            "plugin `{}` {} (world {}, sha256 {}): ok, handles {}",
-            p.name,
-            p.description.version,
-            p.component.world,
-            p.component.sha256,
-            p.mime.join(", ")
-        )?;
+        match p.component.world {
+            crate::sandbox::World::Plugin => writeln!(
+                out,
+                "plugin `{}` {} (world {}, sha256 {}): ok, handles {}",
+                p.name,
+                p.description.version,
+                p.component.world,
+                p.component.sha256,
+                p.mime.join(", ")
+            )?,
+            crate::sandbox::World::Source => writeln!(
+                out,
+                "component `{}` {} (world {}, sha256 {}): ok, synced by {}",
+                p.name,
+                p.description.version,
+                p.component.world,
+                p.component.sha256,
+                match sources_of(&assembled.config, &p.name) {
+                    names if names.is_empty() => "no source (add it under `sources:`)".to_owned(),
+                    names => format!("sources.{}", names.join(", sources.")),
+                }
+            )?,
+        }
         for i in &p.ungranted {
             writeln!(
                 out,
@@ -251,14 +265,41 @@ pub async fn check(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow::
     for problem in &assembled.problems {
         writeln!(out, "error: {problem}")?;
     }
-    let ok = assembled.problems.is_empty();
+    let (sources, source_problems) = crate::sync::sources(
+        &assembled.config,
+        &assembled.plugins,
+        &assembled.sandbox,
+        &assembled.tls,
+    );
+    for source in &sources {
+        writeln!(
+            out,
+            "source `{}`: ok, into {}",
+            source.name(),
+            source.sink().describe()
+        )?;
+    }
+    for problem in &source_problems {
+        writeln!(out, "error: {problem}")?;
+    }
+    let problems = assembled.problems.len() + source_problems.len();
     writeln!(
         out,
-        "{} plugin(s) ok, {} problem(s)",
+        "{} plugin(s) ok, {} source(s) ok, {problems} problem(s)",
         assembled.plugins.len(),
-        assembled.problems.len()
+        sources.len(),
     )?;
-    Ok(ok)
+    Ok(problems == 0)
+}
+
+/// The sources of `config` whose component is `component`.
+fn sources_of(config: &Config, component: &str) -> Vec<String> {
+    config
+        .sources
+        .iter()
+        .filter(|(name, s)| s.component.as_deref().unwrap_or(name) == component)
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 /// `sandpipe plugins`: a table of the loaded plugins.
@@ -397,6 +438,11 @@ pub async fn sources(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow
             continue;
         }
         writeln!(out, "  documents: {}", sink.len().await?)?;
+        match sink.rules(source.name()).await? {
+            Some((state, _, Some(errors))) => writeln!(out, "  rules: {state}: {errors}")?,
+            Some((state, _, None)) => writeln!(out, "  rules: {state}")?,
+            None => {}
+        }
         let jobs = sink.jobs(source.name(), 3).await?;
         if jobs.is_empty() {
             writeln!(out, "  no job yet")?;

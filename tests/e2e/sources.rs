@@ -198,6 +198,28 @@ async fn sandpipe_sync_prints_the_job_and_documents_without_timestamps_compare_b
         stdout.contains("3 indexed, 3 updated, 3 deleted, 294 skipped"),
         "{stdout}"
     );
+    // `check` and `plugins` know the world; `check` the source and its sink.
+    let out = d.cli(&["check"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("component `src` 1.0.0 (world source, sha256 ")
+            && stdout.contains("synced by sources.src"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("source `src`: ok, into SQLite table src in ")
+            && stdout.contains("1 plugin(s) ok, 1 source(s) ok, 0 problem(s)"),
+        "{stdout}"
+    );
+    let out = d.cli(&["plugins"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("src") && l.contains(" source ")),
+        "{stdout}"
+    );
     // A source that is not declared is named with those that are.
     let out = d.cli(&["sync", "nope"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -453,4 +475,71 @@ async fn a_sync_killed_mid_way_is_run_again_and_the_sink_equals_the_source() {
     };
     assert_eq!(killed.0, "error");
     assert!(killed.1.starts_with("interrupted"), "{killed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn basic_rules_decide_what_goes_in_and_a_change_of_rules_reconciles() {
+    let exclude_over = |n: u32| {
+        format!(
+            ", rules: {{ basic: [{{ id: big, policy: exclude, field: n, rule: \">\", value: {n}, order: 2 }}, {{ id: keep-7, policy: include, field: title, rule: ends_with, value: \"7\", order: 1 }}] }}"
+        )
+    };
+    let d = deployment("count: 100", &exclude_over(49), "");
+    let first = sync(&d, JobKind::Full).await;
+    assert_eq!(first.state, JobState::Completed, "{first:?}");
+    // 0..=49, and the titles ending in 7 come first (order 1): 57, 67, ...
+    let ids: Vec<i64> = sqlite_docs(&d).iter().map(|(_, _, n)| *n).collect();
+    let mut want: Vec<i64> = (0..=49).collect();
+    want.extend([57, 67, 77, 87, 97]);
+    assert_eq!(ids, want);
+    assert_eq!(counts(&first), [55, 0, 0, 0, 0, 0]);
+
+    // Narrower rules: what they exclude now is deleted, the rest skipped.
+    let yaml = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, yaml.replace("value: 49", "value: 19")).unwrap();
+    let second = sync(&d, JobKind::Full).await;
+    // Kept: 0..=19 and 27, 37, ..., 97 (28); the other 27 go.
+    assert_eq!(counts(&second), [0, 0, 27, 28, 0, 0], "{second:?}");
+    assert_eq!(sqlite_docs(&d).len(), 28);
+
+    let out = d.cli(&["sources"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("rules: valid"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_rules_fail_the_job_and_advanced_rules_go_to_the_source() {
+    let d = deployment(
+        "count: 100",
+        ", rules: { basic: [{ id: all, policy: include, field: title, rule: regex, value: \".*\", order: 1 }], advanced: { max_n: oops } }",
+        "",
+    );
+    let job = sync(&d, JobKind::Full).await;
+    assert_eq!(job.state, JobState::Error, "{job:?}");
+    let error = job.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("the sync rules are invalid (sources.src.rules)")
+            && error.contains("rule all: the regex `.*` matches everything")
+            && error.contains("advanced rules max_n: expected {\"max_n\": <a number>}"),
+        "{error}"
+    );
+    // Nothing was written, and `sources` says why.
+    assert_eq!(job.counts, sandpipe::sync::Counts::default());
+    let out = d.cli(&["sources"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("rules: invalid: rule all"), "{stdout}");
+
+    // Valid advanced rules reach `get-docs`: only documents below 10.
+    let yaml = std::fs::read_to_string(&d.config).unwrap();
+    let yaml = yaml.replace(
+        "basic: [{ id: all, policy: include, field: title, rule: regex, value: \".*\", order: 1 }], advanced: { max_n: oops }",
+        "advanced: { max_n: 10 }",
+    );
+    std::fs::write(&d.config, yaml).unwrap();
+    let job = sync(&d, JobKind::Full).await;
+    assert_eq!(job.state, JobState::Completed, "{job:?}");
+    assert_eq!(counts(&job), [10, 0, 0, 0, 0, 0]);
 }

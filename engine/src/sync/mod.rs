@@ -20,6 +20,7 @@
 //! nothing is lost or duplicated.
 
 pub mod monitor;
+pub mod rules;
 pub mod sink;
 
 use std::collections::{HashMap, HashSet};
@@ -440,6 +441,9 @@ impl Source {
             .sync_cursor(&self.name)
             .await
             .map_err(|e| format!("cannot read the sync cursor: {e:#}"))?;
+        // The rules first: invalid ones fail the job before any call,
+        // and new ones make it run even when the source has no change.
+        let (rules, advanced, new_rules) = self.check_rules(&mut session).await?;
         let asked = last_cursor.clone();
         let changed = self
             .call(&mut session, "changed", move |instance, store| {
@@ -450,7 +454,7 @@ impl Source {
                 })
             })
             .await?;
-        if !changed {
+        if !changed && !new_rules {
             tracing::info!(source = %self.name, "nothing changed since the last sync");
             return Ok((last_cursor, Batch::default()));
         }
@@ -505,7 +509,7 @@ impl Source {
                 cursor: cursor.clone(),
                 sync_cursor: last_cursor.clone(),
                 size,
-                advanced_rules: None,
+                advanced_rules: advanced.clone(),
             };
             let page = self
                 .call(&mut session, "get-docs", move |instance, store| {
@@ -582,6 +586,39 @@ impl Source {
                     tracing::debug!(source = %self.name, id = %id, bytes = doc.body.len(), "document dropped: over max_document_bytes");
                     continue;
                 }
+                // With rules, the body is read whole (the rules may have
+                // changed since an unchanged document was written).
+                let mut checked = false;
+                if !rules.is_empty() {
+                    let included = match serde_json::from_str::<serde_json::Value>(&doc.body) {
+                        Ok(value) if value.is_object() => rules.includes(&value),
+                        Ok(_) => {
+                            let why = "its body is not a JSON object";
+                            fail(&mut monitor, job, format!("document `{id}`: {why}"))?;
+                            continue;
+                        }
+                        Err(e) => {
+                            let why = format!("its body is not valid JSON: {e}");
+                            fail(&mut monitor, job, format!("document `{id}`: {why}"))?;
+                            continue;
+                        }
+                    };
+                    if !included {
+                        // As if the source had not yielded it: a full sync
+                        // deletes it with the rest (it stays in `index`),
+                        // an incremental one now.
+                        if job.kind == JobKind::Incremental {
+                            if batch.touches(&key) {
+                                self.flush(&mut batch, job, started).await?;
+                            }
+                            batch.delete(key);
+                        }
+                        self.count("filtered");
+                        monitor.ok();
+                        continue;
+                    }
+                    checked = true;
+                }
                 let version = version_of(doc.timestamp.as_deref(), &doc.body);
                 let known = index.remove(&number);
                 if known == Some(version) {
@@ -590,7 +627,7 @@ impl Source {
                     monitor.ok();
                     continue;
                 }
-                if let Some(why) = not_an_object(&doc.body) {
+                if !checked && let Some(why) = not_an_object(&doc.body) {
                     fail(&mut monitor, job, format!("document `{id}`: {why}"))?;
                     continue;
                 }
@@ -647,6 +684,99 @@ impl Source {
             tracing::warn!(source = %self.name, errors = job.counts.errors, "documents failed; the last: {last}");
         }
         Ok((sync_cursor, batch))
+    }
+
+    /// Check the sync rules (the config's draft): the basic rules the
+    /// engine applies, the advanced rules' JSON handed to `get-docs`, and
+    /// whether they differ from the active ones (they become active); or
+    /// why the job fails.
+    async fn check_rules(
+        &self,
+        session: &mut Session,
+    ) -> Result<(rules::BasicRules, Option<String>, bool), Stop> {
+        let config = &self.config.rules;
+        let mut problems: Vec<String> = match rules::validate(&config.basic) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems.iter().map(ToString::to_string).collect(),
+        };
+        let advanced = config.advanced.as_ref().map(|json| json.to_string());
+        if let Some(json) = advanced.clone() {
+            let takes = self
+                .plugin
+                .source
+                .as_ref()
+                .is_some_and(|d| d.advanced_rules);
+            if !takes {
+                problems.push(format!(
+                    "source `{}` takes no advanced rules (its `describe` says so): remove sources.{}.rules.advanced",
+                    self.name, self.name
+                ));
+            } else {
+                let (result, _, _) = session
+                    .call(None, move |instance, store| {
+                        Box::pin(async move {
+                            SourceBindings::new(&mut *store, instance)?
+                                .call_validate_advanced_rules(store, &json)
+                                .await
+                        })
+                    })
+                    .await;
+                match result {
+                    Ok(errors) => problems.extend(errors.into_iter().map(|e| {
+                        if e.ids.is_empty() {
+                            format!("advanced rules: {}", e.message)
+                        } else {
+                            format!("advanced rules {}: {}", e.ids.join(", "), e.message)
+                        }
+                    })),
+                    Err(failure) => {
+                        return Err(Stop::Failed(format!(
+                            "`validate-advanced-rules` failed: {failure}"
+                        )));
+                    }
+                }
+            }
+        }
+        let draft = serde_json::json!({
+            "basic": config.basic.iter().map(|r| serde_json::json!({
+                "id": r.id, "policy": r.policy, "field": r.field, "rule": r.rule,
+                "value": r.value, "order": r.order,
+            })).collect::<Vec<_>>(),
+            "advanced": config.advanced,
+        })
+        .to_string();
+        let before = self
+            .sink
+            .rules(&self.name)
+            .await
+            .map_err(|e| Stop::Failed(format!("cannot read the sync rules: {e:#}")))?
+            .and_then(|(_, active, _)| active);
+        // No rules and none before count as the same.
+        let empty = config.basic.is_empty() && config.advanced.is_none();
+        let new_rules = match &before {
+            Some(active) => *active != draft,
+            None => !empty,
+        };
+        let recorded = if problems.is_empty() {
+            self.sink
+                .set_rules(&self.name, "valid", Some(draft), None)
+                .await
+        } else {
+            let errors = problems.join("; ");
+            self.sink
+                .set_rules(&self.name, "invalid", None, Some(errors))
+                .await
+        };
+        recorded.map_err(|e| Stop::Failed(format!("cannot record the sync rules: {e:#}")))?;
+        if !problems.is_empty() {
+            return Err(Stop::Failed(format!(
+                "the sync rules are invalid (sources.{}.rules): {}",
+                self.name,
+                problems.join("; ")
+            )));
+        }
+        let basic = rules::validate(&config.basic).unwrap_or_default();
+        Ok((basic, advanced, new_rules))
     }
 
     fn count(&self, op: &'static str) {

@@ -300,7 +300,8 @@ impl Sink {
                      CREATE INDEX IF NOT EXISTS sandpipe_sync_jobs_source
                          ON {jobs} (source, id);
                      CREATE TABLE IF NOT EXISTS {state} (
-                         source text PRIMARY KEY, sync_cursor text);",
+                         source text PRIMARY KEY, sync_cursor text, rules_state text,
+                         active_rules text, rules_errors text);",
                     schema = quote_ident(&s.schema),
                     search_index = quote_ident(&search_index),
                 );
@@ -327,7 +328,8 @@ impl Sink {
                          errors INTEGER NOT NULL DEFAULT 0, started_ms INTEGER NOT NULL,
                          duration_ms INTEGER NOT NULL DEFAULT 0, error TEXT);
                      CREATE INDEX IF NOT EXISTS sandpipe_sync_jobs_source ON {jobs} (source, id);
-                     CREATE TABLE IF NOT EXISTS {state} (source TEXT PRIMARY KEY, sync_cursor TEXT);"
+                     CREATE TABLE IF NOT EXISTS {state} (source TEXT PRIMARY KEY, sync_cursor TEXT,
+                         rules_state TEXT, active_rules TEXT, rules_errors TEXT);"
                 );
                 let what = self.describe();
                 s.db.call(move |conn| conn.execute_batch(&sql).with_context(|| what))
@@ -628,6 +630,84 @@ impl Sink {
                 })
                 .await
                 .with_context(|| what)
+            }
+        }
+    }
+
+    /// Record the validation of `source`'s sync rules: `state` (`valid`
+    /// or `invalid`), the rules that became active (a valid draft), or the
+    /// errors (the active rules stay what they were).
+    pub async fn set_rules(
+        &self,
+        source: &str,
+        state: &str,
+        active: Option<String>,
+        errors: Option<String>,
+    ) -> anyhow::Result<()> {
+        let table = self.side_table("sandpipe_sync_state");
+        match self {
+            Self::Postgres(s) => {
+                let client = s.pg.client().await?;
+                let sql = format!(
+                    "INSERT INTO {table} (source, rules_state, active_rules, rules_errors)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (source) DO UPDATE SET rules_state = excluded.rules_state,
+                         active_rules = coalesce(excluded.active_rules, {table}.active_rules),
+                         rules_errors = excluded.rules_errors"
+                );
+                client
+                    .execute(&sql, &[&source, &state, &active, &errors])
+                    .await?;
+                Ok(())
+            }
+            Self::Sqlite(s) => {
+                let (source, state) = (source.to_owned(), state.to_owned());
+                s.db.call(move |conn| {
+                    let sql = format!(
+                        "INSERT INTO {table} (source, rules_state, active_rules, rules_errors)
+                         VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (source) DO UPDATE SET rules_state = excluded.rules_state,
+                             active_rules = coalesce(excluded.active_rules, {table}.active_rules),
+                             rules_errors = excluded.rules_errors"
+                    );
+                    conn.execute(&sql, rusqlite::params![source, state, active, errors])?;
+                    Ok(())
+                })
+                .await
+            }
+        }
+    }
+
+    /// The state of `source`'s sync rules: (`valid` or `invalid`, the
+    /// active rules' JSON, the errors), when a job has checked them.
+    pub async fn rules(
+        &self,
+        source: &str,
+    ) -> anyhow::Result<Option<(String, Option<String>, Option<String>)>> {
+        let table = self.side_table("sandpipe_sync_state");
+        match self {
+            Self::Postgres(s) => {
+                let client = s.pg.client().await?;
+                let sql = format!(
+                    "SELECT rules_state, active_rules, rules_errors FROM {table}
+                     WHERE source = $1 AND rules_state IS NOT NULL"
+                );
+                let row = client.query_opt(&sql, &[&source]).await?;
+                Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+            }
+            Self::Sqlite(s) => {
+                let source = source.to_owned();
+                s.db.read(move |conn| {
+                    use rusqlite::OptionalExtension as _;
+                    let sql = format!(
+                        "SELECT rules_state, active_rules, rules_errors FROM {table}
+                         WHERE source = ?1 AND rules_state IS NOT NULL"
+                    );
+                    Ok(conn
+                        .query_row(&sql, [source], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .optional()?)
+                })
+                .await
             }
         }
     }
