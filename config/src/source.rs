@@ -44,6 +44,20 @@ pub struct SourceConfig {
     /// Sync rules: which documents go into the sink.
     #[serde(default)]
     pub rules: RulesConfig,
+    /// When jobs run on their own (`sandpipe run`); none by default.
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+}
+
+/// `sources.NAME.schedule`: per job kind, an interval (`30m`) or a cron
+/// expression with seconds (`0 0/5 * * * ?`, Quartz style, UTC).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Full syncs.
+    pub full: Option<String>,
+    /// Incremental syncs.
+    pub incremental: Option<String>,
 }
 
 fn default_page_size() -> u32 {

@@ -183,10 +183,37 @@ pub async fn run(
             "loaded"
         );
     }
+    let (sources, source_problems) = crate::sync::sources(
+        &assembled.config,
+        &assembled.plugins,
+        &assembled.sandbox,
+        &assembled.tls,
+    );
+    if !source_problems.is_empty() {
+        anyhow::bail!(
+            "{}: refusing to start, {} source problem(s):\n  - {}",
+            config_file.display(),
+            source_problems.len(),
+            source_problems.join("\n  - ")
+        );
+    }
+    let sources: crate::server::Sources = Arc::new(
+        sources
+            .into_iter()
+            .map(|s| (s.name().to_owned(), Arc::new(s)))
+            .collect(),
+    );
+    // Scheduled syncs run beside the pipeline (not with --once, which
+    // drains the listener and exits).
+    if !once {
+        for source in sources.values() {
+            tokio::spawn(source.clone().run_schedules(shutdown.clone()));
+        }
+    }
     let ready = crate::server::Readiness::default();
     ready.not_ready("listener", "starting");
     if let Some(server) = &assembled.config.server {
-        crate::server::serve(server.listen, ready.clone(), shutdown.clone()).await?;
+        crate::server::serve(server.listen, ready.clone(), sources, shutdown.clone()).await?;
     }
     let listener: Arc<dyn listener::Listener> = Arc::from(
         listener::build(
@@ -438,6 +465,13 @@ pub async fn sources(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow
             continue;
         }
         writeln!(out, "  documents: {}", sink.len().await?)?;
+        for (kind, schedule, at) in source.next_runs().await? {
+            writeln!(
+                out,
+                "  next {kind} sync: {} (schedule `{schedule}`)",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )?;
+        }
         match sink.rules(source.name()).await? {
             Some((state, _, Some(errors))) => writeln!(out, "  rules: {state}: {errors}")?,
             Some((state, _, None)) => writeln!(out, "  rules: {state}")?,

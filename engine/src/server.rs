@@ -1,16 +1,32 @@
 //! The small HTTP server: `/healthz` (alive), `/readyz` (listener
 //! connected, database reachable, plugins loaded; 503 with the reasons
-//! otherwise) and `/metrics` (Prometheus text format).
+//! otherwise), `/metrics` (Prometheus text format), and the sources' API
+//! (`/v1/sources`: list, jobs, start a sync, cancel; docs/sources.md).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
 use tokio::sync::watch;
+
+use crate::sync::{JobKind, JobRecord, Source, Trigger};
+
+/// The sources the API serves, by name.
+pub type Sources = Arc<BTreeMap<String, Arc<Source>>>;
+
+/// What the handlers share.
+#[derive(Clone)]
+struct AppState {
+    ready: Readiness,
+    sources: Sources,
+    /// Cancels jobs started here when the server stops.
+    shutdown: watch::Receiver<bool>,
+}
 
 /// What `/readyz` reports: each component's problem, if any.
 #[derive(Clone, Default)]
@@ -46,8 +62,8 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(ready): State<Readiness>) -> (StatusCode, String) {
-    let problems = ready.report();
+async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
+    let problems = state.ready.report();
     if problems.is_empty() {
         (StatusCode::OK, "ready\n".into())
     } else {
@@ -62,13 +78,193 @@ async fn metrics_text() -> String {
     crate::metrics::handle().render()
 }
 
+/// A job record as JSON.
+pub fn job_json(job: &JobRecord) -> Value {
+    let c = &job.counts;
+    json!({
+        "id": job.id,
+        "source": job.source,
+        "kind": job.kind.as_str(),
+        "trigger": job.trigger.as_str(),
+        "state": job.state.as_str(),
+        "sync_cursor": job.sync_cursor,
+        "counts": {
+            "indexed": c.indexed, "updated": c.updated, "deleted": c.deleted,
+            "skipped": c.skipped, "dropped": c.dropped, "errors": c.errors,
+        },
+        "started_ms": job.started_ms,
+        "duration_ms": job.duration.as_millis() as u64,
+        "error": job.error,
+    })
+}
+
+type Reply = (StatusCode, Json<Value>);
+
+fn error(status: StatusCode, message: String) -> Reply {
+    (status, Json(json!({ "error": message })))
+}
+
+fn source(state: &AppState, name: &str) -> Result<Arc<Source>, Reply> {
+    state.sources.get(name).cloned().ok_or_else(|| {
+        let known: Vec<&String> = state.sources.keys().collect();
+        error(
+            StatusCode::NOT_FOUND,
+            format!("no source `{name}` (sources: {known:?})"),
+        )
+    })
+}
+
+fn internal(e: anyhow::Error) -> Reply {
+    error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+}
+
+/// `GET /v1/sources`: each source, its component, documents, last jobs
+/// and next scheduled runs.
+async fn list_sources(State(state): State<AppState>) -> Result<Json<Value>, Reply> {
+    let mut out = Vec::new();
+    for (name, source) in state.sources.iter() {
+        let sink = source.sink();
+        sink.prepare().await.map_err(internal)?;
+        let jobs = sink.jobs(name, 3).await.map_err(internal)?;
+        let next: Vec<Value> = source
+            .next_runs()
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|(kind, schedule, at)| {
+                json!({ "kind": kind.as_str(), "schedule": schedule, "at": at.to_rfc3339() })
+            })
+            .collect();
+        let (component, version) = source.component();
+        out.push(json!({
+            "name": name,
+            "component": component,
+            "version": version,
+            "sink": sink.describe(),
+            "documents": sink.len().await.map_err(internal)?,
+            "last_jobs": jobs.iter().map(job_json).collect::<Vec<_>>(),
+            "next_runs": next,
+        }));
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+#[derive(serde::Deserialize)]
+struct JobsQuery {
+    limit: Option<u32>,
+}
+
+/// `GET /v1/sources/{name}/jobs?limit=N`: its last jobs, newest first.
+async fn list_jobs(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<JobsQuery>,
+) -> Result<Json<Value>, Reply> {
+    let source = source(&state, &name)?;
+    source.sink().prepare().await.map_err(internal)?;
+    let jobs = source
+        .sink()
+        .jobs(&name, query.limit.unwrap_or(20).min(1000))
+        .await
+        .map_err(internal)?;
+    Ok(Json(Value::Array(jobs.iter().map(job_json).collect())))
+}
+
+#[derive(serde::Deserialize)]
+struct SyncQuery {
+    kind: Option<String>,
+}
+
+/// `POST /v1/sources/{name}/sync?kind=full|incremental`: start a job;
+/// 202 with its id once it is recorded, 409 when one is running.
+async fn start_sync(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<SyncQuery>,
+) -> Result<Reply, Reply> {
+    let source = source(&state, &name)?;
+    let kind = match query.kind.as_deref() {
+        None | Some("full") => JobKind::Full,
+        Some("incremental") => JobKind::Incremental,
+        Some(other) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("kind `{other}` is neither `full` nor `incremental`"),
+            ));
+        }
+    };
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let cancel = state.shutdown.clone();
+    let job = tokio::spawn(async move {
+        source
+            .sync_with(
+                kind,
+                Trigger::OnDemand,
+                None,
+                cancel,
+                Some(started_tx),
+                &mut |_| {},
+            )
+            .await
+    });
+    match started.await {
+        Ok(id) => Ok((
+            StatusCode::ACCEPTED,
+            Json(
+                json!({ "job": id, "source": name, "kind": kind.as_str(), "state": "in_progress" }),
+            ),
+        )),
+        // The job ended before it was recorded: the lock, or the sink.
+        Err(_) => match job.await {
+            Ok(Err(e)) if format!("{e:#}").contains("another sync") => {
+                Err(error(StatusCode::CONFLICT, format!("{e:#}")))
+            }
+            Ok(Err(e)) => Err(internal(e)),
+            Ok(Ok(_)) | Err(_) => Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the job ended before it started".into(),
+            )),
+        },
+    }
+}
+
+/// `POST /v1/sources/{name}/cancel`: ask its running job (in any engine)
+/// to stop after the page in hand.
+async fn cancel_sync(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Reply, Reply> {
+    let source = source(&state, &name)?;
+    source.sink().prepare().await.map_err(internal)?;
+    match source
+        .sink()
+        .request_cancel(&name)
+        .await
+        .map_err(internal)?
+    {
+        0 => Err(error(
+            StatusCode::NOT_FOUND,
+            format!("no job of source `{name}` is running"),
+        )),
+        n => Ok((StatusCode::ACCEPTED, Json(json!({ "canceling": n })))),
+    }
+}
+
 /// The router (public for tests).
-pub fn router(ready: Readiness) -> Router {
+pub fn router(ready: Readiness, sources: Sources, shutdown: watch::Receiver<bool>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(ready)
+        .route("/v1/sources", get(list_sources))
+        .route("/v1/sources/{name}/jobs", get(list_jobs))
+        .route("/v1/sources/{name}/sync", post(start_sync))
+        .route("/v1/sources/{name}/cancel", post(cancel_sync))
+        .with_state(AppState {
+            ready,
+            sources,
+            shutdown,
+        })
 }
 
 /// Serve on `addr` until `shutdown` turns true. Returns the bound address
@@ -76,6 +272,7 @@ pub fn router(ready: Readiness) -> Router {
 pub async fn serve(
     addr: SocketAddr,
     ready: Readiness,
+    sources: Sources,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -83,8 +280,9 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("server.listen {addr}: {e}"))?;
     let bound = listener.local_addr()?;
     crate::metrics::describe();
+    let app = router(ready, sources, shutdown.clone());
     tokio::spawn(async move {
-        let result = axum::serve(listener, router(ready))
+        let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;
             })
@@ -93,6 +291,6 @@ pub async fn serve(
             tracing::error!("HTTP server failed: {e}");
         }
     });
-    tracing::info!(%bound, "serving /healthz, /readyz, /metrics");
+    tracing::info!(%bound, "serving /healthz, /readyz, /metrics, /v1/sources");
     Ok(bound)
 }

@@ -543,3 +543,119 @@ async fn invalid_rules_fail_the_job_and_advanced_rules_go_to_the_source() {
     assert_eq!(job.state, JobState::Completed, "{job:?}");
     assert_eq!(counts(&job), [10, 0, 0, 0, 0, 0]);
 }
+
+/// A plain HTTP/1.0 POST on 127.0.0.1: (status code, body).
+fn post(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+/// GET `path` as JSON.
+fn get_json(port: u16, path: &str) -> serde_json::Value {
+    let (status, body) = crate::harness::get(port, path).unwrap();
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Poll `check` every 50 ms for up to 30 s.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sandpipe_run_syncs_on_schedule_and_the_http_api_starts_lists_and_cancels_jobs() {
+    let port = crate::harness::free_port();
+    let d = Deployment::new(
+        &[("fx-source", "src"), ("fx-source", "slow")],
+        &format!(
+            "server: {{ listen: \"127.0.0.1:{port}\" }}\nplugins:\n  grants:\n    src:\n      config: {{ count: 50 }}\n    slow:\n      config: {{ count: 100000, spin: 30000000 }}\nsources:\n  src: {{ page_size: 10, schedule: {{ full: 1s }} }}\n  slow: {{ page_size: 500 }}\n"
+        ),
+    );
+    let config = d.config.clone();
+    let (stop, shutdown) = watch::channel(false);
+    let engine = tokio::spawn(async move { sandpipe::app::run(&config, false, shutdown).await });
+
+    // The schedule runs `src` at once, then every second.
+    eventually("two scheduled jobs of src", || {
+        let Some((200, body)) = crate::harness::get(port, "/v1/sources/src/jobs") else {
+            return false;
+        };
+        let jobs: serde_json::Value = serde_json::from_str(&body).unwrap();
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["trigger"] == "scheduled" && j["state"] == "completed")
+            .count()
+            >= 2
+    })
+    .await;
+    let list = get_json(port, "/v1/sources");
+    let src = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "src")
+        .unwrap();
+    assert_eq!(src["documents"], 50, "{src}");
+    assert_eq!(src["component"], "src", "{src}");
+    assert_eq!(src["next_runs"][0]["kind"], "full", "{src}");
+    assert_eq!(src["next_runs"][0]["schedule"], "1s", "{src}");
+
+    // On demand: 202 with the job's id; a second while it runs: 409.
+    let (status, body) = post(port, "/v1/sources/slow/sync?kind=full").unwrap();
+    assert_eq!(status, 202, "{body}");
+    let job = serde_json::from_str::<serde_json::Value>(&body).unwrap()["job"]
+        .as_i64()
+        .unwrap();
+    let (status, body) = post(port, "/v1/sources/slow/sync").unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("another sync into"), "{body}");
+    // Canceled through the job table: it stops after the page in hand.
+    let (status, body) = post(port, "/v1/sources/slow/cancel").unwrap();
+    assert_eq!(status, 202, "{body}");
+    eventually("the slow job canceled", || {
+        let jobs = get_json(port, "/v1/sources/slow/jobs?limit=1");
+        jobs[0]["id"] == job && jobs[0]["state"] == "canceled"
+    })
+    .await;
+    let (status, body) = post(port, "/v1/sources/slow/cancel").unwrap();
+    assert_eq!(status, 404, "{body}");
+    // Bad requests name what is wrong.
+    let (status, body) = post(port, "/v1/sources/nope/sync").unwrap();
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no source `nope`"), "{body}");
+    let (status, body) = post(port, "/v1/sources/src/sync?kind=sideways").unwrap();
+    assert_eq!(status, 400, "{body}");
+    // Job counts and durations in /metrics.
+    let (_, metrics) = crate::harness::get(port, "/metrics").unwrap();
+    assert!(
+        metrics.contains("sandpipe_sync_jobs_total{")
+            && metrics.contains("source=\"src\"")
+            && metrics.contains("sandpipe_sync_job_seconds"),
+        "{metrics}"
+    );
+
+    stop.send(true).unwrap();
+    engine.await.unwrap().unwrap();
+    let out = d.cli(&["sources"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("next full sync: "), "{stdout}");
+    assert!(stdout.contains("(full): canceled"), "{stdout}");
+}

@@ -21,6 +21,7 @@
 
 pub mod monitor;
 pub mod rules;
+pub mod schedule;
 pub mod sink;
 
 use std::collections::{HashMap, HashSet};
@@ -248,6 +249,8 @@ pub struct Source {
     plugin: Arc<LoadedPlugin>,
     sandbox: Arc<Sandbox>,
     sink: Sink,
+    /// Its schedules: the kind, the text in the config, the schedule.
+    schedules: Vec<(JobKind, String, schedule::Schedule)>,
 }
 
 impl Source {
@@ -298,13 +301,109 @@ impl Source {
         let sink = config
             .sink_for(name, source)
             .map_err(|e| anyhow::anyhow!("sources.{name}.sink: {e}"))?;
+        let mut schedules = Vec::new();
+        for (kind, text) in [
+            (JobKind::Full, &source.schedule.full),
+            (JobKind::Incremental, &source.schedule.incremental),
+        ] {
+            let Some(text) = text else { continue };
+            let parsed = schedule::Schedule::parse(text)
+                .map_err(|e| anyhow::anyhow!("sources.{name}.schedule.{kind}: {e}"))?;
+            if kind == JobKind::Incremental
+                && !plugin.source.as_ref().is_some_and(|d| d.incremental)
+            {
+                anyhow::bail!(
+                    "sources.{name}.schedule.incremental: component `{component}` does not sync incrementally (its `describe` says so)"
+                );
+            }
+            schedules.push((kind, text.clone(), parsed));
+        }
         Ok(Self {
             name: name.to_owned(),
             config: source.clone(),
             plugin: plugin.clone(),
             sandbox,
             sink: Sink::new(&sink, tls)?,
+            schedules,
         })
+    }
+
+    /// The component's name and version.
+    pub fn component(&self) -> (&str, &str) {
+        (&self.plugin.name, &self.plugin.description.version)
+    }
+
+    /// When each scheduled kind of job runs next: the kind, its schedule
+    /// as written, the time.
+    pub async fn next_runs(
+        &self,
+    ) -> anyhow::Result<Vec<(JobKind, String, chrono::DateTime<chrono::Utc>)>> {
+        let now = chrono::Utc::now();
+        let mut out = Vec::new();
+        for (kind, text, schedule) in &self.schedules {
+            let last = self
+                .sink
+                .last_started(&self.name, *kind)
+                .await?
+                .and_then(schedule::from_ms);
+            out.push((*kind, text.clone(), schedule.due(now, last)));
+        }
+        Ok(out)
+    }
+
+    /// Run the source's scheduled jobs until `shutdown` turns true (which
+    /// also cancels a job in progress after its page in hand). A job due
+    /// while another engine runs one waits for the lock; one that another
+    /// engine already ran is skipped.
+    pub async fn run_schedules(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        if self.schedules.is_empty() {
+            return;
+        }
+        let retry = Duration::from_secs(5);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let next = match self.sink.prepare().await {
+                Ok(()) => self.next_runs().await,
+                Err(e) => Err(e),
+            };
+            let wait_and_run = match next {
+                Ok(runs) => runs.into_iter().min_by_key(|(_, _, at)| *at),
+                Err(e) => {
+                    tracing::warn!(source = %self.name, "cannot read the schedule's last jobs: {e:#}");
+                    None
+                }
+            };
+            let Some((kind, _, due)) = wait_and_run else {
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => continue,
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+            };
+            let wait = (due - chrono::Utc::now()).to_std().unwrap_or_default();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            let ran = self
+                .sync_with(
+                    kind,
+                    Trigger::Scheduled,
+                    Some(due.timestamp_millis()),
+                    shutdown.clone(),
+                    None,
+                    &mut |_| {},
+                )
+                .await;
+            if let Err(e) = ran {
+                tracing::warn!(source = %self.name, %kind, "the scheduled job did not run: {e:#}; trying again in {retry:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+            }
+        }
     }
 
     /// The source's name.
@@ -333,11 +432,39 @@ impl Source {
         cancel: watch::Receiver<bool>,
         progress: &mut (dyn FnMut(&JobRecord) + Send),
     ) -> anyhow::Result<JobRecord> {
+        self.sync_with(kind, trigger, None, cancel, None, progress)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the job was not due"))
+    }
+
+    /// [`Source::sync`], for the scheduler and the HTTP API: with
+    /// `due_ms` (a scheduled job's due time), the job is skipped — `None`
+    /// — when one of its kind started at or after it (another engine ran
+    /// it); `started` is told the job's id once it is recorded.
+    pub async fn sync_with(
+        &self,
+        kind: JobKind,
+        trigger: Trigger,
+        due_ms: Option<i64>,
+        cancel: watch::Receiver<bool>,
+        started: Option<tokio::sync::oneshot::Sender<i64>>,
+        progress: &mut (dyn FnMut(&JobRecord) + Send),
+    ) -> anyhow::Result<Option<JobRecord>> {
         let _lock = self.sink.lock().await?;
         self.sink.prepare().await?;
         let stale = self.sink.close_interrupted(&self.name).await?;
         if stale > 0 {
             tracing::warn!(source = %self.name, "{stale} job(s) left running by a stopped engine marked failed");
+        }
+        if let Some(due) = due_ms
+            && self
+                .sink
+                .last_started(&self.name, kind)
+                .await?
+                .is_some_and(|last| last >= due)
+        {
+            tracing::debug!(source = %self.name, %kind, "a job due then already ran");
+            return Ok(None);
         }
         let mut job = JobRecord {
             id: 0,
@@ -352,7 +479,10 @@ impl Source {
             error: None,
         };
         self.sink.start_job(&mut job).await?;
-        tracing::info!(source = %self.name, job = job.id, %kind, "sync started");
+        tracing::info!(source = %self.name, job = job.id, %kind, %trigger, "sync started");
+        if let Some(started) = started {
+            let _ = started.send(job.id);
+        }
         let started = Instant::now();
         let ran = tokio::time::timeout(
             self.config.job_timeout,
@@ -399,7 +529,7 @@ impl Source {
             }
         }
         progress(&job);
-        Ok(job)
+        Ok(Some(job))
     }
 
     /// Call `what` on the session's instance: its value, or why the job
@@ -495,8 +625,19 @@ impl Source {
         let mut sync_cursor = last_cursor.clone();
         let size = self.config.page_size;
         let max_body = self.config.max_document_bytes.as_u64() as usize;
+        let mut polled = Instant::now();
         loop {
-            if *cancel.borrow() {
+            // Canceled here (Ctrl-C), or in the job table (the HTTP API,
+            // from any engine; read at most once a second).
+            let mut canceled = *cancel.borrow();
+            if !canceled && polled.elapsed() >= Duration::from_secs(1) {
+                polled = Instant::now();
+                canceled = matches!(
+                    self.sink.job_state(job.id).await,
+                    Ok(Some(JobState::Canceling))
+                );
+            }
+            if canceled {
                 job.state = JobState::Canceling;
                 self.flush(&mut batch, job, started).await?;
                 return Err(Stop::Canceled);

@@ -528,7 +528,9 @@ impl Sink {
                     tx.execute(&sql, &[&keys]).await.map_err(fail)?;
                 }
                 let sql = format!(
-                    "UPDATE {jobs} SET state = $2, sync_cursor = $3, indexed = $4, updated = $5,
+                    "UPDATE {jobs} SET state = CASE WHEN state = 'canceling' AND $2 = 'in_progress'
+                             THEN state ELSE $2 END,
+                         sync_cursor = $3, indexed = $4, updated = $5,
                          deleted = $6, skipped = $7, dropped = $8, errors = $9,
                          duration_ms = $10, error = $11
                      WHERE id = $1"
@@ -596,7 +598,9 @@ impl Sink {
                         let [indexed, updated, deleted, skipped, dropped, errors] = counts;
                         tx.execute(
                             &format!(
-                                "UPDATE {jobs} SET state = ?2, sync_cursor = ?3, indexed = ?4,
+                                "UPDATE {jobs} SET state = CASE WHEN state = 'canceling' AND ?2 = 'in_progress'
+                                         THEN state ELSE ?2 END,
+                                     sync_cursor = ?3, indexed = ?4,
                                      updated = ?5, deleted = ?6, skipped = ?7, dropped = ?8,
                                      errors = ?9, duration_ms = ?10, error = ?11
                                  WHERE id = ?1"
@@ -706,6 +710,85 @@ impl Sink {
                     Ok(conn
                         .query_row(&sql, [source], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                         .optional()?)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Ask the running job of `source` (in any engine) to stop: it is
+    /// marked `canceling`, which the job reads between pages. How many
+    /// jobs were asked.
+    pub async fn request_cancel(&self, source: &str) -> anyhow::Result<u64> {
+        let jobs = self.side_table("sandpipe_sync_jobs");
+        match self {
+            Self::Postgres(s) => {
+                let client = s.pg.client().await?;
+                let sql = format!(
+                    "UPDATE {jobs} SET state = 'canceling' WHERE source = $1 AND state = 'in_progress'"
+                );
+                Ok(client.execute(&sql, &[&source]).await?)
+            }
+            Self::Sqlite(s) => {
+                let source = source.to_owned();
+                s.db.call(move |conn| {
+                    let sql = format!(
+                        "UPDATE {jobs} SET state = 'canceling' WHERE source = ?1 AND state = 'in_progress'"
+                    );
+                    Ok(conn.execute(&sql, [source])? as u64)
+                })
+                .await
+            }
+        }
+    }
+
+    /// The recorded state of job `id`.
+    pub async fn job_state(&self, id: i64) -> anyhow::Result<Option<JobState>> {
+        let jobs = self.side_table("sandpipe_sync_jobs");
+        match self {
+            Self::Postgres(s) => {
+                let client = s.pg.client().await?;
+                let sql = format!("SELECT state FROM {jobs} WHERE id = $1");
+                let row = client.query_opt(&sql, &[&id]).await?;
+                Ok(row.map(|r| JobState::parse(r.get(0))))
+            }
+            Self::Sqlite(s) => {
+                s.db.read(move |conn| {
+                    use rusqlite::OptionalExtension as _;
+                    let sql = format!("SELECT state FROM {jobs} WHERE id = ?1");
+                    Ok(conn
+                        .query_row(&sql, [id], |r| r.get::<_, String>(0))
+                        .optional()?
+                        .map(|s| JobState::parse(&s)))
+                })
+                .await
+            }
+        }
+    }
+
+    /// When the last job of `source` of `kind` started (milliseconds since
+    /// 1970), if one did.
+    pub async fn last_started(&self, source: &str, kind: JobKind) -> anyhow::Result<Option<i64>> {
+        let jobs = self.side_table("sandpipe_sync_jobs");
+        match self {
+            Self::Postgres(s) => {
+                let client = s.pg.client().await?;
+                let sql =
+                    format!("SELECT max(started_ms) FROM {jobs} WHERE source = $1 AND kind = $2");
+                let row = client.query_one(&sql, &[&source, &kind.as_str()]).await?;
+                Ok(row.get(0))
+            }
+            Self::Sqlite(s) => {
+                let source = source.to_owned();
+                s.db.read(move |conn| {
+                    let sql = format!(
+                        "SELECT max(started_ms) FROM {jobs} WHERE source = ?1 AND kind = ?2"
+                    );
+                    Ok(
+                        conn.query_row(&sql, rusqlite::params![source, kind.as_str()], |r| {
+                            r.get::<_, Option<i64>>(0)
+                        })?,
+                    )
                 })
                 .await
             }
