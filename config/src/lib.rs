@@ -1323,6 +1323,17 @@ impl Config {
                         .into(),
                 ));
             }
+            for output in &source.outputs {
+                if !self.outputs.contains_key(output) {
+                    return Err(invalid(
+                        format!("sources.{name}.outputs"),
+                        format!(
+                            "output `{output}` is not declared under `outputs` (declared: {})",
+                            list_or_none(self.outputs.keys())
+                        ),
+                    ));
+                }
+            }
             let sink = self
                 .sink_for(name, source)
                 .map_err(|m| invalid(format!("sources.{name}.sink"), m))?;

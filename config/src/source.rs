@@ -47,6 +47,11 @@ pub struct SourceConfig {
     /// When jobs run on their own (`sandpipe run`); none by default.
     #[serde(default)]
     pub schedule: ScheduleConfig,
+    /// Outputs (declared under `outputs`) that get every change the sync
+    /// makes as an event `{"op": "index"|"update"|"delete", "id", "doc"}`,
+    /// published before the change is committed to the sink.
+    #[serde(default)]
+    pub outputs: Vec<String>,
 }
 
 /// `sources.NAME.schedule`: per job kind, an interval (`30m`) or a cron

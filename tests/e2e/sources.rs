@@ -659,3 +659,70 @@ async fn sandpipe_run_syncs_on_schedule_and_the_http_api_starts_lists_and_cancel
     assert!(stdout.contains("next full sync: "), "{stdout}");
     assert!(stdout.contains("(full): canceled"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_change_goes_to_the_outputs_as_an_event() {
+    let d = Deployment::new(
+        &[("fx-source", "src")],
+        "outputs:\n  changes: { type: dir, path: changes }\nplugins:\n  grants:\n    src:\n      config: { count: 300 }\nsources:\n  src: { page_size: 100, outputs: [changes] }\n",
+    );
+    let events = |d: &Deployment| -> Vec<serde_json::Value> {
+        d.files("changes")
+            .iter()
+            .map(|f| {
+                let bytes = std::fs::read(d.path("changes").join(f)).unwrap();
+                let file: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                // The dir output keeps the payload as text beside the headers.
+                let payload = file["payload"].as_str().unwrap_or_default().to_owned();
+                let mut event: serde_json::Value =
+                    serde_json::from_str(&payload).unwrap_or_else(|e| panic!("{f}: {e}: {file}"));
+                event["headers"] = file["headers"].clone();
+                event
+            })
+            .collect()
+    };
+    let first = sync(&d, JobKind::Full).await;
+    assert_eq!(first.state, JobState::Completed, "{first:?}");
+    let all = events(&d);
+    assert_eq!(all.len(), 300);
+    assert!(all.iter().all(|e| e["op"] == "index"));
+    let doc7 = all.iter().find(|e| e["id"] == "doc-7").unwrap();
+    assert_eq!(doc7["doc"]["title"], "Document 7", "{doc7}");
+
+    for f in d.files("changes") {
+        std::fs::remove_file(d.path("changes").join(f)).unwrap();
+    }
+    set_generation(&d, 2);
+    let second = sync(&d, JobKind::Full).await;
+    assert_eq!(counts(&second), [3, 3, 3, 294, 0, 0]);
+    let mut ops: Vec<(String, String)> = events(&d)
+        .iter()
+        .map(|e| {
+            (
+                e["op"].as_str().unwrap().to_owned(),
+                e["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    ops.sort();
+    assert_eq!(
+        ops,
+        [
+            ("delete", "doc-1"),
+            ("delete", "doc-101"),
+            ("delete", "doc-201"),
+            ("index", "doc-300"),
+            ("index", "doc-301"),
+            ("index", "doc-302"),
+            ("update", "doc-0"),
+            ("update", "doc-100"),
+            ("update", "doc-200"),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    let deleted = events(&d)
+        .into_iter()
+        .find(|e| e["op"] == "delete")
+        .unwrap();
+    assert!(deleted["doc"].is_null(), "{deleted}");
+}

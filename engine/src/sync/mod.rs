@@ -515,7 +515,13 @@ impl Source {
         if let Some(cursor) = &cursor {
             job.sync_cursor.clone_from(cursor);
         }
-        self.sink.write(batch, &job, cursor).await?;
+        if let Err(e) = self.commit(batch, &job, cursor).await {
+            // The last batch did not go through: the job failed (what
+            // was not written is written by the next job).
+            job.state = JobState::Error;
+            job.error = Some(format!("{e:#}"));
+            self.sink.write(Batch::default(), &job, None).await?;
+        }
         let source = self.name.clone();
         metrics::counter!(crate::metrics::SYNC_JOBS, "source" => source.clone(), "kind" => kind.as_str(), "state" => job.state.as_str()).increment(1);
         metrics::histogram!(crate::metrics::SYNC_SECONDS, "source" => source, "kind" => kind.as_str())
@@ -793,6 +799,7 @@ impl Source {
                     version,
                     timestamp: doc.timestamp,
                     body: doc.body,
+                    update: updated,
                 });
                 if batch.len() >= self.config.batch.operations as usize
                     || batch.bytes as u64 >= self.config.batch.bytes.as_u64()
@@ -934,10 +941,80 @@ impl Source {
     ) -> Result<(), Stop> {
         job.duration = started.elapsed();
         let batch = std::mem::take(batch);
-        self.sink
-            .write(batch, job, None)
+        self.commit(batch, job, None)
             .await
-            .map_err(|e| Stop::Failed(format!("cannot write to {}: {e:#}", self.sink.describe())))
+            .map_err(|e| Stop::Failed(format!("{e:#}")))
+    }
+
+    /// Publish `batch`'s change events to the source's outputs (each
+    /// confirmed), then write it to the sink with `job`'s record (and the
+    /// new sync `cursor`, at the end): an event may be published twice
+    /// (a job that dies between the two redoes the batch), never lost.
+    async fn commit(
+        &self,
+        batch: Batch,
+        job: &JobRecord,
+        cursor: Option<Option<String>>,
+    ) -> anyhow::Result<()> {
+        if !self.config.outputs.is_empty() && !batch.is_empty() {
+            self.publish(&batch, job).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot publish the change events to sources.{}.outputs: {e:#}",
+                    self.name
+                )
+            })?;
+        }
+        self.sink
+            .write(batch, job, cursor)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot write to {}: {e:#}", self.sink.describe()))
+    }
+
+    /// The change events of `batch`, to every output of the source.
+    async fn publish(&self, batch: &Batch, job: &JobRecord) -> anyhow::Result<()> {
+        let deleted = self.sink.ids_of(&batch.deletes).await?;
+        let event = |op: &str, id: &str, doc: &str| -> anyhow::Result<Vec<u8>> {
+            let id = serde_json::to_string(id)?;
+            Ok(format!("{{\"op\":\"{op}\",\"id\":{id},\"doc\":{doc}}}").into_bytes())
+        };
+        let mut events = Vec::with_capacity(batch.upserts.len() + deleted.len());
+        for u in &batch.upserts {
+            let op = if u.update { "update" } else { "index" };
+            events.push((op, event(op, &u.id, &u.body)?));
+        }
+        for id in &deleted {
+            events.push(("delete", event("delete", id, "null")?));
+        }
+        let emits: Vec<crate::capability::Emit> = self
+            .config
+            .outputs
+            .iter()
+            .flat_map(|output| {
+                events.iter().map(|(op, payload)| crate::capability::Emit {
+                    output: output.clone(),
+                    payload: payload.clone(),
+                    headers: vec![
+                        ("x-sandpipe-source".into(), self.name.clone()),
+                        ("x-sandpipe-op".into(), (*op).to_owned()),
+                    ],
+                })
+            })
+            .collect();
+        // Names made from the job and its place in it: a batch written
+        // again by the same job has the same names.
+        let origin = format!("job-{}-{}", job.id, job.counts.seen());
+        self.plugin
+            .context
+            .services
+            .outputs
+            .publish(
+                &crate::output::Origin {
+                    message_id: &origin,
+                    plugin: &self.name,
+                },
+                &emits,
+            )
+            .await
     }
 }
 

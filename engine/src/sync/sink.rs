@@ -37,6 +37,8 @@ pub struct Upsert {
     pub timestamp: Option<String>,
     /// The document, a JSON object.
     pub body: String,
+    /// Whether it replaces a document the sink has (for change events).
+    pub update: bool,
 }
 
 /// Operations written to the sink together, in one transaction.
@@ -710,6 +712,39 @@ impl Sink {
                     Ok(conn
                         .query_row(&sql, [source], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                         .optional()?)
+                })
+                .await
+            }
+        }
+    }
+
+    /// The ids of the documents of `keys` the sink has.
+    pub async fn ids_of(&self, keys: &[Key]) -> anyhow::Result<Vec<String>> {
+        let docs = self.qualified();
+        match self {
+            Self::Postgres(s) => {
+                let client = s.pg.client().await?;
+                let keys: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+                let sql = format!("SELECT id FROM {docs} WHERE id_hash = ANY($1::bytea[])");
+                let rows = client.query(&sql, &[&keys]).await?;
+                Ok(rows.iter().map(|r| r.get(0)).collect())
+            }
+            Self::Sqlite(s) => {
+                let keys = keys.to_vec();
+                s.db.read(move |conn| {
+                    use rusqlite::OptionalExtension as _;
+                    let mut stmt =
+                        conn.prepare_cached(&format!("SELECT id FROM {docs} WHERE id_hash = ?1"))?;
+                    let mut ids = Vec::new();
+                    for key in &keys {
+                        if let Some(id) = stmt
+                            .query_row([&key[..]], |r| r.get::<_, String>(0))
+                            .optional()?
+                        {
+                            ids.push(id);
+                        }
+                    }
+                    Ok(ids)
                 })
                 .await
             }
