@@ -140,6 +140,39 @@ pub mod bindings {
     });
 }
 
+/// The bindings `wit-bindgen` generates for the `sandpipe:connector/source`
+/// world: its exports and `source-types`, the capability interfaces mapped
+/// to [`bindings`]' (one set of imports whatever the world). Not part of the
+/// SDK's stable API: sources use [`source`] instead. A component links only
+/// the world whose export macro it calls.
+#[doc(hidden)]
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+pub mod source_bindings {
+    wit_bindgen::generate!({
+        world: "source",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_source_world",
+        default_bindings_module: "sandpipe_sdk::source_bindings",
+        additional_derives: [PartialEq],
+        with: {
+            "sandpipe:connector/types@1.1.0": crate::bindings::sandpipe::connector::types,
+            "sandpipe:connector/log@1.1.0": crate::bindings::sandpipe::connector::log,
+            "sandpipe:connector/config@1.1.0": crate::bindings::sandpipe::connector::config,
+            "sandpipe:connector/blob@1.1.0": crate::bindings::sandpipe::connector::blob,
+            "sandpipe:connector/meta@1.1.0": crate::bindings::sandpipe::connector::meta,
+            "sandpipe:connector/sql@1.1.0": crate::bindings::sandpipe::connector::sql,
+            "sandpipe:connector/emit@1.1.0": crate::bindings::sandpipe::connector::emit,
+        },
+    });
+}
+
 pub mod blob;
 pub mod config;
 pub mod emit;
@@ -149,6 +182,7 @@ pub mod http;
 pub mod log;
 pub mod meta;
 mod plugin;
+pub mod source;
 pub mod sql;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
@@ -182,4 +216,5 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::plugin::execute;
+    pub use crate::source::{changed, get_docs, ping, validate_config};
 }
