@@ -114,6 +114,11 @@ pub struct Config {
     /// documents go (docs/sources.md).
     #[serde(default)]
     pub sources: BTreeMap<String, source::SourceConfig>,
+    /// External databases, by name, that a grant's `sql: { database }`
+    /// opens read-only for a component (sources reading a system of
+    /// record): the engine connects, the guest never sees the credentials.
+    #[serde(default)]
+    pub databases: BTreeMap<String, ExternalDatabase>,
     /// The HTTP server for health probes and metrics; none when absent.
     #[serde(default)]
     pub server: Option<ServerConfig>,
@@ -1027,10 +1032,44 @@ impl Default for Reuse {
     }
 }
 
+/// An external database (`databases.NAME`), read-only for the components
+/// granted it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalDatabase {
+    /// `mysql` (MySQL or MariaDB).
+    #[serde(rename = "type")]
+    pub kind: ExternalKind,
+    /// `mysql://user@host[:port]/database`, without the password.
+    pub url: String,
+    /// The secret (under `secrets:`) holding the password, if any.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Connections kept open. Default 4.
+    #[serde(default = "default_external_pool")]
+    pub pool_size: usize,
+}
+
+fn default_external_pool() -> usize {
+    4
+}
+
+/// The kind of an external database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExternalKind {
+    /// MySQL or MariaDB.
+    Mysql,
+}
+
 /// The `sql` grant.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SqlGrant {
+    /// An external database (under `databases:`) opened read-only instead
+    /// of the plugin's own; `schema` and `init` do not apply.
+    #[serde(default)]
+    pub database: Option<String>,
     /// PostgreSQL only: the plugin's schema. Default: the plugin's name made
     /// an identifier (lowercase, `-` and other characters → `_`).
     pub schema: Option<String>,
@@ -1281,6 +1320,49 @@ impl Config {
             }
         }
         self.validate_sources()?;
+        for (name, grant) in &self.plugins.grants {
+            let Some(sql) = &grant.sql else { continue };
+            let Some(database) = &sql.database else {
+                continue;
+            };
+            let key = format!("plugins.grants.{name}.sql.database");
+            if !self.databases.contains_key(database) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "database `{database}` is not declared under `databases` (declared: {})",
+                        list_or_none(self.databases.keys())
+                    ),
+                ));
+            }
+            if sql.init.is_some() || sql.schema.is_some() {
+                return Err(invalid(
+                    key,
+                    "an external database is read-only: `init` and `schema` do not apply".into(),
+                ));
+            }
+        }
+        for (name, db) in &self.databases {
+            if let Some(secret) = &db.password
+                && !self.secrets.contains_key(secret)
+            {
+                return Err(invalid(
+                    format!("databases.{name}.password"),
+                    format!(
+                        "secret `{secret}` is not declared under `secrets` (declared: {})",
+                        list_or_none(self.secrets.keys())
+                    ),
+                ));
+            }
+            let ExternalKind::Mysql = db.kind;
+            if !db.url.starts_with("mysql://") || db.pool_size == 0 {
+                return Err(invalid(
+                    format!("databases.{name}"),
+                    "a `mysql` database's url starts with `mysql://`, and pool_size is at least 1"
+                        .into(),
+                ));
+            }
+        }
         // Idle warm instances hold pooling slots: leave room for the rest.
         let warm: u64 = self
             .plugins

@@ -213,6 +213,34 @@ async fn prepare(
         ));
     }
     let db = match &grant.sql {
+        Some(sql) if sql.database.is_some() => {
+            let name = sql.database.as_deref().unwrap_or_default();
+            let external = config
+                .databases
+                .get(name)
+                .ok_or_else(|| format!("sql.database `{name}` is not under `databases`"))?;
+            let password = match &external.password {
+                Some(secret) => Some(
+                    services
+                        .secrets
+                        .get(secret)
+                        .ok_or_else(|| format!("secret `{secret}` was not read"))?
+                        .expose()
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            let db = crate::store::database::external::ExternalDb::new(
+                name,
+                external,
+                password.as_deref(),
+            )
+            .map_err(|e| format!("{e:#}"))?;
+            Some(Arc::new(crate::store::database::PluginDb::External(
+                Arc::new(db),
+                limits.timeout,
+            )))
+        }
         Some(sql) => {
             let db = database
                 .plugin_db(name, &limits)

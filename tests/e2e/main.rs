@@ -13,6 +13,7 @@ mod hostile;
 mod http;
 mod leaks;
 mod limits;
+mod mysql_source;
 mod outage;
 mod plugins;
 mod poison;

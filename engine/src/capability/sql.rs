@@ -14,7 +14,7 @@ use crate::sandbox::InvocationState;
 use crate::sandbox::bindings::WitError;
 use crate::sandbox::bindings::sandpipe::connector::sql::{Host, Rows, Value};
 use crate::store::database::{
-    self as store, Outcome, PluginConn, PluginDb, ResultLimit, Work, postgres, sqlite,
+    self as store, Outcome, PluginConn, PluginDb, ResultLimit, Work, external, postgres, sqlite,
 };
 
 /// A guest's value as the store takes it.
@@ -75,6 +75,8 @@ enum Inner {
         _turn: sqlite::WriteTurn,
     },
     Postgres(postgres::PluginTx),
+    /// A read-only transaction on an external database.
+    External(external::ExternalTx, std::time::Duration),
 }
 
 impl Transaction {
@@ -98,6 +100,9 @@ impl Transaction {
                 }
             }
             PluginDb::Postgres(db) => Inner::Postgres(db.begin().await.map_err(WitError::from)?),
+            PluginDb::External(db, timeout) => {
+                Inner::External(db.begin(*timeout).await.map_err(WitError::from)?, *timeout)
+            }
         };
         Ok(Self { inner })
     }
@@ -127,6 +132,10 @@ impl Transaction {
                 result.map_err(WitError::from)
             }
             Inner::Postgres(tx) => tx.run(statement, work, limit).await.map_err(WitError::from),
+            Inner::External(tx, timeout) => tx
+                .run(&statement, work, limit, *timeout)
+                .await
+                .map_err(WitError::from),
         }
     }
 
@@ -181,6 +190,11 @@ impl Transaction {
                 tokio::task::spawn_blocking(move || db.commit(conn)).await?
             }
             Inner::Postgres(tx) => tx.commit().await,
+            // Read-only: nothing to commit.
+            Inner::External(tx, _) => {
+                tx.finish().await;
+                Ok(())
+            }
         }
     }
 
@@ -189,8 +203,10 @@ impl Transaction {
     pub async fn commit_with(self, call: postgres::EngineCall) -> anyhow::Result<()> {
         match self.inner {
             Inner::Postgres(tx) => tx.commit_with(call).await,
-            Inner::Sqlite { .. } => {
-                anyhow::bail!("the engine's statement cannot run in a SQLite plugin's transaction")
+            Inner::Sqlite { .. } | Inner::External(..) => {
+                anyhow::bail!(
+                    "the engine's statement runs only in a PostgreSQL plugin's transaction"
+                )
             }
         }
     }
@@ -209,6 +225,7 @@ impl Transaction {
                 }
             }
             Inner::Postgres(tx) => tx.rollback().await,
+            Inner::External(tx, _) => tx.finish().await,
         }
     }
 }

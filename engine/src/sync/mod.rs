@@ -546,7 +546,8 @@ impl Source {
         what: &str,
         call: impl GuestCall<Result<T, WitError>>,
     ) -> Result<T, String> {
-        let (result, _host, _usage) = session.call(None, call).await;
+        let (result, host, _usage) = session.call(None, call).await;
+        end_call(host).await;
         match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(format!(
@@ -860,7 +861,7 @@ impl Source {
                     self.name, self.name
                 ));
             } else {
-                let (result, _, _) = session
+                let (result, host, _) = session
                     .call(None, move |instance, store| {
                         Box::pin(async move {
                             SourceBindings::new(&mut *store, instance)?
@@ -869,6 +870,7 @@ impl Source {
                         })
                     })
                     .await;
+                end_call(host).await;
                 match result {
                     Ok(errors) => problems.extend(errors.into_iter().map(|e| {
                         if e.ids.is_empty() {
@@ -1015,6 +1017,14 @@ impl Source {
                 &emits,
             )
             .await
+    }
+}
+
+/// End what a call of a source left open: its SQL transaction (read-only
+/// on an external database; a source's effects are never applied).
+async fn end_call(mut host: crate::capability::HostState) {
+    if let Some(tx) = host.effects.sql.take() {
+        tx.rollback().await;
     }
 }
 

@@ -10,6 +10,7 @@
 //! (`crate::status::StatusLog`), the [`StateStore`] and each plugin's
 //! [`PluginDb`] are built from it.
 
+pub mod external;
 pub mod postgres;
 pub mod sqlite;
 
@@ -199,6 +200,9 @@ pub enum PluginDb {
     Sqlite(Arc<sqlite::PluginDb>),
     /// Its PostgreSQL schema and role.
     Postgres(Arc<postgres::PluginDb>),
+    /// An external database it reads (`sql: { database }`), each statement
+    /// bounded by the duration (the plugin's `limits.timeout`).
+    External(Arc<external::ExternalDb>, std::time::Duration),
 }
 
 impl PluginDb {
@@ -225,6 +229,10 @@ impl PluginDb {
                 tokio::task::spawn_blocking(move || db.init(&path, &text)).await?
             }
             Self::Postgres(db) => db.init(script, &text).await,
+            Self::External(..) => anyhow::bail!(
+                "sql.init: {} cannot run on an external database, which is read-only",
+                script.display()
+            ),
         }
     }
 }

@@ -1,0 +1,277 @@
+//! External databases (`databases:`): a system of record a component reads
+//! through its `sql` grant (`sql: { database: NAME }`), typically a source
+//! paging through tables. The engine connects with the configured user and
+//! the password from `secrets:` (the guest never sees either) and runs
+//! every invocation's statements in a **read-only transaction** (`START
+//! TRANSACTION READ ONLY`: the server refuses any write), under the same
+//! row and byte limits as the plugin's own database (`limits.sql_rows`,
+//! `limits.sql_bytes`, checked value by value as rows arrive) and within
+//! the invocation's deadline. Use a role with `SELECT` only as well.
+//!
+//! MySQL and MariaDB (mysql_async, rustls). Statements use `?`
+//! placeholders, bound in order.
+
+use std::time::Duration;
+
+use mysql_async::consts::{ColumnFlags, ColumnType};
+use mysql_async::prelude::Queryable as _;
+
+use super::{Outcome, ResultLimit, Rows, Value, Work};
+use crate::config::ExternalDatabase;
+use crate::error::HostError;
+
+/// The character set number of binary strings (`BINARY`, `BLOB`).
+const BINARY_CHARSET: u16 = 63;
+
+/// An external database's pool.
+pub struct ExternalDb {
+    name: String,
+    pool: mysql_async::Pool,
+}
+
+/// An invocation's read-only transaction on one connection.
+pub struct ExternalTx {
+    conn: Option<mysql_async::Conn>,
+    name: String,
+}
+
+fn mysql_error(name: &str, e: &mysql_async::Error) -> HostError {
+    match e {
+        mysql_async::Error::Server(s) => HostError::Invalid(format!(
+            "database `{name}`: {} ({}, SQLSTATE {})",
+            s.message, s.code, s.state
+        )),
+        mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => {
+            HostError::Unavailable(format!("database `{name}`: {e}"))
+        }
+        _ => HostError::Internal(format!("database `{name}`: {e}")),
+    }
+}
+
+impl ExternalDb {
+    /// The pool of `databases.NAME` (`config`), logging in with
+    /// `password` (the secret's value). Connects lazily.
+    pub fn new(
+        name: &str,
+        config: &ExternalDatabase,
+        password: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let opts = mysql_async::Opts::from_url(&config.url)
+            .map_err(|e| anyhow::anyhow!("databases.{name}.url is not a MySQL URL: {e}"))?;
+        let constraints = mysql_async::PoolConstraints::new(0, config.pool_size)
+            .ok_or_else(|| anyhow::anyhow!("databases.{name}.pool_size is invalid"))?;
+        let mut builder = mysql_async::OptsBuilder::from_opts(opts)
+            .pool_opts(mysql_async::PoolOpts::default().with_constraints(constraints))
+            .wait_timeout(Some(600));
+        if let Some(password) = password {
+            builder = builder.pass(Some(password));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            pool: mysql_async::Pool::new(builder),
+        })
+    }
+
+    /// A connection in a read-only transaction, waiting at most `timeout`.
+    pub async fn begin(&self, timeout: Duration) -> Result<ExternalTx, HostError> {
+        let name = &self.name;
+        let connect = async {
+            let mut conn = self
+                .pool
+                .get_conn()
+                .await
+                .map_err(|e| mysql_error(name, &e))?;
+            conn.query_drop("START TRANSACTION READ ONLY")
+                .await
+                .map_err(|e| mysql_error(name, &e))?;
+            Ok::<_, HostError>(conn)
+        };
+        let conn = tokio::time::timeout(timeout, connect).await.map_err(|_| {
+            HostError::Unavailable(format!(
+                "database `{name}`: no connection within {timeout:?}"
+            ))
+        })??;
+        Ok(ExternalTx {
+            conn: Some(conn),
+            name: name.clone(),
+        })
+    }
+}
+
+/// A parameter as MySQL takes it.
+fn param(value: Value) -> mysql_async::Value {
+    use mysql_async::Value as M;
+    match value {
+        Value::Null => M::NULL,
+        Value::Boolean(b) => M::Int(i64::from(b)),
+        Value::Int(i) => M::Int(i),
+        Value::Float(f) => M::Double(f),
+        Value::Text(t) | Value::Json(t) => M::Bytes(t.into_bytes()),
+        Value::Bytes(b) => M::Bytes(b),
+        Value::Timestamp(micros) => {
+            match chrono::DateTime::from_timestamp_micros(micros).map(|d| d.naive_utc()) {
+                Some(d) => {
+                    use chrono::{Datelike as _, Timelike as _};
+                    M::Date(
+                        u16::try_from(d.year()).unwrap_or_default(),
+                        d.month() as u8,
+                        d.day() as u8,
+                        d.hour() as u8,
+                        d.minute() as u8,
+                        d.second() as u8,
+                        d.nanosecond() / 1000,
+                    )
+                }
+                None => M::NULL,
+            }
+        }
+    }
+}
+
+/// A result value as the sql interface gives it, by its column's type,
+/// with the bytes it counts in `limits.sql_bytes` (`None`: fixed-size).
+fn cell(value: mysql_async::Value, column: &mysql_async::Column) -> (Value, Option<usize>) {
+    use mysql_async::Value as M;
+    match value {
+        M::NULL => (Value::Null, None),
+        M::Int(i) => (Value::Int(i), None),
+        M::UInt(u) => match i64::try_from(u) {
+            Ok(i) => (Value::Int(i), None),
+            Err(_) => (Value::Text(u.to_string()), None),
+        },
+        M::Float(f) => (Value::Float(f64::from(f)), None),
+        M::Double(d) => (Value::Float(d), None),
+        M::Bytes(bytes) => {
+            let len = Some(bytes.len());
+            let binary = column.character_set() == BINARY_CHARSET
+                && !matches!(
+                    column.column_type(),
+                    ColumnType::MYSQL_TYPE_DECIMAL | ColumnType::MYSQL_TYPE_NEWDECIMAL
+                );
+            if column.column_type() == ColumnType::MYSQL_TYPE_JSON {
+                (
+                    Value::Json(String::from_utf8_lossy(&bytes).into_owned()),
+                    len,
+                )
+            } else if binary && !column.flags().contains(ColumnFlags::ENUM_FLAG) {
+                (Value::Bytes(bytes), len)
+            } else {
+                (
+                    Value::Text(String::from_utf8_lossy(&bytes).into_owned()),
+                    len,
+                )
+            }
+        }
+        M::Date(y, mo, d, h, mi, s, us) => {
+            if column.column_type() == ColumnType::MYSQL_TYPE_DATE {
+                return (Value::Text(format!("{y:04}-{mo:02}-{d:02}")), None);
+            }
+            let at = chrono::NaiveDate::from_ymd_opt(i32::from(y), u32::from(mo), u32::from(d))
+                .and_then(|date| {
+                    date.and_hms_micro_opt(u32::from(h), u32::from(mi), u32::from(s), us)
+                });
+            match at {
+                Some(at) => (Value::Timestamp(at.and_utc().timestamp_micros()), None),
+                // MySQL's zero date.
+                None => (Value::Null, None),
+            }
+        }
+        M::Time(negative, days, h, mi, s, us) => {
+            let hours = u64::from(days) * 24 + u64::from(h);
+            let sign = if negative { "-" } else { "" };
+            (
+                Value::Text(format!("{sign}{hours:02}:{mi:02}:{s:02}.{us:06}")),
+                None,
+            )
+        }
+    }
+}
+
+impl ExternalTx {
+    /// Run one statement (rows within `limit`; changes are refused by the
+    /// server: the transaction is read-only), waiting at most `timeout`.
+    pub async fn run(
+        &mut self,
+        statement: &str,
+        work: Work,
+        limit: ResultLimit,
+        timeout: Duration,
+    ) -> Result<Outcome, HostError> {
+        let name = self.name.clone();
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(HostError::Unavailable(format!(
+                "database `{name}`: the connection was lost after a statement ran past its deadline"
+            )));
+        };
+        let run = async {
+            match work {
+                Work::Execute(batch) => {
+                    let mut changed = 0;
+                    let lists = batch.len();
+                    for (index, params) in batch.into_iter().enumerate() {
+                        let params: Vec<mysql_async::Value> =
+                            params.into_iter().map(param).collect();
+                        conn.exec_drop(statement, params)
+                            .await
+                            .map_err(|e| Work::failed_at(mysql_error(&name, &e), index, lists))?;
+                        changed += conn.affected_rows();
+                    }
+                    Ok(Outcome::Changed(changed))
+                }
+                Work::Query(params) => {
+                    let params: Vec<mysql_async::Value> = params.into_iter().map(param).collect();
+                    let mut result = conn
+                        .exec_iter(statement, params)
+                        .await
+                        .map_err(|e| mysql_error(&name, &e))?;
+                    let columns: Vec<mysql_async::Column> =
+                        result.columns().map(|c| c.to_vec()).unwrap_or_default();
+                    let names = columns.iter().map(|c| c.name_str().into_owned()).collect();
+                    let mut values = Vec::new();
+                    let mut bytes = 0;
+                    while let Some(mut row) =
+                        result.next().await.map_err(|e| mysql_error(&name, &e))?
+                    {
+                        if values.len() as u64 >= u64::from(limit.rows) {
+                            // The rest of the result is drained when the
+                            // connection is next used or dropped.
+                            return Err(limit.too_many_rows());
+                        }
+                        let mut out = Vec::with_capacity(columns.len());
+                        for (i, column) in columns.iter().enumerate() {
+                            let raw = row.take(i).unwrap_or(mysql_async::Value::NULL);
+                            let (value, len) = cell(raw, column);
+                            limit.count(&mut bytes, len)?;
+                            out.push(value);
+                        }
+                        values.push(out);
+                    }
+                    Ok(Outcome::Rows(Rows {
+                        columns: names,
+                        values,
+                    }))
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(result) => result,
+            Err(_) => {
+                // The statement may still run on the server: this
+                // connection is not used again (dropping it closes it).
+                self.conn = None;
+                Err(HostError::Unavailable(format!(
+                    "database `{}`: the statement ran past the invocation's deadline ({timeout:?})",
+                    self.name
+                )))
+            }
+        }
+    }
+
+    /// End the transaction (read-only: nothing to commit) and give the
+    /// connection back.
+    pub async fn finish(mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            let _ = conn.query_drop("ROLLBACK").await;
+        }
+    }
+}
