@@ -218,7 +218,7 @@ example-redis-s3: guests test-deps
     redis-cli XRANGE sandpipe-example-stats - +
 
 # Every benchmark (see docs/benchmarks.md).
-bench: bench-pipeline bench-sqapi bench-micro
+bench: bench-pipeline bench-sqapi bench-sync bench-micro
 
 # The end-to-end embedded path, sandboxed against native (engine/benches/pipeline.rs).
 bench-pipeline: guests
@@ -230,6 +230,12 @@ bench-pipeline: guests
 # e.g. `--messages 2000 --runs 1 --prefetch 16`.
 bench-sqapi *ARGS: guests
     env -u RUST_BACKTRACE cargo bench --bench sqapi -- {{ARGS}}
+
+# Source syncs: a MariaDB table into PostgreSQL, the engine against an
+# independent program (bench/native-sync), and an HTTP API source
+# (engine/benches/sync.rs). ARGS: --rows N --runs R --http-items N.
+bench-sync *ARGS: guests
+    env -u RUST_BACKTRACE cargo bench --bench sync -- {{ARGS}}
 
 # Criterion micro-benchmarks of the sandbox (engine/benches/sandbox.rs).
 bench-micro: guests

@@ -39,6 +39,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "../../tests/support/bins.rs"]
+mod bins;
 #[path = "../../tests/support/guests.rs"]
 mod guests;
 #[path = "../../tests/support/postgres.rs"]
@@ -244,30 +246,9 @@ fn main() {
     }
 }
 
-/// Build bench/native-consumer with this cargo and target directory, in
-/// the bench profile; its executable.
+/// Build bench/native-consumer in the bench profile; its executable.
 fn build_consumer() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(guests::root())
-        .args([
-            "build",
-            "--profile",
-            "bench",
-            "-p",
-            "native-consumer",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "building native-consumer failed");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "native-consumer")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .expect("cargo named no native-consumer executable")
+    bins::build_bench_binary(&guests::root(), "native-consumer")
 }
 
 /// 1 KiB of text lines.

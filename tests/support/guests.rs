@@ -54,6 +54,8 @@ pub fn guests() -> &'static Path {
                 "sandpipe-config",
                 "--exclude",
                 "native-consumer",
+                "--exclude",
+                "native-sync",
             ])
             .status();
         assert!(
