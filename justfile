@@ -71,6 +71,10 @@ js-enrich:
 py-enrich:
     examples/plugins/componentize-py.sh examples/plugins/python-enrich app "{{plugins_dir}}/python-enrich.wasm" plugin-http
 
+# Build examples/sources/python-mysql (a source in Python) into target/plugins/
+py-source:
+    examples/plugins/componentize-py.sh examples/sources/python-mysql app "{{plugins_dir}}/python-mysql.wasm" source
+
 # Build both non-Rust example plugins
 polyglot: py-plugin js-plugin
 

@@ -2,7 +2,8 @@
 //! machine's MariaDB, through an external database the engine opens
 //! read-only (`databases:`, the password from `secrets:`): full syncs with
 //! 1 % of the rows changed, deleted and added, advanced rules as custom
-//! SQL per table, and a plugin that tries to write through the same grant.
+//! SQL per table, a plugin that tries to write through such a grant, and
+//! the same source written in Python.
 
 use mysql_async::prelude::Queryable as _;
 
@@ -274,4 +275,49 @@ async fn advanced_rules_are_custom_sql_and_the_database_is_read_only() {
         .await
         .unwrap();
     assert_eq!(left, Some(1000));
+}
+
+/// examples/sources/python-mysql (componentize-py, built by polyglot.rs)
+/// against the same tables as connectors/mysql-source.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_written_in_python_yields_the_same_documents_as_the_rust_one() {
+    let Some(python) = crate::polyglot::python_source("python_mysql_source") else {
+        return;
+    };
+    let db = TestMysql::new().await;
+    fill(&db, 1_500).await;
+    let d = deployment(&db, ", batch: { operations: 200 }");
+    std::fs::copy(&python, d.path("plugins/pyshop.wasm")).unwrap();
+    let yaml = std::fs::read_to_string(&d.config).unwrap();
+    let yaml = yaml.replace(
+        "    probe:\n",
+        "    pyshop:\n      sql: { database: shop }\n      config: { tables: [products, customers], updated_column: updated_at }\n      limits: { memory: 128MiB, timeout: 20s }\n    probe:\n",
+    );
+    std::fs::write(&d.config, format!("{yaml}  pyshop: {{ page_size: 200 }}\n")).unwrap();
+    run(&d);
+    let out = d.cli(&["sync", "pyshop"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1510 indexed"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conn = rusqlite::Connection::open(d.path("state/sources.sqlite")).unwrap();
+    let docs = |table: &str| -> Vec<(String, serde_json::Value, Option<String>)> {
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT id, body, \"timestamp\" FROM {table} ORDER BY id"
+            ))
+            .unwrap();
+        stmt.query_map([], |r| {
+            let body: String = r.get(1)?;
+            Ok((r.get(0)?, serde_json::from_str(&body).unwrap(), r.get(2)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    };
+    let (rust, python) = (docs("shop"), docs("pyshop"));
+    assert_eq!(rust.len(), 1510);
+    assert_eq!(rust, python);
 }

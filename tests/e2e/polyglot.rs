@@ -73,6 +73,20 @@ const PY_ENRICH: Recipe = Recipe {
     flags: &["plugin-http"],
 };
 
+const PY_SOURCE: Recipe = Recipe {
+    name: "python-mysql",
+    script: "examples/plugins/componentize-py.sh",
+    args: &["examples/sources/python-mysql", "app"],
+    inputs: &["examples/sources/python-mysql/app.py"],
+    flags: &["source"],
+};
+
+/// The Python source (examples/sources/python-mysql), or `None` after a
+/// loud SKIPPED line when componentize-py cannot be installed.
+pub(crate) fn python_source(test: &str) -> Option<PathBuf> {
+    built(test, &PY_SOURCE)
+}
+
 const JS_ENRICH: Recipe = Recipe {
     name: "js-enrich",
     script: "examples/plugins/componentize-js.sh",
