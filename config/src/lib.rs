@@ -1037,10 +1037,12 @@ impl Default for Reuse {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExternalDatabase {
-    /// `mysql` (MySQL or MariaDB).
+    /// `mysql` (MySQL or MariaDB) or `postgres`.
     #[serde(rename = "type")]
     pub kind: ExternalKind,
-    /// `mysql://user@host[:port]/database`, without the password.
+    /// `mysql://user@host[:port]/database` or
+    /// `postgres://user@host[:port]/database` (with `?sslmode=` as for
+    /// `database.url`), without the password.
     pub url: String,
     /// The secret (under `secrets:`) holding the password, if any.
     #[serde(default)]
@@ -1060,6 +1062,8 @@ fn default_external_pool() -> usize {
 pub enum ExternalKind {
     /// MySQL or MariaDB.
     Mysql,
+    /// PostgreSQL.
+    Postgres,
 }
 
 /// The `sql` grant.
@@ -1354,12 +1358,17 @@ impl Config {
                     ),
                 ));
             }
-            let ExternalKind::Mysql = db.kind;
-            if !db.url.starts_with("mysql://") || db.pool_size == 0 {
+            let (kind, schemes): (&str, &[&str]) = match db.kind {
+                ExternalKind::Mysql => ("mysql", &["mysql://"]),
+                ExternalKind::Postgres => ("postgres", &["postgres://", "postgresql://"]),
+            };
+            if !schemes.iter().any(|s| db.url.starts_with(s)) || db.pool_size == 0 {
                 return Err(invalid(
                     format!("databases.{name}"),
-                    "a `mysql` database's url starts with `mysql://`, and pool_size is at least 1"
-                        .into(),
+                    format!(
+                        "a `{kind}` database's url starts with {}, and pool_size is at least 1",
+                        schemes.join(" or ")
+                    ),
                 ));
             }
         }

@@ -278,9 +278,8 @@ fn main() {
         "mode", "run", "full s", "docs/s", "peak MiB", "unchanged s"
     );
     let reset = |pg_db: &str| {
-        let sql = format!(
-            "DROP SCHEMA IF EXISTS sandpipe_sources CASCADE; DROP TABLE IF EXISTS items_native;"
-        );
+        let sql =
+            "DROP SCHEMA IF EXISTS sandpipe_sources CASCADE; DROP TABLE IF EXISTS items_native;";
         let pg_db = pg_db.to_owned();
         runtime.block_on(async move {
             let (client, connection) =
@@ -288,7 +287,7 @@ fn main() {
                     .await
                     .unwrap();
             tokio::spawn(connection);
-            client.batch_execute(&sql).await.unwrap();
+            client.batch_execute(sql).await.unwrap();
         });
     };
     let mut results: HashMap<&str, Vec<(f64, f64, u64)>> = HashMap::new();

@@ -83,6 +83,7 @@ pub async fn assemble_with(
         outputs: Outputs::new(&config.outputs, &tls)?,
         http: Arc::new(crate::capability::http::HttpClient::new(&tls)),
         secrets: crate::secrets::Secrets::load(&config)?,
+        tls: tls.clone(),
     });
     let (max_memory, fuel) = plugins::engine_shape(&config);
     let sandbox = Arc::new(Sandbox::new(&config.sandbox, max_memory, fuel)?);

@@ -234,6 +234,7 @@ async fn prepare(
                 name,
                 external,
                 password.as_deref(),
+                &services.tls,
             )
             .map_err(|e| format!("{e:#}"))?;
             Some(Arc::new(crate::store::database::PluginDb::External(

@@ -888,3 +888,62 @@ async fn the_http_source_syncs_a_paginated_api_in_full_then_incrementally() {
         "{third}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_external_postgresql_database_is_read_only_and_held_to_the_sql_limits() {
+    let db = TestDb::new().await;
+    let admin = db.admin().await;
+    admin
+        .batch_execute(
+            "CREATE TABLE things (id int PRIMARY KEY, name text, seen timestamptz);
+             INSERT INTO things SELECT i, 'thing ' || i, '2026-01-01T00:00:00Z' FROM generate_series(1, 30) i;",
+        )
+        .await
+        .unwrap();
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        &format!(
+            "secrets:\n  crm_pw: {{ file: crm.pw }}\ndatabases:\n  crm: {{ type: postgres, url: \"{}?sslmode=disable\", password: crm_pw }}\nplugins:\n  grants:\n    probe:\n      sql: {{ database: crm }}\n      limits: {{ sql_rows: 20 }}\n",
+            db.url()
+        ),
+    );
+    std::fs::write(d.path("crm.pw"), "not-needed-with-trust-auth").unwrap();
+    for (id, action, sql) in [
+        (
+            "read",
+            "sql-query",
+            "SELECT id, name, seen FROM things WHERE id <= 2 ORDER BY id",
+        ),
+        ("write", "sql-exec", "DELETE FROM things"),
+        ("many", "sql-query", "SELECT id FROM things"),
+    ] {
+        d.message(
+            &format!("{id}.json"),
+            &serde_json::json!({"uuid_ref": id, "data_type": "test/probe", "action": action, "sql": sql})
+                .to_string(),
+        );
+    }
+    let summary = d.run_once().await.unwrap();
+    assert_eq!(summary.failed, 0, "{summary}");
+    let info = |row: sandpipe::status::Row| row.info;
+    assert_eq!(
+        info(d.last("read", "probe").await),
+        "rows: [[Value::Int(1), Value::Text(\"thing 1\"), Value::Timestamp(1767225600000000)], [Value::Int(2), Value::Text(\"thing 2\"), Value::Timestamp(1767225600000000)]]"
+    );
+    let write = info(d.last("write", "probe").await);
+    assert!(
+        write.contains("cannot execute DELETE in a read-only transaction"),
+        "{write}"
+    );
+    let many = info(d.last("many", "probe").await);
+    assert!(
+        many.contains("limit exceeded") && many.contains("more than 20 rows (limits.sql_rows)"),
+        "{many}"
+    );
+    let left: i64 = admin
+        .query_one("SELECT count(*) FROM things", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 30);
+}

@@ -42,8 +42,11 @@ pub struct Services {
     pub outputs: Outputs,
     /// Outbound HTTP (`http`).
     pub http: Arc<http::HttpClient>,
-    /// The values `http.auth` bindings apply.
+    /// The values `http.auth` bindings (and external databases'
+    /// passwords) apply.
     pub secrets: crate::secrets::Secrets,
+    /// What TLS connections trust (external databases).
+    pub tls: crate::tls::Tls,
 }
 
 /// What one plugin is, may do, and is backed by. Built once at load.

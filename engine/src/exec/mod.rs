@@ -455,6 +455,7 @@ pub async fn run(
         outputs: Outputs::default(),
         http,
         secrets: crate::secrets::Secrets::default(),
+        tls: crate::tls::Tls::default(),
     });
     let db = match grant.sql {
         Some(_) => Some(Arc::new(database.plugin_db(&inputs.name, &limits)?)),

@@ -8,17 +8,20 @@
 //! `limits.sql_bytes`, checked value by value as rows arrive) and within
 //! the invocation's deadline. Use a role with `SELECT` only as well.
 //!
-//! MySQL and MariaDB (mysql_async, rustls). Statements use `?`
-//! placeholders, bound in order.
+//! MySQL and MariaDB (mysql_async, rustls; statements use `?`
+//! placeholders, bound in order) and PostgreSQL (tokio-postgres with the
+//! engine's TLS; `$1, $2, ...`, typed as for a plugin's own database:
+//! `postgres::run_plain`).
 
 use std::time::Duration;
 
 use mysql_async::consts::{ColumnFlags, ColumnType};
 use mysql_async::prelude::Queryable as _;
 
-use super::{Outcome, ResultLimit, Rows, Value, Work};
-use crate::config::ExternalDatabase;
+use super::{Outcome, ResultLimit, Rows, Value, Work, postgres};
+use crate::config::{ExternalDatabase, ExternalKind};
 use crate::error::HostError;
+use crate::tls::Tls;
 
 /// The character set number of binary strings (`BINARY`, `BLOB`).
 const BINARY_CHARSET: u16 = 63;
@@ -26,13 +29,37 @@ const BINARY_CHARSET: u16 = 63;
 /// An external database's pool.
 pub struct ExternalDb {
     name: String,
-    pool: mysql_async::Pool,
+    pool: Pool,
+}
+
+enum Pool {
+    Mysql(mysql_async::Pool),
+    Postgres(deadpool_postgres::Pool),
 }
 
 /// An invocation's read-only transaction on one connection.
 pub struct ExternalTx {
-    conn: Option<mysql_async::Conn>,
+    conn: Conn,
     name: String,
+}
+
+enum Conn {
+    Mysql(mysql_async::Conn),
+    Postgres(Box<deadpool_postgres::Object>),
+    /// Given up after a statement ran past its deadline (the connection
+    /// is closed, not given back).
+    Lost,
+}
+
+impl Drop for ExternalTx {
+    fn drop(&mut self) {
+        // A PostgreSQL connection dropped in its transaction must not go
+        // back to the pool: take it out, so it closes. (A MySQL one is
+        // reset by its pool.)
+        if let Conn::Postgres(object) = std::mem::replace(&mut self.conn, Conn::Lost) {
+            drop(deadpool_postgres::Object::take(*object));
+        }
+    }
 }
 
 fn mysql_error(name: &str, e: &mysql_async::Error) -> HostError {
@@ -55,20 +82,32 @@ impl ExternalDb {
         name: &str,
         config: &ExternalDatabase,
         password: Option<&str>,
+        tls: &Tls,
     ) -> anyhow::Result<Self> {
-        let opts = mysql_async::Opts::from_url(&config.url)
-            .map_err(|e| anyhow::anyhow!("databases.{name}.url is not a MySQL URL: {e}"))?;
-        let constraints = mysql_async::PoolConstraints::new(0, config.pool_size)
-            .ok_or_else(|| anyhow::anyhow!("databases.{name}.pool_size is invalid"))?;
-        let mut builder = mysql_async::OptsBuilder::from_opts(opts)
-            .pool_opts(mysql_async::PoolOpts::default().with_constraints(constraints))
-            .wait_timeout(Some(600));
-        if let Some(password) = password {
-            builder = builder.pass(Some(password));
-        }
+        let pool = match config.kind {
+            ExternalKind::Mysql => {
+                let opts = mysql_async::Opts::from_url(&config.url)
+                    .map_err(|e| anyhow::anyhow!("databases.{name}.url is not a MySQL URL: {e}"))?;
+                let constraints = mysql_async::PoolConstraints::new(0, config.pool_size)
+                    .ok_or_else(|| anyhow::anyhow!("databases.{name}.pool_size is invalid"))?;
+                let mut builder = mysql_async::OptsBuilder::from_opts(opts)
+                    .pool_opts(mysql_async::PoolOpts::default().with_constraints(constraints))
+                    .wait_timeout(Some(600));
+                if let Some(password) = password {
+                    builder = builder.pass(Some(password));
+                }
+                Pool::Mysql(mysql_async::Pool::new(builder))
+            }
+            ExternalKind::Postgres => {
+                let (pool, _) =
+                    postgres::external_pool(&config.url, password, config.pool_size, tls)
+                        .map_err(|e| anyhow::anyhow!("databases.{name}.url: {e:#}"))?;
+                Pool::Postgres(pool)
+            }
+        };
         Ok(Self {
             name: name.to_owned(),
-            pool: mysql_async::Pool::new(builder),
+            pool,
         })
     }
 
@@ -76,15 +115,28 @@ impl ExternalDb {
     pub async fn begin(&self, timeout: Duration) -> Result<ExternalTx, HostError> {
         let name = &self.name;
         let connect = async {
-            let mut conn = self
-                .pool
-                .get_conn()
-                .await
-                .map_err(|e| mysql_error(name, &e))?;
-            conn.query_drop("START TRANSACTION READ ONLY")
-                .await
-                .map_err(|e| mysql_error(name, &e))?;
-            Ok::<_, HostError>(conn)
+            Ok::<_, HostError>(match &self.pool {
+                Pool::Mysql(pool) => {
+                    let mut conn = pool.get_conn().await.map_err(|e| mysql_error(name, &e))?;
+                    conn.query_drop("START TRANSACTION READ ONLY")
+                        .await
+                        .map_err(|e| mysql_error(name, &e))?;
+                    Conn::Mysql(conn)
+                }
+                Pool::Postgres(pool) => {
+                    let client = pool
+                        .get()
+                        .await
+                        .map_err(|e| HostError::Unavailable(format!("database `{name}`: {e}")))?;
+                    client.batch_execute("BEGIN READ ONLY").await.map_err(|e| {
+                        HostError::Unavailable(format!(
+                            "database `{name}`: {}",
+                            postgres::describe(&e)
+                        ))
+                    })?;
+                    Conn::Postgres(Box::new(client))
+                }
+            })
         };
         let conn = tokio::time::timeout(timeout, connect).await.map_err(|_| {
             HostError::Unavailable(format!(
@@ -92,7 +144,7 @@ impl ExternalDb {
             ))
         })??;
         Ok(ExternalTx {
-            conn: Some(conn),
+            conn,
             name: name.clone(),
         })
     }
@@ -198,67 +250,25 @@ impl ExternalTx {
         timeout: Duration,
     ) -> Result<Outcome, HostError> {
         let name = self.name.clone();
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(HostError::Unavailable(format!(
-                "database `{name}`: the connection was lost after a statement ran past its deadline"
-            )));
-        };
         let run = async {
-            match work {
-                Work::Execute(batch) => {
-                    let mut changed = 0;
-                    let lists = batch.len();
-                    for (index, params) in batch.into_iter().enumerate() {
-                        let params: Vec<mysql_async::Value> =
-                            params.into_iter().map(param).collect();
-                        conn.exec_drop(statement, params)
-                            .await
-                            .map_err(|e| Work::failed_at(mysql_error(&name, &e), index, lists))?;
-                        changed += conn.affected_rows();
-                    }
-                    Ok(Outcome::Changed(changed))
-                }
-                Work::Query(params) => {
-                    let params: Vec<mysql_async::Value> = params.into_iter().map(param).collect();
-                    let mut result = conn
-                        .exec_iter(statement, params)
-                        .await
-                        .map_err(|e| mysql_error(&name, &e))?;
-                    let columns: Vec<mysql_async::Column> =
-                        result.columns().map(|c| c.to_vec()).unwrap_or_default();
-                    let names = columns.iter().map(|c| c.name_str().into_owned()).collect();
-                    let mut values = Vec::new();
-                    let mut bytes = 0;
-                    while let Some(mut row) =
-                        result.next().await.map_err(|e| mysql_error(&name, &e))?
-                    {
-                        if values.len() as u64 >= u64::from(limit.rows) {
-                            // The rest of the result is drained when the
-                            // connection is next used or dropped.
-                            return Err(limit.too_many_rows());
-                        }
-                        let mut out = Vec::with_capacity(columns.len());
-                        for (i, column) in columns.iter().enumerate() {
-                            let raw = row.take(i).unwrap_or(mysql_async::Value::NULL);
-                            let (value, len) = cell(raw, column);
-                            limit.count(&mut bytes, len)?;
-                            out.push(value);
-                        }
-                        values.push(out);
-                    }
-                    Ok(Outcome::Rows(Rows {
-                        columns: names,
-                        values,
-                    }))
-                }
+            match &mut self.conn {
+                Conn::Mysql(conn) => mysql_run(conn, &name, statement, work, limit).await,
+                Conn::Postgres(client) => postgres::run_plain(client, statement, work, limit)
+                    .await
+                    .map_err(|e| e.map_text(|m| format!("database `{name}`: {m}"))),
+                Conn::Lost => Err(HostError::Unavailable(format!(
+                    "database `{name}`: the connection was given up after a statement ran past its deadline"
+                ))),
             }
         };
         match tokio::time::timeout(timeout, run).await {
             Ok(result) => result,
             Err(_) => {
                 // The statement may still run on the server: this
-                // connection is not used again (dropping it closes it).
-                self.conn = None;
+                // connection is closed, not used again.
+                if let Conn::Postgres(object) = std::mem::replace(&mut self.conn, Conn::Lost) {
+                    drop(deadpool_postgres::Object::take(*object));
+                }
                 Err(HostError::Unavailable(format!(
                     "database `{}`: the statement ran past the invocation's deadline ({timeout:?})",
                     self.name
@@ -270,8 +280,71 @@ impl ExternalTx {
     /// End the transaction (read-only: nothing to commit) and give the
     /// connection back.
     pub async fn finish(mut self) {
-        if let Some(mut conn) = self.conn.take() {
-            let _ = conn.query_drop("ROLLBACK").await;
+        match std::mem::replace(&mut self.conn, Conn::Lost) {
+            Conn::Mysql(mut conn) => {
+                let _ = conn.query_drop("ROLLBACK").await;
+            }
+            Conn::Postgres(client) => {
+                if client.batch_execute("ROLLBACK").await.is_err() {
+                    drop(deadpool_postgres::Object::take(*client));
+                }
+            }
+            Conn::Lost => {}
+        }
+    }
+}
+
+/// One statement on a MySQL connection.
+async fn mysql_run(
+    conn: &mut mysql_async::Conn,
+    name: &str,
+    statement: &str,
+    work: Work,
+    limit: ResultLimit,
+) -> Result<Outcome, HostError> {
+    match work {
+        Work::Execute(batch) => {
+            let mut changed = 0;
+            let lists = batch.len();
+            for (index, params) in batch.into_iter().enumerate() {
+                let params: Vec<mysql_async::Value> = params.into_iter().map(param).collect();
+                conn.exec_drop(statement, params)
+                    .await
+                    .map_err(|e| Work::failed_at(mysql_error(name, &e), index, lists))?;
+                changed += conn.affected_rows();
+            }
+            Ok(Outcome::Changed(changed))
+        }
+        Work::Query(params) => {
+            let params: Vec<mysql_async::Value> = params.into_iter().map(param).collect();
+            let mut result = conn
+                .exec_iter(statement, params)
+                .await
+                .map_err(|e| mysql_error(name, &e))?;
+            let columns: Vec<mysql_async::Column> =
+                result.columns().map(|c| c.to_vec()).unwrap_or_default();
+            let names = columns.iter().map(|c| c.name_str().into_owned()).collect();
+            let mut values = Vec::new();
+            let mut bytes = 0;
+            while let Some(mut row) = result.next().await.map_err(|e| mysql_error(name, &e))? {
+                if values.len() as u64 >= u64::from(limit.rows) {
+                    // The rest of the result is drained when the
+                    // connection is next used or given back.
+                    return Err(limit.too_many_rows());
+                }
+                let mut out = Vec::with_capacity(columns.len());
+                for (i, column) in columns.iter().enumerate() {
+                    let raw = row.take(i).unwrap_or(mysql_async::Value::NULL);
+                    let (value, len) = cell(raw, column);
+                    limit.count(&mut bytes, len)?;
+                    out.push(value);
+                }
+                values.push(out);
+            }
+            Ok(Outcome::Rows(Rows {
+                columns: names,
+                values,
+            }))
         }
     }
 }

@@ -2111,6 +2111,65 @@ impl<'a> FromSql<'a> for Cell {
     }
 }
 
+/// `params` bound to `stmt`'s placeholders, each encoded for its type.
+fn bind(stmt: &tokio_postgres::Statement, params: Vec<Value>) -> Result<Vec<Param>, HostError> {
+    let types = stmt.params();
+    if types.len() != params.len() {
+        return Err(HostError::Invalid(format!(
+            "the statement has {} placeholder(s) but {} parameter(s) were given",
+            types.len(),
+            params.len()
+        )));
+    }
+    params
+        .into_iter()
+        .zip(types)
+        .enumerate()
+        .map(|(i, (value, ty))| Param::new(i + 1, value, ty))
+        .collect()
+}
+
+/// `stmt`'s column names, and whether each column's values count by their
+/// length in `limits.sql_bytes`; `invalid` for a type the sql interface
+/// does not return.
+fn result_columns(stmt: &tokio_postgres::Statement) -> Result<(Vec<String>, Vec<bool>), HostError> {
+    let columns: Vec<String> = stmt.columns().iter().map(|c| c.name().to_owned()).collect();
+    let mut sized = Vec::with_capacity(columns.len());
+    for column in stmt.columns() {
+        let Some(class) = class(column.type_()) else {
+            return Err(HostError::Invalid(format!(
+                "column `{}` has type {}, which the sql interface does not return; cast it in the query, e.g. `{}::text`",
+                column.name(),
+                column.type_(),
+                column.name()
+            )));
+        };
+        sized.push(matches!(
+            class,
+            Class::Text | Class::Json | Class::Jsonb | Class::Bytea | Class::Numeric
+        ));
+    }
+    Ok((columns, sized))
+}
+
+/// One row's values, each counted into `bytes` against `limit` before it
+/// is decoded (decoding happens here, not on the server).
+fn row_values(
+    row: &tokio_postgres::Row,
+    sized: &[bool],
+    limit: &ResultLimit,
+    bytes: &mut u64,
+) -> Result<Vec<Value>, HostError> {
+    let mut out = Vec::with_capacity(sized.len());
+    for (i, sized) in sized.iter().enumerate() {
+        let RawLen(len) = row.try_get(i).map_err(|e| pg_error(&e))?;
+        limit.count(bytes, len.filter(|_| *sized))?;
+        let cell: Cell = row.try_get(i).map_err(|e| pg_error(&e))?;
+        out.push(cell.0);
+    }
+    Ok(out)
+}
+
 /// Run one statement inside the invocation's transaction.
 async fn run(
     link: &Link<'_>,
@@ -2126,30 +2185,14 @@ async fn run(
         .prepare(client, statement)
         .await
         .map_err(Failed::server)?;
-    let types = stmt.params();
-    let bind = |params: Vec<Value>| {
-        if types.len() != params.len() {
-            return Err(HostError::Invalid(format!(
-                "the statement has {} placeholder(s) but {} parameter(s) were given",
-                types.len(),
-                params.len()
-            )));
-        }
-        params
-            .into_iter()
-            .zip(types)
-            .enumerate()
-            .map(|(i, (value, ty))| Param::new(i + 1, value, ty))
-            .collect::<Result<Vec<_>, _>>()
-    };
     let params = match work {
-        Work::Query(params) => bind(params).map_err(Failed::local)?,
+        Work::Query(params) => bind(&stmt, params).map_err(Failed::local)?,
         Work::Execute(batch) => {
             let lists = batch.len();
             let mut changed = 0;
             for (index, params) in batch.into_iter().enumerate() {
-                let params =
-                    bind(params).map_err(|e| Failed::local(Work::failed_at(e, index, lists)))?;
+                let params = bind(&stmt, params)
+                    .map_err(|e| Failed::local(Work::failed_at(e, index, lists)))?;
                 changed += client
                     .execute_raw(&stmt, params.iter())
                     .await
@@ -2162,23 +2205,7 @@ async fn run(
             return Ok(Outcome::Changed(changed));
         }
     };
-    let columns: Vec<String> = stmt.columns().iter().map(|c| c.name().to_owned()).collect();
-    let mut sized = Vec::with_capacity(columns.len());
-    for column in stmt.columns() {
-        let Some(class) = class(column.type_()) else {
-            return Err(Failed::local(HostError::Invalid(format!(
-                "column `{}` has type {}, which the sql interface does not return; cast it in the query, e.g. `{}::text`",
-                column.name(),
-                column.type_(),
-                column.name()
-            ))));
-        };
-        // Values counted by their length in `limits.sql_bytes`.
-        sized.push(matches!(
-            class,
-            Class::Text | Class::Json | Class::Jsonb | Class::Bytea | Class::Numeric
-        ));
-    }
+    let (columns, sized) = result_columns(&stmt).map_err(Failed::local)?;
     let Conn::Transaction(tx) = &link.conn else {
         return Err(Failed::local(HostError::Unavailable(
             "a query's rows need the transaction, which was not taken".into(),
@@ -2206,23 +2233,77 @@ async fn run(
             if values.len() as i64 >= max_rows {
                 return Err(Failed::local(limit.too_many_rows()));
             }
-            let mut out = Vec::with_capacity(columns.len());
-            for (i, sized) in sized.iter().enumerate() {
-                let RawLen(len) = row.try_get(i).map_err(|e| Failed::local(pg_error(&e)))?;
-                limit
-                    .count(&mut bytes, len.filter(|_| *sized))
-                    .map_err(Failed::local)?;
-                // Decoding happens here, not on the server: nothing aborted.
-                let cell: Cell = row.try_get(i).map_err(|e| Failed::local(pg_error(&e)))?;
-                out.push(cell.0);
-            }
-            values.push(out);
+            values.push(row_values(&row, &sized, &limit, &mut bytes).map_err(Failed::local)?);
         }
         if fetched < wanted {
             break;
         }
     }
     Ok(Outcome::Rows(Rows { columns, values }))
+}
+
+/// Run one statement on `client`, a connection of an external database in
+/// a transaction its caller began: the typing, binding and limits of a
+/// plugin's statement ([`run`]), the rows streamed (the server's are
+/// dropped past the limit).
+pub async fn run_plain(
+    client: &tokio_postgres::Client,
+    statement: &str,
+    work: Work,
+    limit: ResultLimit,
+) -> Result<Outcome, HostError> {
+    let stmt = client.prepare(statement).await.map_err(|e| pg_error(&e))?;
+    let params = match work {
+        Work::Query(params) => bind(&stmt, params)?,
+        Work::Execute(batch) => {
+            let lists = batch.len();
+            let mut changed = 0;
+            for (index, params) in batch.into_iter().enumerate() {
+                let params = bind(&stmt, params).map_err(|e| Work::failed_at(e, index, lists))?;
+                changed += client
+                    .execute_raw(&stmt, params.iter())
+                    .await
+                    .map_err(|e| Work::failed_at(pg_error(&e), index, lists))?;
+            }
+            return Ok(Outcome::Changed(changed));
+        }
+    };
+    let (columns, sized) = result_columns(&stmt)?;
+    let rows = client
+        .query_raw(&stmt, params.iter())
+        .await
+        .map_err(|e| pg_error(&e))?;
+    futures::pin_mut!(rows);
+    let mut values = Vec::new();
+    let mut bytes = 0;
+    while let Some(row) = rows.try_next().await.map_err(|e| pg_error(&e))? {
+        if values.len() as u64 >= u64::from(limit.rows) {
+            return Err(limit.too_many_rows());
+        }
+        values.push(row_values(&row, &sized, &limit, &mut bytes)?);
+    }
+    Ok(Outcome::Rows(Rows { columns, values }))
+}
+
+/// A pool of connections to an external database (`databases:`): `url`
+/// (with its `sslmode`) logging in with `password`.
+pub fn external_pool(
+    url: &str,
+    password: Option<&str>,
+    size: usize,
+    tls: &Tls,
+) -> anyhow::Result<(Pool, String)> {
+    let (mut config, ssl_mode) = crate::config::postgres_url(url)
+        .map_err(|e| anyhow::anyhow!("not a PostgreSQL URL: {e}"))?;
+    if let Some(password) = password {
+        config.password(password);
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    config.application_name("sandpipe-source");
+    let target = describe_target(&config);
+    Ok((pool(config, tls.postgres(ssl_mode)?, size)?, target))
 }
 
 const NUMERIC_POS: u16 = 0x0000;
