@@ -1095,12 +1095,10 @@ impl SqlGrant {
     }
 }
 
-/// `name` made an SQL identifier: lowercase, every character but ASCII
-/// letters and digits `_`, `p_` in front unless it starts with a letter or
-/// `_`, at most 63 bytes.
-pub fn identifier(name: &str) -> String {
-    let mut out: String = name
-        .chars()
+/// `name` in the characters of an SQL identifier: lowercase, and `_` for
+/// every character but ASCII letters and digits.
+pub fn identifier_chars(name: &str) -> String {
+    name.chars()
         .map(|c| {
             let c = c.to_ascii_lowercase();
             if c.is_ascii_lowercase() || c.is_ascii_digit() {
@@ -1109,7 +1107,14 @@ pub fn identifier(name: &str) -> String {
                 '_'
             }
         })
-        .collect();
+        .collect()
+}
+
+/// `name` made an SQL identifier: lowercase, every character but ASCII
+/// letters and digits `_`, `p_` in front unless it starts with a letter or
+/// `_`, at most 63 bytes.
+pub fn identifier(name: &str) -> String {
+    let mut out = identifier_chars(name);
     if !out.starts_with(|c: char| c.is_ascii_lowercase() || c == '_') {
         out.insert_str(0, "p_");
     }

@@ -220,17 +220,7 @@ fn quote_literal(text: &str) -> String {
 /// `sandpipe_<database>_<schema>`, at most 63 bytes; a hash keeps it unique
 /// when the database's name had to be shortened or changed.
 pub fn role_name(database: &str, schema: &str) -> String {
-    let clean: String = database
-        .chars()
-        .map(|c| {
-            let c = c.to_ascii_lowercase();
-            if c.is_ascii_lowercase() || c.is_ascii_digit() {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let clean = crate::config::identifier_chars(database);
     let base = format!("{clean}_{schema}");
     if clean == database && base.len() <= 54 {
         return format!("sandpipe_{base}");
