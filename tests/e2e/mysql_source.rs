@@ -32,7 +32,9 @@ impl TestMysql {
         let mut conn = this.root().await;
         conn.query_drop(format!(
             "CREATE DATABASE {db}; CREATE USER '{u}'@'%' IDENTIFIED BY '{p}'; \
-             GRANT SELECT ON {db}.* TO '{u}'@'%';",
+             GRANT SELECT ON {db}.* TO '{u}'@'%'; \
+             CREATE USER '{u}_w'@'%' IDENTIFIED BY '{p}'; \
+             GRANT SELECT, DELETE ON {db}.* TO '{u}_w'@'%';",
             db = this.name,
             u = this.user,
             p = this.password
@@ -81,9 +83,13 @@ impl Drop for TestMysql {
 /// `more` extra keys of the source.
 fn deployment(db: &TestMysql, more: &str) -> Deployment {
     let d = Deployment::new(
-        &[("mysql-source", "shop"), ("fx-probe", "probe")],
+        &[
+            ("mysql-source", "shop"),
+            ("fx-probe", "probe"),
+            ("fx-probe", "rootprobe"),
+        ],
         &format!(
-            "secrets:\n  shop_pw: {{ file: shop.pw }}\ndatabases:\n  shop: {{ type: mysql, url: \"mysql://{user}@127.0.0.1:3306/{db}\", password: shop_pw }}\n  as_root: {{ type: mysql, url: \"{root}/{db}\" }}\nplugins:\n  grants:\n    shop:\n      sql: {{ database: shop }}\n      config: {{ tables: [products, customers], updated_column: updated_at }}\n    probe:\n      sql: {{ database: as_root }}\nsources:\n  shop: {{ page_size: 500{more} }}\n",
+            "secrets:\n  shop_pw: {{ file: shop.pw }}\ndatabases:\n  shop: {{ type: mysql, url: \"mysql://{user}@127.0.0.1:3306/{db}\", password: shop_pw }}\n  writer: {{ type: mysql, url: \"mysql://{user}_w@127.0.0.1:3306/{db}\", password: shop_pw }}\n  as_root: {{ type: mysql, url: \"{root}/{db}\" }}\nplugins:\n  grants:\n    shop:\n      sql: {{ database: shop }}\n      config: {{ tables: [products, customers], updated_column: updated_at }}\n    probe:\n      sql: {{ database: writer }}\n    rootprobe:\n      sql: {{ database: as_root }}\nsources:\n  shop: {{ page_size: 500{more} }}\n",
             user = db.user,
             db = db.name,
             root = server(),
@@ -251,8 +257,8 @@ async fn advanced_rules_are_custom_sql_and_the_database_is_read_only() {
     );
 
     // An external database is read-only whoever logs in: the probe's
-    // grant logs in as root, and the server still refuses its write
-    // (the transaction is READ ONLY).
+    // login may delete, and the engine refuses its DELETE (a query only);
+    // a login with server-wide privileges (root) is refused outright.
     for (id, action, sql) in [
         ("w", "sql-exec", "DELETE FROM products"),
         ("r", "sql-query", "SELECT count(*) AS n FROM products"),
@@ -263,12 +269,28 @@ async fn advanced_rules_are_custom_sql_and_the_database_is_read_only() {
                 .to_string(),
         );
     }
+    d.message(
+        "root.json",
+        &serde_json::json!({"uuid_ref": "root", "data_type": "test/probe", "action": "sql-query", "sql": "SELECT 1"})
+            .to_string(),
+    );
     let summary = d.run_once().await.unwrap();
     assert_eq!(summary.failed, 0, "{summary}");
     let write = d.last("w", "probe").await;
-    assert!(write.info.contains("READ ONLY transaction"), "{write:?}");
+    assert!(
+        write
+            .info
+            .contains("database `writer` is read-only: it takes queries only"),
+        "{write:?}"
+    );
     let read = d.last("r", "probe").await;
     assert_eq!(read.info, "rows: [[Value::Int(1000)]]", "{read:?}");
+    let root = d.last("root", "rootprobe").await;
+    assert!(
+        root.info
+            .contains("database `as_root`: its login has server-wide privileges"),
+        "{root:?}"
+    );
     let mut conn = db.conn().await;
     let left: Option<i64> = conn
         .query_first("SELECT count(*) FROM products")

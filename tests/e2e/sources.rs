@@ -893,28 +893,46 @@ async fn the_http_source_syncs_a_paginated_api_in_full_then_incrementally() {
 async fn an_external_postgresql_database_is_read_only_and_held_to_the_sql_limits() {
     let db = TestDb::new().await;
     let admin = db.admin().await;
+    // A login that may also delete: the engine must still refuse to.
+    let reader = format!("sandpipe_{}_reader", db.name);
     admin
-        .batch_execute(
+        .batch_execute(&format!(
             "CREATE TABLE things (id int PRIMARY KEY, name text, seen timestamptz);
-             INSERT INTO things SELECT i, 'thing ' || i, '2026-01-01T00:00:00Z' FROM generate_series(1, 30) i;",
-        )
+             INSERT INTO things SELECT i, 'thing ' || i, '2026-01-01T00:00:00Z' FROM generate_series(1, 30) i;
+             CREATE ROLE \"{reader}\" LOGIN PASSWORD 'pw';
+             GRANT SELECT, DELETE ON things TO \"{reader}\";"
+        ))
         .await
         .unwrap();
+    let url = |user: &str| {
+        format!(
+            "{}/{}?sslmode=disable",
+            crate::postgres::server().replace("postgres@", &format!("{user}@")),
+            db.name
+        )
+    };
     let d = Deployment::new(
-        &[("fx-probe", "probe")],
+        &[("fx-probe", "probe"), ("fx-probe", "superprobe")],
         &format!(
-            "secrets:\n  crm_pw: {{ file: crm.pw }}\ndatabases:\n  crm: {{ type: postgres, url: \"{}?sslmode=disable\", password: crm_pw }}\nplugins:\n  grants:\n    probe:\n      sql: {{ database: crm }}\n      limits: {{ sql_rows: 20 }}\n",
-            db.url()
+            "secrets:\n  crm_pw: {{ file: crm.pw }}\ndatabases:\n  crm: {{ type: postgres, url: \"{}\", password: crm_pw }}\n  as_superuser: {{ type: postgres, url: \"{}\" }}\nplugins:\n  grants:\n    probe:\n      sql: {{ database: crm }}\n      limits: {{ sql_rows: 20 }}\n    superprobe:\n      sql: {{ database: as_superuser }}\n",
+            url(&reader),
+            url("postgres"),
         ),
     );
-    std::fs::write(d.path("crm.pw"), "not-needed-with-trust-auth").unwrap();
+    std::fs::write(d.path("crm.pw"), "pw").unwrap();
     for (id, action, sql) in [
         (
             "read",
             "sql-query",
             "SELECT id, name, seen FROM things WHERE id <= 2 ORDER BY id",
         ),
-        ("write", "sql-exec", "DELETE FROM things"),
+        ("delete", "sql-exec", "DELETE FROM things"),
+        ("commit", "sql-exec", "COMMIT"),
+        (
+            "hidden",
+            "sql-query",
+            "WITH gone AS (DELETE FROM things RETURNING id) SELECT count(*) FROM gone",
+        ),
         ("many", "sql-query", "SELECT id FROM things"),
     ] {
         d.message(
@@ -923,6 +941,11 @@ async fn an_external_postgresql_database_is_read_only_and_held_to_the_sql_limits
                 .to_string(),
         );
     }
+    d.message(
+        "super.json",
+        &serde_json::json!({"uuid_ref": "super", "data_type": "test/probe", "action": "sql-query", "sql": "SELECT 1"})
+            .to_string(),
+    );
     let summary = d.run_once().await.unwrap();
     assert_eq!(summary.failed, 0, "{summary}");
     let info = |row: sandpipe::status::Row| row.info;
@@ -930,15 +953,29 @@ async fn an_external_postgresql_database_is_read_only_and_held_to_the_sql_limits
         info(d.last("read", "probe").await),
         "rows: [[Value::Int(1), Value::Text(\"thing 1\"), Value::Timestamp(1767225600000000)], [Value::Int(2), Value::Text(\"thing 2\"), Value::Timestamp(1767225600000000)]]"
     );
-    let write = info(d.last("write", "probe").await);
+    for id in ["delete", "commit"] {
+        let refused = info(d.last(id, "probe").await);
+        assert!(
+            refused.contains("database `crm` is read-only: it takes queries only"),
+            "{id}: {refused}"
+        );
+    }
+    // A write hidden in a query: the server refuses it (PostgreSQL names
+    // the statement's command, SELECT).
+    let hidden = info(d.last("hidden", "probe").await);
     assert!(
-        write.contains("cannot execute DELETE in a read-only transaction"),
-        "{write}"
+        hidden.contains("cannot execute SELECT in a read-only transaction"),
+        "{hidden}"
     );
     let many = info(d.last("many", "probe").await);
     assert!(
         many.contains("limit exceeded") && many.contains("more than 20 rows (limits.sql_rows)"),
         "{many}"
+    );
+    let superuser = info(d.last("super", "superprobe").await);
+    assert!(
+        superuser.contains("database `as_superuser`: its login is a superuser"),
+        "{superuser}"
     );
     let left: i64 = admin
         .query_one("SELECT count(*) FROM things", &[])

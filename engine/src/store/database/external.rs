@@ -1,12 +1,27 @@
 //! External databases (`databases:`): a system of record a component reads
 //! through its `sql` grant (`sql: { database: NAME }`), typically a source
 //! paging through tables. The engine connects with the configured user and
-//! the password from `secrets:` (the guest never sees either) and runs
-//! every invocation's statements in a **read-only transaction** (`START
-//! TRANSACTION READ ONLY`: the server refuses any write), under the same
-//! row and byte limits as the plugin's own database (`limits.sql_rows`,
-//! `limits.sql_bytes`, checked value by value as rows arrive) and within
-//! the invocation's deadline. Use a role with `SELECT` only as well.
+//! the password from `secrets:` (the guest never sees either). Three
+//! layers keep it read-only:
+//!
+//! - the login may not be a superuser (PostgreSQL: `rolsuper`, or a
+//!   member of `pg_read_server_files`, `pg_write_server_files`,
+//!   `pg_execute_server_program`; MySQL: `ALL PRIVILEGES`, `SUPER` or
+//!   `FILE` on `*.*`): checked on the first use, refused with the reason;
+//! - a statement must be a query (its first word `SELECT`, `WITH`,
+//!   `VALUES`, `TABLE`, `SHOW`, `EXPLAIN`, `DESCRIBE`/`DESC`; on MySQL no
+//!   executable comment `/*! ... */`): no `COMMIT` can end the read-only
+//!   transaction, no `SET` can change it;
+//! - every invocation's statements run in a read-only transaction (`START
+//!   TRANSACTION READ ONLY` / `BEGIN READ ONLY`): the server refuses a
+//!   write that a query hides (`WITH ... DELETE`, `EXPLAIN ANALYZE`).
+//!
+//! Grant the login `SELECT` only as well. The `sql` limits apply
+//! (`limits.sql_rows`, `limits.sql_bytes`, checked value by value as rows
+//! arrive), and every statement ends at the invocation's deadline: on
+//! PostgreSQL the transaction's `statement_timeout`, on MySQL a `KILL` of
+//! the statement's connection; a connection whose statement ran past it
+//! is closed, never given back to the pool.
 //!
 //! MySQL and MariaDB (mysql_async, rustls; statements use `?`
 //! placeholders, bound in order) and PostgreSQL (tokio-postgres with the
@@ -30,6 +45,34 @@ const BINARY_CHARSET: u16 = 63;
 pub struct ExternalDb {
     name: String,
     pool: Pool,
+    /// Whether the login is not a superuser, checked on first use.
+    login: tokio::sync::OnceCell<Result<(), String>>,
+}
+
+/// The first words a statement on an external database may start with.
+pub const QUERIES: [&str; 8] = [
+    "select", "with", "values", "table", "show", "explain", "describe", "desc",
+];
+
+/// Why `statement` may not run on external database `name` (of `kind`),
+/// or `None` when it is a query.
+pub fn not_a_query(name: &str, kind: ExternalKind, statement: &str) -> Option<HostError> {
+    let refuse = |why: String| {
+        Some(HostError::AccessDenied(format!(
+            "database `{name}` is read-only: {why}"
+        )))
+    };
+    if kind == ExternalKind::Mysql && (statement.contains("/*!") || statement.contains("/*M!")) {
+        return refuse("MySQL's executable comments (`/*! ... */`) are refused".into());
+    }
+    let first = postgres::leading_keywords(statement, 1);
+    match first.first() {
+        Some(word) if QUERIES.contains(&word.as_str()) => None,
+        other => refuse(format!(
+            "it takes queries only (SELECT, WITH, VALUES, TABLE, SHOW, EXPLAIN, DESCRIBE), not `{}`",
+            other.map_or("(nothing)", String::as_str)
+        )),
+    }
 }
 
 enum Pool {
@@ -41,6 +84,9 @@ enum Pool {
 pub struct ExternalTx {
     conn: Conn,
     name: String,
+    kind: ExternalKind,
+    /// To `KILL` a MySQL statement that runs past its deadline.
+    mysql: Option<mysql_async::Pool>,
 }
 
 enum Conn {
@@ -108,44 +154,112 @@ impl ExternalDb {
         Ok(Self {
             name: name.to_owned(),
             pool,
+            login: tokio::sync::OnceCell::new(),
         })
     }
 
-    /// A connection in a read-only transaction, waiting at most `timeout`.
+    /// Why the login may not be used (a superuser, or one that reads or
+    /// writes the server's files), or `Ok`.
+    async fn check_login(&self, conn: &mut Conn) -> Result<(), String> {
+        let name = &self.name;
+        let bad = |why: &str| {
+            Err(format!(
+                "database `{name}`: its login {why}; an external database is read-only and needs a login with SELECT only"
+            ))
+        };
+        match conn {
+            Conn::Mysql(conn) => {
+                let grants: Vec<String> = conn
+                    .query("SHOW GRANTS")
+                    .await
+                    .map_err(|e| format!("database `{name}`: {e}"))?;
+                for grant in grants {
+                    let upper = grant.to_ascii_uppercase();
+                    if upper.contains(" ON *.* ")
+                        && (upper.contains("ALL PRIVILEGES")
+                            || upper.contains("SUPER")
+                            || upper.contains(" FILE"))
+                    {
+                        return bad(&format!("has server-wide privileges (`{grant}`)"));
+                    }
+                }
+                Ok(())
+            }
+            Conn::Postgres(client) => {
+                let row = client
+                    .query_one(
+                        "SELECT r.rolsuper
+                             OR pg_has_role(current_user, 'pg_read_server_files', 'member')
+                             OR pg_has_role(current_user, 'pg_write_server_files', 'member')
+                             OR pg_has_role(current_user, 'pg_execute_server_program', 'member')
+                         FROM pg_roles r WHERE r.rolname = current_user",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| format!("database `{name}`: {}", postgres::describe(&e)))?;
+                if row.get::<_, bool>(0) {
+                    return bad("is a superuser or reads, writes or runs the server's files");
+                }
+                Ok(())
+            }
+            Conn::Lost => Ok(()),
+        }
+    }
+
+    /// A connection in a read-only transaction, waiting at most `timeout`
+    /// (also each statement's limit).
     pub async fn begin(&self, timeout: Duration) -> Result<ExternalTx, HostError> {
         let name = &self.name;
+        let millis = timeout.as_millis().max(1);
         let connect = async {
-            Ok::<_, HostError>(match &self.pool {
+            let mut conn = match &self.pool {
                 Pool::Mysql(pool) => {
-                    let mut conn = pool.get_conn().await.map_err(|e| mysql_error(name, &e))?;
-                    conn.query_drop("START TRANSACTION READ ONLY")
-                        .await
-                        .map_err(|e| mysql_error(name, &e))?;
-                    Conn::Mysql(conn)
+                    Conn::Mysql(pool.get_conn().await.map_err(|e| mysql_error(name, &e))?)
                 }
                 Pool::Postgres(pool) => {
-                    let client = pool
-                        .get()
-                        .await
-                        .map_err(|e| HostError::Unavailable(format!("database `{name}`: {e}")))?;
-                    client.batch_execute("BEGIN READ ONLY").await.map_err(|e| {
+                    Conn::Postgres(Box::new(pool.get().await.map_err(|e| {
+                        HostError::Unavailable(format!("database `{name}`: {e}"))
+                    })?))
+                }
+            };
+            let login = self.login.get_or_init(|| self.check_login(&mut conn)).await;
+            if let Err(why) = login {
+                return Err(HostError::AccessDenied(why.clone()));
+            }
+            match &mut conn {
+                Conn::Mysql(c) => c
+                    .query_drop("START TRANSACTION READ ONLY")
+                    .await
+                    .map_err(|e| mysql_error(name, &e))?,
+                Conn::Postgres(c) => c
+                    .batch_execute(&format!(
+                        "BEGIN READ ONLY; SET LOCAL statement_timeout = {millis}"
+                    ))
+                    .await
+                    .map_err(|e| {
                         HostError::Unavailable(format!(
                             "database `{name}`: {}",
                             postgres::describe(&e)
                         ))
-                    })?;
-                    Conn::Postgres(Box::new(client))
-                }
-            })
+                    })?,
+                Conn::Lost => {}
+            }
+            Ok::<_, HostError>(conn)
         };
         let conn = tokio::time::timeout(timeout, connect).await.map_err(|_| {
             HostError::Unavailable(format!(
                 "database `{name}`: no connection within {timeout:?}"
             ))
         })??;
+        let (kind, mysql) = match &self.pool {
+            Pool::Mysql(pool) => (ExternalKind::Mysql, Some(pool.clone())),
+            Pool::Postgres(_) => (ExternalKind::Postgres, None),
+        };
         Ok(ExternalTx {
             conn,
             name: name.clone(),
+            kind,
+            mysql,
         })
     }
 }
@@ -249,6 +363,9 @@ impl ExternalTx {
         limit: ResultLimit,
         timeout: Duration,
     ) -> Result<Outcome, HostError> {
+        if let Some(refused) = not_a_query(&self.name, self.kind, statement) {
+            return Err(refused);
+        }
         let name = self.name.clone();
         let run = async {
             match &mut self.conn {
@@ -264,10 +381,23 @@ impl ExternalTx {
         match tokio::time::timeout(timeout, run).await {
             Ok(result) => result,
             Err(_) => {
-                // The statement may still run on the server: this
-                // connection is closed, not used again.
-                if let Conn::Postgres(object) = std::mem::replace(&mut self.conn, Conn::Lost) {
-                    drop(deadpool_postgres::Object::take(*object));
+                // The statement may still run on the server: end it and
+                // close the connection, which is not used again.
+                match std::mem::replace(&mut self.conn, Conn::Lost) {
+                    Conn::Postgres(object) => drop(deadpool_postgres::Object::take(*object)),
+                    Conn::Mysql(conn) => {
+                        let id = conn.id();
+                        let pool = self.mysql.clone();
+                        tokio::spawn(async move {
+                            if let Some(pool) = pool
+                                && let Ok(mut killer) = pool.get_conn().await
+                            {
+                                let _ = killer.query_drop(format!("KILL {id}")).await;
+                            }
+                            drop(conn);
+                        });
+                    }
+                    Conn::Lost => {}
                 }
                 Err(HostError::Unavailable(format!(
                     "database `{}`: the statement ran past the invocation's deadline ({timeout:?})",
@@ -280,12 +410,14 @@ impl ExternalTx {
     /// End the transaction (read-only: nothing to commit) and give the
     /// connection back.
     pub async fn finish(mut self) {
+        let wait = Duration::from_secs(5);
         match std::mem::replace(&mut self.conn, Conn::Lost) {
             Conn::Mysql(mut conn) => {
-                let _ = conn.query_drop("ROLLBACK").await;
+                let _ = tokio::time::timeout(wait, conn.query_drop("ROLLBACK")).await;
             }
             Conn::Postgres(client) => {
-                if client.batch_execute("ROLLBACK").await.is_err() {
+                let ended = tokio::time::timeout(wait, client.batch_execute("ROLLBACK")).await;
+                if !matches!(ended, Ok(Ok(()))) {
                     drop(deadpool_postgres::Object::take(*client));
                 }
             }
@@ -346,5 +478,49 @@ async fn mysql_run(
                 values,
             }))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_queries_run_on_an_external_database() {
+        for ok in [
+            "SELECT 1",
+            "  -- a comment\n select * from t",
+            "/* c */ WITH x AS (SELECT 1) SELECT * FROM x",
+            "VALUES (1)",
+            "TABLE t",
+            "show tables",
+            "EXPLAIN SELECT 1",
+            "DESC t",
+        ] {
+            assert!(
+                not_a_query("db", ExternalKind::Postgres, ok).is_none(),
+                "{ok}"
+            );
+        }
+        for refused in [
+            "COMMIT",
+            "commit; delete from t",
+            "DELETE FROM t",
+            "SET TRANSACTION READ WRITE",
+            "set autocommit = 1",
+            "COPY (SELECT 1) TO PROGRAM 'id'",
+            "XA START 'x'",
+            "LOCK TABLES t WRITE",
+            "(SELECT 1)",
+            "",
+        ] {
+            let why = not_a_query("db", ExternalKind::Postgres, refused).unwrap();
+            assert!(
+                why.to_string().contains("database `db` is read-only"),
+                "{refused}: {why}"
+            );
+        }
+        let why = not_a_query("db", ExternalKind::Mysql, "SELECT 1 /*!, SLEEP(9) */").unwrap();
+        assert!(why.to_string().contains("executable comments"), "{why}");
     }
 }

@@ -1787,7 +1787,7 @@ pub fn transaction_control(sql: &str) -> Option<String> {
 
 /// Up to `n` leading words of `sql`, lowercase, skipping whitespace and
 /// comments (`-- ...` and nested `/* ... */`).
-fn leading_keywords(sql: &str, n: usize) -> Vec<String> {
+pub fn leading_keywords(sql: &str, n: usize) -> Vec<String> {
     let bytes = sql.as_bytes();
     let mut i = 0;
     let mut words = Vec::new();
