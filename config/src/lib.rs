@@ -150,6 +150,11 @@ pub struct Config {
 pub struct ServerConfig {
     /// The address to listen on, e.g. `127.0.0.1:9090`.
     pub listen: std::net::SocketAddr,
+    /// The secret (under `secrets:`) whose value a request must carry as
+    /// `Authorization: Bearer VALUE` to start or cancel a sync
+    /// (`POST /v1/sources/...`). Unset: those requests are refused.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 /// Outbound TLS: one setting for every connection the engine makes, since
@@ -1351,6 +1356,18 @@ impl Config {
                 ));
             }
         }
+        if let Some(server) = &self.server
+            && let Some(secret) = &server.token
+            && !self.secrets.contains_key(secret)
+        {
+            return Err(invalid(
+                "server.token".into(),
+                format!(
+                    "secret `{secret}` is not declared under `secrets` (declared: {})",
+                    list_or_none(self.secrets.keys())
+                ),
+            ));
+        }
         for (name, db) in &self.databases {
             if let Some(secret) = &db.password
                 && !self.secrets.contains_key(secret)
@@ -1404,6 +1421,7 @@ impl Config {
             key,
             message,
         };
+        let mut sinks: BTreeMap<String, &String> = BTreeMap::new();
         for (name, source) in &self.sources {
             if source.page_size == 0 || source.batch.operations == 0 || source.batch.bytes.0 == 0 {
                 return Err(invalid(
@@ -1441,6 +1459,29 @@ impl Config {
                 if let Some(problem) = schema_name_problem(ident) {
                     return Err(invalid(format!("sources.{name}.sink"), problem));
                 }
+            }
+            // A full sync deletes what its source does not yield from the
+            // whole table: two sources in one table would delete each
+            // other's documents.
+            let target = match &sink {
+                source::SinkConfig::Postgres { url, schema, table } => format!(
+                    "postgres {} {schema}.{}",
+                    url.as_deref().unwrap_or_default(),
+                    table.as_deref().unwrap_or_default()
+                ),
+                source::SinkConfig::Sqlite { path, table } => format!(
+                    "sqlite {} {}",
+                    path.display(),
+                    table.as_deref().unwrap_or_default()
+                ),
+            };
+            if let Some(other) = sinks.insert(target, name) {
+                return Err(invalid(
+                    format!("sources.{name}.sink"),
+                    format!(
+                        "sources `{other}` and `{name}` sink into the same table: each full sync would delete the other's documents; give one a `sink.table` of its own"
+                    ),
+                ));
             }
         }
         Ok(())
@@ -1871,6 +1912,44 @@ mod tests {
             "",
             "the defaults are valid"
         );
+    }
+
+    #[test]
+    fn sources_are_checked_and_never_share_a_sink_table() {
+        let refused = |yaml: &str| {
+            parse(&format!("listener: {{ type: dir, path: s }}\n{yaml}"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        // `shop-a` and `shop_a` make the same table.
+        let err = refused("sources:\n  shop-a: {}\n  shop_a: {}\n");
+        assert!(
+            err.contains("sources `shop-a` and `shop_a` sink into the same table"),
+            "{err}"
+        );
+        let err = refused("sources:\n  a: {}\n  b: { sink: { type: sqlite, table: a } }\n");
+        assert!(err.contains("sink into the same table"), "{err}");
+        assert!(
+            refused("sources:\n  a: {}\n  b: { sink: { type: sqlite, table: b2 } }\n").is_empty()
+        );
+        let err = refused("sources:\n  a: { outputs: [nowhere] }\n");
+        assert!(
+            err.contains("sources.a.outputs") && err.contains("nowhere"),
+            "{err}"
+        );
+        let err = refused("sources:\n  a: { errors: { max_rate: 1.5 } }\n");
+        assert!(err.contains("sources.a.errors"), "{err}");
+        let err = refused("sources:\n  a: { sink: { type: sqlite, table: \"Bad-Name\" } }\n");
+        assert!(err.contains("sources.a.sink"), "{err}");
+        let err =
+            refused("databases:\n  d: { type: mysql, url: \"mysql://u@h/db\", password: nope }\n");
+        assert!(
+            err.contains("databases.d.password") && err.contains("nope"),
+            "{err}"
+        );
+        let err = refused("plugins:\n  grants:\n    p: { sql: { database: missing } }\n");
+        assert!(err.contains("plugins.grants.p.sql.database"), "{err}");
     }
 
     #[test]

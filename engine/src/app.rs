@@ -206,15 +206,24 @@ pub async fn run(
     );
     // Scheduled syncs run beside the pipeline (not with --once, which
     // drains the listener and exits).
+    let mut schedules = Vec::new();
     if !once {
         for source in sources.values() {
-            tokio::spawn(source.clone().run_schedules(shutdown.clone()));
+            schedules.push(tokio::spawn(source.clone().run_schedules(shutdown.clone())));
         }
     }
     let ready = crate::server::Readiness::default();
     ready.not_ready("listener", "starting");
     if let Some(server) = &assembled.config.server {
-        crate::server::serve(server.listen, ready.clone(), sources, shutdown.clone()).await?;
+        let token =
+            match &server.token {
+                Some(name) => Some(assembled.services.secrets.get(name).cloned().ok_or_else(
+                    || anyhow::anyhow!("server.token: secret `{name}` was not read"),
+                )?),
+                None => None,
+            };
+        let api = crate::server::Api { sources, token };
+        crate::server::serve(server.listen, ready.clone(), api, shutdown.clone()).await?;
     }
     let listener: Arc<dyn listener::Listener> = Arc::from(
         listener::build(
@@ -229,10 +238,27 @@ pub async fn run(
     // The sandbox's fatal condition stops the run at once, settling
     // nothing more (what is in flight is redelivered, as after a crash).
     let pipeline = assembled.pipeline();
-    tokio::select! {
+    let stopping = shutdown.clone();
+    let result = tokio::select! {
         result = pipeline.run(listener, shutdown) => result,
         fatal = assembled.sandbox.fatal() => Err(anyhow::Error::new(fatal)),
+    };
+    // A scheduled job running now was told to stop by the same signal: it
+    // stops after the page in hand and records itself canceled. Wait for
+    // that (not when the run ended otherwise).
+    for job in schedules {
+        if *stopping.borrow() {
+            if tokio::time::timeout(std::time::Duration::from_secs(30), job)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a scheduled sync did not stop within 30 s");
+            }
+        } else {
+            job.abort();
+        }
     }
+    result
 }
 
 /// `sandpipe check`: validate the config and every component; print a

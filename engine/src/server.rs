@@ -24,8 +24,52 @@ pub type Sources = Arc<BTreeMap<String, Arc<Source>>>;
 struct AppState {
     ready: Readiness,
     sources: Sources,
+    /// The bearer token `POST /v1/sources/...` must carry (`server.token`);
+    /// none: those requests are refused.
+    token: Option<crate::secrets::Secret>,
     /// Cancels jobs started here when the server stops.
     shutdown: watch::Receiver<bool>,
+}
+
+/// The sources' API: the engine, its sources and who may change things.
+#[derive(Clone, Default)]
+pub struct Api {
+    /// The sources, by name.
+    pub sources: Sources,
+    /// `server.token`'s secret.
+    pub token: Option<crate::secrets::Secret>,
+}
+
+/// `403` unless the request carries the configured bearer token
+/// (compared in constant time).
+fn authorized(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), Reply> {
+    let Some(token) = &state.token else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "starting and canceling syncs over HTTP needs `server.token` (the name of a secret under `secrets:`); requests then carry `Authorization: Bearer <its value>`".into(),
+        ));
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let want = token.expose().as_bytes();
+    let same = given.len() == want.len()
+        && given
+            .as_bytes()
+            .iter()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "a valid `Authorization: Bearer` token is required (server.token)".into(),
+        ))
+    }
 }
 
 /// What `/readyz` reports: each component's problem, if any.
@@ -181,7 +225,9 @@ async fn start_sync(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Query(query): Query<SyncQuery>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Reply, Reply> {
+    authorized(&state, &headers)?;
     let source = source(&state, &name)?;
     let kind = match query.kind.as_deref() {
         None | Some("full") => JobKind::Full,
@@ -233,7 +279,9 @@ async fn start_sync(
 async fn cancel_sync(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Reply, Reply> {
+    authorized(&state, &headers)?;
     let source = source(&state, &name)?;
     source.sink().prepare().await.map_err(internal)?;
     match source
@@ -251,7 +299,7 @@ async fn cancel_sync(
 }
 
 /// The router (public for tests).
-pub fn router(ready: Readiness, sources: Sources, shutdown: watch::Receiver<bool>) -> Router {
+pub fn router(ready: Readiness, api: Api, shutdown: watch::Receiver<bool>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -262,7 +310,8 @@ pub fn router(ready: Readiness, sources: Sources, shutdown: watch::Receiver<bool
         .route("/v1/sources/{name}/cancel", post(cancel_sync))
         .with_state(AppState {
             ready,
-            sources,
+            sources: api.sources,
+            token: api.token,
             shutdown,
         })
 }
@@ -272,7 +321,7 @@ pub fn router(ready: Readiness, sources: Sources, shutdown: watch::Receiver<bool
 pub async fn serve(
     addr: SocketAddr,
     ready: Readiness,
-    sources: Sources,
+    api: Api,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -280,7 +329,7 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("server.listen {addr}: {e}"))?;
     let bound = listener.local_addr()?;
     crate::metrics::describe();
-    let app = router(ready, sources, shutdown.clone());
+    let app = router(ready, api, shutdown.clone());
     tokio::spawn(async move {
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {

@@ -508,6 +508,38 @@ async fn basic_rules_decide_what_goes_in_and_a_change_of_rules_reconciles() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+
+    // New rules need a full sync: an incremental one refuses to start.
+    let yaml = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, yaml.replace("value: 19", "value: 9")).unwrap();
+    let refused = sync(&d, JobKind::Incremental).await;
+    assert_eq!(refused.state, JobState::Error, "{refused:?}");
+    assert!(
+        refused
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("only a full sync applies them"),
+        "{refused:?}"
+    );
+    assert_eq!(sqlite_docs(&d).len(), 28, "nothing written");
+
+    // A source whose documents turn bad keeps what the sink has of them
+    // (with rules too), under error thresholds that let the job end.
+    let yaml = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        yaml.replace("count: 100", "count: 100, mode: bad-json")
+            .replace(
+                "rules:",
+                "errors: { max_total: 1000, max_consecutive: 1000, max_rate: 1.0 }, rules:",
+            ),
+    )
+    .unwrap();
+    let bad = sync(&d, JobKind::Full).await;
+    assert_eq!(bad.state, JobState::Completed, "{bad:?}");
+    assert_eq!(bad.counts.errors, 100, "{bad:?}");
+    assert_eq!(sqlite_docs(&d).len(), 28, "no document lost to a bad page");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -544,16 +576,26 @@ async fn invalid_rules_fail_the_job_and_advanced_rules_go_to_the_source() {
     assert_eq!(counts(&job), [10, 0, 0, 0, 0, 0]);
 }
 
-/// A plain HTTP/1.0 POST on 127.0.0.1: (status code, body).
+/// The token the API test's deployment requires (`server.token`).
+const TOKEN: &str = "s3cret-token";
+
+/// A plain HTTP/1.0 POST on 127.0.0.1 with the test's bearer token:
+/// (status code, body).
 fn post(port: u16, path: &str) -> Option<(u16, String)> {
+    post_as(port, path, Some(TOKEN))
+}
+
+/// A POST with `token` as its bearer token, if any.
+fn post_as(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .ok()?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         stream,
-        "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+        "POST {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: 0\r\n\r\n"
     )
     .ok()?;
     let mut response = String::new();
@@ -585,9 +627,10 @@ async fn sandpipe_run_syncs_on_schedule_and_the_http_api_starts_lists_and_cancel
     let d = Deployment::new(
         &[("fx-source", "src"), ("fx-source", "slow")],
         &format!(
-            "server: {{ listen: \"127.0.0.1:{port}\" }}\nplugins:\n  grants:\n    src:\n      config: {{ count: 50 }}\n    slow:\n      config: {{ count: 100000, spin: 30000000 }}\nsources:\n  src: {{ page_size: 10, schedule: {{ full: 1s }} }}\n  slow: {{ page_size: 500 }}\n"
+            "secrets:\n  api_token: {{ file: api.token }}\nserver: {{ listen: \"127.0.0.1:{port}\", token: api_token }}\nplugins:\n  grants:\n    src:\n      config: {{ count: 50 }}\n    slow:\n      config: {{ count: 100000, spin: 30000000 }}\nsources:\n  src: {{ page_size: 10, schedule: {{ full: 1s }} }}\n  slow: {{ page_size: 500 }}\n"
         ),
     );
+    std::fs::write(d.path("api.token"), TOKEN).unwrap();
     let config = d.config.clone();
     let (stop, shutdown) = watch::channel(false);
     let engine = tokio::spawn(async move { sandpipe::app::run(&config, false, shutdown).await });
@@ -618,6 +661,11 @@ async fn sandpipe_run_syncs_on_schedule_and_the_http_api_starts_lists_and_cancel
     assert_eq!(src["next_runs"][0]["kind"], "full", "{src}");
     assert_eq!(src["next_runs"][0]["schedule"], "1s", "{src}");
 
+    // Changing things takes the token: none or a wrong one is refused.
+    for token in [None, Some("wrong-token!")] {
+        let (status, body) = post_as(port, "/v1/sources/slow/sync", token).unwrap();
+        assert_eq!(status, 401, "{token:?}: {body}");
+    }
     // On demand: 202 with the job's id; a second while it runs: 409.
     let (status, body) = post(port, "/v1/sources/slow/sync?kind=full").unwrap();
     assert_eq!(status, 202, "{body}");

@@ -375,12 +375,12 @@ fn wit_error(error: ErrorRaw) -> WitError {
 /// `page_size` of any source prepared in this process. Only ever raised.
 static PAGE_DOCS_CAP: AtomicU64 = AtomicU64::new(0);
 
-/// The most bytes of strings (ids, timestamps, bodies) of one page a lift
-/// copies: the largest memory limit of any source prepared in this
-/// process. A guest cannot hold more distinct text than its memory, but it
-/// can point many documents at the same string: counted by length, not by
-/// address, so what the engine copies is never more than the guest's
-/// memory. Only ever raised.
+/// The most bytes of strings (ids, timestamps, bodies; as UTF-8) of one
+/// page a lift copies: the largest memory limit of any source prepared in
+/// this process. A guest cannot hold more distinct text than its memory,
+/// but it can point many documents at the same string: counted by length,
+/// not by address, so what the engine copies for one page is never more
+/// than the largest source memory limit. Only ever raised.
 static PAGE_BYTES_CAP: AtomicU64 = AtomicU64::new(0);
 
 /// Let pages of up to `docs` documents and `bytes` bytes of strings be
@@ -481,8 +481,18 @@ fn docs_too_large(
         wasmtime::bail!("list pointer is not aligned");
     }
     let encoding = cx.options().string_encoding;
+    // The host holds strings as UTF-8: a UTF-16 unit may take 3 bytes, a
+    // latin1 byte 2.
     let units = |at: usize, doc: &[u8]| -> wasmtime::Result<u64> {
-        Ok(string_layout(encoding, word(doc, at)?).2 as u64)
+        let (utf16, latin1, units) = string_layout(encoding, word(doc, at)?);
+        let factor = if utf16 {
+            3
+        } else if latin1 {
+            2
+        } else {
+            1
+        };
+        Ok(units as u64 * factor)
     };
     let mut size: u64 = 0;
     for doc in list.chunks_exact(DOCUMENT_SIZE) {

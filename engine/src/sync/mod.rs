@@ -42,6 +42,10 @@ use sink::{Batch, Sink, Upsert};
 /// A document's key in the sink: the first 16 bytes of SHA-256 of its id.
 pub type Key = [u8; 16];
 
+/// The longest timestamp a document may have (a longer one is a document
+/// error).
+pub const MAX_TIMESTAMP_BYTES: usize = 1024;
+
 /// Ids longer than this are replaced by their MD5 in hex (Elastic's
 /// `ES_ID_SIZE_LIMIT`).
 pub const MAX_ID_BYTES: usize = 512;
@@ -228,6 +232,14 @@ fn not_an_object(body: &str) -> Option<String> {
         .map(|e| format!("its body is not valid JSON: {e}"))
 }
 
+/// What a job that ran to its end keeps.
+struct Ran {
+    /// The sync cursor for the next incremental sync.
+    cursor: Option<String>,
+    /// New sync rules that this (full) sync applied: they become active.
+    rules: Option<String>,
+}
+
 /// How a job ended early.
 enum Stop {
     /// It failed, for this reason.
@@ -251,6 +263,10 @@ pub struct Source {
     sink: Sink,
     /// Its schedules: the kind, the text in the config, the schedule.
     schedules: Vec<(JobKind, String, schedule::Schedule)>,
+    /// Batches committed by this process: names change events uniquely.
+    batches: std::sync::atomic::AtomicU64,
+    /// The sink's lock while a job runs here (checked before each write).
+    held: std::sync::Mutex<Option<Arc<sink::SinkLock>>>,
 }
 
 impl Source {
@@ -325,6 +341,8 @@ impl Source {
             sandbox,
             sink: Sink::new(&sink, tls)?,
             schedules,
+            batches: std::sync::atomic::AtomicU64::new(0),
+            held: std::sync::Mutex::new(None),
         })
     }
 
@@ -450,7 +468,21 @@ impl Source {
         started: Option<tokio::sync::oneshot::Sender<i64>>,
         progress: &mut (dyn FnMut(&JobRecord) + Send),
     ) -> anyhow::Result<Option<JobRecord>> {
-        let _lock = self.sink.lock().await?;
+        let lock = Arc::new(self.sink.lock().await?);
+        if let Ok(mut held) = self.held.lock() {
+            *held = Some(lock.clone());
+        }
+        // Released when the job ends, however it ends.
+        struct Release<'a>(&'a std::sync::Mutex<Option<Arc<sink::SinkLock>>>);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                if let Ok(mut held) = self.0.lock() {
+                    *held = None;
+                }
+            }
+        }
+        let _release = Release(&self.held);
+        drop(lock);
         self.sink.prepare().await?;
         let stale = self.sink.close_interrupted(&self.name).await?;
         if stale > 0 {
@@ -484,9 +516,10 @@ impl Source {
             let _ = started.send(job.id);
         }
         let started = Instant::now();
+        let mut batch = Batch::default();
         let ran = tokio::time::timeout(
             self.config.job_timeout,
-            self.run(&mut job, started, cancel, progress),
+            self.run(&mut job, &mut batch, started, cancel, progress),
         )
         .await
         .unwrap_or_else(|_| {
@@ -496,20 +529,21 @@ impl Source {
             )))
         });
         job.duration = started.elapsed();
-        let (cursor, batch) = match ran {
-            Ok((cursor, batch)) => {
+        let (cursor, new_rules, batch) = match ran {
+            Ok(ran) => {
                 job.state = JobState::Completed;
-                (Some(cursor), batch)
+                (Some(ran.cursor), ran.rules, batch)
             }
-            Err(Stop::Canceled) => {
-                job.state = JobState::Canceled;
-                job.error = Some("canceled".into());
-                (None, Batch::default())
-            }
-            Err(Stop::Failed(why)) => {
-                job.state = JobState::Error;
-                job.error = Some(why);
-                (None, Batch::default())
+            Err(stop) => {
+                // What the last batch counted was not written.
+                job.counts.indexed -= batch.pending.indexed;
+                job.counts.updated -= batch.pending.updated;
+                job.counts.deleted -= batch.pending.deleted;
+                (job.state, job.error) = match stop {
+                    Stop::Canceled => (JobState::Canceled, Some("canceled".into())),
+                    Stop::Failed(why) => (JobState::Error, Some(why)),
+                };
+                (None, None, Batch::default())
             }
         };
         if let Some(cursor) = &cursor {
@@ -521,6 +555,12 @@ impl Source {
             job.state = JobState::Error;
             job.error = Some(format!("{e:#}"));
             self.sink.write(Batch::default(), &job, None).await?;
+        } else if let Some(rules) = new_rules
+            && job.state == JobState::Completed
+        {
+            self.sink
+                .set_rules(&self.name, "valid", Some(rules), None)
+                .await?;
         }
         let source = self.name.clone();
         metrics::counter!(crate::metrics::SYNC_JOBS, "source" => source.clone(), "kind" => kind.as_str(), "state" => job.state.as_str()).increment(1);
@@ -559,14 +599,16 @@ impl Source {
     }
 
     /// The job's work, from `changed` to the last write before the final
-    /// one: the sync cursor to keep and the operations not written yet.
+    /// one, which `batch` holds when it returns: what to keep when the job
+    /// completes. On an error, `batch` holds what was not written.
     async fn run(
         &self,
         job: &mut JobRecord,
+        batch: &mut Batch,
         started: Instant,
         cancel: watch::Receiver<bool>,
         progress: &mut (dyn FnMut(&JobRecord) + Send),
-    ) -> Result<(Option<String>, Batch), Stop> {
+    ) -> Result<Ran, Stop> {
         let mut session = Session::new(
             self.sandbox.clone(),
             &self.plugin.component,
@@ -580,7 +622,14 @@ impl Source {
             .map_err(|e| format!("cannot read the sync cursor: {e:#}"))?;
         // The rules first: invalid ones fail the job before any call,
         // and new ones make it run even when the source has no change.
-        let (rules, advanced, new_rules) = self.check_rules(&mut session).await?;
+        let (rules, advanced, draft) = self.check_rules(&mut session).await?;
+        let new_rules = draft.is_some();
+        if new_rules && job.kind == JobKind::Incremental {
+            return Err(Stop::Failed(format!(
+                "the sync rules changed since the last full sync, and only a full sync applies them to what the sink has: run `sandpipe sync {} --full`",
+                self.name
+            )));
+        }
         let asked = last_cursor.clone();
         let changed = self
             .call(&mut session, "changed", move |instance, store| {
@@ -593,7 +642,10 @@ impl Source {
             .await?;
         if !changed && !new_rules {
             tracing::info!(source = %self.name, "nothing changed since the last sync");
-            return Ok((last_cursor, Batch::default()));
+            return Ok(Ran {
+                cursor: last_cursor,
+                rules: None,
+            });
         }
         self.call(&mut session, "validate-config", |instance, store| {
             Box::pin(async move {
@@ -626,8 +678,8 @@ impl Source {
             JobKind::Incremental => HashMap::new(),
         };
         let mut seen: HashSet<u128> = HashSet::new();
+        let mut cursors: HashSet<u64> = HashSet::new();
         let mut monitor = ErrorMonitor::new(&self.config.errors);
-        let mut batch = Batch::default();
         let mut cursor: Option<String> = None;
         let mut sync_cursor = last_cursor.clone();
         let size = self.config.page_size;
@@ -646,7 +698,7 @@ impl Source {
             }
             if canceled {
                 job.state = JobState::Canceling;
-                self.flush(&mut batch, job, started).await?;
+                self.flush(batch, job, started).await?;
                 return Err(Stop::Canceled);
             }
             let request = PageRequest {
@@ -686,13 +738,16 @@ impl Source {
                     )));
                 }
             };
-            if let Some(next) = &page.next
-                && cursor.as_ref() == Some(next)
-            {
-                return Err(Stop::Failed(format!(
-                    "`get-docs` returned the cursor it was given (`{}`) as the next page's: the sync would never end",
-                    crate::capability::cut(next.clone(), 200)
-                )));
+            if let Some(next) = &page.next {
+                use std::hash::{Hash as _, Hasher as _};
+                let mut hash = std::collections::hash_map::DefaultHasher::new();
+                next.hash(&mut hash);
+                if !cursors.insert(hash.finish()) {
+                    return Err(Stop::Failed(format!(
+                        "`get-docs` returned a cursor it had returned before (`{}`) as the next page's: the sync would never end",
+                        crate::capability::cut(next.clone(), 200)
+                    )));
+                }
             }
             for doc in docs {
                 let id = sink_id(doc.id);
@@ -716,13 +771,42 @@ impl Source {
                     continue;
                 }
                 if doc.op == Operation::Delete {
+                    if job.kind == JobKind::Full {
+                        // Against the world's contract: what the source
+                        // does not yield is deleted at the end anyway.
+                        fail(
+                            &mut monitor,
+                            job,
+                            format!(
+                                "a full sync's page deletes `{id}`: a full sync yields documents only"
+                            ),
+                        )?;
+                        continue;
+                    }
                     if batch.touches(&key) {
-                        self.flush(&mut batch, job, started).await?;
+                        self.flush(batch, job, started).await?;
                     }
                     batch.delete(key);
+                    batch.pending.deleted += 1;
                     job.counts.deleted += 1;
                     self.count("deleted");
                     monitor.ok();
+                    continue;
+                }
+                if doc
+                    .timestamp
+                    .as_ref()
+                    .is_some_and(|t| t.len() > MAX_TIMESTAMP_BYTES)
+                {
+                    // Kept as the sink has it (seen, not written).
+                    index.remove(&number);
+                    fail(
+                        &mut monitor,
+                        job,
+                        format!(
+                            "document `{id}`: its timestamp is over {MAX_TIMESTAMP_BYTES} bytes"
+                        ),
+                    )?;
                     continue;
                 }
                 if doc.body.len() > max_body {
@@ -740,12 +824,16 @@ impl Source {
                 if !rules.is_empty() {
                     let included = match serde_json::from_str::<serde_json::Value>(&doc.body) {
                         Ok(value) if value.is_object() => rules.includes(&value),
+                        // A bad document keeps what the sink has of it
+                        // (seen, not written), as without rules.
                         Ok(_) => {
+                            index.remove(&number);
                             let why = "its body is not a JSON object";
                             fail(&mut monitor, job, format!("document `{id}`: {why}"))?;
                             continue;
                         }
                         Err(e) => {
+                            index.remove(&number);
                             let why = format!("its body is not valid JSON: {e}");
                             fail(&mut monitor, job, format!("document `{id}`: {why}"))?;
                             continue;
@@ -757,7 +845,7 @@ impl Source {
                         // an incremental one now.
                         if job.kind == JobKind::Incremental {
                             if batch.touches(&key) {
-                                self.flush(&mut batch, job, started).await?;
+                                self.flush(batch, job, started).await?;
                             }
                             batch.delete(key);
                         }
@@ -779,21 +867,33 @@ impl Source {
                     fail(&mut monitor, job, format!("document `{id}`: {why}"))?;
                     continue;
                 }
+                if self.sink.is_postgres() && doc.body.contains("\\u0000") {
+                    fail(
+                        &mut monitor,
+                        job,
+                        format!(
+                            "document `{id}`: its body holds \\u0000, which PostgreSQL's jsonb refuses"
+                        ),
+                    )?;
+                    continue;
+                }
                 let updated = match job.kind {
                     JobKind::Full => known.is_some(),
                     JobKind::Incremental => doc.op == Operation::Update,
                 };
+                if batch.touches(&key) {
+                    self.flush(batch, job, started).await?;
+                }
                 if updated {
                     job.counts.updated += 1;
+                    batch.pending.updated += 1;
                     self.count("updated");
                 } else {
                     job.counts.indexed += 1;
+                    batch.pending.indexed += 1;
                     self.count("indexed");
                 }
                 monitor.ok();
-                if batch.touches(&key) {
-                    self.flush(&mut batch, job, started).await?;
-                }
                 batch.upsert(Upsert {
                     key,
                     id,
@@ -805,7 +905,7 @@ impl Source {
                 if batch.len() >= self.config.batch.operations as usize
                     || batch.bytes as u64 >= self.config.batch.bytes.as_u64()
                 {
-                    self.flush(&mut batch, job, started).await?;
+                    self.flush(batch, job, started).await?;
                 }
             }
             if page.sync_cursor.is_some() {
@@ -821,9 +921,10 @@ impl Source {
         // Every page is in: what the source no longer yields goes.
         for number in index.into_keys() {
             if batch.len() >= self.config.batch.operations as usize {
-                self.flush(&mut batch, job, started).await?;
+                self.flush(batch, job, started).await?;
             }
             batch.delete(number.to_be_bytes());
+            batch.pending.deleted += 1;
             job.counts.deleted += 1;
             self.count("deleted");
         }
@@ -832,17 +933,20 @@ impl Source {
         {
             tracing::warn!(source = %self.name, errors = job.counts.errors, "documents failed; the last: {last}");
         }
-        Ok((sync_cursor, batch))
+        Ok(Ran {
+            cursor: sync_cursor,
+            rules: draft,
+        })
     }
 
     /// Check the sync rules (the config's draft): the basic rules the
     /// engine applies, the advanced rules' JSON handed to `get-docs`, and
-    /// whether they differ from the active ones (they become active); or
-    /// why the job fails.
+    /// the draft when it differs from the active rules (it becomes active
+    /// when a full sync with it completes); or why the job fails.
     async fn check_rules(
         &self,
         session: &mut Session,
-    ) -> Result<(rules::BasicRules, Option<String>, bool), Stop> {
+    ) -> Result<(rules::BasicRules, Option<String>, Option<String>), Stop> {
         let config = &self.config.rules;
         let mut problems: Vec<String> = match rules::validate(&config.basic) {
             Ok(_) => Vec::new(),
@@ -907,10 +1011,10 @@ impl Source {
             Some(active) => *active != draft,
             None => !empty,
         };
+        // A valid draft is recorded valid (the active rules change only
+        // when a full sync with it completes); an invalid one with why.
         let recorded = if problems.is_empty() {
-            self.sink
-                .set_rules(&self.name, "valid", Some(draft), None)
-                .await
+            self.sink.set_rules(&self.name, "valid", None, None).await
         } else {
             let errors = problems.join("; ");
             self.sink
@@ -926,7 +1030,7 @@ impl Source {
             )));
         }
         let basic = rules::validate(&config.basic).unwrap_or_default();
-        Ok((basic, advanced, new_rules))
+        Ok((basic, advanced, new_rules.then_some(draft)))
     }
 
     fn count(&self, op: &'static str) {
@@ -958,6 +1062,16 @@ impl Source {
         job: &JobRecord,
         cursor: Option<Option<String>>,
     ) -> anyhow::Result<()> {
+        let lost = self
+            .held
+            .lock()
+            .map(|held| held.as_ref().is_none_or(|lock| lock.lost()))
+            .unwrap_or(true);
+        if lost {
+            anyhow::bail!(
+                "the job lost the sink's lock (its connection closed): another engine may be syncing; nothing more is written"
+            );
+        }
         if !self.config.outputs.is_empty() && !batch.is_empty() {
             self.publish(&batch, job).await.map_err(|e| {
                 anyhow::anyhow!(
@@ -1002,9 +1116,12 @@ impl Source {
                 })
             })
             .collect();
-        // Names made from the job and its place in it: a batch written
-        // again by the same job has the same names.
-        let origin = format!("job-{}-{}", job.id, job.counts.seen());
+        // Names made from the job and the batch: unique, so no event
+        // replaces another at an output that names messages.
+        let batch_number = self
+            .batches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let origin = format!("job-{}-{batch_number}", job.id);
         self.plugin
             .context
             .services

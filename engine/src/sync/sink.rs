@@ -48,8 +48,11 @@ pub struct Batch {
     pub upserts: Vec<Upsert>,
     /// Documents to delete, by key.
     pub deletes: Vec<Key>,
-    /// Bytes of the upserts' bodies.
+    /// Bytes of the upserts' ids, timestamps and bodies.
     pub bytes: usize,
+    /// What the job counted for the batch's operations (taken back when
+    /// the batch is not written).
+    pub pending: super::Counts,
     /// Every key an operation of the batch touches.
     keys: HashSet<Key>,
 }
@@ -74,7 +77,8 @@ impl Batch {
     /// Add or replace a document.
     pub fn upsert(&mut self, upsert: Upsert) {
         self.keys.insert(upsert.key);
-        self.bytes += upsert.body.len();
+        self.bytes +=
+            upsert.id.len() + upsert.timestamp.as_ref().map_or(0, String::len) + upsert.body.len();
         self.upserts.push(upsert);
     }
 
@@ -116,6 +120,16 @@ pub enum SinkLock {
     Postgres(tokio_postgres::Client),
     /// The locked file.
     File(std::fs::File),
+}
+
+impl SinkLock {
+    /// Whether the lock is gone (its connection closed).
+    pub fn lost(&self) -> bool {
+        match self {
+            Self::Postgres(client) => client.is_closed(),
+            Self::File(_) => false,
+        }
+    }
 }
 
 const JOB_COLUMNS: &str = "id, source, kind, triggered_by, state, sync_cursor, indexed, updated, \
@@ -191,6 +205,11 @@ impl Sink {
                 table: table.clone().context("the sink has no `table`")?,
             }),
         })
+    }
+
+    /// Whether the sink is a PostgreSQL table.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres(_))
     }
 
     /// Where the documents go, for messages.
