@@ -106,14 +106,17 @@ fn measure(mut command: Command) -> Measured {
 /// A MariaDB database with `items`: `rows` rows of about 1 KiB.
 async fn mariadb(name: &str, rows: usize) {
     let mut conn = mysql_async::Conn::from_url(MYSQL).await.unwrap();
+    // The engine reads with a SELECT-only login (it refuses root's).
     conn.query_drop(format!(
         "CREATE DATABASE {name}; USE {name};
          CREATE TABLE items (id INT PRIMARY KEY, title VARCHAR(200), price DECIMAL(10,2),
-             body TEXT, updated_at DATETIME(6) NOT NULL);"
+             body TEXT, updated_at DATETIME(6) NOT NULL);
+         CREATE USER '{name}'@'%' IDENTIFIED BY 'bench';
+         GRANT SELECT ON {name}.* TO '{name}'@'%';"
     ))
     .await
     .unwrap();
-    let text = "lorem ipsum dolor sit amet, consectetur adipiscing elit ".repeat(16);
+    let text = "lorem ipsum dolor sit amet, consectetur adipiscing elit ".repeat(20);
     for chunk in (0..rows).collect::<Vec<_>>().chunks(1000) {
         let values: Vec<String> = chunk
             .iter()
@@ -199,7 +202,7 @@ async fn api(items: usize) -> u16 {
         cursor: Option<usize>,
         updated_since: Option<String>,
     }
-    let text = "lorem ipsum dolor sit amet, consectetur adipiscing elit ".repeat(16);
+    let text = "lorem ipsum dolor sit amet, consectetur adipiscing elit ".repeat(20);
     let all: Arc<Vec<serde_json::Value>> = Arc::new(
         (0..items)
             .map(|i| {
@@ -265,8 +268,11 @@ fn main() {
         "mysql-source",
         &pg_db,
         "      sql: { database: shop }\n      config: { tables: [items], updated_column: updated_at }\n",
-        &format!("databases:\n  shop: {{ type: mysql, url: \"{MYSQL}/{my_db}\" }}\n"),
+        &format!(
+            "secrets:\n  shop_pw: {{ file: shop.pw }}\ndatabases:\n  shop: {{ type: mysql, url: \"mysql://{my_db}@127.0.0.1:3306/{my_db}\", password: shop_pw }}\n"
+        ),
     );
+    std::fs::write(dir.path().join("mysql/shop.pw"), "bench").unwrap();
     // Compiled once, outside the clock (as a deployment's `sandpipe compile`).
     let compiled = sandpipe(&config, &["compile"]).output().unwrap();
     assert!(compiled.status.success(), "{compiled:?}");
