@@ -6,6 +6,11 @@
 //! (connectors/http-source against a server in this process) into
 //! PostgreSQL, in full and incrementally with nothing changed.
 //!
+//! A third mode, **compiled in**, runs the engine with mysql-source's logic
+//! compiled into it (`NativeSource`: the same host `sql` calls, no wasm):
+//! sandboxed ÷ compiled in is what the sandbox costs, compiled in ÷
+//! independent what the rest of the engine costs.
+//!
 //! Each run of a mode is a child process against a fresh sink: a full sync
 //! of every row, then the same sync again with nothing changed (every row
 //! skipped). The clock is the child's wall time (start-up, component load
@@ -35,7 +40,13 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use mysql_async::prelude::Queryable as _;
+use sandpipe::sandbox::bindings::sandpipe::connector::sql::{self, Host as _};
+use sandpipe::sandbox::bindings::{
+    Document, Operation, Page, PageRequest, SourceDescription, WitError,
+};
+use sandpipe::sandbox::{InvocationState, NativeSource};
 
 const MYSQL: &str = "mysql://root@127.0.0.1:3306";
 const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
@@ -177,6 +188,137 @@ fn deployment(
     config
 }
 
+/// connectors/mysql-source's work on table `items` compiled into the
+/// engine: the same statement per page through the engine's `sql` host
+/// code, the same documents.
+struct NativeMysql;
+
+/// A cell as JSON, as mysql-source maps it.
+fn cell_json(value: &sql::Value) -> serde_json::Value {
+    match value {
+        sql::Value::Null => serde_json::Value::Null,
+        sql::Value::Boolean(b) => (*b).into(),
+        sql::Value::Int(i) => (*i).into(),
+        sql::Value::Float(f) => {
+            serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into)
+        }
+        sql::Value::Text(t) => t.clone().into(),
+        sql::Value::Json(j) => serde_json::from_str(j).unwrap_or_else(|_| j.clone().into()),
+        sql::Value::Bytes(b) => b
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
+            .into(),
+        sql::Value::Timestamp(micros) => chrono::DateTime::from_timestamp_micros(*micros)
+            .map(|d| d.format("%Y-%m-%dT%H:%M:%S.%6fZ").to_string())
+            .into(),
+    }
+}
+
+impl NativeSource for NativeMysql {
+    fn describe(&self) -> SourceDescription {
+        SourceDescription {
+            name: "mysql-source (compiled in)".into(),
+            version: "bench".into(),
+            config_schema: "{}".into(),
+            incremental: false,
+            advanced_rules: false,
+        }
+    }
+
+    fn get_docs<'a>(
+        &'a self,
+        state: &'a mut InvocationState,
+        request: PageRequest,
+    ) -> BoxFuture<'a, Result<Page, WitError>> {
+        Box::pin(async move {
+            let after: Option<i64> = request.cursor.as_deref().and_then(|c| c.parse().ok());
+            let (filter, params) = match after {
+                Some(after) => ("WHERE q.`id` > ?", vec![sql::Value::Int(after)]),
+                None => ("", Vec::new()),
+            };
+            let statement = format!(
+                "SELECT * FROM `items` AS q {filter} ORDER BY q.`id` LIMIT {}",
+                request.size
+            );
+            let rows = state.query(statement, params).await?;
+            let id_at = rows.columns.iter().position(|c| c == "id").unwrap();
+            let updated_at = rows.columns.iter().position(|c| c == "updated_at");
+            let mut docs = Vec::with_capacity(rows.values.len());
+            let mut last = None;
+            for values in &rows.values {
+                let mut body = serde_json::Map::new();
+                body.insert("_table".into(), "items".into());
+                for (column, value) in rows.columns.iter().zip(values) {
+                    body.insert(column.clone(), cell_json(value));
+                }
+                let sql::Value::Int(key) = values[id_at] else {
+                    panic!("items.id is an integer");
+                };
+                docs.push(Document {
+                    id: format!("items_{key}"),
+                    timestamp: updated_at.map(|i| match cell_json(&values[i]) {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    }),
+                    body: serde_json::Value::Object(body).to_string(),
+                    op: Operation::Index,
+                });
+                last = Some(key);
+            }
+            let next = (docs.len() as u32 == request.size)
+                .then(|| last.map(|k| k.to_string()))
+                .flatten();
+            Ok(Page {
+                docs,
+                next,
+                sync_cursor: None,
+            })
+        })
+    }
+}
+
+/// `--native-child CONFIG`: one full sync of source `src` with
+/// [`NativeMysql`] as its code, printing the job's line.
+fn native_child(config: &Path) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let line = runtime.block_on(async {
+        let config = sandpipe::config::Config::load(config).unwrap();
+        let assembled = sandpipe::app::assemble_native(
+            config,
+            Vec::new(),
+            vec![(
+                "src".to_owned(),
+                Arc::new(NativeMysql) as Arc<dyn NativeSource>,
+            )],
+        )
+        .await
+        .unwrap();
+        assert!(assembled.problems.is_empty(), "{:?}", assembled.problems);
+        let source = sandpipe::sync::Source::new(
+            "src",
+            &assembled.config,
+            &assembled.plugins,
+            assembled.sandbox.clone(),
+            &assembled.tls,
+        )
+        .unwrap();
+        let (_cancel, cancelled) = tokio::sync::watch::channel(false);
+        let job = source
+            .sync(
+                sandpipe::sync::JobKind::Full,
+                sandpipe::sync::Trigger::OnDemand,
+                cancelled,
+                &mut |_| {},
+            )
+            .await
+            .unwrap();
+        assert_eq!(job.state, sandpipe::sync::JobState::Completed, "{job:?}");
+        sandpipe::app::job_line(&job)
+    });
+    println!("{line}");
+}
+
 fn sandpipe(config: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_sandpipe"));
     command
@@ -248,6 +390,11 @@ fn rss_kib() -> u64 {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--native-child") {
+        native_child(Path::new(&args[i + 1]));
+        return;
+    }
     if !std::env::args().any(|a| a == "--bench") {
         // `cargo test` runs benches once with no `--bench`: nothing to do.
         return;
@@ -273,6 +420,13 @@ fn main() {
         ),
     );
     std::fs::write(dir.path().join("mysql/shop.pw"), "bench").unwrap();
+    // The compiled-in mode's deployment: the same, without the component.
+    let native_dir = dir.path().join("native");
+    std::fs::create_dir_all(native_dir.join("plugins")).unwrap();
+    std::fs::create_dir_all(native_dir.join("spool")).unwrap();
+    std::fs::copy(dir.path().join("mysql/shop.pw"), native_dir.join("shop.pw")).unwrap();
+    let native_config = native_dir.join("sandpipe.yaml");
+    std::fs::copy(&config, &native_config).unwrap();
     // Compiled once, outside the clock (as a deployment's `sandpipe compile`).
     let compiled = sandpipe(&config, &["compile"]).output().unwrap();
     assert!(compiled.status.success(), "{compiled:?}");
@@ -298,7 +452,7 @@ fn main() {
     };
     let mut results: HashMap<&str, Vec<(f64, f64, u64)>> = HashMap::new();
     for run in 1..=runs {
-        for mode in ["independent", "sandboxed"] {
+        for mode in ["independent", "sandboxed", "compiled-in"] {
             reset(&pg_db);
             let command = |_: ()| match mode {
                 "independent" => {
@@ -311,6 +465,12 @@ fn main() {
                         "500",
                         "500",
                     ]);
+                    c
+                }
+                "compiled-in" => {
+                    let mut c = Command::new(std::env::current_exe().unwrap());
+                    c.arg("--native-child").arg(&native_config);
+                    c.env("SANDPIPE_LOG", "warn");
                     c
                 }
                 _ => sandpipe(&config, &["sync", "src", "--full"]),
@@ -339,10 +499,13 @@ fn main() {
             .fold(f64::INFINITY, f64::min)
     };
     println!(
-        "best full sync: independent {:.2} s, sandboxed {:.2} s: the engine at {:.2} of the independent program's throughput",
+        "best full sync: independent {:.2} s, compiled in {:.2} s, sandboxed {:.2} s: sandboxed at {:.2} of the independent program's throughput and {:.2} of compiled in; compiled in at {:.2} of independent",
         best("independent"),
+        best("compiled-in"),
         best("sandboxed"),
-        best("independent") / best("sandboxed")
+        best("independent") / best("sandboxed"),
+        best("compiled-in") / best("sandboxed"),
+        best("independent") / best("compiled-in"),
     );
 
     // The HTTP API source: full, then incremental with nothing changed.

@@ -73,6 +73,16 @@ pub async fn assemble_with(
     config: Config,
     natives: Vec<(String, Arc<dyn crate::sandbox::NativePlugin>)>,
 ) -> anyhow::Result<Assembled> {
+    assemble_native(config, natives, Vec::new()).await
+}
+
+/// [`assemble_with`], plus native baseline sources under the given names
+/// (benchmarks only; see [`crate::sandbox::NativeSource`]).
+pub async fn assemble_native(
+    config: Config,
+    natives: Vec<(String, Arc<dyn crate::sandbox::NativePlugin>)>,
+    sources: Vec<(String, Arc<dyn crate::sandbox::NativeSource>)>,
+) -> anyhow::Result<Assembled> {
     let config = Arc::new(config);
     let tls = Tls::new(&config)?;
     let database = Database::open(&config, &tls).await?;
@@ -92,9 +102,24 @@ pub async fn assemble_with(
     } else {
         tracing::info!("sandbox ready: instances allocated on demand (no pooling)");
     }
-    let native: Vec<&str> = natives.iter().map(|(name, _)| name.as_str()).collect();
+    let native: Vec<&str> = natives
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .chain(sources.iter().map(|(name, _)| name.as_str()))
+        .collect();
     let (mut plugins, mut problems) =
         plugins::load_all(&config, &sandbox, &services, &database, &native).await;
+    for (name, source) in sources {
+        match plugins::load_native_source(&config, &sandbox, &services, &database, &name, source)
+            .await
+        {
+            Ok(plugin) => plugins.push(Arc::new(plugin)),
+            Err(message) => problems.push(plugins::Problem {
+                plugin: name,
+                message,
+            }),
+        }
+    }
     for (name, native) in natives {
         match plugins::load_native(&config, &sandbox, &services, &database, &name, native).await {
             Ok(plugin) => plugins.push(Arc::new(plugin)),

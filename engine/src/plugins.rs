@@ -171,6 +171,29 @@ pub async fn load_native(
     prepare(config, sandbox, services, database, name, path, component).await
 }
 
+/// A source compiled into the engine under `name`, with the grant and
+/// limits the config gives that name (see [`crate::sandbox::NativeSource`]:
+/// benchmarks only).
+pub async fn load_native_source(
+    config: &Config,
+    sandbox: &Sandbox,
+    services: &Arc<Services>,
+    database: &Database,
+    name: &str,
+    source: Arc<dyn crate::sandbox::NativeSource>,
+) -> Result<LoadedPlugin, String> {
+    let component = LoadedComponent {
+        code: Code::NativeSource(source),
+        warm: None,
+        sha256: "native".into(),
+        imports: Vec::new(),
+        world: World::Source,
+        from_cache: false,
+    };
+    let path = Path::new("(native)");
+    prepare(config, sandbox, services, database, name, path, component).await
+}
+
 /// Check `component` against its grant, open what the grant gives it and
 /// ask it to describe itself.
 async fn prepare(

@@ -131,6 +131,9 @@ pub enum Code {
     Wasm(InstancePre<InvocationState>),
     /// Native Rust code, unsandboxed: see [`NativePlugin`].
     Native(Arc<dyn NativePlugin>),
+    /// A source compiled into the engine, unsandboxed: see
+    /// [`NativeSource`].
+    NativeSource(Arc<dyn NativeSource>),
 }
 
 /// A plugin compiled into the engine and run without a sandbox: the native
@@ -151,6 +154,23 @@ pub trait NativePlugin: Send + Sync {
         state: &'a mut InvocationState,
         msg: bindings::Message,
     ) -> BoxFuture<'a, Result<bindings::Outcome, bindings::WitError>>;
+}
+
+/// A source compiled into the engine and run without a sandbox: the
+/// baseline `engine/benches/sync.rs` measures a source component against
+/// (the same host code for its `sql`, `http`, ... calls; no wasm boundary,
+/// no instance). Only `app::assemble_native` takes one. Its `changed`,
+/// `validate-config` and `ping` are Elastic's defaults (true, valid, up).
+pub trait NativeSource: Send + Sync {
+    /// As the world's `describe`.
+    fn describe(&self) -> bindings::SourceDescription;
+
+    /// As the world's `get-docs`.
+    fn get_docs<'a>(
+        &'a self,
+        state: &'a mut InvocationState,
+        request: bindings::PageRequest,
+    ) -> BoxFuture<'a, Result<bindings::Page, bindings::WitError>>;
 }
 
 /// Warm instances of one component kept between messages: the grant's
@@ -702,6 +722,14 @@ impl Sandbox {
                 .await
             }
             Code::Native(native) => (Ok(native.describe()), host, Usage::default()),
+            Code::NativeSource(_) => (
+                Err(Failure::new(
+                    FailureKind::Trap,
+                    "a source has no plugin `describe`",
+                )),
+                host,
+                Usage::default(),
+            ),
         }
     }
 
@@ -716,9 +744,13 @@ impl Sandbox {
         HostState,
         Usage,
     ) {
-        let Code::Wasm(pre) = &component.code else {
-            let failure = Failure::new(FailureKind::Trap, "a native plugin is not a source");
-            return (Err(failure), host, Usage::default());
+        let pre = match &component.code {
+            Code::Wasm(pre) => pre,
+            Code::NativeSource(native) => return (Ok(native.describe()), host, Usage::default()),
+            Code::Native(_) => {
+                let failure = Failure::new(FailureKind::Trap, "a native plugin is not a source");
+                return (Err(failure), host, Usage::default());
+            }
         };
         self.invoke(pre, limits, host, |instance, store| {
             Box::pin(async move {
@@ -751,29 +783,56 @@ impl Sandbox {
                 }
             },
             Code::Native(native) => {
-                let capture = Capture::new(0);
-                let permit = self.instances.clone().acquire_owned().await;
-                let started = Instant::now();
-                let mut state = Self::state(limits, host, &capture);
-                state.host.deadline = started + limits.timeout;
-                let result =
-                    tokio::time::timeout(limits.timeout, native.execute(&mut state, message))
-                        .await
-                        .map_err(|_| {
-                            Failure::new(
-                                FailureKind::Deadline,
-                                format!("ran past its deadline ({:?})", limits.timeout),
-                            )
-                        });
-                drop(permit);
-                state.host.gather();
-                let usage = Usage {
-                    duration: started.elapsed(),
-                    fuel: None,
-                };
-                (result, state.host, usage)
+                let native = native.clone();
+                self.run_native(limits, host, move |state| {
+                    Box::pin(async move { native.execute(state, message).await })
+                })
+                .await
             }
+            Code::NativeSource(_) => (
+                Err(Failure::new(
+                    FailureKind::Trap,
+                    "a source is not a plugin: it has no `execute`",
+                )),
+                host,
+                Usage::default(),
+            ),
         }
+    }
+
+    /// Run native code `call` (a [`NativePlugin`]'s or [`NativeSource`]'s)
+    /// on an [`InvocationState`] made for `limits` and `host`, within the
+    /// deadline and holding an instance slot, as a component would: its
+    /// result (or the deadline), the host state and what it cost.
+    pub async fn run_native<'a, T, F>(
+        &self,
+        limits: &Limits,
+        host: HostState,
+        call: F,
+    ) -> (Result<T, Failure>, HostState, Usage)
+    where
+        F: for<'s> FnOnce(&'s mut InvocationState) -> BoxFuture<'s, T> + 'a,
+    {
+        let capture = Capture::new(0);
+        let permit = self.instances.clone().acquire_owned().await;
+        let started = Instant::now();
+        let mut state = Self::state(limits, host, &capture);
+        state.host.deadline = started + limits.timeout;
+        let result = tokio::time::timeout(limits.timeout, call(&mut state))
+            .await
+            .map_err(|_| {
+                Failure::new(
+                    FailureKind::Deadline,
+                    format!("ran past its deadline ({:?})", limits.timeout),
+                )
+            });
+        drop(permit);
+        state.host.gather();
+        let usage = Usage {
+            duration: started.elapsed(),
+            fuel: None,
+        };
+        (result, state.host, usage)
     }
 
     /// `execute` on a warm instance from `pool` (or a new one), which goes

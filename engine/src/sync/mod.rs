@@ -232,6 +232,13 @@ fn not_an_object(body: &str) -> Option<String> {
         .map(|e| format!("its body is not valid JSON: {e}"))
 }
 
+/// What runs the source's calls: a warm instance of its component, or
+/// the source compiled into the engine (benchmarks).
+enum Runner {
+    Wasm(Session),
+    Native(Arc<dyn crate::sandbox::NativeSource>),
+}
+
 /// What a job that ran to its end keeps.
 struct Ran {
     /// The sync cursor for the next incremental sync.
@@ -578,6 +585,36 @@ impl Source {
         Ok(Some(job))
     }
 
+    /// One page from a source compiled into the engine, on the same host
+    /// code as a component's (its limits, its deadline).
+    async fn native_page(
+        &self,
+        native: &Arc<dyn crate::sandbox::NativeSource>,
+        request: PageRequest,
+    ) -> Result<bounded::PageRaw, String> {
+        let native = native.clone();
+        let host = crate::capability::HostState::new(self.plugin.context.clone(), None);
+        let (result, host, _) = self
+            .sandbox
+            .run_native(&self.plugin.context.limits, host, move |state| {
+                Box::pin(async move { native.get_docs(state, request).await })
+            })
+            .await;
+        end_call(host).await;
+        match result {
+            Ok(Ok(page)) => Ok(bounded::PageRaw {
+                docs: Docs::Copied(page.docs),
+                next: page.next,
+                sync_cursor: page.sync_cursor,
+            }),
+            Ok(Err(error)) => Err(format!(
+                "`get-docs` returned {}",
+                crate::pipeline::wit_error_text(&error)
+            )),
+            Err(failure) => Err(format!("`get-docs` failed: {failure}")),
+        }
+    }
+
     /// Call `what` on the session's instance: its value, or why the job
     /// fails.
     async fn call<T: Send>(
@@ -609,12 +646,17 @@ impl Source {
         cancel: watch::Receiver<bool>,
         progress: &mut (dyn FnMut(&JobRecord) + Send),
     ) -> Result<Ran, Stop> {
-        let mut session = Session::new(
-            self.sandbox.clone(),
-            &self.plugin.component,
-            self.plugin.context.clone(),
-        )
-        .map_err(|e| e.to_string())?;
+        let mut runner = match &self.plugin.component.code {
+            crate::sandbox::Code::NativeSource(native) => Runner::Native(native.clone()),
+            _ => Runner::Wasm(
+                Session::new(
+                    self.sandbox.clone(),
+                    &self.plugin.component,
+                    self.plugin.context.clone(),
+                )
+                .map_err(|e| e.to_string())?,
+            ),
+        };
         let last_cursor = self
             .sink
             .sync_cursor(&self.name)
@@ -622,7 +664,7 @@ impl Source {
             .map_err(|e| format!("cannot read the sync cursor: {e:#}"))?;
         // The rules first: invalid ones fail the job before any call,
         // and new ones make it run even when the source has no change.
-        let (rules, advanced, draft) = self.check_rules(&mut session).await?;
+        let (rules, advanced, draft) = self.check_rules(&mut runner).await?;
         let new_rules = draft.is_some();
         if new_rules && job.kind == JobKind::Incremental {
             return Err(Stop::Failed(format!(
@@ -631,15 +673,20 @@ impl Source {
             )));
         }
         let asked = last_cursor.clone();
-        let changed = self
-            .call(&mut session, "changed", move |instance, store| {
-                Box::pin(async move {
-                    SourceBindings::new(&mut *store, instance)?
-                        .call_changed(store, asked.as_deref())
-                        .await
+        let changed = match &mut runner {
+            Runner::Wasm(session) => {
+                self.call(session, "changed", move |instance, store| {
+                    Box::pin(async move {
+                        SourceBindings::new(&mut *store, instance)?
+                            .call_changed(store, asked.as_deref())
+                            .await
+                    })
                 })
-            })
-            .await?;
+                .await?
+            }
+            // A compiled-in source takes Elastic's defaults.
+            Runner::Native(_) => true,
+        };
         if !changed && !new_rules {
             tracing::info!(source = %self.name, "nothing changed since the last sync");
             return Ok(Ran {
@@ -647,22 +694,24 @@ impl Source {
                 rules: None,
             });
         }
-        self.call(&mut session, "validate-config", |instance, store| {
-            Box::pin(async move {
-                SourceBindings::new(&mut *store, instance)?
-                    .call_validate_config(store)
-                    .await
+        if let Runner::Wasm(session) = &mut runner {
+            self.call(session, "validate-config", |instance, store| {
+                Box::pin(async move {
+                    SourceBindings::new(&mut *store, instance)?
+                        .call_validate_config(store)
+                        .await
+                })
             })
-        })
-        .await?;
-        self.call(&mut session, "ping", |instance, store| {
-            Box::pin(async move {
-                SourceBindings::new(&mut *store, instance)?
-                    .call_ping(store)
-                    .await
+            .await?;
+            self.call(session, "ping", |instance, store| {
+                Box::pin(async move {
+                    SourceBindings::new(&mut *store, instance)?
+                        .call_ping(store)
+                        .await
+                })
             })
-        })
-        .await?;
+            .await?;
+        }
         if job.kind == JobKind::Incremental && !self.incremental() {
             return Err(Stop::Failed(format!(
                 "source `{}` does not sync incrementally (its `describe` says so): run a full sync",
@@ -711,11 +760,15 @@ impl Source {
                 size,
                 advanced_rules: advanced.clone(),
             };
-            let page = self
-                .call(&mut session, "get-docs", move |instance, store| {
-                    Box::pin(async move { bounded::get_docs(instance, store, &request).await })
-                })
-                .await?;
+            let page = match &mut runner {
+                Runner::Wasm(session) => {
+                    self.call(session, "get-docs", move |instance, store| {
+                        Box::pin(async move { bounded::get_docs(instance, store, &request).await })
+                    })
+                    .await?
+                }
+                Runner::Native(native) => self.native_page(native, request).await?,
+            };
             let docs = match page.docs {
                 Docs::Copied(docs) if docs.len() <= size as usize => docs,
                 Docs::Copied(docs) => {
@@ -945,7 +998,7 @@ impl Source {
     /// when a full sync with it completes); or why the job fails.
     async fn check_rules(
         &self,
-        session: &mut Session,
+        runner: &mut Runner,
     ) -> Result<(rules::BasicRules, Option<String>, Option<String>), Stop> {
         let config = &self.config.rules;
         let mut problems: Vec<String> = match rules::validate(&config.basic) {
@@ -964,7 +1017,7 @@ impl Source {
                     "source `{}` takes no advanced rules (its `describe` says so): remove sources.{}.rules.advanced",
                     self.name, self.name
                 ));
-            } else {
+            } else if let Runner::Wasm(session) = runner {
                 let (result, host, _) = session
                     .call(None, move |instance, store| {
                         Box::pin(async move {
