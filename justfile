@@ -199,6 +199,25 @@ example-services: guests
     psql -h 127.0.0.1 -U postgres sandpipe_example -c 'SELECT message_id, format, width, height, bytes FROM image_meta.image_meta ORDER BY message_id'
     psql -h 127.0.0.1 -U postgres sandpipe_example -c 'SELECT message_id, lines, words, bytes FROM text_stats.text_stats ORDER BY message_id'
 
+# Run examples/sources/http-api: serve its api/books on 127.0.0.1:8765,
+# sync it into the embedded SQLite sink with connectors/http-source (basic
+# rules keep the books before 1980), list the sink and the job.
+example-source: guests
+    #!/usr/bin/env bash
+    set -euo pipefail
+    dir="{{justfile_directory()}}/target/example-source"
+    rm -rf "$dir" && mkdir -p "$dir/plugins"
+    cp -r examples/sources/http-api/. "$dir/"
+    cp "{{guest_out}}/http_source.wasm" "$dir/plugins/books.wasm"
+    (cd "$dir" && exec python3 -m http.server 8765 --bind 127.0.0.1 >/dev/null 2>&1) &
+    server=$!
+    trap 'kill $server' EXIT
+    for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/8765) 2>/dev/null && break; sleep 0.1; done
+    cargo build -q -p sandpipe
+    cargo run -q -p sandpipe -- sync -c "$dir/sandpipe.yaml" books
+    cargo run -q -p sandpipe -- sources -c "$dir/sandpipe.yaml"
+    python3 -c 'import sqlite3, sys; [print(*r) for r in sqlite3.connect(sys.argv[1]).execute("SELECT id, json_extract(body, \"$.year\"), json_extract(body, \"$.title\") FROM books ORDER BY 2")]' "$dir/state/sources.sqlite"
+
 # Run examples/redis-s3 end to end: a local S3 server (moto) on port 9000,
 # the quickstart's objects uploaded, messages added to the Redis stream,
 # processed with `sandpipe run --once`.

@@ -1,7 +1,7 @@
 //! The shipped examples run as written: `examples/rabbitmq-redis-postgres`
 //! against the real RabbitMQ, Redis and PostgreSQL, with only its names
 //! made unique (database, exchanges, queue, Redis keys, port) so tests can
-//! run side by side.
+//! run side by side; `examples/redis-s3`; `examples/sources/http-api`.
 
 use std::time::Duration;
 
@@ -298,4 +298,55 @@ async fn the_redis_s3_example_runs_as_written() {
             .await
             .unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_http_api_source_example_runs_as_written() {
+    let example = root().join("examples/sources/http-api");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    std::fs::copy(
+        component("http-source"),
+        dir.path().join("plugins/books.wasm"),
+    )
+    .unwrap();
+    // Its api/books, served as `just example-source` serves it, on a port
+    // of the test's own.
+    let books = std::fs::read_to_string(example.join("api/books")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().route(
+        "/api/books",
+        axum::routing::get(move || {
+            let books = books.clone();
+            async move { books }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let yaml = std::fs::read_to_string(example.join("sandpipe.yaml"))
+        .unwrap()
+        .replace("8765", &port.to_string());
+    let config = dir.path().join("sandpipe.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandpipe"))
+        .args(["sync", "books", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The basic rule keeps the 8 books from before 1980 of the 12.
+    assert!(
+        stdout.contains("(full): completed") && stdout.contains("8 indexed"),
+        "{stdout}"
+    );
+    let conn = rusqlite::Connection::open(dir.path().join("state/sources.sqlite")).unwrap();
+    let latest: i64 = conn
+        .query_row("SELECT max(body->>'$.year') FROM books", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(latest, 1979);
 }
