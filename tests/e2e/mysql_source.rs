@@ -261,6 +261,7 @@ async fn advanced_rules_are_custom_sql_and_the_database_is_read_only() {
     // a login with server-wide privileges (root) is refused outright.
     for (id, action, sql) in [
         ("w", "sql-exec", "DELETE FROM products"),
+        ("c", "sql-exec", "/* /* */ COMMIT -- */ SELECT 1"),
         ("r", "sql-query", "SELECT count(*) AS n FROM products"),
     ] {
         d.message(
@@ -282,6 +283,15 @@ async fn advanced_rules_are_custom_sql_and_the_database_is_read_only() {
             .info
             .contains("database `writer` is read-only: it takes queries only"),
         "{write:?}"
+    );
+    // A COMMIT hidden where PostgreSQL would read a comment and MySQL
+    // does not: refused before it reaches the server.
+    let commit = d.last("c", "probe").await;
+    assert!(
+        commit
+            .info
+            .contains("database `writer` is read-only: on MySQL a statement may hold no"),
+        "{commit:?}"
     );
     let read = d.last("r", "probe").await;
     assert_eq!(read.info, "rows: [[Value::Int(1000)]]", "{read:?}");

@@ -1022,7 +1022,7 @@ async fn an_external_postgresql_database_is_read_only_and_held_to_the_sql_limits
     );
     let superuser = info(d.last("super", "superprobe").await);
     assert!(
-        superuser.contains("database `as_superuser`: its login is a superuser"),
+        superuser.contains("database `as_superuser`: its login is (or may become) a superuser"),
         "{superuser}"
     );
     let left: i64 = admin

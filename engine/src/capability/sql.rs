@@ -211,6 +211,14 @@ impl Transaction {
         }
     }
 
+    /// Bound an external database's statements by the invocation's
+    /// `deadline` too (the other backends have their own).
+    pub fn set_deadline(&mut self, deadline: std::time::Instant) {
+        if let Inner::External(tx, _) = &mut self.inner {
+            tx.set_deadline(deadline);
+        }
+    }
+
     /// Whether this is a PostgreSQL transaction.
     pub fn is_postgres(&self) -> bool {
         matches!(self.inner, Inner::Postgres(_))
@@ -256,6 +264,7 @@ impl InvocationState {
         let Some(tx) = self.host.effects.sql.as_mut() else {
             return Err(WitError::Internal("no transaction".into()));
         };
+        tx.set_deadline(self.host.deadline);
         let result = tx
             .run(statement, work, ResultLimit::of(&plugin.limits))
             .await;

@@ -45,8 +45,9 @@ const BINARY_CHARSET: u16 = 63;
 pub struct ExternalDb {
     name: String,
     pool: Pool,
-    /// Whether the login is not a superuser, checked on first use.
-    login: tokio::sync::OnceCell<Result<(), String>>,
+    /// Whether the login may be used: decided on first use (a check that
+    /// failed for want of the server is tried again).
+    login: tokio::sync::Mutex<Option<Result<(), String>>>,
 }
 
 /// The first words a statement on an external database may start with.
@@ -55,15 +56,20 @@ pub const QUERIES: [&str; 8] = [
 ];
 
 /// Why `statement` may not run on external database `name` (of `kind`),
-/// or `None` when it is a query.
+/// or `None` when it is a query. The first word is read the way
+/// PostgreSQL reads comments; MySQL reads them otherwise (`/* */` does not
+/// nest, `#` starts one, `/*!` runs its content), so on MySQL a statement
+/// with `/*` or `#` is refused whole.
 pub fn not_a_query(name: &str, kind: ExternalKind, statement: &str) -> Option<HostError> {
     let refuse = |why: String| {
         Some(HostError::AccessDenied(format!(
             "database `{name}` is read-only: {why}"
         )))
     };
-    if kind == ExternalKind::Mysql && (statement.contains("/*!") || statement.contains("/*M!")) {
-        return refuse("MySQL's executable comments (`/*! ... */`) are refused".into());
+    if kind == ExternalKind::Mysql && (statement.contains("/*") || statement.contains('#')) {
+        return refuse(
+            "on MySQL a statement may hold no `/* */` or `#` comment (nor a `#` anywhere: write it in a parameter)".into(),
+        );
     }
     let first = postgres::leading_keywords(statement, 1);
     match first.first() {
@@ -76,8 +82,8 @@ pub fn not_a_query(name: &str, kind: ExternalKind, statement: &str) -> Option<Ho
 }
 
 enum Pool {
-    Mysql(mysql_async::Pool),
-    Postgres(deadpool_postgres::Pool),
+    Mysql(mysql_async::Pool, mysql_async::Opts),
+    Postgres(deadpool_postgres::Pool, crate::tls::postgres::PgTls),
 }
 
 /// An invocation's read-only transaction on one connection.
@@ -85,8 +91,20 @@ pub struct ExternalTx {
     conn: Conn,
     name: String,
     kind: ExternalKind,
-    /// To `KILL` a MySQL statement that runs past its deadline.
-    mysql: Option<mysql_async::Pool>,
+    /// How to end a statement still running when the connection is given
+    /// up: a MySQL `KILL` from a connection of its own, a PostgreSQL
+    /// cancel request.
+    stop: Stop,
+    /// Whether a statement is running now (then dropping the transaction
+    /// ends it on the server).
+    running: bool,
+    /// The invocation's deadline, when the host set one.
+    deadline: Option<std::time::Instant>,
+}
+
+enum Stop {
+    Mysql(mysql_async::Opts),
+    Postgres(crate::tls::postgres::PgTls),
 }
 
 enum Conn {
@@ -99,12 +117,10 @@ enum Conn {
 
 impl Drop for ExternalTx {
     fn drop(&mut self) {
-        // A PostgreSQL connection dropped in its transaction must not go
-        // back to the pool: take it out, so it closes. (A MySQL one is
-        // reset by its pool.)
-        if let Conn::Postgres(object) = std::mem::replace(&mut self.conn, Conn::Lost) {
-            drop(deadpool_postgres::Object::take(*object));
-        }
+        // Dropped in its transaction (the invocation ended, or was given
+        // up mid-statement): end what runs, and never give a PostgreSQL
+        // connection back to the pool this way.
+        self.give_up();
     }
 }
 
@@ -142,39 +158,47 @@ impl ExternalDb {
                 if let Some(password) = password {
                     builder = builder.pass(Some(password));
                 }
-                Pool::Mysql(mysql_async::Pool::new(builder))
+                let opts = mysql_async::Opts::from(builder);
+                Pool::Mysql(mysql_async::Pool::new(opts.clone()), opts)
             }
             ExternalKind::Postgres => {
-                let (pool, _) =
+                let (pool, tls) =
                     postgres::external_pool(&config.url, password, config.pool_size, tls)
                         .map_err(|e| anyhow::anyhow!("databases.{name}.url: {e:#}"))?;
-                Pool::Postgres(pool)
+                Pool::Postgres(pool, tls)
             }
         };
         Ok(Self {
             name: name.to_owned(),
             pool,
-            login: tokio::sync::OnceCell::new(),
+            login: tokio::sync::Mutex::new(None),
         })
     }
 
-    /// Why the login may not be used (a superuser, or one that reads or
-    /// writes the server's files), or `Ok`.
-    async fn check_login(&self, conn: &mut Conn) -> Result<(), String> {
+    /// Whether the login may be used: `Ok(Ok)`, `Ok(Err(why))` when it has
+    /// privileges beyond reading (a superuser, a role that is one, server
+    /// files, or on MySQL any role or server-wide grant), `Err` when the
+    /// check could not run.
+    async fn check_login(&self, conn: &mut Conn) -> Result<Result<(), String>, HostError> {
         let name = &self.name;
         let bad = |why: &str| {
-            Err(format!(
+            Ok(Err(format!(
                 "database `{name}`: its login {why}; an external database is read-only and needs a login with SELECT only"
-            ))
+            )))
         };
         match conn {
             Conn::Mysql(conn) => {
                 let grants: Vec<String> = conn
                     .query("SHOW GRANTS")
                     .await
-                    .map_err(|e| format!("database `{name}`: {e}"))?;
+                    .map_err(|e| mysql_error(name, &e))?;
                 for grant in grants {
                     let upper = grant.to_ascii_uppercase();
+                    if !upper.starts_with("GRANT ") || !upper.contains(" ON ") {
+                        // A role granted (or a default role set): its
+                        // privileges do not show here.
+                        return bad(&format!("has a role (`{grant}`)"));
+                    }
                     if upper.contains(" ON *.* ")
                         && (upper.contains("ALL PRIVILEGES")
                             || upper.contains("SUPER")
@@ -183,26 +207,32 @@ impl ExternalDb {
                         return bad(&format!("has server-wide privileges (`{grant}`)"));
                     }
                 }
-                Ok(())
+                Ok(Ok(()))
             }
             Conn::Postgres(client) => {
                 let row = client
                     .query_one(
-                        "SELECT r.rolsuper
-                             OR pg_has_role(current_user, 'pg_read_server_files', 'member')
-                             OR pg_has_role(current_user, 'pg_write_server_files', 'member')
-                             OR pg_has_role(current_user, 'pg_execute_server_program', 'member')
-                         FROM pg_roles r WHERE r.rolname = current_user",
+                        "SELECT EXISTS (SELECT 1 FROM pg_roles r
+                             WHERE (r.rolsuper OR r.rolname IN ('pg_read_server_files',
+                                 'pg_write_server_files', 'pg_execute_server_program'))
+                               AND pg_has_role(current_user, r.oid, 'MEMBER'))",
                         &[],
                     )
                     .await
-                    .map_err(|e| format!("database `{name}`: {}", postgres::describe(&e)))?;
+                    .map_err(|e| {
+                        HostError::Unavailable(format!(
+                            "database `{name}`: {}",
+                            postgres::describe(&e)
+                        ))
+                    })?;
                 if row.get::<_, bool>(0) {
-                    return bad("is a superuser or reads, writes or runs the server's files");
+                    return bad(
+                        "is (or may become) a superuser, or reads, writes or runs the server's files",
+                    );
                 }
-                Ok(())
+                Ok(Ok(()))
             }
-            Conn::Lost => Ok(()),
+            Conn::Lost => Ok(Ok(())),
         }
     }
 
@@ -213,24 +243,38 @@ impl ExternalDb {
         let millis = timeout.as_millis().max(1);
         let connect = async {
             let mut conn = match &self.pool {
-                Pool::Mysql(pool) => {
+                Pool::Mysql(pool, _) => {
                     Conn::Mysql(pool.get_conn().await.map_err(|e| mysql_error(name, &e))?)
                 }
-                Pool::Postgres(pool) => {
+                Pool::Postgres(pool, _) => {
                     Conn::Postgres(Box::new(pool.get().await.map_err(|e| {
                         HostError::Unavailable(format!("database `{name}`: {e}"))
                     })?))
                 }
             };
-            let login = self.login.get_or_init(|| self.check_login(&mut conn)).await;
-            if let Err(why) = login {
-                return Err(HostError::AccessDenied(why.clone()));
+            {
+                let mut login = self.login.lock().await;
+                if login.is_none() {
+                    // A definite answer is kept; a failed check is not.
+                    *login = Some(self.check_login(&mut conn).await?);
+                }
+                if let Some(Err(why)) = login.as_ref() {
+                    return Err(HostError::AccessDenied(why.clone()));
+                }
             }
             match &mut conn {
-                Conn::Mysql(c) => c
-                    .query_drop("START TRANSACTION READ ONLY")
-                    .await
-                    .map_err(|e| mysql_error(name, &e))?,
+                Conn::Mysql(c) => {
+                    // Read-only for the session too: were the transaction
+                    // ended, what follows is still refused.
+                    for statement in [
+                        "SET SESSION TRANSACTION READ ONLY",
+                        "START TRANSACTION READ ONLY",
+                    ] {
+                        c.query_drop(statement)
+                            .await
+                            .map_err(|e| mysql_error(name, &e))?;
+                    }
+                }
                 Conn::Postgres(c) => c
                     .batch_execute(&format!(
                         "BEGIN READ ONLY; SET LOCAL statement_timeout = {millis}"
@@ -251,15 +295,17 @@ impl ExternalDb {
                 "database `{name}`: no connection within {timeout:?}"
             ))
         })??;
-        let (kind, mysql) = match &self.pool {
-            Pool::Mysql(pool) => (ExternalKind::Mysql, Some(pool.clone())),
-            Pool::Postgres(_) => (ExternalKind::Postgres, None),
+        let (kind, stop) = match &self.pool {
+            Pool::Mysql(_, opts) => (ExternalKind::Mysql, Stop::Mysql(opts.clone())),
+            Pool::Postgres(_, tls) => (ExternalKind::Postgres, Stop::Postgres(tls.clone())),
         };
         Ok(ExternalTx {
             conn,
             name: name.clone(),
             kind,
-            mysql,
+            stop,
+            running: false,
+            deadline: None,
         })
     }
 }
@@ -354,8 +400,50 @@ fn cell(value: mysql_async::Value, column: &mysql_async::Column) -> (Value, Opti
 }
 
 impl ExternalTx {
+    /// Bound every statement from now on by the invocation's `deadline`
+    /// too.
+    pub fn set_deadline(&mut self, deadline: std::time::Instant) {
+        self.deadline = Some(deadline);
+    }
+
+    /// Give the connection up: a statement still running is ended on the
+    /// server (MySQL: `KILL` from a connection of its own; PostgreSQL: a
+    /// cancel request) and the connection is closed, not pooled.
+    fn give_up(&mut self) {
+        let running = std::mem::take(&mut self.running);
+        match std::mem::replace(&mut self.conn, Conn::Lost) {
+            Conn::Postgres(object) => {
+                if running && let Stop::Postgres(tls) = &self.stop {
+                    let token = object.cancel_token();
+                    let tls = tls.clone();
+                    tokio::spawn(async move {
+                        let _ = token.cancel_query(tls).await;
+                    });
+                }
+                drop(deadpool_postgres::Object::take(*object));
+            }
+            Conn::Mysql(conn) => {
+                if running && let Stop::Mysql(opts) = &self.stop {
+                    let id = conn.id();
+                    let opts = opts.clone();
+                    tokio::spawn(async move {
+                        let kill = async {
+                            let mut killer = mysql_async::Conn::new(opts).await?;
+                            killer.query_drop(format!("KILL {id}")).await?;
+                            killer.disconnect().await
+                        };
+                        let _ = tokio::time::timeout(Duration::from_secs(10), kill).await;
+                        drop(conn);
+                    });
+                }
+            }
+            Conn::Lost => {}
+        }
+    }
+
     /// Run one statement (rows within `limit`; changes are refused by the
-    /// server: the transaction is read-only), waiting at most `timeout`.
+    /// server: the transaction is read-only), waiting at most `timeout`
+    /// and never past the invocation's deadline.
     pub async fn run(
         &mut self,
         statement: &str,
@@ -366,7 +454,14 @@ impl ExternalTx {
         if let Some(refused) = not_a_query(&self.name, self.kind, statement) {
             return Err(refused);
         }
+        let timeout = match self.deadline {
+            Some(deadline) => {
+                timeout.min(deadline.saturating_duration_since(std::time::Instant::now()))
+            }
+            None => timeout,
+        };
         let name = self.name.clone();
+        self.running = true;
         let run = async {
             match &mut self.conn {
                 Conn::Mysql(conn) => mysql_run(conn, &name, statement, work, limit).await,
@@ -378,27 +473,16 @@ impl ExternalTx {
                 ))),
             }
         };
-        match tokio::time::timeout(timeout, run).await {
-            Ok(result) => result,
+        let result = tokio::time::timeout(timeout, run).await;
+        match result {
+            Ok(result) => {
+                self.running = false;
+                result
+            }
             Err(_) => {
-                // The statement may still run on the server: end it and
-                // close the connection, which is not used again.
-                match std::mem::replace(&mut self.conn, Conn::Lost) {
-                    Conn::Postgres(object) => drop(deadpool_postgres::Object::take(*object)),
-                    Conn::Mysql(conn) => {
-                        let id = conn.id();
-                        let pool = self.mysql.clone();
-                        tokio::spawn(async move {
-                            if let Some(pool) = pool
-                                && let Ok(mut killer) = pool.get_conn().await
-                            {
-                                let _ = killer.query_drop(format!("KILL {id}")).await;
-                            }
-                            drop(conn);
-                        });
-                    }
-                    Conn::Lost => {}
-                }
+                // Still running on the server: end it, close the
+                // connection.
+                self.give_up();
                 Err(HostError::Unavailable(format!(
                     "database `{}`: the statement ran past the invocation's deadline ({timeout:?})",
                     self.name
@@ -408,20 +492,32 @@ impl ExternalTx {
     }
 
     /// End the transaction (read-only: nothing to commit) and give the
-    /// connection back.
+    /// connection back (closed instead if it does not end in time).
     pub async fn finish(mut self) {
         let wait = Duration::from_secs(5);
-        match std::mem::replace(&mut self.conn, Conn::Lost) {
-            Conn::Mysql(mut conn) => {
-                let _ = tokio::time::timeout(wait, conn.query_drop("ROLLBACK")).await;
+        let ended = match &mut self.conn {
+            Conn::Mysql(conn) => {
+                matches!(
+                    tokio::time::timeout(wait, conn.query_drop("ROLLBACK")).await,
+                    Ok(Ok(()))
+                )
             }
-            Conn::Postgres(client) => {
-                let ended = tokio::time::timeout(wait, client.batch_execute("ROLLBACK")).await;
-                if !matches!(ended, Ok(Ok(()))) {
-                    drop(deadpool_postgres::Object::take(*client));
-                }
+            Conn::Postgres(client) => matches!(
+                tokio::time::timeout(wait, client.batch_execute("ROLLBACK")).await,
+                Ok(Ok(()))
+            ),
+            Conn::Lost => true,
+        };
+        if ended {
+            // Back to its pool (MySQL's resets it; PostgreSQL's cleans it).
+            if let Conn::Postgres(object) = std::mem::replace(&mut self.conn, Conn::Lost) {
+                drop(object);
+            } else if let Conn::Mysql(conn) = std::mem::replace(&mut self.conn, Conn::Lost) {
+                drop(conn);
             }
-            Conn::Lost => {}
+        } else {
+            self.running = true;
+            self.give_up();
         }
     }
 }
@@ -520,7 +616,18 @@ mod tests {
                 "{refused}: {why}"
             );
         }
-        let why = not_a_query("db", ExternalKind::Mysql, "SELECT 1 /*!, SLEEP(9) */").unwrap();
-        assert!(why.to_string().contains("executable comments"), "{why}");
+        // MySQL reads comments otherwise than PostgreSQL: refused whole.
+        for refused in [
+            "SELECT 1 /*!, SLEEP(9) */",
+            "/* /* */ COMMIT -- */ SELECT 1",
+            "SELECT 1 # ; COMMIT",
+        ] {
+            let why = not_a_query("db", ExternalKind::Mysql, refused).unwrap();
+            assert!(
+                why.to_string().contains("no `/* */` or `#` comment"),
+                "{refused}: {why}"
+            );
+        }
+        assert!(not_a_query("db", ExternalKind::Mysql, "SELECT a -- the a\nFROM t").is_none());
     }
 }

@@ -296,11 +296,21 @@ fn location(config: &tokio_postgres::Config) -> String {
 /// A pool of connections made with `config` (checked only for being
 /// closed when taken; plugin connections are cleaned when given back).
 fn pool(config: tokio_postgres::Config, tls: PgTls, size: usize) -> anyhow::Result<Pool> {
+    pool_recycled(config, tls, size, RecyclingMethod::Fast)
+}
+
+/// [`pool`] with connections recycled by `recycling`.
+fn pool_recycled(
+    config: tokio_postgres::Config,
+    tls: PgTls,
+    size: usize,
+    recycling: RecyclingMethod,
+) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
         config,
         tls,
         ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
+            recycling_method: recycling,
         },
     );
     Pool::builder(manager)
@@ -2276,13 +2286,17 @@ pub async fn run_plain(
 }
 
 /// A pool of connections to an external database (`databases:`): `url`
-/// (with its `sslmode`) logging in with `password`.
+/// (with its `sslmode`) logging in with `password`; each connection is
+/// cleaned when it comes back (`DISCARD ALL`-like: settings, advisory
+/// locks, prepared statements, cursors), so nothing a guest's query left
+/// in the session outlives its invocation. Also the TLS connector, for
+/// cancel requests.
 pub fn external_pool(
     url: &str,
     password: Option<&str>,
     size: usize,
     tls: &Tls,
-) -> anyhow::Result<(Pool, String)> {
+) -> anyhow::Result<(Pool, PgTls)> {
     let (mut config, ssl_mode) = crate::config::postgres_url(url)
         .map_err(|e| anyhow::anyhow!("not a PostgreSQL URL: {e}"))?;
     if let Some(password) = password {
@@ -2292,8 +2306,11 @@ pub fn external_pool(
         config.connect_timeout(Duration::from_secs(10));
     }
     config.application_name("sandpipe-source");
-    let target = describe_target(&config);
-    Ok((pool(config, tls.postgres(ssl_mode)?, size)?, target))
+    let tls = tls.postgres(ssl_mode)?;
+    Ok((
+        pool_recycled(config, tls.clone(), size, RecyclingMethod::Clean)?,
+        tls,
+    ))
 }
 
 const NUMERIC_POS: u16 = 0x0000;
