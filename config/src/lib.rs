@@ -1463,15 +1463,38 @@ impl Config {
             // A full sync deletes what its source does not yield from the
             // whole table: two sources in one table would delete each
             // other's documents.
+            if let Some(table) = table
+                && table.starts_with("sandpipe_")
+            {
+                return Err(invalid(
+                    format!("sources.{name}.sink"),
+                    format!(
+                        "table `{table}`: names starting with `sandpipe_` are the engine's (its job records, cursors and indexes live beside the documents)"
+                    ),
+                ));
+            }
+            // Where the table is, whatever the spelling: the server and
+            // database of a URL, the file of a path.
             let target = match &sink {
-                source::SinkConfig::Postgres { url, schema, table } => format!(
-                    "postgres {} {schema}.{}",
-                    url.as_deref().unwrap_or_default(),
-                    table.as_deref().unwrap_or_default()
-                ),
+                source::SinkConfig::Postgres { url, schema, table } => {
+                    let url = url.as_deref().unwrap_or_default();
+                    let server = match postgres_url(url) {
+                        Ok((c, _)) => format!(
+                            "{:?} {:?} {}",
+                            c.get_hosts(),
+                            c.get_ports(),
+                            c.get_dbname().or(c.get_user()).unwrap_or_default()
+                        ),
+                        Err(_) => url.to_owned(),
+                    };
+                    format!(
+                        "postgres {server} {schema}.{}",
+                        table.as_deref().unwrap_or_default()
+                    )
+                }
                 source::SinkConfig::Sqlite { path, table } => format!(
                     "sqlite {} {}",
-                    path.display(),
+                    path.components().collect::<PathBuf>().display(),
                     table.as_deref().unwrap_or_default()
                 ),
             };
@@ -1930,6 +1953,20 @@ mod tests {
         );
         let err = refused("sources:\n  a: {}\n  b: { sink: { type: sqlite, table: a } }\n");
         assert!(err.contains("sink into the same table"), "{err}");
+        // The same server and table, spelled otherwise.
+        let err = refused(
+            "sources:\n  a: { sink: { type: postgres, url: \"postgres://a@h/db\", table: t } }\n  b: { sink: { type: postgres, url: \"postgres://b@h:5432/db?sslmode=require\", table: t } }\n",
+        );
+        assert!(err.contains("sink into the same table"), "{err}");
+        let err = refused(
+            "sources:\n  a: { sink: { type: sqlite, path: ./s.sqlite, table: t } }\n  b: { sink: { type: sqlite, path: s.sqlite, table: t } }\n",
+        );
+        assert!(err.contains("sink into the same table"), "{err}");
+        let err = refused("sources:\n  sandpipe_sync_jobs: {}\n");
+        assert!(
+            err.contains("names starting with `sandpipe_` are the engine's"),
+            "{err}"
+        );
         assert!(
             refused("sources:\n  a: {}\n  b: { sink: { type: sqlite, table: b2 } }\n").is_empty()
         );

@@ -237,6 +237,7 @@ pub async fn run(
             schedules.push(tokio::spawn(source.clone().run_schedules(shutdown.clone())));
         }
     }
+    let api_jobs = crate::server::Jobs::default();
     let ready = crate::server::Readiness::default();
     ready.not_ready("listener", "starting");
     if let Some(server) = &assembled.config.server {
@@ -247,7 +248,11 @@ pub async fn run(
                 )?),
                 None => None,
             };
-        let api = crate::server::Api { sources, token };
+        let api = crate::server::Api {
+            sources,
+            token,
+            jobs: api_jobs.clone(),
+        };
         crate::server::serve(server.listen, ready.clone(), api, shutdown.clone()).await?;
     }
     let listener: Arc<dyn listener::Listener> = Arc::from(
@@ -268,22 +273,34 @@ pub async fn run(
         result = pipeline.run(listener, shutdown) => result,
         fatal = assembled.sandbox.fatal() => Err(anyhow::Error::new(fatal)),
     };
-    // A scheduled job running now was told to stop by the same signal: it
-    // stops after the page in hand and records itself canceled. Wait for
-    // that (not when the run ended otherwise).
+    // A job running now (scheduled, or started over HTTP) was told to stop
+    // by the same signal: it stops after the page in hand and records
+    // itself canceled. Wait for that (not when the run ended otherwise).
+    let started_over_http: Vec<_> = api_jobs
+        .lock()
+        .map(|mut jobs| jobs.drain(..).collect())
+        .unwrap_or_default();
+    let stopping = *stopping.borrow();
     for job in schedules {
-        if *stopping.borrow() {
-            if tokio::time::timeout(std::time::Duration::from_secs(30), job)
-                .await
-                .is_err()
-            {
-                tracing::warn!("a scheduled sync did not stop within 30 s");
-            }
-        } else {
-            job.abort();
-        }
+        wait_or_abort(job, stopping).await;
+    }
+    for job in started_over_http {
+        wait_or_abort(job, stopping).await;
     }
     result
+}
+
+/// Wait (up to 30 s) for a sync job told to stop by the shutdown signal
+/// to record itself canceled; abort it when the run ended otherwise.
+async fn wait_or_abort<T>(job: tokio::task::JoinHandle<T>, stopping: bool) {
+    if !stopping {
+        job.abort();
+    } else if tokio::time::timeout(std::time::Duration::from_secs(30), job)
+        .await
+        .is_err()
+    {
+        tracing::warn!("a sync job did not stop within 30 s");
+    }
 }
 
 /// `sandpipe check`: validate the config and every component; print a
@@ -510,12 +527,16 @@ pub async fn sources(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow
         &assembled.tls,
     );
     for source in &sources {
-        let sink = source.sink();
-        writeln!(out, "source `{}`: into {}", source.name(), sink.describe())?;
-        if sink.prepare().await.is_err() {
+        writeln!(
+            out,
+            "source `{}`: into {}",
+            source.name(),
+            source.sink().describe()
+        )?;
+        let Ok(sink) = source.prepared().await else {
             writeln!(out, "  (the sink cannot be reached)")?;
             continue;
-        }
+        };
         writeln!(out, "  documents: {}", sink.len().await?)?;
         for (kind, schedule, at) in source.next_runs().await? {
             writeln!(

@@ -24,20 +24,27 @@ pub type Sources = Arc<BTreeMap<String, Arc<Source>>>;
 struct AppState {
     ready: Readiness,
     sources: Sources,
-    /// The bearer token `POST /v1/sources/...` must carry (`server.token`);
-    /// none: those requests are refused.
+    /// The bearer token `/v1/sources/...` requests must carry
+    /// (`server.token`); none: those requests are refused.
     token: Option<crate::secrets::Secret>,
+    /// The jobs started over HTTP.
+    jobs: Jobs,
     /// Cancels jobs started here when the server stops.
     shutdown: watch::Receiver<bool>,
 }
 
-/// The sources' API: the engine, its sources and who may change things.
+/// Jobs started over HTTP, still running or not yet awaited.
+pub type Jobs = Arc<Mutex<Vec<tokio::task::JoinHandle<anyhow::Result<Option<JobRecord>>>>>>;
+
+/// The sources' API: the engine, its sources and who may use it.
 #[derive(Clone, Default)]
 pub struct Api {
     /// The sources, by name.
     pub sources: Sources,
     /// `server.token`'s secret.
     pub token: Option<crate::secrets::Secret>,
+    /// The jobs it starts (`app::run` awaits them when it stops).
+    pub jobs: Jobs,
 }
 
 /// `403` unless the request carries the configured bearer token
@@ -46,7 +53,7 @@ fn authorized(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), R
     let Some(token) = &state.token else {
         return Err(error(
             StatusCode::FORBIDDEN,
-            "starting and canceling syncs over HTTP needs `server.token` (the name of a secret under `secrets:`); requests then carry `Authorization: Bearer <its value>`".into(),
+            "the sources' API needs `server.token` (the name of a secret under `secrets:`); requests then carry `Authorization: Bearer <its value>`".into(),
         ));
     };
     let given = headers
@@ -164,11 +171,15 @@ fn internal(e: anyhow::Error) -> Reply {
 
 /// `GET /v1/sources`: each source, its component, documents, last jobs
 /// and next scheduled runs.
-async fn list_sources(State(state): State<AppState>) -> Result<Json<Value>, Reply> {
+async fn list_sources(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<Value>, Reply> {
+    authorized(&state, &headers)?;
     let mut out = Vec::new();
     for (name, source) in state.sources.iter() {
-        let sink = source.sink();
-        sink.prepare().await.map_err(internal)?;
+        let sink = source.prepared().await.map_err(internal)?;
+
         let jobs = sink.jobs(name, 3).await.map_err(internal)?;
         let next: Vec<Value> = source
             .next_runs()
@@ -203,11 +214,14 @@ async fn list_jobs(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Query(query): Query<JobsQuery>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Json<Value>, Reply> {
+    authorized(&state, &headers)?;
     let source = source(&state, &name)?;
-    source.sink().prepare().await.map_err(internal)?;
     let jobs = source
-        .sink()
+        .prepared()
+        .await
+        .map_err(internal)?
         .jobs(&name, query.limit.unwrap_or(20).min(1000))
         .await
         .map_err(internal)?;
@@ -254,12 +268,19 @@ async fn start_sync(
             .await
     });
     match started.await {
-        Ok(id) => Ok((
-            StatusCode::ACCEPTED,
-            Json(
-                json!({ "job": id, "source": name, "kind": kind.as_str(), "state": "in_progress" }),
-            ),
-        )),
+        Ok(id) => {
+            // Awaited when the engine stops (it cancels the job first).
+            if let Ok(mut jobs) = state.jobs.lock() {
+                jobs.retain(|j| !j.is_finished());
+                jobs.push(job);
+            }
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(
+                    json!({ "job": id, "source": name, "kind": kind.as_str(), "state": "in_progress" }),
+                ),
+            ))
+        }
         // The job ended before it was recorded: the lock, or the sink.
         Err(_) => match job.await {
             Ok(Err(e)) if format!("{e:#}").contains("another sync") => {
@@ -283,13 +304,8 @@ async fn cancel_sync(
 ) -> Result<Reply, Reply> {
     authorized(&state, &headers)?;
     let source = source(&state, &name)?;
-    source.sink().prepare().await.map_err(internal)?;
-    match source
-        .sink()
-        .request_cancel(&name)
-        .await
-        .map_err(internal)?
-    {
+    let sink = source.prepared().await.map_err(internal)?;
+    match sink.request_cancel(&name).await.map_err(internal)? {
         0 => Err(error(
             StatusCode::NOT_FOUND,
             format!("no job of source `{name}` is running"),
@@ -312,6 +328,7 @@ pub fn router(ready: Readiness, api: Api, shutdown: watch::Receiver<bool>) -> Ro
             ready,
             sources: api.sources,
             token: api.token,
+            jobs: api.jobs,
             shutdown,
         })
 }

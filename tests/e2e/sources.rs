@@ -582,11 +582,11 @@ const TOKEN: &str = "s3cret-token";
 /// A plain HTTP/1.0 POST on 127.0.0.1 with the test's bearer token:
 /// (status code, body).
 fn post(port: u16, path: &str) -> Option<(u16, String)> {
-    post_as(port, path, Some(TOKEN))
+    request("POST", port, path, Some(TOKEN))
 }
 
-/// A POST with `token` as its bearer token, if any.
-fn post_as(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+/// A request with `token` as its bearer token, if any.
+fn request(method: &str, port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
@@ -595,7 +595,7 @@ fn post_as(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> 
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         stream,
-        "POST {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: 0\r\n\r\n"
     )
     .ok()?;
     let mut response = String::new();
@@ -605,9 +605,9 @@ fn post_as(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> 
     Some((status, body))
 }
 
-/// GET `path` as JSON.
+/// GET `path` (with the token) as JSON.
 fn get_json(port: u16, path: &str) -> serde_json::Value {
-    let (status, body) = crate::harness::get(port, path).unwrap();
+    let (status, body) = request("GET", port, path, Some(TOKEN)).unwrap();
     assert_eq!(status, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -637,7 +637,7 @@ async fn sandpipe_run_syncs_on_schedule_and_the_http_api_starts_lists_and_cancel
 
     // The schedule runs `src` at once, then every second.
     eventually("two scheduled jobs of src", || {
-        let Some((200, body)) = crate::harness::get(port, "/v1/sources/src/jobs") else {
+        let Some((200, body)) = request("GET", port, "/v1/sources/src/jobs", Some(TOKEN)) else {
             return false;
         };
         let jobs: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -661,9 +661,11 @@ async fn sandpipe_run_syncs_on_schedule_and_the_http_api_starts_lists_and_cancel
     assert_eq!(src["next_runs"][0]["kind"], "full", "{src}");
     assert_eq!(src["next_runs"][0]["schedule"], "1s", "{src}");
 
-    // Changing things takes the token: none or a wrong one is refused.
+    // The API takes the token: none or a wrong one is refused.
     for token in [None, Some("wrong-token!")] {
-        let (status, body) = post_as(port, "/v1/sources/slow/sync", token).unwrap();
+        let (status, body) = request("POST", port, "/v1/sources/slow/sync", token).unwrap();
+        assert_eq!(status, 401, "{token:?}: {body}");
+        let (status, body) = request("GET", port, "/v1/sources", token).unwrap();
         assert_eq!(status, 401, "{token:?}: {body}");
     }
     // On demand: 202 with the job's id; a second while it runs: 409.

@@ -274,6 +274,8 @@ pub struct Source {
     batches: std::sync::atomic::AtomicU64,
     /// The sink's lock while a job runs here (checked before each write).
     held: std::sync::Mutex<Option<Arc<sink::SinkLock>>>,
+    /// The sink's tables made (for readers: `sources`, the API).
+    prepared: tokio::sync::OnceCell<()>,
 }
 
 impl Source {
@@ -350,6 +352,7 @@ impl Source {
             schedules,
             batches: std::sync::atomic::AtomicU64::new(0),
             held: std::sync::Mutex::new(None),
+            prepared: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -439,6 +442,15 @@ impl Source {
     /// Its sink.
     pub fn sink(&self) -> &Sink {
         &self.sink
+    }
+
+    /// Make the sink's tables if this process has not yet (for readers of
+    /// the job records: a job makes them itself, under its lock).
+    pub async fn prepared(&self) -> anyhow::Result<&Sink> {
+        self.prepared
+            .get_or_try_init(|| self.sink.prepare())
+            .await?;
+        Ok(&self.sink)
     }
 
     /// Whether the source pages incrementally.
@@ -564,10 +576,13 @@ impl Source {
             self.sink.write(Batch::default(), &job, None).await?;
         } else if let Some(rules) = new_rules
             && job.state == JobState::Completed
-        {
-            self.sink
+            && let Err(e) = self
+                .sink
                 .set_rules(&self.name, "valid", Some(rules), None)
-                .await?;
+                .await
+        {
+            // The job completed; the next full sync makes them active.
+            tracing::warn!(source = %self.name, "cannot record the active sync rules: {e:#}");
         }
         let source = self.name.clone();
         metrics::counter!(crate::metrics::SYNC_JOBS, "source" => source.clone(), "kind" => kind.as_str(), "state" => job.state.as_str()).increment(1);
@@ -901,6 +916,8 @@ impl Source {
                                 self.flush(batch, job, started).await?;
                             }
                             batch.delete(key);
+                            batch.pending.deleted += 1;
+                            job.counts.deleted += 1;
                         }
                         self.count("filtered");
                         monitor.ok();
@@ -1100,9 +1117,14 @@ impl Source {
     ) -> Result<(), Stop> {
         job.duration = started.elapsed();
         let batch = std::mem::take(batch);
-        self.commit(batch, job, None)
-            .await
-            .map_err(|e| Stop::Failed(format!("{e:#}")))
+        let pending = batch.pending;
+        self.commit(batch, job, None).await.map_err(|e| {
+            // Not written: not counted.
+            job.counts.indexed -= pending.indexed;
+            job.counts.updated -= pending.updated;
+            job.counts.deleted -= pending.deleted;
+            Stop::Failed(format!("{e:#}"))
+        })
     }
 
     /// Publish `batch`'s change events to the source's outputs (each

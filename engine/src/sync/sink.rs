@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
+use sha2::Digest as _;
 
 use super::{Counts, JobKind, JobRecord, JobState, Key, Trigger};
 use crate::config::source::SinkConfig;
@@ -295,8 +296,14 @@ impl Sink {
         let state = self.side_table("sandpipe_sync_state");
         match self {
             Self::Postgres(s) => {
-                let mut search_index = format!("{}_search", s.table);
-                search_index.truncate(63);
+                // `sandpipe_` names are the engine's (no table has one);
+                // a long table name is cut and told apart by its hash.
+                let search_index = if s.table.len() <= 38 {
+                    format!("sandpipe_search_{}", s.table)
+                } else {
+                    let hash = hex::encode(&sha2::Sha256::digest(s.table.as_bytes())[..4]);
+                    format!("sandpipe_search_{}_{hash}", &s.table[..38])
+                };
                 let sql = format!(
                     "SELECT pg_advisory_xact_lock(hashtext('sandpipe:sync-prepare'));
                      CREATE SCHEMA IF NOT EXISTS {schema};
