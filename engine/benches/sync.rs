@@ -564,6 +564,9 @@ fn main() {
         conn.query_drop(format!("DROP DATABASE {my_db}"))
             .await
             .unwrap();
+        conn.query_drop(format!("DROP USER '{my_db}'@'%'"))
+            .await
+            .unwrap();
         let (client, connection) =
             tokio_postgres::connect(&format!("{POSTGRES}/postgres"), tokio_postgres::NoTls)
                 .await

@@ -66,11 +66,14 @@ impl Drop for TestMysql {
                 .unwrap();
             runtime.block_on(async move {
                 if let Ok(mut conn) = mysql_async::Conn::from_url(server()).await {
-                    let _ = conn
-                        .query_drop(format!(
-                            "DROP DATABASE IF EXISTS {name}; DROP USER IF EXISTS '{user}'@'%';"
-                        ))
-                        .await;
+                    // One statement a call: each runs whatever the last did.
+                    for statement in [
+                        format!("DROP DATABASE IF EXISTS {name}"),
+                        format!("DROP USER IF EXISTS '{user}'@'%'"),
+                        format!("DROP USER IF EXISTS '{user}_w'@'%'"),
+                    ] {
+                        let _ = conn.query_drop(statement).await;
+                    }
                     let _ = conn.disconnect().await;
                 }
             });
