@@ -41,6 +41,12 @@ pub struct Assembled {
 }
 
 impl Assembled {
+    /// Every source of the config, ready to sync, and why the others are
+    /// not.
+    pub fn sources(&self) -> (Vec<crate::sync::Source>, Vec<String>) {
+        crate::sync::sources(&self.config, &self.plugins, &self.sandbox, &self.tls)
+    }
+
     /// A pipeline over these parts: the `plugin`-world components (a
     /// source is called by sync jobs, never routed a message).
     pub fn pipeline(&self) -> Arc<Pipeline> {
@@ -209,12 +215,7 @@ pub async fn run(
             "loaded"
         );
     }
-    let (sources, source_problems) = crate::sync::sources(
-        &assembled.config,
-        &assembled.plugins,
-        &assembled.sandbox,
-        &assembled.tls,
-    );
+    let (sources, source_problems) = assembled.sources();
     if !source_problems.is_empty() {
         anyhow::bail!(
             "{}: refusing to start, {} source problem(s):\n  - {}",
@@ -361,12 +362,7 @@ pub async fn check(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow::
     for problem in &assembled.problems {
         writeln!(out, "error: {problem}")?;
     }
-    let (sources, source_problems) = crate::sync::sources(
-        &assembled.config,
-        &assembled.plugins,
-        &assembled.sandbox,
-        &assembled.tls,
-    );
+    let (sources, source_problems) = assembled.sources();
     for source in &sources {
         writeln!(
             out,
@@ -520,12 +516,7 @@ pub fn job_line(job: &crate::sync::JobRecord) -> String {
 /// and last jobs.
 pub async fn sources(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     let assembled = assemble(Config::load(config_file)?).await?;
-    let (sources, problems) = crate::sync::sources(
-        &assembled.config,
-        &assembled.plugins,
-        &assembled.sandbox,
-        &assembled.tls,
-    );
+    let (sources, problems) = assembled.sources();
     for source in &sources {
         writeln!(
             out,

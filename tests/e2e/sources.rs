@@ -252,6 +252,14 @@ async fn hostile_sources_fail_their_jobs_with_the_reason() {
         &hostile("stuck-cursor", "").await,
         "the sync would never end",
     );
+    failed(
+        &hostile("cycling-cursor", "").await,
+        "a cursor it had returned before",
+    );
+    failed(
+        &hostile("huge-cursor", "").await,
+        "a `next` cursor of 100000 bytes, over 65536",
+    );
     failed(&hostile("loop", "").await, "deadline");
     failed(
         &hostile("ping-fails", "").await,

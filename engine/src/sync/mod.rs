@@ -46,6 +46,11 @@ pub type Key = [u8; 16];
 /// error).
 pub const MAX_TIMESTAMP_BYTES: usize = 1024;
 
+/// The longest page cursor or sync cursor a source may return (a longer
+/// one fails the job: the engine keeps cursors in memory and the sync
+/// cursor in the job table).
+pub const MAX_CURSOR_BYTES: usize = 64 * 1024;
+
 /// Ids longer than this are replaced by their MD5 in hex (Elastic's
 /// `ES_ID_SIZE_LIMIT`).
 pub const MAX_ID_BYTES: usize = 512;
@@ -806,6 +811,16 @@ impl Source {
                     )));
                 }
             };
+            for (what, cursor) in [("next", &page.next), ("sync-cursor", &page.sync_cursor)] {
+                if let Some(cursor) = cursor
+                    && cursor.len() > MAX_CURSOR_BYTES
+                {
+                    return Err(Stop::Failed(format!(
+                        "`get-docs` returned a `{what}` cursor of {} bytes, over {MAX_CURSOR_BYTES}",
+                        cursor.len()
+                    )));
+                }
+            }
             if let Some(next) = &page.next {
                 use std::hash::{Hash as _, Hasher as _};
                 let mut hash = std::collections::hash_map::DefaultHasher::new();
