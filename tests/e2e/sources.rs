@@ -423,6 +423,33 @@ async fn a_hundred_thousand_documents_into_postgres_then_the_changes_searchable(
         "{refused:#}"
     );
     drop(holder);
+
+    // The job table on PostgreSQL, as `sources` and the API read it.
+    let sink = source.sink();
+    let jobs = sink.jobs("src", 5).await.unwrap();
+    let states: Vec<(i64, JobState)> = jobs.iter().map(|j| (j.id, j.state)).collect();
+    assert_eq!(
+        states,
+        [
+            (second.id, JobState::Completed),
+            (first.id, JobState::Completed)
+        ]
+    );
+    assert_eq!(jobs[0].counts, second.counts);
+    assert_eq!(jobs[0].sync_cursor.as_deref(), Some("generation-2"));
+    assert_eq!(sink.request_cancel("src").await.unwrap(), 0, "nothing runs");
+    assert_eq!(
+        sink.job_state(second.id).await.unwrap(),
+        Some(JobState::Completed)
+    );
+    assert_eq!(
+        sink.last_started("src", JobKind::Full).await.unwrap(),
+        Some(second.started_ms)
+    );
+    assert_eq!(
+        sink.rules("src").await.unwrap().map(|r| r.0),
+        Some("valid".to_owned())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -147,6 +147,13 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Take back what `pending` counted (operations not written).
+    fn take_back(&mut self, pending: &Counts) {
+        self.indexed -= pending.indexed;
+        self.updated -= pending.updated;
+        self.deleted -= pending.deleted;
+    }
+
     /// Documents the source yielded so far.
     pub fn seen(&self) -> u64 {
         self.indexed + self.updated + self.deleted + self.skipped + self.dropped + self.errors
@@ -244,6 +251,13 @@ enum Runner {
     Native(Arc<dyn crate::sandbox::NativeSource>),
 }
 
+/// A job's hold on its sink: the lock (checked before every write) and
+/// when it started.
+struct Turn<'a> {
+    lock: &'a sink::SinkLock,
+    started: Instant,
+}
+
 /// What a job that ran to its end keeps.
 struct Ran {
     /// The sync cursor for the next incremental sync.
@@ -277,8 +291,6 @@ pub struct Source {
     schedules: Vec<(JobKind, String, schedule::Schedule)>,
     /// Batches committed by this process: names change events uniquely.
     batches: std::sync::atomic::AtomicU64,
-    /// The sink's lock while a job runs here (checked before each write).
-    held: std::sync::Mutex<Option<Arc<sink::SinkLock>>>,
     /// The sink's tables made (for readers: `sources`, the API).
     prepared: tokio::sync::OnceCell<()>,
 }
@@ -339,9 +351,7 @@ impl Source {
             let Some(text) = text else { continue };
             let parsed = schedule::Schedule::parse(text)
                 .map_err(|e| anyhow::anyhow!("sources.{name}.schedule.{kind}: {e}"))?;
-            if kind == JobKind::Incremental
-                && !plugin.source.as_ref().is_some_and(|d| d.incremental)
-            {
+            if kind == JobKind::Incremental && !incremental(plugin) {
                 anyhow::bail!(
                     "sources.{name}.schedule.incremental: component `{component}` does not sync incrementally (its `describe` says so)"
                 );
@@ -356,7 +366,6 @@ impl Source {
             sink: Sink::new(&sink, tls)?,
             schedules,
             batches: std::sync::atomic::AtomicU64::new(0),
-            held: std::sync::Mutex::new(None),
             prepared: tokio::sync::OnceCell::new(),
         })
     }
@@ -397,8 +406,8 @@ impl Source {
             if *shutdown.borrow() {
                 return;
             }
-            let next = match self.sink.prepare().await {
-                Ok(()) => self.next_runs().await,
+            let next = match self.prepared().await {
+                Ok(_) => self.next_runs().await,
                 Err(e) => Err(e),
             };
             let wait_and_run = match next {
@@ -449,8 +458,9 @@ impl Source {
         &self.sink
     }
 
-    /// Make the sink's tables if this process has not yet (for readers of
-    /// the job records: a job makes them itself, under its lock).
+    /// The sink, its tables made if this process has not made them yet
+    /// (making them is safe beside another engine doing the same: it takes
+    /// a database-wide lock of its own).
     pub async fn prepared(&self) -> anyhow::Result<&Sink> {
         self.prepared
             .get_or_try_init(|| self.sink.prepare())
@@ -460,7 +470,7 @@ impl Source {
 
     /// Whether the source pages incrementally.
     pub fn incremental(&self) -> bool {
-        self.plugin.source.as_ref().is_some_and(|d| d.incremental)
+        incremental(&self.plugin)
     }
 
     /// Run one job of `kind` to its end: its final record (an `Err` only
@@ -492,22 +502,9 @@ impl Source {
         started: Option<tokio::sync::oneshot::Sender<i64>>,
         progress: &mut (dyn FnMut(&JobRecord) + Send),
     ) -> anyhow::Result<Option<JobRecord>> {
-        let lock = Arc::new(self.sink.lock().await?);
-        if let Ok(mut held) = self.held.lock() {
-            *held = Some(lock.clone());
-        }
-        // Released when the job ends, however it ends.
-        struct Release<'a>(&'a std::sync::Mutex<Option<Arc<sink::SinkLock>>>);
-        impl Drop for Release<'_> {
-            fn drop(&mut self) {
-                if let Ok(mut held) = self.0.lock() {
-                    *held = None;
-                }
-            }
-        }
-        let _release = Release(&self.held);
-        drop(lock);
-        self.sink.prepare().await?;
+        // Held until the job returns (released on drop, however it ends).
+        let lock = self.sink.lock().await?;
+        self.prepared().await?;
         let stale = self.sink.close_interrupted(&self.name).await?;
         if stale > 0 {
             tracing::warn!(source = %self.name, "{stale} job(s) left running by a stopped engine marked failed");
@@ -539,11 +536,15 @@ impl Source {
         if let Some(started) = started {
             let _ = started.send(job.id);
         }
-        let started = Instant::now();
+        let turn = Turn {
+            lock: &lock,
+            started: Instant::now(),
+        };
+        let started = turn.started;
         let mut batch = Batch::default();
         let ran = tokio::time::timeout(
             self.config.job_timeout,
-            self.run(&mut job, &mut batch, started, cancel, progress),
+            self.run(&mut job, &mut batch, &turn, cancel, progress),
         )
         .await
         .unwrap_or_else(|_| {
@@ -560,9 +561,7 @@ impl Source {
             }
             Err(stop) => {
                 // What the last batch counted was not written.
-                job.counts.indexed -= batch.pending.indexed;
-                job.counts.updated -= batch.pending.updated;
-                job.counts.deleted -= batch.pending.deleted;
+                job.counts.take_back(&batch.pending);
                 (job.state, job.error) = match stop {
                     Stop::Canceled => (JobState::Canceled, Some("canceled".into())),
                     Stop::Failed(why) => (JobState::Error, Some(why)),
@@ -573,7 +572,7 @@ impl Source {
         if let Some(cursor) = &cursor {
             job.sync_cursor.clone_from(cursor);
         }
-        if let Err(e) = self.commit(batch, &job, cursor).await {
+        if let Err(e) = self.commit(&lock, batch, &job, cursor).await {
             // The last batch did not go through: the job failed (what
             // was not written is written by the next job).
             job.state = JobState::Error;
@@ -662,10 +661,17 @@ impl Source {
         &self,
         job: &mut JobRecord,
         batch: &mut Batch,
-        started: Instant,
+        turn: &Turn<'_>,
         cancel: watch::Receiver<bool>,
         progress: &mut (dyn FnMut(&JobRecord) + Send),
     ) -> Result<Ran, Stop> {
+        let started = turn.started;
+        if job.kind == JobKind::Incremental && !self.incremental() {
+            return Err(Stop::Failed(format!(
+                "source `{}` does not sync incrementally (its `describe` says so): run a full sync",
+                self.name
+            )));
+        }
         let mut runner = match &self.plugin.component.code {
             crate::sandbox::Code::NativeSource(native) => Runner::Native(native.clone()),
             _ => Runner::Wasm(
@@ -732,12 +738,6 @@ impl Source {
             })
             .await?;
         }
-        if job.kind == JobKind::Incremental && !self.incremental() {
-            return Err(Stop::Failed(format!(
-                "source `{}` does not sync incrementally (its `describe` says so): run a full sync",
-                self.name
-            )));
-        }
         let mut index = match job.kind {
             JobKind::Full => self
                 .sink
@@ -767,7 +767,7 @@ impl Source {
             }
             if canceled {
                 job.state = JobState::Canceling;
-                self.flush(batch, job, started).await?;
+                self.flush(turn, batch, job).await?;
                 return Err(Stop::Canceled);
             }
             let request = PageRequest {
@@ -867,7 +867,7 @@ impl Source {
                         continue;
                     }
                     if batch.touches(&key) {
-                        self.flush(batch, job, started).await?;
+                        self.flush(turn, batch, job).await?;
                     }
                     batch.delete(key);
                     batch.pending.deleted += 1;
@@ -928,7 +928,7 @@ impl Source {
                         // an incremental one now.
                         if job.kind == JobKind::Incremental {
                             if batch.touches(&key) {
-                                self.flush(batch, job, started).await?;
+                                self.flush(turn, batch, job).await?;
                             }
                             batch.delete(key);
                             batch.pending.deleted += 1;
@@ -967,7 +967,7 @@ impl Source {
                     JobKind::Incremental => doc.op == Operation::Update,
                 };
                 if batch.touches(&key) {
-                    self.flush(batch, job, started).await?;
+                    self.flush(turn, batch, job).await?;
                 }
                 if updated {
                     job.counts.updated += 1;
@@ -990,7 +990,7 @@ impl Source {
                 if batch.len() >= self.config.batch.operations as usize
                     || batch.bytes as u64 >= self.config.batch.bytes.as_u64()
                 {
-                    self.flush(batch, job, started).await?;
+                    self.flush(turn, batch, job).await?;
                 }
             }
             if page.sync_cursor.is_some() {
@@ -1006,7 +1006,7 @@ impl Source {
         // Every page is in: what the source no longer yields goes.
         for number in index.into_keys() {
             if batch.len() >= self.config.batch.operations as usize {
-                self.flush(batch, job, started).await?;
+                self.flush(turn, batch, job).await?;
             }
             batch.delete(number.to_be_bytes());
             batch.pending.deleted += 1;
@@ -1126,18 +1126,16 @@ impl Source {
     /// Write `batch` with the job's counts so far.
     async fn flush(
         &self,
+        turn: &Turn<'_>,
         batch: &mut Batch,
         job: &mut JobRecord,
-        started: Instant,
     ) -> Result<(), Stop> {
-        job.duration = started.elapsed();
+        job.duration = turn.started.elapsed();
         let batch = std::mem::take(batch);
         let pending = batch.pending;
-        self.commit(batch, job, None).await.map_err(|e| {
+        self.commit(turn.lock, batch, job, None).await.map_err(|e| {
             // Not written: not counted.
-            job.counts.indexed -= pending.indexed;
-            job.counts.updated -= pending.updated;
-            job.counts.deleted -= pending.deleted;
+            job.counts.take_back(&pending);
             Stop::Failed(format!("{e:#}"))
         })
     }
@@ -1148,16 +1146,12 @@ impl Source {
     /// (a job that dies between the two redoes the batch), never lost.
     async fn commit(
         &self,
+        lock: &sink::SinkLock,
         batch: Batch,
         job: &JobRecord,
         cursor: Option<Option<String>>,
     ) -> anyhow::Result<()> {
-        let lost = self
-            .held
-            .lock()
-            .map(|held| held.as_ref().is_none_or(|lock| lock.lost()))
-            .unwrap_or(true);
-        if lost {
+        if lock.lost() {
             anyhow::bail!(
                 "the job lost the sink's lock (its connection closed): another engine may be syncing; nothing more is written"
             );
@@ -1225,6 +1219,11 @@ impl Source {
             )
             .await
     }
+}
+
+/// Whether `plugin`, a source, says it pages incrementally.
+fn incremental(plugin: &LoadedPlugin) -> bool {
+    plugin.source.as_ref().is_some_and(|d| d.incremental)
 }
 
 /// End what a call of a source left open: its SQL transaction (read-only

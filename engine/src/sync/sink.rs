@@ -151,39 +151,87 @@ fn ucount(n: i64) -> u64 {
     u64::try_from(n).unwrap_or_default()
 }
 
+/// A value of a job-table statement: a parameter, or a column of a row.
+#[derive(Debug, Clone, PartialEq)]
+enum Cell {
+    Null,
+    Int(i64),
+    Text(String),
+}
+
+impl Cell {
+    fn text(&self) -> Option<String> {
+        match self {
+            Self::Text(t) => Some(t.clone()),
+            _ => None,
+        }
+    }
+
+    fn int(&self) -> Option<i64> {
+        match self {
+            Self::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+}
+
+impl From<&str> for Cell {
+    fn from(text: &str) -> Self {
+        Self::Text(text.to_owned())
+    }
+}
+
+impl From<Option<String>> for Cell {
+    fn from(text: Option<String>) -> Self {
+        text.map_or(Self::Null, Self::Text)
+    }
+}
+
+impl From<i64> for Cell {
+    fn from(i: i64) -> Self {
+        Self::Int(i)
+    }
+}
+
+/// `sql`, written with PostgreSQL's `$1, $2, …`, as SQLite numbers its
+/// parameters: `?1, ?2, …` (the job-table statements hold no `$` else).
+fn sqlite_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('?');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A job record from its columns, in [`JOB_COLUMNS`]'s order.
-#[allow(clippy::too_many_arguments)]
-fn record(
-    id: i64,
-    source: String,
-    kind: &str,
-    trigger: &str,
-    state: &str,
-    sync_cursor: Option<String>,
-    counts: [i64; 6],
-    started_ms: i64,
-    duration_ms: i64,
-    error: Option<String>,
-) -> JobRecord {
-    let [indexed, updated, deleted, skipped, dropped, errors] = counts.map(ucount);
+fn record(row: &[Cell]) -> JobRecord {
+    let int = |i: usize| row.get(i).and_then(Cell::int).unwrap_or_default();
+    let text = |i: usize| row.get(i).and_then(Cell::text);
+    let name = |i: usize| text(i).unwrap_or_default();
+    let count = |i: usize| ucount(int(i));
     JobRecord {
-        id,
-        source,
-        kind: JobKind::parse(kind),
-        trigger: Trigger::parse(trigger),
-        state: JobState::parse(state),
-        sync_cursor,
+        id: int(0),
+        source: name(1),
+        kind: JobKind::parse(&name(2)),
+        trigger: Trigger::parse(&name(3)),
+        state: JobState::parse(&name(4)),
+        sync_cursor: text(5),
         counts: Counts {
-            indexed,
-            updated,
-            deleted,
-            skipped,
-            dropped,
-            errors,
+            indexed: count(6),
+            updated: count(7),
+            deleted: count(8),
+            skipped: count(9),
+            dropped: count(10),
+            errors: count(11),
         },
-        started_ms,
-        duration: Duration::from_millis(ucount(duration_ms)),
-        error,
+        started_ms: int(12),
+        duration: Duration::from_millis(count(13)),
+        error: text(14),
     }
 }
 
@@ -417,87 +465,6 @@ impl Sink {
         }
     }
 
-    /// Mark the jobs of `source` left `in_progress` or `canceling` by an
-    /// engine that stopped (the caller holds the lock, so none runs) as
-    /// failed; how many there were.
-    pub async fn close_interrupted(&self, source: &str) -> anyhow::Result<u64> {
-        let jobs = self.side_table("sandpipe_sync_jobs");
-        let why = "interrupted: the engine running it stopped; the next job starts over";
-        match self {
-            Self::Postgres(s) => {
-                let client = s.pg.client().await?;
-                let sql = format!(
-                    "UPDATE {jobs} SET state = 'error', error = $2
-                     WHERE source = $1 AND state IN ('pending', 'in_progress', 'canceling')"
-                );
-                Ok(client.execute(&sql, &[&source, &why]).await?)
-            }
-            Self::Sqlite(s) => {
-                let source = source.to_owned();
-                s.db.call(move |conn| {
-                    let sql = format!(
-                        "UPDATE {jobs} SET state = 'error', error = ?2
-                         WHERE source = ?1 AND state IN ('pending', 'in_progress', 'canceling')"
-                    );
-                    Ok(conn.execute(&sql, rusqlite::params![source, why])? as u64)
-                })
-                .await
-            }
-        }
-    }
-
-    /// Record a new job (its `id` is set).
-    pub async fn start_job(&self, job: &mut JobRecord) -> anyhow::Result<()> {
-        let jobs = self.side_table("sandpipe_sync_jobs");
-        job.started_ms = now_ms();
-        match self {
-            Self::Postgres(s) => {
-                let client = s.pg.client().await?;
-                let sql = format!(
-                    "INSERT INTO {jobs} (source, kind, triggered_by, state, started_ms)
-                     VALUES ($1, $2, $3, $4, $5) RETURNING id"
-                );
-                let row = client
-                    .query_one(
-                        &sql,
-                        &[
-                            &job.source,
-                            &job.kind.as_str(),
-                            &job.trigger.as_str(),
-                            &job.state.as_str(),
-                            &job.started_ms,
-                        ],
-                    )
-                    .await?;
-                job.id = row.get(0);
-                Ok(())
-            }
-            Self::Sqlite(s) => {
-                let (source, kind, trigger, state, started) = (
-                    job.source.clone(),
-                    job.kind.as_str(),
-                    job.trigger.as_str(),
-                    job.state.as_str(),
-                    job.started_ms,
-                );
-                job.id =
-                    s.db.call(move |conn| {
-                        let sql = format!(
-                            "INSERT INTO {jobs} (source, kind, triggered_by, state, started_ms)
-                             VALUES (?1, ?2, ?3, ?4, ?5)"
-                        );
-                        conn.execute(
-                            &sql,
-                            rusqlite::params![source, kind, trigger, state, started],
-                        )?;
-                        Ok(conn.last_insert_rowid())
-                    })
-                    .await?;
-                Ok(())
-            }
-        }
-    }
-
     /// Write `batch` and `job`'s state and counts in one transaction (with
     /// the source's new sync cursor when `cursor` is given: at the end of
     /// a completed job).
@@ -666,6 +633,126 @@ impl Sink {
         }
     }
 
+    /// Run the statement `sql` (PostgreSQL's placeholders) on the sink's
+    /// database with `args`: its rows.
+    async fn query(&self, sql: String, args: Vec<Cell>) -> anyhow::Result<Vec<Vec<Cell>>> {
+        match self {
+            Self::Postgres(s) => {
+                let client = s.pg.client().await?;
+                let params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = args
+                    .into_iter()
+                    .map(|a| -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
+                        match a {
+                            Cell::Null => Box::new(None::<String>),
+                            Cell::Int(i) => Box::new(i),
+                            Cell::Text(t) => Box::new(t),
+                        }
+                    })
+                    .collect();
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                    .iter()
+                    .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                let rows = client
+                    .query(&sql, &refs)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}: {}", self.describe(), describe(&e)))?;
+                let cells = |row: &tokio_postgres::Row| -> anyhow::Result<Vec<Cell>> {
+                    use tokio_postgres::types::Type;
+                    (0..row.len())
+                        .map(|i| {
+                            let ty = row.columns()[i].type_();
+                            Ok(if *ty == Type::INT8 {
+                                row.try_get::<_, Option<i64>>(i)?
+                                    .map_or(Cell::Null, Cell::Int)
+                            } else {
+                                row.try_get::<_, Option<String>>(i)?.into()
+                            })
+                        })
+                        .collect()
+                };
+                rows.iter().map(cells).collect()
+            }
+            Self::Sqlite(s) => {
+                let sql = sqlite_placeholders(&sql);
+                s.db.call(move |conn| {
+                    use rusqlite::types::{Value, ValueRef};
+                    let args: Vec<Value> = args
+                        .into_iter()
+                        .map(|a| match a {
+                            Cell::Null => Value::Null,
+                            Cell::Int(i) => Value::Integer(i),
+                            Cell::Text(t) => Value::Text(t),
+                        })
+                        .collect();
+                    let mut stmt = conn.prepare_cached(&sql)?;
+                    let columns = stmt.column_count();
+                    let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
+                    let mut out = Vec::new();
+                    while let Some(row) = rows.next()? {
+                        let mut cells = Vec::with_capacity(columns);
+                        for i in 0..columns {
+                            cells.push(match row.get_ref(i)? {
+                                ValueRef::Integer(i) => Cell::Int(i),
+                                ValueRef::Text(t) => {
+                                    Cell::Text(String::from_utf8_lossy(t).into_owned())
+                                }
+                                _ => Cell::Null,
+                            });
+                        }
+                        out.push(cells);
+                    }
+                    Ok(out)
+                })
+                .await
+            }
+        }
+    }
+
+    /// The first row of [`Sink::query`], if any.
+    async fn query_one(&self, sql: String, args: Vec<Cell>) -> anyhow::Result<Option<Vec<Cell>>> {
+        Ok(self.query(sql, args).await?.into_iter().next())
+    }
+
+    /// Mark the jobs of `source` left `in_progress` or `canceling` by an
+    /// engine that stopped (the caller holds the lock, so none runs) as
+    /// failed; how many there were.
+    pub async fn close_interrupted(&self, source: &str) -> anyhow::Result<u64> {
+        let jobs = self.side_table("sandpipe_sync_jobs");
+        let why = "interrupted: the engine running it stopped; the next job starts over";
+        let sql = format!(
+            "UPDATE {jobs} SET state = 'error', error = $2
+             WHERE source = $1 AND state IN ('pending', 'in_progress', 'canceling')
+             RETURNING id"
+        );
+        Ok(self
+            .query(sql, vec![source.into(), why.into()])
+            .await?
+            .len() as u64)
+    }
+
+    /// Record a new job (its `id` is set).
+    pub async fn start_job(&self, job: &mut JobRecord) -> anyhow::Result<()> {
+        let jobs = self.side_table("sandpipe_sync_jobs");
+        job.started_ms = now_ms();
+        let sql = format!(
+            "INSERT INTO {jobs} (source, kind, triggered_by, state, started_ms)
+             VALUES ($1, $2, $3, $4, $5) RETURNING id"
+        );
+        let args = vec![
+            job.source.as_str().into(),
+            job.kind.as_str().into(),
+            job.trigger.as_str().into(),
+            job.state.as_str().into(),
+            job.started_ms.into(),
+        ];
+        let row = self.query_one(sql, args).await?;
+        job.id = row
+            .and_then(|r| r.first().and_then(Cell::int))
+            .context("the job table gave the new job no id")?;
+        Ok(())
+    }
+
     /// Record the validation of `source`'s sync rules: `state` (`valid`
     /// or `invalid`), the rules that became active (a valid draft), or the
     /// errors (the active rules stay what they were).
@@ -677,37 +764,19 @@ impl Sink {
         errors: Option<String>,
     ) -> anyhow::Result<()> {
         let table = self.side_table("sandpipe_sync_state");
-        match self {
-            Self::Postgres(s) => {
-                let client = s.pg.client().await?;
-                let sql = format!(
-                    "INSERT INTO {table} (source, rules_state, active_rules, rules_errors)
-                     VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (source) DO UPDATE SET rules_state = excluded.rules_state,
-                         active_rules = coalesce(excluded.active_rules, {table}.active_rules),
-                         rules_errors = excluded.rules_errors"
-                );
-                client
-                    .execute(&sql, &[&source, &state, &active, &errors])
-                    .await?;
-                Ok(())
-            }
-            Self::Sqlite(s) => {
-                let (source, state) = (source.to_owned(), state.to_owned());
-                s.db.call(move |conn| {
-                    let sql = format!(
-                        "INSERT INTO {table} (source, rules_state, active_rules, rules_errors)
-                         VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (source) DO UPDATE SET rules_state = excluded.rules_state,
-                             active_rules = coalesce(excluded.active_rules, {table}.active_rules),
-                             rules_errors = excluded.rules_errors"
-                    );
-                    conn.execute(&sql, rusqlite::params![source, state, active, errors])?;
-                    Ok(())
-                })
-                .await
-            }
-        }
+        let sql = format!(
+            "INSERT INTO {table} (source, rules_state, active_rules, rules_errors)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (source) DO UPDATE SET rules_state = excluded.rules_state,
+                 active_rules = coalesce(excluded.active_rules, {table}.active_rules),
+                 rules_errors = excluded.rules_errors"
+        );
+        self.query(
+            sql,
+            vec![source.into(), state.into(), active.into(), errors.into()],
+        )
+        .await?;
+        Ok(())
     }
 
     /// The state of `source`'s sync rules: (`valid` or `invalid`, the
@@ -717,31 +786,67 @@ impl Sink {
         source: &str,
     ) -> anyhow::Result<Option<(String, Option<String>, Option<String>)>> {
         let table = self.side_table("sandpipe_sync_state");
-        match self {
-            Self::Postgres(s) => {
-                let client = s.pg.client().await?;
-                let sql = format!(
-                    "SELECT rules_state, active_rules, rules_errors FROM {table}
-                     WHERE source = $1 AND rules_state IS NOT NULL"
-                );
-                let row = client.query_opt(&sql, &[&source]).await?;
-                Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
-            }
-            Self::Sqlite(s) => {
-                let source = source.to_owned();
-                s.db.read(move |conn| {
-                    use rusqlite::OptionalExtension as _;
-                    let sql = format!(
-                        "SELECT rules_state, active_rules, rules_errors FROM {table}
-                         WHERE source = ?1 AND rules_state IS NOT NULL"
-                    );
-                    Ok(conn
-                        .query_row(&sql, [source], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                        .optional()?)
-                })
-                .await
-            }
-        }
+        let sql = format!(
+            "SELECT rules_state, active_rules, rules_errors FROM {table}
+             WHERE source = $1 AND rules_state IS NOT NULL"
+        );
+        let row = self.query_one(sql, vec![source.into()]).await?;
+        Ok(row.map(|r| {
+            let text = |i: usize| r.get(i).and_then(Cell::text);
+            (text(0).unwrap_or_default(), text(1), text(2))
+        }))
+    }
+
+    /// Ask the running job of `source` (in any engine) to stop: it is
+    /// marked `canceling`, which the job reads between pages. How many
+    /// jobs were asked.
+    pub async fn request_cancel(&self, source: &str) -> anyhow::Result<u64> {
+        let jobs = self.side_table("sandpipe_sync_jobs");
+        let sql = format!(
+            "UPDATE {jobs} SET state = 'canceling' WHERE source = $1 AND state = 'in_progress'
+             RETURNING id"
+        );
+        Ok(self.query(sql, vec![source.into()]).await?.len() as u64)
+    }
+
+    /// The recorded state of job `id`.
+    pub async fn job_state(&self, id: i64) -> anyhow::Result<Option<JobState>> {
+        let jobs = self.side_table("sandpipe_sync_jobs");
+        let sql = format!("SELECT state FROM {jobs} WHERE id = $1");
+        let row = self.query_one(sql, vec![id.into()]).await?;
+        Ok(row
+            .and_then(|r| r.first().and_then(Cell::text))
+            .map(|s| JobState::parse(&s)))
+    }
+
+    /// When the last job of `source` of `kind` started (milliseconds since
+    /// 1970), if one did.
+    pub async fn last_started(&self, source: &str, kind: JobKind) -> anyhow::Result<Option<i64>> {
+        let jobs = self.side_table("sandpipe_sync_jobs");
+        let sql = format!("SELECT max(started_ms) FROM {jobs} WHERE source = $1 AND kind = $2");
+        let row = self
+            .query_one(sql, vec![source.into(), kind.as_str().into()])
+            .await?;
+        Ok(row.and_then(|r| r.first().and_then(Cell::int)))
+    }
+
+    /// The sync cursor the last completed sync of `source` ended with.
+    pub async fn sync_cursor(&self, source: &str) -> anyhow::Result<Option<String>> {
+        let state = self.side_table("sandpipe_sync_state");
+        let sql = format!("SELECT sync_cursor FROM {state} WHERE source = $1");
+        let row = self.query_one(sql, vec![source.into()]).await?;
+        Ok(row.and_then(|r| r.first().and_then(Cell::text)))
+    }
+
+    /// The last `limit` jobs of `source`, newest first.
+    pub async fn jobs(&self, source: &str, limit: u32) -> anyhow::Result<Vec<JobRecord>> {
+        let jobs = self.side_table("sandpipe_sync_jobs");
+        let sql =
+            format!("SELECT {JOB_COLUMNS} FROM {jobs} WHERE source = $1 ORDER BY id DESC LIMIT $2");
+        let rows = self
+            .query(sql, vec![source.into(), i64::from(limit).into()])
+            .await?;
+        Ok(rows.iter().map(|r| record(r)).collect())
     }
 
     /// The ids of the documents of `keys` the sink has.
@@ -776,173 +881,6 @@ impl Sink {
             }
         }
     }
-
-    /// Ask the running job of `source` (in any engine) to stop: it is
-    /// marked `canceling`, which the job reads between pages. How many
-    /// jobs were asked.
-    pub async fn request_cancel(&self, source: &str) -> anyhow::Result<u64> {
-        let jobs = self.side_table("sandpipe_sync_jobs");
-        match self {
-            Self::Postgres(s) => {
-                let client = s.pg.client().await?;
-                let sql = format!(
-                    "UPDATE {jobs} SET state = 'canceling' WHERE source = $1 AND state = 'in_progress'"
-                );
-                Ok(client.execute(&sql, &[&source]).await?)
-            }
-            Self::Sqlite(s) => {
-                let source = source.to_owned();
-                s.db.call(move |conn| {
-                    let sql = format!(
-                        "UPDATE {jobs} SET state = 'canceling' WHERE source = ?1 AND state = 'in_progress'"
-                    );
-                    Ok(conn.execute(&sql, [source])? as u64)
-                })
-                .await
-            }
-        }
-    }
-
-    /// The recorded state of job `id`.
-    pub async fn job_state(&self, id: i64) -> anyhow::Result<Option<JobState>> {
-        let jobs = self.side_table("sandpipe_sync_jobs");
-        match self {
-            Self::Postgres(s) => {
-                let client = s.pg.client().await?;
-                let sql = format!("SELECT state FROM {jobs} WHERE id = $1");
-                let row = client.query_opt(&sql, &[&id]).await?;
-                Ok(row.map(|r| JobState::parse(r.get(0))))
-            }
-            Self::Sqlite(s) => {
-                s.db.read(move |conn| {
-                    use rusqlite::OptionalExtension as _;
-                    let sql = format!("SELECT state FROM {jobs} WHERE id = ?1");
-                    Ok(conn
-                        .query_row(&sql, [id], |r| r.get::<_, String>(0))
-                        .optional()?
-                        .map(|s| JobState::parse(&s)))
-                })
-                .await
-            }
-        }
-    }
-
-    /// When the last job of `source` of `kind` started (milliseconds since
-    /// 1970), if one did.
-    pub async fn last_started(&self, source: &str, kind: JobKind) -> anyhow::Result<Option<i64>> {
-        let jobs = self.side_table("sandpipe_sync_jobs");
-        match self {
-            Self::Postgres(s) => {
-                let client = s.pg.client().await?;
-                let sql =
-                    format!("SELECT max(started_ms) FROM {jobs} WHERE source = $1 AND kind = $2");
-                let row = client.query_one(&sql, &[&source, &kind.as_str()]).await?;
-                Ok(row.get(0))
-            }
-            Self::Sqlite(s) => {
-                let source = source.to_owned();
-                s.db.read(move |conn| {
-                    let sql = format!(
-                        "SELECT max(started_ms) FROM {jobs} WHERE source = ?1 AND kind = ?2"
-                    );
-                    Ok(
-                        conn.query_row(&sql, rusqlite::params![source, kind.as_str()], |r| {
-                            r.get::<_, Option<i64>>(0)
-                        })?,
-                    )
-                })
-                .await
-            }
-        }
-    }
-
-    /// The sync cursor the last completed sync of `source` ended with.
-    pub async fn sync_cursor(&self, source: &str) -> anyhow::Result<Option<String>> {
-        let state = self.side_table("sandpipe_sync_state");
-        match self {
-            Self::Postgres(s) => {
-                let client = s.pg.client().await?;
-                let sql = format!("SELECT sync_cursor FROM {state} WHERE source = $1");
-                let row = client.query_opt(&sql, &[&source]).await?;
-                Ok(row.and_then(|r| r.get(0)))
-            }
-            Self::Sqlite(s) => {
-                let source = source.to_owned();
-                s.db.read(move |conn| {
-                    use rusqlite::OptionalExtension as _;
-                    let sql = format!("SELECT sync_cursor FROM {state} WHERE source = ?1");
-                    Ok(conn
-                        .query_row(&sql, [source], |r| r.get::<_, Option<String>>(0))
-                        .optional()?
-                        .flatten())
-                })
-                .await
-            }
-        }
-    }
-
-    /// The last `limit` jobs of `source`, newest first.
-    pub async fn jobs(&self, source: &str, limit: u32) -> anyhow::Result<Vec<JobRecord>> {
-        let jobs = self.side_table("sandpipe_sync_jobs");
-        match self {
-            Self::Postgres(s) => {
-                let client = s.pg.client().await?;
-                let sql = format!(
-                    "SELECT {JOB_COLUMNS} FROM {jobs} WHERE source = $1 ORDER BY id DESC LIMIT $2"
-                );
-                let rows = client.query(&sql, &[&source, &i64::from(limit)]).await?;
-                Ok(rows
-                    .iter()
-                    .map(|r| {
-                        record(
-                            r.get(0),
-                            r.get(1),
-                            r.get(2),
-                            r.get(3),
-                            r.get(4),
-                            r.get(5),
-                            [r.get(6), r.get(7), r.get(8), r.get(9), r.get(10), r.get(11)],
-                            r.get(12),
-                            r.get(13),
-                            r.get(14),
-                        )
-                    })
-                    .collect())
-            }
-            Self::Sqlite(s) => {
-                let source = source.to_owned();
-                s.db.read(move |conn| {
-                    let sql = format!(
-                        "SELECT {JOB_COLUMNS} FROM {jobs} WHERE source = ?1 ORDER BY id DESC LIMIT ?2"
-                    );
-                    let mut stmt = conn.prepare(&sql)?;
-                    let rows = stmt.query_map(rusqlite::params![source, limit], |r| {
-                        Ok(record(
-                            r.get(0)?,
-                            r.get(1)?,
-                            &r.get::<_, String>(2)?,
-                            &r.get::<_, String>(3)?,
-                            &r.get::<_, String>(4)?,
-                            r.get(5)?,
-                            [
-                                r.get(6)?,
-                                r.get(7)?,
-                                r.get(8)?,
-                                r.get(9)?,
-                                r.get(10)?,
-                                r.get(11)?,
-                            ],
-                            r.get(12)?,
-                            r.get(13)?,
-                            r.get(14)?,
-                        ))
-                    })?;
-                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
-                })
-                .await
-            }
-        }
-    }
 }
 
 /// A key's 16 bytes as the number the index holds (a malformed hash, which
@@ -952,4 +890,58 @@ pub fn key_number(hash: &[u8]) -> u128 {
     let n = hash.len().min(16);
     bytes[..n].copy_from_slice(&hash[..n]);
     u128::from_be_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_numbers_the_placeholders_as_postgresql_does() {
+        assert_eq!(
+            sqlite_placeholders("UPDATE t SET a = $2 WHERE id = $1 AND b = '$' || $10"),
+            "UPDATE t SET a = ?2 WHERE id = ?1 AND b = '$' || ?10"
+        );
+    }
+
+    #[test]
+    fn a_record_reads_its_columns_in_order() {
+        let row: Vec<Cell> = vec![
+            7.into(),
+            "src".into(),
+            "incremental".into(),
+            "scheduled".into(),
+            "canceled".into(),
+            Cell::Null,
+            1.into(),
+            2.into(),
+            3.into(),
+            4.into(),
+            5.into(),
+            6.into(),
+            1000.into(),
+            250.into(),
+            Some("canceled".to_owned()).into(),
+        ];
+        let job = record(&row);
+        assert_eq!(
+            (job.id, job.kind, job.trigger, job.state, job.sync_cursor),
+            (
+                7,
+                JobKind::Incremental,
+                Trigger::Scheduled,
+                JobState::Canceled,
+                None
+            )
+        );
+        assert_eq!(
+            [
+                job.counts.indexed,
+                job.counts.errors,
+                job.duration.as_millis() as u64
+            ],
+            [1, 6, 250]
+        );
+        assert_eq!(job.error.as_deref(), Some("canceled"));
+    }
 }
