@@ -92,7 +92,7 @@ fn deployment(db: &TestMysql, more: &str) -> Deployment {
             ("fx-probe", "rootprobe"),
         ],
         &format!(
-            "secrets:\n  shop_pw: {{ file: shop.pw }}\ndatabases:\n  shop: {{ type: mysql, url: \"mysql://{user}@127.0.0.1:3306/{db}\", password: shop_pw }}\n  writer: {{ type: mysql, url: \"mysql://{user}_w@127.0.0.1:3306/{db}\", password: shop_pw }}\n  as_root: {{ type: mysql, url: \"{root}/{db}\" }}\nplugins:\n  grants:\n    shop:\n      sql: {{ database: shop }}\n      config: {{ tables: [products, customers], updated_column: updated_at }}\n    probe:\n      sql: {{ database: writer }}\n    rootprobe:\n      sql: {{ database: as_root }}\nsources:\n  shop: {{ page_size: 500{more} }}\n",
+            "secrets:\n  shop_pw: {{ file: shop.pw }}\ndatabases:\n  shop: {{ type: mysql, url: \"mysql://{user}@127.0.0.1:3306/{db}\", password: shop_pw }}\n  writer: {{ type: mysql, url: \"mysql://{user}_w@127.0.0.1:3306/{db}\", password: shop_pw }}\n  as_root: {{ type: mysql, url: \"{root}/{db}\" }}\nplugins:\n  grants:\n    shop:\n      sql: {{ database: shop }}\n      config: {{ tables: [products, customers], updated_column: updated_at }}\n    probe:\n      sql: {{ database: writer }}\n      limits: {{ timeout: 2s }}\n    rootprobe:\n      sql: {{ database: as_root }}\nsources:\n  shop: {{ page_size: 500{more} }}\n",
             user = db.user,
             db = db.name,
             root = server(),
@@ -266,6 +266,7 @@ async fn advanced_rules_are_custom_sql_and_the_database_is_read_only() {
         ("w", "sql-exec", "DELETE FROM products"),
         ("c", "sql-exec", "/* /* */ COMMIT -- */ SELECT 1"),
         ("r", "sql-query", "SELECT count(*) AS n FROM products"),
+        ("sleep", "sql-query", "SELECT SLEEP(30)"),
     ] {
         d.message(
             &format!("{id}.json"),
@@ -296,6 +297,26 @@ async fn advanced_rules_are_custom_sql_and_the_database_is_read_only() {
             .contains("database `writer` is read-only: on MySQL a statement may hold no"),
         "{commit:?}"
     );
+    // A statement still running at the invocation's deadline fails the
+    // invocation (`deadline`), and is ended on the server (a KILL), not
+    // left running there.
+    let slept = d.last("sleep", "probe").await;
+    assert!(slept.info.starts_with("deadline"), "{slept:?}");
+    let mut conn = db.conn().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let running: Option<i64> = conn
+            .query_first(
+                "SELECT count(*) FROM information_schema.processlist WHERE info = 'SELECT SLEEP(30)'",
+            )
+            .await
+            .unwrap();
+        if running == Some(0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "SLEEP(30) still runs");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let read = d.last("r", "probe").await;
     assert_eq!(read.info, "rows: [[Value::Int(1000)]]", "{read:?}");
     let root = d.last("root", "rootprobe").await;

@@ -999,7 +999,7 @@ async fn an_external_postgresql_database_is_read_only_and_held_to_the_sql_limits
     let d = Deployment::new(
         &[("fx-probe", "probe"), ("fx-probe", "superprobe")],
         &format!(
-            "secrets:\n  crm_pw: {{ file: crm.pw }}\ndatabases:\n  crm: {{ type: postgres, url: \"{}\", password: crm_pw }}\n  as_superuser: {{ type: postgres, url: \"{}\" }}\nplugins:\n  grants:\n    probe:\n      sql: {{ database: crm }}\n      limits: {{ sql_rows: 20 }}\n    superprobe:\n      sql: {{ database: as_superuser }}\n",
+            "secrets:\n  crm_pw: {{ file: crm.pw }}\ndatabases:\n  crm: {{ type: postgres, url: \"{}\", password: crm_pw }}\n  as_superuser: {{ type: postgres, url: \"{}\" }}\nplugins:\n  grants:\n    probe:\n      sql: {{ database: crm }}\n      limits: {{ sql_rows: 20, timeout: 2s }}\n    superprobe:\n      sql: {{ database: as_superuser }}\n",
             url(&reader),
             url("postgres"),
         ),
@@ -1019,6 +1019,7 @@ async fn an_external_postgresql_database_is_read_only_and_held_to_the_sql_limits
             "WITH gone AS (DELETE FROM things RETURNING id) SELECT count(*) FROM gone",
         ),
         ("many", "sql-query", "SELECT id FROM things"),
+        ("sleep", "sql-query", "SELECT pg_sleep(30)::text"),
     ] {
         d.message(
             &format!("{id}.json"),
@@ -1057,6 +1058,29 @@ async fn an_external_postgresql_database_is_read_only_and_held_to_the_sql_limits
         many.contains("limit exceeded") && many.contains("more than 20 rows (limits.sql_rows)"),
         "{many}"
     );
+    // A statement still running at the invocation's deadline fails the
+    // invocation, and ends on the server too (not left running there).
+    let slept = info(d.last("sleep", "probe").await);
+    assert!(slept.starts_with("deadline"), "{slept}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let running: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(30)%' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pg_sleep(30) still runs"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let superuser = info(d.last("super", "superprobe").await);
     assert!(
         superuser.contains("database `as_superuser`: its login is (or may become) a superuser"),

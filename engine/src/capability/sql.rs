@@ -257,14 +257,17 @@ impl InvocationState {
                 Some(early) => early
                     .await
                     .map_err(|e| WitError::Internal(format!("beginning the transaction: {e}")))??,
-                None => Transaction::begin(db).await?,
+                None => {
+                    let mut tx = Transaction::begin(db).await?;
+                    tx.set_deadline(self.host.deadline);
+                    tx
+                }
             };
             self.host.effects.sql = Some(tx);
         }
         let Some(tx) = self.host.effects.sql.as_mut() else {
             return Err(WitError::Internal("no transaction".into()));
         };
-        tx.set_deadline(self.host.deadline);
         let result = tx
             .run(statement, work, ResultLimit::of(&plugin.limits))
             .await;
