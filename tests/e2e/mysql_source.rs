@@ -268,17 +268,9 @@ async fn advanced_rules_are_custom_sql_and_the_database_is_read_only() {
         ("r", "sql-query", "SELECT count(*) AS n FROM products"),
         ("sleep", "sql-query", "SELECT SLEEP(30)"),
     ] {
-        d.message(
-            &format!("{id}.json"),
-            &serde_json::json!({"uuid_ref": id, "data_type": "test/probe", "action": action, "sql": sql})
-                .to_string(),
-        );
+        crate::postgres::probe(&d, id, action, sql);
     }
-    d.message(
-        "root.json",
-        &serde_json::json!({"uuid_ref": "root", "data_type": "test/probe", "action": "sql-query", "sql": "SELECT 1"})
-            .to_string(),
-    );
+    crate::postgres::probe(&d, "root", "sql-query", "SELECT 1");
     let summary = d.run_once().await.unwrap();
     assert_eq!(summary.failed, 0, "{summary}");
     let write = d.last("w", "probe").await;

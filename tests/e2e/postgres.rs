@@ -101,7 +101,8 @@ impl Drop for TestDb {
     }
 }
 
-fn probe(d: &Deployment, id: &str, action: &str, sql: &str) {
+/// Put a message for fx-probe: `action` on `sql`.
+pub(crate) fn probe(d: &Deployment, id: &str, action: &str, sql: &str) {
     d.message(
         &format!("{id}.json"),
         &serde_json::json!({"uuid_ref": id, "data_type": "test/probe", "action": action, "sql": sql})

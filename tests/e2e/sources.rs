@@ -238,37 +238,24 @@ async fn hostile(mode: &str, more: &str) -> JobRecord {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_sources_fail_their_jobs_with_the_reason() {
-    let failed = |job: &JobRecord, needle: &str| {
-        assert_eq!(job.state, JobState::Error, "{job:?}");
+    for (mode, why) in [
+        ("oversize", "documents for a page of at most 500"),
+        ("ten-million", "memory"),
+        ("stuck-cursor", "the sync would never end"),
+        ("cycling-cursor", "a cursor it had returned before"),
+        ("huge-cursor", "a `next` cursor of 100000 bytes, over 65536"),
+        ("loop", "deadline"),
+        (
+            "ping-fails",
+            "`ping` returned unavailable: the synthetic system is down",
+        ),
+        ("bad-json", "11 document errors in a row"),
+    ] {
+        let job = hostile(mode, "").await;
+        assert_eq!(job.state, JobState::Error, "{mode}: {job:?}");
         let error = job.error.clone().unwrap_or_default();
-        assert!(error.contains(needle), "{needle}: {error}");
-    };
-    failed(
-        &hostile("oversize", "").await,
-        "documents for a page of at most 500",
-    );
-    failed(&hostile("ten-million", "").await, "memory");
-    failed(
-        &hostile("stuck-cursor", "").await,
-        "the sync would never end",
-    );
-    failed(
-        &hostile("cycling-cursor", "").await,
-        "a cursor it had returned before",
-    );
-    failed(
-        &hostile("huge-cursor", "").await,
-        "a `next` cursor of 100000 bytes, over 65536",
-    );
-    failed(&hostile("loop", "").await, "deadline");
-    failed(
-        &hostile("ping-fails", "").await,
-        "`ping` returned unavailable: the synthetic system is down",
-    );
-    failed(
-        &hostile("bad-json", "").await,
-        "11 document errors in a row",
-    );
+        assert!(error.contains(why), "{mode}: {why}: {error}");
+    }
 
     // Some errors, under the monitor's thresholds: counted, the job completes.
     let dup = hostile("duplicates", "").await;
@@ -1021,17 +1008,9 @@ async fn an_external_postgresql_database_is_read_only_and_held_to_the_sql_limits
         ("many", "sql-query", "SELECT id FROM things"),
         ("sleep", "sql-query", "SELECT pg_sleep(30)::text"),
     ] {
-        d.message(
-            &format!("{id}.json"),
-            &serde_json::json!({"uuid_ref": id, "data_type": "test/probe", "action": action, "sql": sql})
-                .to_string(),
-        );
+        crate::postgres::probe(&d, id, action, sql);
     }
-    d.message(
-        "super.json",
-        &serde_json::json!({"uuid_ref": "super", "data_type": "test/probe", "action": "sql-query", "sql": "SELECT 1"})
-            .to_string(),
-    );
+    crate::postgres::probe(&d, "super", "sql-query", "SELECT 1");
     let summary = d.run_once().await.unwrap();
     assert_eq!(summary.failed, 0, "{summary}");
     let info = |row: sandpipe::status::Row| row.info;
