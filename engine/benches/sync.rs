@@ -149,13 +149,14 @@ async fn mariadb(name: &str, rows: usize) {
     conn.disconnect().await.unwrap();
 }
 
-async fn pg(sql: &str) {
+/// A connection to PostgreSQL database `db`.
+async fn pg(db: &str) -> tokio_postgres::Client {
     let (client, connection) =
-        tokio_postgres::connect(&format!("{POSTGRES}/postgres"), tokio_postgres::NoTls)
+        tokio_postgres::connect(&format!("{POSTGRES}/{db}"), tokio_postgres::NoTls)
             .await
             .unwrap();
     tokio::spawn(connection);
-    client.batch_execute(sql).await.unwrap();
+    client
 }
 
 /// A deployment folder for `sandpipe sync`: `component` as source `src`
@@ -410,7 +411,13 @@ fn main() {
     let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
     let (my_db, pg_db) = (format!("sp_bench_{id}"), format!("sp_bench_{id}"));
     runtime.block_on(mariadb(&my_db, rows));
-    runtime.block_on(pg(&format!("CREATE DATABASE {pg_db}")));
+    runtime.block_on(async {
+        pg("postgres")
+            .await
+            .batch_execute(&format!("CREATE DATABASE {pg_db}"))
+            .await
+            .unwrap();
+    });
     let dir = tempfile::tempdir().unwrap();
     let config = deployment(
         &dir.path().join("mysql"),
@@ -442,15 +449,7 @@ fn main() {
     let reset = |pg_db: &str| {
         let sql =
             "DROP SCHEMA IF EXISTS sandpipe_sources CASCADE; DROP TABLE IF EXISTS items_native;";
-        let pg_db = pg_db.to_owned();
-        runtime.block_on(async move {
-            let (client, connection) =
-                tokio_postgres::connect(&format!("{POSTGRES}/{pg_db}"), tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-            tokio::spawn(connection);
-            client.batch_execute(sql).await.unwrap();
-        });
+        runtime.block_on(async { pg(pg_db).await.batch_execute(sql).await.unwrap() });
     };
     let mut results: HashMap<&str, Vec<(f64, f64, u64)>> = HashMap::new();
     for run in 1..=runs {
@@ -567,11 +566,6 @@ fn main() {
         conn.query_drop(format!("DROP USER '{my_db}'@'%'"))
             .await
             .unwrap();
-        let (client, connection) =
-            tokio_postgres::connect(&format!("{POSTGRES}/postgres"), tokio_postgres::NoTls)
-                .await
-                .unwrap();
-        tokio::spawn(connection);
-        pg_support::drop_database(&client, &pg_db).await;
+        pg_support::drop_database(&pg("postgres").await, &pg_db).await;
     });
 }
