@@ -550,13 +550,6 @@ impl Default for DatabaseConfig {
     }
 }
 
-/// The schema of the engine's status-writing function on PostgreSQL,
-/// beside the engine's `schema` (the one thing of the engine's that plugin
-/// roles may use).
-pub fn status_schema(schema: &str) -> String {
-    format!("{schema}_status")
-}
-
 /// Why `name` cannot be a schema of Sandpipe's, or `None` if it can:
 /// lowercase ASCII letters, digits and `_`, starting with a letter or `_`,
 /// at most 63 bytes, and none of PostgreSQL's own (`public`, `pg_*`,
@@ -1643,15 +1636,6 @@ impl Config {
             if let Some(problem) = schema_name_problem(schema) {
                 return Err(invalid("database.schema".into(), problem));
             }
-            let status = status_schema(schema);
-            if status.len() > 63 {
-                return Err(invalid(
-                    "database.schema".into(),
-                    format!(
-                        "`{schema}` is too long: the engine also makes schema `{status}`, and PostgreSQL names have at most 63 bytes"
-                    ),
-                ));
-            }
             if *pool_size == 0 || *plugin_pool_size == Some(0) {
                 return Err(invalid(
                     "database".into(),
@@ -1659,7 +1643,6 @@ impl Config {
                 ));
             }
             taken.insert(schema.clone(), "the engine (database.schema)".into());
-            taken.insert(status, "the engine (its status-writing function)".into());
         }
         let postgres = matches!(self.database, DatabaseConfig::Postgres { .. });
         for (name, grant) in &self.plugins.grants {

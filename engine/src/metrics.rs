@@ -38,6 +38,9 @@ pub const STATUS_WRITES: &str = "sandpipe_status_writes_total";
 /// Status-log idempotency look-ups run (PostgreSQL batches the look-ups of
 /// the messages that ask at once into one query).
 pub const STATUS_LOOKUPS: &str = "sandpipe_status_lookups_total";
+/// Status rows read back whose MAC does not verify (written by something
+/// other than the engine, e.g. a plugin's role), and ignored.
+pub const STATUS_FORGED: &str = "sandpipe_status_forged_rows_total";
 
 /// Invocations waiting for a connection of their plugin's PostgreSQL pool
 /// now, labelled `plugin`.
@@ -138,6 +141,10 @@ pub fn describe() {
     metrics::describe_counter!(STATUS_COMMITS, "Status-log group commits.");
     metrics::describe_counter!(STATUS_WRITES, "Status-log writes committed.");
     metrics::describe_counter!(STATUS_LOOKUPS, "Status-log idempotency look-up queries.");
+    metrics::describe_counter!(
+        STATUS_FORGED,
+        "Status-log rows read back without the engine's MAC, ignored."
+    );
     metrics::describe_gauge!(
         DB_POOL_WAITING,
         "Invocations waiting for a connection of their plugin's PostgreSQL pool."

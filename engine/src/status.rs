@@ -25,7 +25,9 @@ use tokio::sync::oneshot;
 
 use serde::Serialize;
 
-use crate::store::database::postgres::describe;
+use tokio_postgres::types::{ToSql, Type};
+
+use crate::store::database::postgres::{self, STATUS_COLUMNS, describe};
 use crate::store::database::{Database, Postgres, Sqlite};
 
 /// The status of a message or of one plugin on it.
@@ -339,28 +341,33 @@ impl StatusLog {
     /// Whether [`StatusLog::record_within`] can write into a plugin's
     /// transaction: the log is on PostgreSQL.
     pub fn writes_within(&self) -> bool {
-        matches!(&self.db, Backend::Postgres(pg) if pg.status_signer().is_some())
+        matches!(&self.db, Backend::Postgres(pg) if pg.status_key().is_some())
     }
 
     /// Append `entries` inside plugin's PostgreSQL transaction `tx` and
     /// commit it: the plugin's effects and its status rows are durable
-    /// together, in one commit, or neither is. The rows are signed (see
-    /// `postgres::StatusSigner`), so the plugin's role can write only these.
+    /// together, in one commit, or neither is. Each row carries its MAC
+    /// (see `postgres::StatusKey`): rows the plugin's role writes itself
+    /// are ignored when read.
     pub async fn record_within(
         &self,
         tx: crate::capability::sql::Transaction,
         entries: &[Entry],
     ) -> anyhow::Result<()> {
-        let signer = match &self.db {
-            Backend::Postgres(pg) => pg.status_signer(),
+        let key = match &self.db {
+            Backend::Postgres(pg) => pg.status_key().map(|key| (pg, key)),
             Backend::Sqlite(_) => None,
         };
-        let Some(signer) = signer else {
+        let Some((pg, key)) = key else {
             tx.rollback().await;
             anyhow::bail!("the status log is not on PostgreSQL");
         };
-        let rows = serde_json::to_string(entries)?;
-        tx.commit_with(signer.sign(rows)).await?;
+        let call = postgres::EngineCall {
+            with: format!("WITH w AS ({})", pg_insert(pg)),
+            types: PG_TYPES,
+            params: PgColumns::new(entries, key).into_params(),
+        };
+        tx.commit_with(call).await?;
         metrics::counter!(crate::metrics::STATUS_COMMITS).increment(1);
         metrics::counter!(crate::metrics::STATUS_WRITES).increment(1);
         Ok(())
@@ -397,28 +404,14 @@ impl StatusLog {
                 let client = pg.client().await?;
                 // Planned for the table as it is (see `pg_finished`).
                 let query = format!(
-                    "SELECT plugin, plugin_version, component_sha256, attempt, status, info, \
-                            duration_ms, fuel_used \
-                     FROM {} WHERE message_id = $1 ORDER BY id",
+                    "SELECT {STATUS_COLUMNS} FROM {} WHERE message_id = $1 ORDER BY id",
                     pg.table("status")
                 );
                 let rows = client
-                    .query_typed(&query, &[(&message_id, tokio_postgres::types::Type::TEXT)])
+                    .query_typed(&query, &[(&message_id, Type::TEXT)])
                     .await
                     .map_err(fail)?;
-                Ok(rows
-                    .iter()
-                    .map(|r| Row {
-                        plugin: r.get(0),
-                        plugin_version: r.get(1),
-                        component_sha256: r.get(2),
-                        attempt: u32::try_from(r.get::<_, i32>(3)).unwrap_or_default(),
-                        status: r.get(4),
-                        info: r.get(5),
-                        duration_ms: r.get(6),
-                        fuel_used: r.get::<_, Option<i64>>(7).map(|f| f as u64),
-                    })
-                    .collect())
+                Ok(verified(pg, &rows).await?.map(|(_, row)| row).collect())
             }
         }
     }
@@ -466,63 +459,231 @@ async fn pg_finished(pg: &Postgres, ids: &[&str]) -> anyhow::Result<Vec<(String,
         |e: tokio_postgres::Error| anyhow::anyhow!("reading the status log: {}", describe(&e));
     let client = pg.client().await?;
     let query = format!(
-        "SELECT DISTINCT message_id, plugin FROM {} WHERE message_id = ANY($1) \
+        "SELECT {STATUS_COLUMNS} FROM {} WHERE message_id = ANY($1) \
          AND plugin <> '' AND status IN ('done', 'skipped')",
         pg.table("status")
     );
     let rows = client
-        .query_typed(&query, &[(&ids, tokio_postgres::types::Type::TEXT_ARRAY)])
+        .query_typed(&query, &[(&ids, Type::TEXT_ARRAY)])
         .await
         .map_err(fail)?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(verified(pg, &rows)
+        .await?
+        .map(|(message_id, row)| (message_id, row.plugin))
+        .collect())
 }
 
-/// Append `entries` in one statement (one round trip, atomic without a
-/// transaction block of its own), in their order.
+/// The rows of `rows` (all of [`STATUS_COLUMNS`], in order) whose MAC
+/// verifies, with their message ids; rows from before the `mac` column have
+/// none and are taken as they are (the table refuses a new row without
+/// one). Any other row was not written by the engine (a plugin's role may
+/// insert rows): it is counted, reported and ignored.
+async fn verified(
+    pg: &Postgres,
+    rows: &[tokio_postgres::Row],
+) -> anyhow::Result<impl Iterator<Item = (String, Row)>> {
+    let key = pg.load_status_key().await?;
+    let mut forged = 0u64;
+    let mut kept = Vec::with_capacity(rows.len());
+    for r in rows {
+        let fields = Fields {
+            message_id: r.get(0),
+            plugin: r.get(1),
+            plugin_version: r.get(2),
+            component_sha256: r.get(3),
+            attempt: r.get(4),
+            status: r.get(5),
+            info: r.get(6),
+            duration_ms: r.get(7),
+            fuel_used: r.get(8),
+        };
+        let mac: Option<&[u8]> = r.get(9);
+        let genuine = match (mac, key) {
+            (None, _) => true,
+            (Some(mac), Some(key)) => mac == fields.mac(key).as_slice(),
+            (Some(_), None) => false,
+        };
+        if !genuine {
+            forged += 1;
+            continue;
+        }
+        kept.push((
+            fields.message_id.to_owned(),
+            Row {
+                plugin: fields.plugin.to_owned(),
+                plugin_version: fields.plugin_version.to_owned(),
+                component_sha256: fields.component_sha256.to_owned(),
+                attempt: u32::try_from(fields.attempt).unwrap_or_default(),
+                status: fields.status.to_owned(),
+                info: fields.info.to_owned(),
+                duration_ms: fields.duration_ms,
+                fuel_used: fields.fuel_used.map(|f| f as u64),
+            },
+        ));
+    }
+    if forged > 0 {
+        metrics::counter!(crate::metrics::STATUS_FORGED).increment(forged);
+        tracing::warn!(
+            rows = forged,
+            "ignored status rows without the engine's MAC (written by something else, e.g. a plugin's role)"
+        );
+    }
+    Ok(kept.into_iter())
+}
+
+/// One status row's fields as stored, for its MAC.
+struct Fields<'a> {
+    message_id: &'a str,
+    plugin: &'a str,
+    plugin_version: &'a str,
+    component_sha256: &'a str,
+    attempt: i32,
+    status: &'a str,
+    info: &'a str,
+    duration_ms: Option<f64>,
+    fuel_used: Option<i64>,
+}
+
+impl<'a> Fields<'a> {
+    fn of(e: &'a Entry) -> Self {
+        Self {
+            message_id: &e.message_id,
+            plugin: &e.plugin,
+            plugin_version: &e.plugin_version,
+            component_sha256: &e.component_sha256,
+            attempt: i32::try_from(e.attempt).unwrap_or(i32::MAX),
+            status: e.status.as_str(),
+            info: &e.info,
+            duration_ms: e.duration_ms,
+            fuel_used: e.fuel_used.map(|f| i64::try_from(f).unwrap_or(i64::MAX)),
+        }
+    }
+
+    /// The MAC of the fields, each length-prefixed (or tagged, when
+    /// optional) so no two rows share an encoding.
+    fn mac(&self, key: &postgres::StatusKey) -> Vec<u8> {
+        let mut data = Vec::with_capacity(128 + self.info.len());
+        for text in [
+            self.message_id,
+            self.plugin,
+            self.plugin_version,
+            self.component_sha256,
+            self.status,
+            self.info,
+        ] {
+            data.extend_from_slice(&(text.len() as u64).to_le_bytes());
+            data.extend_from_slice(text.as_bytes());
+        }
+        data.extend_from_slice(&self.attempt.to_le_bytes());
+        match self.duration_ms {
+            Some(d) => {
+                data.push(1);
+                data.extend_from_slice(&d.to_bits().to_le_bytes());
+            }
+            None => data.push(0),
+        }
+        match self.fuel_used {
+            Some(f) => {
+                data.push(1);
+                data.extend_from_slice(&f.to_le_bytes());
+            }
+            None => data.push(0),
+        }
+        key.mac(&data)
+    }
+}
+
+/// The statement that appends rows, from the arrays of [`PgColumns`] (one
+/// round trip, atomic without a transaction block of its own), in order.
+fn pg_insert(pg: &Postgres) -> String {
+    format!(
+        "INSERT INTO {} ({STATUS_COLUMNS}) \
+         SELECT m, p, v, c, a, s, i, d, f, k \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], \
+                     $6::text[], $7::text[], $8::float8[], $9::int8[], $10::bytea[]) \
+              WITH ORDINALITY AS e(m, p, v, c, a, s, i, d, f, k, n) \
+         ORDER BY n",
+        pg.table("status")
+    )
+}
+
+/// The parameters' types of [`pg_insert`].
+const PG_TYPES: &[Type] = &[
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::INT4_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::FLOAT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::BYTEA_ARRAY,
+];
+
+/// Entries as the columns of [`pg_insert`], each row with its MAC.
+struct PgColumns {
+    message_id: Vec<String>,
+    plugin: Vec<String>,
+    plugin_version: Vec<String>,
+    component_sha256: Vec<String>,
+    attempt: Vec<i32>,
+    status: Vec<&'static str>,
+    info: Vec<String>,
+    duration_ms: Vec<Option<f64>>,
+    fuel_used: Vec<Option<i64>>,
+    mac: Vec<Vec<u8>>,
+}
+
+impl PgColumns {
+    fn new(entries: &[Entry], key: &postgres::StatusKey) -> Self {
+        let fields: Vec<Fields<'_>> = entries.iter().map(Fields::of).collect();
+        let text = |f: fn(&Entry) -> &str| entries.iter().map(|e| f(e).to_owned()).collect();
+        Self {
+            message_id: text(|e| &e.message_id),
+            plugin: text(|e| &e.plugin),
+            plugin_version: text(|e| &e.plugin_version),
+            component_sha256: text(|e| &e.component_sha256),
+            attempt: fields.iter().map(|f| f.attempt).collect(),
+            status: entries.iter().map(|e| e.status.as_str()).collect(),
+            info: text(|e| &e.info),
+            duration_ms: fields.iter().map(|f| f.duration_ms).collect(),
+            fuel_used: fields.iter().map(|f| f.fuel_used).collect(),
+            mac: fields.iter().map(|f| f.mac(key)).collect(),
+        }
+    }
+
+    fn into_params(self) -> Vec<Box<dyn ToSql + Send + Sync>> {
+        vec![
+            Box::new(self.message_id),
+            Box::new(self.plugin),
+            Box::new(self.plugin_version),
+            Box::new(self.component_sha256),
+            Box::new(self.attempt),
+            Box::new(self.status),
+            Box::new(self.info),
+            Box::new(self.duration_ms),
+            Box::new(self.fuel_used),
+            Box::new(self.mac),
+        ]
+    }
+}
+
+/// Append `entries` on the engine's own connection (see [`pg_insert`]).
 async fn pg_record(pg: &Postgres, entries: Vec<Entry>) -> anyhow::Result<()> {
     let fail =
         |e: tokio_postgres::Error| anyhow::anyhow!("writing the status log: {}", describe(&e));
+    let key = pg
+        .status_key()
+        .ok_or_else(|| anyhow::anyhow!("writing the status log: the database is not prepared"))?;
     let client = pg.client().await?;
     let insert = client
-        .prepare_cached(&format!(
-            "INSERT INTO {} (message_id, plugin, plugin_version, component_sha256, \
-                attempt, status, info, duration_ms, fuel_used) \
-             SELECT m, p, v, c, a, s, i, d, f \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], \
-                         $6::text[], $7::text[], $8::float8[], $9::int8[]) \
-                  WITH ORDINALITY AS e(m, p, v, c, a, s, i, d, f, n) \
-             ORDER BY n",
-            pg.table("status")
-        ))
+        .prepare_typed_cached(&pg_insert(pg), PG_TYPES)
         .await
         .map_err(fail)?;
-    let column = |f: fn(&Entry) -> &str| entries.iter().map(f).collect::<Vec<&str>>();
-    let attempts: Vec<i32> = entries
-        .iter()
-        .map(|e| i32::try_from(e.attempt).unwrap_or(i32::MAX))
-        .collect();
-    let durations: Vec<Option<f64>> = entries.iter().map(|e| e.duration_ms).collect();
-    let fuel: Vec<Option<i64>> = entries
-        .iter()
-        .map(|e| e.fuel_used.map(|f| i64::try_from(f).unwrap_or(i64::MAX)))
-        .collect();
-    client
-        .execute(
-            &insert,
-            &[
-                &column(|e| &e.message_id),
-                &column(|e| &e.plugin),
-                &column(|e| &e.plugin_version),
-                &column(|e| &e.component_sha256),
-                &attempts,
-                &column(|e| e.status.as_str()),
-                &column(|e| &e.info),
-                &durations,
-                &fuel,
-            ],
-        )
-        .await
-        .map_err(fail)?;
+    let params = PgColumns::new(&entries, key).into_params();
+    let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
+    client.execute(&insert, &params).await.map_err(fail)?;
     Ok(())
 }
 

@@ -247,38 +247,70 @@ async fn a_lone_sql_plugins_status_rows_commit_in_its_own_transaction_and_cannot
             .collect();
     assert_eq!(status, expected);
 
-    // The plugin's role may call the engine's function, but rows without
-    // the engine's MAC are refused, and the key is out of its reach.
-    let forged = serde_json::json!([{
-        "message_id": "victim", "plugin": "other", "plugin_version": "", "component_sha256": "",
-        "attempt": 1, "status": "done", "info": "forged", "duration_ms": null, "fuel_used": null
-    }])
-    .to_string();
+    // The plugin's role may insert into the status table (that is how the
+    // engine writes its rows in its transaction) and do nothing else there;
+    // a row it writes itself lacks the engine's MAC and is ignored.
+    let columns = "message_id, plugin, plugin_version, component_sha256, attempt, status, info";
+    let forged = "'victim', 'probe', '', '', 1, 'done', 'forged'";
     let zero_mac = format!("'\\x{}'::bytea", "00".repeat(32));
-    let cases = [
+    let denied = [
         (
-            "m-forge",
-            format!("SELECT 1 AS x FROM sandpipe_status.write_status('{forged}', {zero_mac})"),
+            "m-key",
+            "sql-query",
+            "SELECT key FROM sandpipe.status_key".to_owned(),
         ),
         (
-            "m-forge-null",
-            format!("SELECT 1 AS x FROM sandpipe_status.write_status('{forged}', NULL)"),
+            "m-read",
+            "sql-query",
+            "SELECT info FROM sandpipe.status".to_owned(),
         ),
-        ("m-key", "SELECT key FROM sandpipe.status_key".to_owned()),
         (
-            "m-insert",
+            "m-update",
+            "sql-exec",
+            "UPDATE sandpipe.status SET info = 'x'".to_owned(),
+        ),
+        (
+            "m-delete",
+            "sql-exec",
+            "DELETE FROM sandpipe.status".to_owned(),
+        ),
+        (
+            "m-at",
+            "sql-exec",
             format!(
-                "INSERT INTO sandpipe.status (message_id, plugin, plugin_version, component_sha256, attempt, status, info) VALUES ('victim', 'other', '', '', 1, 'done', '{}')",
-                "forged"
+                "INSERT INTO sandpipe.status ({columns}, mac, at) VALUES ({forged}, {zero_mac}, now() - interval '1 year')"
+            ),
+        ),
+        (
+            "m-returning",
+            "sql-query",
+            format!(
+                "INSERT INTO sandpipe.status ({columns}, mac) VALUES ({forged}, {zero_mac}) RETURNING id"
             ),
         ),
     ];
-    for (id, sql) in &cases {
-        probe(&d, id, "sql-query", sql);
+    let refused = (
+        "m-unsigned",
+        "sql-exec",
+        format!("INSERT INTO sandpipe.status ({columns}) VALUES ({forged})"),
+    );
+    let accepted = (
+        "m-forge",
+        "sql-exec",
+        format!("INSERT INTO sandpipe.status ({columns}, mac) VALUES ({forged}, {zero_mac})"),
+    );
+    for (id, action, sql) in denied.iter().chain([&refused]) {
+        probe(&d, id, action, sql);
     }
+    d.message(
+        &format!("{}.json", accepted.0),
+        &serde_json::json!({"uuid_ref": accepted.0, "data_type": "test/probe",
+            "action": accepted.1, "sql": accepted.2, "commit": true})
+        .to_string(),
+    );
     let summary = d.run_once().await.unwrap();
-    assert_eq!(summary.done, cases.len() as u64, "{summary}");
-    for (id, sql) in &cases {
+    assert_eq!(summary.done, denied.len() as u64 + 2, "{summary}");
+    for (id, _, sql) in &denied {
         let row = d.last(id, "probe").await;
         assert_eq!(row.status, "skipped", "{id}");
         assert!(
@@ -287,13 +319,31 @@ async fn a_lone_sql_plugins_status_rows_commit_in_its_own_transaction_and_cannot
             row.info
         );
     }
+    let row = d.last(refused.0, "probe").await;
+    assert!(row.info.contains("status_signed"), "{}", row.info);
+    assert_eq!(d.last(accepted.0, "probe").await.status, "done");
+    // The forged row is in the table, but the engine does not see it: not
+    // in the message's rows, and not a finished plugin to the idempotency
+    // look-up (which would skip the plugin when `victim` is redelivered).
     assert_eq!(
         count(
             &admin,
             "SELECT count(*) FROM sandpipe.status WHERE message_id = 'victim'"
         )
         .await,
-        0
+        1
+    );
+    assert!(d.rows("victim").await.is_empty());
+    let config = sandpipe::config::Config::load(&d.config).unwrap();
+    let tls = sandpipe::tls::Tls::new(&config).unwrap();
+    let log = sandpipe::status::StatusLog::new(
+        sandpipe::store::database::Database::connect(&config.database, &tls).unwrap(),
+    )
+    .unwrap();
+    assert!(log.finished_plugins("victim").await.unwrap().is_empty());
+    assert!(
+        log.finished_plugins("m-1").await.unwrap().contains("probe"),
+        "a genuine row still counts"
     );
 
     // When the status rows cannot be written, the plugin's effects are not
@@ -301,7 +351,7 @@ async fn a_lone_sql_plugins_status_rows_commit_in_its_own_transaction_and_cannot
     // for the failure), requeued as an outage, and the second commits both.
     admin
         .batch_execute(
-            "CREATE FUNCTION sandpipe.refuse_once() RETURNS trigger LANGUAGE plpgsql AS $$
+            "CREATE FUNCTION sandpipe.refuse_once() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
              BEGIN
                  IF NEW.message_id = 'm-refused' AND NEW.status = 'done' AND NOT EXISTS (
                      SELECT 1 FROM sandpipe.status WHERE message_id = 'm-refused' AND status = 'failed'
@@ -1319,17 +1369,9 @@ async fn config_errors_name_the_key() {
             "the engine",
         ),
         (
-            format!(
-                "{}plugins:\n  grants:\n    x: {{ sql: {{ schema: sandpipe_status }} }}\n",
-                db.yaml("")
-            ),
-            "plugins.grants.x.sql.schema",
-            "the engine (its status-writing function)",
-        ),
-        (
-            db.yaml(&format!(", schema: {}", "s".repeat(60))),
+            db.yaml(&format!(", schema: {}", "s".repeat(64))),
             "database.schema",
-            "too long",
+            "1 to 63 lowercase letters",
         ),
     ] {
         let err = Config::parse(

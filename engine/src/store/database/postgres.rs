@@ -72,7 +72,7 @@ use tokio_postgres::types::{FromSql, IsNull, Kind, ToSql, Type, to_sql_checked};
 use super::{Outcome, ResultLimit, Work};
 use super::{Rows, Value};
 use crate::capability::StateOp;
-use crate::config::{Config, DatabaseConfig, status_schema};
+use crate::config::{Config, DatabaseConfig};
 use crate::error::HostError;
 use crate::tls::Tls;
 use crate::tls::postgres::PgTls;
@@ -157,53 +157,60 @@ pub struct Postgres {
     database: String,
     roles: Arc<BTreeMap<String, PluginRole>>,
     plugin_pool_size: usize,
-    /// Signs status rows written inside a plugin's transaction; set once
-    /// the database is prepared.
-    signer: Option<Arc<StatusSigner>>,
+    /// The key of the status rows' MACs; set once the database is
+    /// prepared.
+    status_key: Arc<std::sync::OnceLock<StatusKey>>,
 }
 
-/// Status rows written inside a plugin's own transaction, as the plugin's
-/// role, through the engine's function `<schema>_status.write_status`
-/// (`SECURITY DEFINER`, so it may insert into the closed status table).
-/// Every plugin role may call it, so the rows carry a MAC made with a key
-/// that only the engine's schema holds (`status_key`): a plugin cannot
-/// forge a row, and sees neither the key nor the MACs (they travel as
-/// parameters of the engine's own statement, which `pg_stat_activity`
-/// does not show). MAC = sha256(key ‖ sha256(key ‖ rows)), `rows` the
-/// exact JSON text of the entries.
-pub struct StatusSigner {
-    key: [u8; 32],
-    /// `"<schema>_status".write_status($1, $2)`.
-    call: String,
-}
+/// The key of the status rows' MACs, made by the first engine on the
+/// database and kept in `<schema>.status_key`, which only the engine's
+/// role can read.
+///
+/// A lone plugin's status rows are written inside its own transaction, as
+/// its role (one commit for the effects and the rows), so every plugin
+/// role may `INSERT` into the status table (only that: no `SELECT`,
+/// `UPDATE`, `DELETE`, and not the `id` or `at` columns). Every row carries
+/// the MAC of its fields (`status::row_mac`, the engine's rows too; legacy
+/// rows from before the column are the only ones allowed without one), and
+/// the engine reads back only rows whose MAC it can verify: a row a plugin
+/// wrote itself is counted and ignored. The key and the MACs never pass
+/// through the guest (they travel as parameters of the engine's own
+/// statement, which `pg_stat_activity` does not show).
+/// MAC = sha256(key ‖ sha256(key ‖ data)).
+pub struct StatusKey([u8; 32]);
 
-impl StatusSigner {
-    /// The engine's call and its two parameters (the rows as JSON text,
-    /// their MAC) for `rows`.
-    pub fn sign(&self, rows: String) -> EngineCall {
+impl StatusKey {
+    /// The MAC of `data`.
+    pub fn mac(&self, data: &[u8]) -> Vec<u8> {
         let inner = sha2::Sha256::new()
-            .chain_update(self.key)
-            .chain_update(rows.as_bytes())
+            .chain_update(self.0)
+            .chain_update(data)
             .finalize();
-        let mac = sha2::Sha256::new()
-            .chain_update(self.key)
+        sha2::Sha256::new()
+            .chain_update(self.0)
             .chain_update(inner)
             .finalize()
-            .to_vec();
-        EngineCall {
-            expression: self.call.clone(),
-            text: rows,
-            mac,
-        }
+            .to_vec()
     }
 }
 
-/// A call of the engine's run in a plugin's transaction just before its
-/// commit: `expression` (selected) with a text and a bytea parameter.
+/// The status table's columns that rows are written with (the rest, `id`
+/// and `at`, are the table's own), in the order of the engine's `INSERT`s;
+/// also the columns plugin roles may insert.
+pub const STATUS_COLUMNS: &str = "message_id, plugin, plugin_version, component_sha256, \
+     attempt, status, info, duration_ms, fuel_used, mac";
+
+/// A statement of the engine's run in a plugin's transaction just before
+/// its commit, in the same statement as the session check: `with` is a
+/// data-modifying `WITH` clause (`WITH w AS (INSERT …)`), `types` and
+/// `params` its parameters.
 pub struct EngineCall {
-    expression: String,
-    text: String,
-    mac: Vec<u8>,
+    /// The `WITH` clause.
+    pub with: String,
+    /// The parameters' types, in order.
+    pub types: &'static [Type],
+    /// The parameters.
+    pub params: Vec<Box<dyn ToSql + Send + Sync>>,
 }
 
 /// `"name"`, with inner quotes doubled.
@@ -373,7 +380,7 @@ impl Postgres {
             database,
             roles: Arc::new(BTreeMap::new()),
             plugin_pool_size: 1,
-            signer: None,
+            status_key: Arc::default(),
         })
     }
 
@@ -445,11 +452,11 @@ impl Postgres {
             .prepare(&setup, &wanted)
             .await
             .with_context(|| format!("cannot prepare {}", pg.target))?;
-        pg.signer = Some(Arc::new(
-            pg.prepare_status_writer(&setup)
-                .await
-                .with_context(|| format!("cannot prepare {}", pg.target))?,
-        ));
+        let key = pg
+            .prepare_status_key(&setup)
+            .await
+            .with_context(|| format!("cannot prepare {}", pg.target))?;
+        let _ = pg.status_key.set(key);
         if let Some(script) = init {
             pg.run_init(script).await?;
         }
@@ -625,12 +632,15 @@ impl Postgres {
         Ok(out)
     }
 
-    /// The status key (made by the first engine on this database) and the
-    /// function that writes signed status rows (see [`StatusSigner`]).
-    async fn prepare_status_writer(
+    /// The status key (made by the first engine on this database; see
+    /// [`StatusKey`]), and the status table's `mac` column. Rows without
+    /// one are refused from now on; rows older than the column keep none.
+    /// The function through which earlier versions wrote a plugin's rows
+    /// goes.
+    async fn prepare_status_key(
         &self,
         client: &tokio_postgres::Client,
-    ) -> anyhow::Result<StatusSigner> {
+    ) -> anyhow::Result<StatusKey> {
         let fail =
             |what: &str, e: tokio_postgres::Error| anyhow::anyhow!("{what}: {}", describe(&e));
         let mut fresh = [0u8; 32];
@@ -656,54 +666,53 @@ impl Postgres {
                 stored.len()
             )
         })?;
-        let f = quote_ident(&status_schema(&self.schema));
+        let status = self.table("status");
+        let old = quote_ident(&format!("{}_status", self.schema));
         client
             .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {f};
-                 REVOKE ALL ON SCHEMA {f} FROM PUBLIC;
-                 CREATE OR REPLACE FUNCTION {f}.write_status(p_rows text, p_mac bytea)
-                 RETURNS void LANGUAGE plpgsql SECURITY DEFINER
-                 SET search_path = pg_catalog, pg_temp
-                 AS $sandpipe$
-                 DECLARE
-                     k bytea;
-                 BEGIN
-                     SELECT key INTO k FROM {key} WHERE id = 1;
-                     IF k IS NULL OR p_mac IS DISTINCT FROM
-                            sha256(k || sha256(k || convert_to(p_rows, 'UTF8'))) THEN
-                         RAISE EXCEPTION 'status rows not signed by the engine'
-                             USING ERRCODE = 'insufficient_privilege';
+                "ALTER TABLE {status} ADD COLUMN IF NOT EXISTS mac BYTEA;
+                 DO $sandpipe$ BEGIN
+                     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
+                                    WHERE conrelid = {rel}::regclass AND conname = 'status_signed') THEN
+                         ALTER TABLE {status} ADD CONSTRAINT status_signed CHECK (mac IS NOT NULL) NOT VALID;
                      END IF;
-                     INSERT INTO {status} (message_id, plugin, plugin_version, component_sha256,
-                         attempt, status, info, duration_ms, fuel_used)
-                     SELECT e.message_id, e.plugin, e.plugin_version, e.component_sha256,
-                            e.attempt, e.status, e.info, e.duration_ms, e.fuel_used
-                     FROM ROWS FROM (jsonb_to_recordset(p_rows::jsonb) AS (
-                              message_id text, plugin text, plugin_version text,
-                              component_sha256 text, attempt integer, status text, info text,
-                              duration_ms double precision, fuel_used bigint))
-                          WITH ORDINALITY AS e(message_id, plugin, plugin_version,
-                              component_sha256, attempt, status, info, duration_ms,
-                              fuel_used, n)
-                     ORDER BY e.n;
-                 END
-                 $sandpipe$;
-                 REVOKE ALL ON FUNCTION {f}.write_status(text, bytea) FROM PUBLIC;",
-                key = self.table("status_key"),
-                status = self.table("status"),
+                 END $sandpipe$;
+                 DROP FUNCTION IF EXISTS {old}.write_status(text, bytea);
+                 DROP SCHEMA IF EXISTS {old};",
+                rel = quote_literal(&status),
             ))
             .await
-            .map_err(|e| fail(&format!("creating {f}.write_status"), e))?;
-        Ok(StatusSigner {
-            key,
-            call: format!("{f}.write_status($1, $2)"),
-        })
+            .map_err(|e| fail(&format!("adding the mac column to {status}"), e))?;
+        Ok(StatusKey(key))
     }
 
-    /// Signs status rows for a plugin's transaction (`None` before the
-    /// database is prepared).
-    pub fn status_signer(&self) -> Option<&StatusSigner> {
-        self.signer.as_deref()
+    /// The key of the status rows' MACs (`None` before the database is
+    /// prepared).
+    pub fn status_key(&self) -> Option<&StatusKey> {
+        self.status_key.get()
+    }
+
+    /// The key of the status rows' MACs, read from the database when this
+    /// handle did not prepare it (a reader's); `None` when no engine ever
+    /// made one there.
+    pub async fn load_status_key(&self) -> anyhow::Result<Option<&StatusKey>> {
+        if self.status_key.get().is_none() {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    &format!("SELECT key FROM {} WHERE id = 1", self.table("status_key")),
+                    &[],
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("reading the status key: {}", describe(&e)))?;
+            if let Some(row) = row {
+                let stored: Vec<u8> = row.get(0);
+                if let Ok(key) = <[u8; 32]>::try_from(stored.as_slice()) {
+                    let _ = self.status_key.set(StatusKey(key));
+                }
+            }
+        }
+        Ok(self.status_key.get())
     }
 
     /// Run the init script on a connection of its own. PostgreSQL runs a
@@ -754,7 +763,7 @@ impl Postgres {
             ))
             .await
             .map_err(|e| anyhow::anyhow!("closing the engine's schema {s}: {}", describe(&e)))?;
-        let f = quote_ident(&status_schema(&self.schema));
+        let status = self.table("status");
         for (plugin, r) in roles {
             let role = quote_ident(&r.role);
             let fail = |e: tokio_postgres::Error| {
@@ -764,14 +773,15 @@ impl Postgres {
                     describe(&e)
                 )
             };
-            // The one thing of the engine's a plugin may use: the function
-            // that writes signed status rows in its transaction. And the
+            // The one thing of the engine's a plugin may use: inserting
+            // status rows (its own, written by the engine in its
+            // transaction; any other is ignored, see [`StatusKey`]). And the
             // role's defaults, so an invocation needs no `SET LOCAL`s:
             // `search_path` its schema, `statement_timeout` its timeout.
             client
                 .batch_execute(&format!(
-                    "GRANT USAGE ON SCHEMA {f} TO {role};
-                     GRANT EXECUTE ON FUNCTION {f}.write_status(text, bytea) TO {role};
+                    "GRANT USAGE ON SCHEMA {s} TO {role};
+                     GRANT INSERT ({STATUS_COLUMNS}) ON {status} TO {role};
                      ALTER ROLE {role} SET search_path = {};
                      ALTER ROLE {role} SET statement_timeout = {};",
                     quote_ident(&r.schema),
@@ -1448,13 +1458,14 @@ async fn commit(link: &Link<'_>, call: Option<&EngineCall>) -> Result<bool, Stri
     let fail = |e: tokio_postgres::Error| describe(&e);
     let (stmt, params): (_, Vec<&(dyn ToSql + Sync)>) = match call {
         Some(call) => {
-            let statement = format!("SELECT {}, {LEFTOVERS_COLUMNS}", call.expression);
+            let statement = format!("{} SELECT {LEFTOVERS_COLUMNS}", call.with);
             let stmt = link
                 .cache
-                .prepare_typed(client, &statement, &[Type::TEXT, Type::BYTEA])
+                .prepare_typed(client, &statement, call.types)
                 .await
                 .map_err(fail)?;
-            (stmt, vec![&call.text, &call.mac])
+            let params = call.params.iter().map(|p| p.as_ref() as _).collect();
+            (stmt, params)
         }
         None => (
             link.cache.prepare(client, &LEFTOVERS).await.map_err(fail)?,
