@@ -781,6 +781,44 @@ async fn sqlite_rows(db: &Sqlite, message_id: &str) -> anyhow::Result<Vec<Row>> 
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_rows_mac_covers_every_field_and_their_boundaries() {
+        let key = postgres::StatusKey::new([7; 32]);
+        let mut entry = Entry::message("m1", 1, Status::Done, "ok");
+        entry.plugin = "p".into();
+        entry.duration_ms = Some(1.5);
+        entry.fuel_used = Some(10);
+        let mac = Fields::of(&entry).mac(&key);
+        assert_eq!(mac.len(), 32);
+        assert_eq!(mac, Fields::of(&entry.clone()).mac(&key));
+        let changed: [fn(&mut Entry); 9] = [
+            |e| e.message_id.push('x'),
+            |e| e.plugin.push('x'),
+            |e| e.plugin_version.push('x'),
+            |e| e.component_sha256.push('x'),
+            |e| e.attempt += 1,
+            |e| e.status = Status::Skipped,
+            |e| e.info.push('x'),
+            |e| e.duration_ms = None,
+            |e| e.fuel_used = Some(11),
+        ];
+        for change in changed {
+            let mut other = entry.clone();
+            change(&mut other);
+            assert_ne!(Fields::of(&other).mac(&key), mac);
+        }
+        // Moving a byte from one field to the next changes the MAC.
+        let mut shifted = entry.clone();
+        shifted.message_id = "m".into();
+        shifted.plugin = "1p".into();
+        assert_ne!(Fields::of(&shifted).mac(&key), mac);
+        // Another key, another MAC.
+        assert_ne!(
+            Fields::of(&entry).mac(&postgres::StatusKey::new([8; 32])),
+            mac
+        );
+    }
+
     #[tokio::test]
     async fn records_and_reads_back_per_message() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;

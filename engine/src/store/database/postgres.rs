@@ -180,6 +180,11 @@ pub struct Postgres {
 pub struct StatusKey([u8; 32]);
 
 impl StatusKey {
+    /// A key of these bytes.
+    pub fn new(key: [u8; 32]) -> Self {
+        Self(key)
+    }
+
     /// The MAC of `data`.
     pub fn mac(&self, data: &[u8]) -> Vec<u8> {
         let inner = sha2::Sha256::new()
@@ -683,7 +688,7 @@ impl Postgres {
             ))
             .await
             .map_err(|e| fail(&format!("adding the mac column to {status}"), e))?;
-        Ok(StatusKey(key))
+        Ok(StatusKey::new(key))
     }
 
     /// The key of the status rows' MACs (`None` before the database is
@@ -708,7 +713,7 @@ impl Postgres {
             if let Some(row) = row {
                 let stored: Vec<u8> = row.get(0);
                 if let Ok(key) = <[u8; 32]>::try_from(stored.as_slice()) {
-                    let _ = self.status_key.set(StatusKey(key));
+                    let _ = self.status_key.set(StatusKey::new(key));
                 }
             }
         }
