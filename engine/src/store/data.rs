@@ -133,10 +133,12 @@ impl DiskRoot {
             PathBuf::from(path.as_ref()),
         );
         tokio::task::spawn_blocking(move || {
-            if let Some(how) = escape_blocking(&disk.canonical, &relative) {
-                return Err(disk.outside(&location, how));
-            }
-            let opened = std::fs::File::open(&file).and_then(|f| {
+            let opened = match open_confined(&disk.canonical, &relative, &file) {
+                Ok(f) => Ok(f),
+                Err(Confined::Escape(how)) => return Err(disk.outside(&location, how)),
+                Err(Confined::Io(e)) => Err(e),
+            };
+            let opened = opened.and_then(|f| {
                 let meta = f.metadata()?;
                 if meta.is_dir() {
                     return Err(std::io::Error::new(
@@ -158,6 +160,77 @@ impl DiskRoot {
     }
 }
 
+/// Why a disk data object was not opened.
+enum Confined {
+    /// Its path leaves the root (through a symbolic link).
+    Escape(&'static str),
+    /// The open failed (not found, permissions, ...).
+    Io(std::io::Error),
+}
+
+/// Open `relative` (lexically clean) below `root` (canonical) for reading;
+/// `file` is the same path joined. On Linux the kernel resolves the path
+/// (`openat2` with `RESOLVE_BENEATH`): no step of the walk, a symbolic
+/// link's included, may leave the root, and since there is no separate
+/// check, nothing can swap a link between a check and the open. One system
+/// call where resolving the real path in user space takes one per
+/// component. A link the kernel will not follow beneath the root (an
+/// absolute one) is resolved, and its target opened beneath the root in the
+/// same way if it lies there. Without `openat2` (Linux before 5.6, other
+/// systems): the real path is checked, then opened.
+fn open_confined(root: &Path, relative: &Path, file: &Path) -> Result<std::fs::File, Confined> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        use rustix::io::Errno;
+        let beneath = |dir: &rustix::fd::OwnedFd, path: &Path| {
+            rustix::fs::openat2(
+                dir,
+                path,
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+            )
+        };
+        let dir = rustix::fs::open(
+            root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Confined::Io(e.into()))?;
+        // A path that does not resolve is refused as leading out when a
+        // link on it does (a dangling link's target could appear anywhere),
+        // else reported as the error it is.
+        let explain = |e: std::io::Error| match escape_blocking(root, relative) {
+            Some(how) => Confined::Escape(how),
+            None => Confined::Io(e),
+        };
+        match beneath(&dir, relative) {
+            Ok(fd) => return Ok(std::fs::File::from(fd)),
+            Err(Errno::XDEV) => {
+                // An absolute link, or one out of the root: where it leads.
+                let real = std::fs::canonicalize(file).map_err(explain)?;
+                let inside = real
+                    .strip_prefix(root)
+                    .map_err(|_| Confined::Escape("it leads through a symbolic link"))?;
+                return match beneath(&dir, inside) {
+                    Ok(fd) => Ok(std::fs::File::from(fd)),
+                    // Changed between the two opens: refused.
+                    Err(Errno::XDEV) => Err(Confined::Escape("it leads through a symbolic link")),
+                    Err(e) => Err(Confined::Io(e.into())),
+                };
+            }
+            Err(e @ (Errno::NOENT | Errno::NOTDIR)) => return Err(explain(e.into())),
+            Err(Errno::NOSYS) => {}
+            Err(e) => return Err(Confined::Io(e.into())),
+        }
+    }
+    if let Some(how) = escape_blocking(root, relative) {
+        return Err(Confined::Escape(how));
+    }
+    std::fs::File::open(file).map_err(Confined::Io)
+}
+
 /// An object of a `disk` store no larger than this is read whole in the
 /// task that opens it; a larger one is streamed.
 const READ_WHOLE: u64 = 64 * 1024;
@@ -169,7 +242,8 @@ const READ_WHOLE: u64 = 64 * 1024;
 /// loop of links) is left to the caller's own file operation to report.
 ///
 /// The check and the caller's open are two steps: someone who can change
-/// the links inside the root between them is not stopped.
+/// the links inside the root between them is not stopped (reads use
+/// [`open_confined`], which has no such gap on Linux).
 pub async fn escape(root: &Path, relative: &Path) -> Option<&'static str> {
     let (root, relative) = (root.to_owned(), relative.to_owned());
     // One blocking task for the whole walk (as object_store's own calls).
@@ -585,6 +659,63 @@ mod confinement_tests {
         assert!(!store.exists("new/dir/missing.txt").await?);
         store.put("new/dir/a.txt", Bytes::from_static(b"a")).await?;
         assert_eq!(std::fs::read(root.join("new/dir/a.txt"))?, b"a");
+        Ok(())
+    }
+
+    /// The attack the separate check left open: a link flipped between
+    /// a folder inside the root and one outside while objects are read
+    /// through it. Every read either finds the inside file or is refused.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_link_flipped_during_reads_never_yields_a_file_outside_the_root() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let root = std::fs::canonicalize(dir.path())?.join("data");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(root.join("in"))?;
+        std::fs::create_dir_all(&outside)?;
+        std::fs::write(root.join("in/ok.txt"), b"inside")?;
+        std::fs::write(outside.join("ok.txt"), b"secret")?;
+        symlink("in", root.join("flip"))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flipper = {
+            let (root, outside, stop) = (root.clone(), outside.clone(), stop.clone());
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let next = root.join(format!("next-{n}"));
+                    if n.is_multiple_of(2) {
+                        symlink(&outside, &next)?;
+                    } else {
+                        symlink("in", &next)?;
+                    }
+                    std::fs::rename(&next, root.join("flip"))?;
+                    n += 1;
+                }
+                Ok(())
+            })
+        };
+        let relative = Path::new("flip/ok.txt");
+        let (mut inside, mut refused) = (0, 0);
+        for _ in 0..5_000 {
+            match open_confined(&root, relative, &root.join(relative)) {
+                Ok(mut file) => {
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut file, &mut text)?;
+                    assert_eq!(text, "inside", "a read left the root");
+                    inside += 1;
+                }
+                Err(Confined::Escape(_)) => refused += 1,
+                Err(Confined::Io(e)) => anyhow::bail!("{e}"),
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flipper
+            .join()
+            .map_err(|_| anyhow::anyhow!("the flipper panicked"))??;
+        assert!(
+            inside > 0 && refused > 0,
+            "inside {inside}, refused {refused}"
+        );
         Ok(())
     }
 
