@@ -349,14 +349,46 @@ async fn a_nacked_emit_is_an_outage_requeued_without_using_up_attempts() {
     );
     bound_queue(&b.exchange, &b.queue, args).await;
     let d = Deployment::new(&[("fx-probe", "probe")], &output_yaml(&b.exchange));
-    d.message("a.json", &probe("rmq-nack", "emit"));
+    requeued_three_times(&d, "rmq-nack", "nacked").await;
+    b.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_output_broker_that_never_answers_is_an_outage_not_a_stuck_message() {
+    // A server that accepts the connection and says nothing: connecting to
+    // the output must fail within its timeout, as a nack does.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        silent
+            .incoming()
+            .take(8)
+            .filter_map(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let d = Deployment::new(
+        &[("fx-probe", "probe")],
+        &format!(
+            "outputs:\n  out: {{ type: rabbitmq, url: \"amqp://guest:guest@127.0.0.1:{port}/%2f\", exchange: {{ name: never, type: fanout }}, confirm_timeout: 300ms }}\nplugins:\n  grants:\n    probe: {{ emit: [out] }}\n"
+        ),
+    );
+    requeued_three_times(&d, "rmq-silent", "no connection within 300ms").await;
+    drop(held);
+}
+
+/// Run the engine on a probe that emits to `out` until message `id` has
+/// been requeued three times as an outage, then stop it: never
+/// dead-lettered, its attempt never counted, the plugin's row naming
+/// `why`.
+async fn requeued_three_times(d: &Deployment, id: &str, why: &str) {
+    d.message("a.json", &probe(id, "emit"));
     let (tx, rx) = tokio::sync::watch::channel(false);
     let config = d.config.clone();
     let engine = tokio::spawn(async move { sandpipe::app::run(&config, false, rx).await });
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let requeued = d
-            .rows("rmq-nack")
+            .rows(id)
             .await
             .into_iter()
             .filter(|r| r.plugin.is_empty() && r.info.starts_with("backend unavailable"))
@@ -373,12 +405,11 @@ async fn a_nacked_emit_is_an_outage_requeued_without_using_up_attempts() {
     tx.send(true).unwrap();
     let summary = engine.await.unwrap().unwrap();
     assert_eq!(summary.dead, 0, "{summary}");
-    let rows = d.rows("rmq-nack").await;
+    let rows = d.rows(id).await;
     assert!(rows.iter().all(|r| r.attempt == 1), "{rows:?}");
-    let probe_row = d.last("rmq-nack", "probe").await;
-    assert!(probe_row.info.contains("nacked"), "{}", probe_row.info);
+    let probe_row = d.last(id, "probe").await;
+    assert!(probe_row.info.contains(why), "{}", probe_row.info);
     assert!(d.files("spool/dead").is_empty());
-    b.cleanup().await;
 }
 
 /// Close every broker connection named `name` (as an operator or a broker

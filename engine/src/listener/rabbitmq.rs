@@ -90,18 +90,23 @@ pub async fn publish_confirmed(
     properties: BasicProperties,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions::default(),
-            body,
-            properties.with_delivery_mode(2),
-        )
-        .await?;
-    let confirmation = tokio::time::timeout(timeout, confirm)
-        .await
-        .map_err(|_| anyhow::anyhow!("no publisher confirm within {timeout:?}"))??;
+    // The whole exchange within `timeout`: a broker that holds the publish
+    // itself (flow control, a blocked connection) fails it as surely as one
+    // that never confirms.
+    let confirmation = tokio::time::timeout(timeout, async {
+        channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties.with_delivery_mode(2),
+            )
+            .await?
+            .await
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no publisher confirm within {timeout:?}"))??;
     if confirmation.is_nack() {
         anyhow::bail!("the broker refused (nacked) the message");
     }

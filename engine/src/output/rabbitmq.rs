@@ -62,7 +62,15 @@ impl RabbitmqOutput {
     ) -> anyhow::Result<()> {
         let mut link = self.link.lock().await;
         if link.is_none() {
-            *link = Some(self.open().await?);
+            // Bounded like the publish: a broker that does not answer the
+            // connection is an outage of the output, not a stuck message.
+            let timeout = self.config.confirm_timeout;
+            let opened = tokio::time::timeout(timeout, self.open())
+                .await
+                .map_err(|_| anyhow::anyhow!("no connection within {timeout:?}"))
+                .and_then(|opened| opened)
+                .with_context(|| format!("output `{}`: cannot connect to RabbitMQ", emit.output))?;
+            *link = Some(opened);
         }
         let Some((_, channel)) = link.as_ref() else {
             anyhow::bail!("not connected");
