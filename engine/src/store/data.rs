@@ -172,9 +172,10 @@ enum Confined {
 /// `file` is the same path joined. On Linux the kernel resolves the path
 /// (`openat2` with `RESOLVE_BENEATH`): no step of the walk, a symbolic
 /// link's included, may leave the root, and since there is no separate
-/// check, nothing can swap a link between a check and the open. One system
-/// call where resolving the real path in user space takes one per
-/// component. A link the kernel will not follow beneath the root (an
+/// check, nothing can swap a link between a check and the open. Two system
+/// calls (the root, opened for each object so that a root made anew is
+/// followed, then the object beneath it) where resolving the real path in
+/// user space takes one or more per component. A link the kernel will not follow beneath the root (an
 /// absolute one) is resolved, and its target opened beneath the root in the
 /// same way if it lies there. Without `openat2` (Linux before 5.6, other
 /// systems): the real path is checked, then opened.
