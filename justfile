@@ -20,7 +20,7 @@ plugins_dir := justfile_directory() / "target" / "plugins"
 
 # Every guest crate: built together in one cargo invocation.
 guest_connectors := "-p image-meta -p text-stats -p http-enrich -p http-source -p mysql-source"
-guest_fixtures := "-p fx-panic -p fx-loop -p fx-memory -p fx-recurse -p fx-probe -p fx-hostile -p fx-http -p fx-v01 -p fx-insert -p fx-source"
+guest_fixtures := "-p fx-panic -p fx-loop -p fx-memory -p fx-recurse -p fx-probe -p fx-hostile -p fx-http -p fx-v01 -p fx-insert -p fx-source -p fx-service"
 
 # The connectors are copied under their plugin names (dashes, not the crate's
 # underscores); the fixtures stay in target/guests/wasm32-wasip2/guest/ as

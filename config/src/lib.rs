@@ -15,6 +15,7 @@
 //! from the engine: the fuzz targets in `fuzz/` build them without wasmtime.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use serde::Deserialize;
 pub mod envelope;
 pub mod http;
 mod postgres;
+pub mod service;
 pub mod source;
 
 pub use postgres::{PgSslMode, postgres_url};
@@ -114,6 +116,10 @@ pub struct Config {
     /// documents go (docs/sources.md).
     #[serde(default)]
     pub sources: BTreeMap<String, source::SourceConfig>,
+    /// Service connectors, by name: how they run and the transports they
+    /// are served on (docs/services.md).
+    #[serde(default)]
+    pub services: BTreeMap<String, service::ServiceConfig>,
     /// External databases, by name, that a grant's `sql: { database }`
     /// opens read-only for a component (sources reading a system of
     /// record): the engine connects, the guest never sees the credentials.
@@ -1327,6 +1333,7 @@ impl Config {
             }
         }
         self.validate_sources()?;
+        self.validate_services()?;
         for (name, grant) in &self.plugins.grants {
             let Some(sql) = &grant.sql else { continue };
             let Some(database) = &sql.database else {
@@ -1403,6 +1410,54 @@ impl Config {
                     self.sandbox.max_instances
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// The `services` section.
+    fn validate_services(&self) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            file: self.file.clone(),
+            key,
+            message,
+        };
+        let mut listens: BTreeMap<SocketAddr, &str> = BTreeMap::new();
+        if let Some(server) = &self.server {
+            listens.insert(server.listen, "server");
+        }
+        for (name, service) in &self.services {
+            if service.instances == 0 {
+                return Err(invalid(
+                    format!("services.{name}.instances"),
+                    "must be at least 1".into(),
+                ));
+            }
+            if !service.connect.is_object() {
+                return Err(invalid(
+                    format!("services.{name}.connect"),
+                    "must be a map (the JSON object `on-connect` gets)".into(),
+                ));
+            }
+            let Some(http) = &service.http else { continue };
+            if let Some(secret) = &http.token
+                && !self.secrets.contains_key(secret)
+            {
+                return Err(invalid(
+                    format!("services.{name}.http.token"),
+                    format!(
+                        "secret `{secret}` is not declared under `secrets` (declared: {})",
+                        list_or_none(self.secrets.keys())
+                    ),
+                ));
+            }
+            if http.listen.port() != 0
+                && let Some(other) = listens.insert(http.listen, name)
+            {
+                return Err(invalid(
+                    format!("services.{name}.http.listen"),
+                    format!("{} is also {other}'s address", http.listen),
+                ));
+            }
         }
         Ok(())
     }

@@ -47,6 +47,12 @@ impl Assembled {
         crate::sync::sources(&self.config, &self.plugins, &self.sandbox, &self.tls)
     }
 
+    /// Every service of the config, ready to serve, and why the others
+    /// are not.
+    pub fn service_connectors(&self) -> (Vec<crate::service::Service>, Vec<String>) {
+        crate::service::services(&self.config, &self.plugins, &self.sandbox)
+    }
+
     /// A pipeline over these parts: the `plugin`-world components (a
     /// source is called by sync jobs, never routed a message).
     pub fn pipeline(&self) -> Arc<Pipeline> {
@@ -230,6 +236,21 @@ pub async fn run(
             .map(|s| (s.name().to_owned(), Arc::new(s)))
             .collect(),
     );
+    let (services, service_problems) = assembled.service_connectors();
+    if !service_problems.is_empty() {
+        anyhow::bail!(
+            "{}: refusing to start, {} service problem(s):\n  - {}",
+            config_file.display(),
+            service_problems.len(),
+            service_problems.join("\n  - ")
+        );
+    }
+    let services: crate::server::ServiceMap = Arc::new(
+        services
+            .into_iter()
+            .map(|s| (s.name().to_owned(), Arc::new(s)))
+            .collect(),
+    );
     // Scheduled syncs run beside the pipeline (not with --once, which
     // drains the listener and exits).
     let mut schedules = Vec::new();
@@ -241,6 +262,33 @@ pub async fn run(
     let api_jobs = crate::server::Jobs::default();
     let ready = crate::server::Readiness::default();
     ready.not_ready("listener", "starting");
+    let connecting = (!services.is_empty()).then(|| {
+        tokio::spawn(connect_services(
+            services.clone(),
+            ready.clone(),
+            shutdown.clone(),
+        ))
+    });
+    for service in services.values() {
+        let Some(http) = service.config().http.clone() else {
+            continue;
+        };
+        let token =
+            match &http.token {
+                Some(name) => Some(assembled.services.secrets.get(name).cloned().ok_or_else(
+                    || {
+                        anyhow::anyhow!(
+                            "services.{}.http.token: secret `{name}` was not read",
+                            service.name()
+                        )
+                    },
+                )?),
+                None => None,
+            };
+        let bound =
+            crate::service::http::serve(service.clone(), http, token, shutdown.clone()).await?;
+        tracing::info!(service = %service.name(), %bound, "serving the service's routes");
+    }
     if let Some(server) = &assembled.config.server {
         let token =
             match &server.token {
@@ -251,6 +299,7 @@ pub async fn run(
             };
         let api = crate::server::Api {
             sources,
+            services: services.clone(),
             token,
             jobs: api_jobs.clone(),
         };
@@ -288,7 +337,45 @@ pub async fn run(
     for job in started_over_http {
         wait_or_abort(job, stopping).await;
     }
+    if let Some(connecting) = connecting {
+        connecting.abort();
+    }
+    for service in services.values() {
+        service.close(std::time::Duration::from_secs(10)).await;
+    }
     result
+}
+
+/// Connect every service (one instance each), retrying with a backoff;
+/// `/readyz` reports `services` not ready until all are.
+async fn connect_services(
+    services: crate::server::ServiceMap,
+    ready: crate::server::Readiness,
+    shutdown: watch::Receiver<bool>,
+) {
+    ready.not_ready("services", "connecting");
+    for service in services.values() {
+        let mut failures = 0;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match service.start().await {
+                Ok(()) => {
+                    tracing::info!(service = %service.name(), "connected");
+                    break;
+                }
+                Err(e) => {
+                    failures += 1;
+                    let wait = crate::sandbox::session::backoff(failures);
+                    tracing::warn!(service = %service.name(), "{e}; again in {wait:?}");
+                    ready.not_ready("services", e);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+    ready.ready("services");
 }
 
 /// Wait (up to 30 s) for a sync job told to stop by the shutdown signal
@@ -347,6 +434,19 @@ pub async fn check(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow::
                     names => format!("sources.{}", names.join(", sources.")),
                 }
             )?,
+            crate::sandbox::World::Service => writeln!(
+                out,
+                "component `{}` {} (world {}, sha256 {}): ok, {} route(s), served by {}",
+                p.name,
+                p.description.version,
+                p.component.world,
+                p.component.sha256,
+                p.service.as_ref().map_or(0, |s| s.routes.len()),
+                match services_of(&assembled.config, &p.name) {
+                    names if names.is_empty() => "no service (add it under `services:`)".to_owned(),
+                    names => format!("services.{}", names.join(", services.")),
+                }
+            )?,
         }
         for i in &p.ungranted {
             writeln!(
@@ -374,14 +474,43 @@ pub async fn check(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow::
     for problem in &source_problems {
         writeln!(out, "error: {problem}")?;
     }
-    let problems = assembled.problems.len() + source_problems.len();
+    let (services, service_problems) = assembled.service_connectors();
+    for service in &services {
+        let listen = service
+            .config()
+            .http
+            .as_ref()
+            .map(|h| format!(", routes on {}", h.listen))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "service `{}`: ok, {} instance(s){listen}",
+            service.name(),
+            service.config().instances
+        )?;
+    }
+    for problem in &service_problems {
+        writeln!(out, "error: {problem}")?;
+    }
+    let problems = assembled.problems.len() + source_problems.len() + service_problems.len();
     writeln!(
         out,
-        "{} plugin(s) ok, {} source(s) ok, {problems} problem(s)",
+        "{} plugin(s) ok, {} source(s) ok, {} service(s) ok, {problems} problem(s)",
         assembled.plugins.len(),
         sources.len(),
+        services.len(),
     )?;
     Ok(problems == 0)
+}
+
+/// The services of `config` whose component is `component`.
+fn services_of(config: &Config, component: &str) -> Vec<String> {
+    config
+        .services
+        .iter()
+        .filter(|(name, s)| s.component.as_deref().unwrap_or(name) == component)
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 /// The sources of `config` whose component is `component`.
@@ -548,6 +677,49 @@ pub async fn sources(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow
         for job in jobs {
             writeln!(out, "  {}", job_line(&job))?;
         }
+    }
+    for problem in problems {
+        writeln!(out, "error: {problem}")?;
+    }
+    Ok(())
+}
+
+/// `sandpipe services`: each service with its component, transports,
+/// routes and whether its component connects.
+pub async fn services(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let assembled = assemble(Config::load(config_file)?).await?;
+    let (services, problems) = assembled.service_connectors();
+    for service in &services {
+        let (component, version) = service.component();
+        let config = service.config();
+        writeln!(
+            out,
+            "service `{}`: component `{component}` {version}, {} instance(s)",
+            service.name(),
+            config.instances
+        )?;
+        let listen = config
+            .http
+            .as_ref()
+            .map(|h| format!(", routes on {}", h.listen))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "  transports: HTTP /v1/services/{}/query|publish|notifications{listen}",
+            service.name()
+        )?;
+        for route in &service.description().routes {
+            writeln!(
+                out,
+                "  route {} {}  {}",
+                route.method, route.path, route.summary
+            )?;
+        }
+        match service.start().await {
+            Ok(()) => writeln!(out, "  health: connects")?,
+            Err(e) => writeln!(out, "  health: does not connect: {e}")?,
+        }
+        service.close(std::time::Duration::from_secs(10)).await;
     }
     for problem in problems {
         writeln!(out, "error: {problem}")?;

@@ -16,6 +16,7 @@ pub mod sandbox;
 pub mod scaffold;
 pub mod secrets;
 pub mod server;
+pub mod service;
 pub mod status;
 pub mod store;
 pub mod sync;

@@ -80,6 +80,13 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// List the services: component, transports, routes, and whether the
+    /// component connects (it is started once, `on-connect`, `on-close`).
+    Services {
+        /// The configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
     /// Make something new: `sandpipe new plugin NAME --lang rust|python|js`.
     #[command(subcommand)]
     New(New),
@@ -185,6 +192,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Sources { config } => sandpipe::app::sources(&config, &mut stdout).await?,
+        Command::Services { config } => sandpipe::app::services(&config, &mut stdout).await?,
         Command::Exec(args) => return Ok(sandpipe::exec::exec(*args).await),
         Command::Replay(args) => return Ok(sandpipe::exec::replay(args).await),
         Command::New(New::Plugin { name, lang, dir }) => {

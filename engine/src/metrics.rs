@@ -28,6 +28,19 @@ pub const IN_FLIGHT: &str = "sandpipe_messages_in_flight";
 /// Reconnections to the broker or another backend, labelled `backend`.
 pub const RECONNECTS: &str = "sandpipe_reconnects_total";
 
+/// Calls of a service's exports, labelled `service`, `call` (connect,
+/// publish, query, request, close) and `result` (ok, error, failed,
+/// busy).
+pub const SERVICE_CALLS: &str = "sandpipe_service_calls_total";
+/// Seconds one service call took, from taking an instance to its last
+/// reply, labelled `service` and `call`.
+pub const SERVICE_CALL_SECONDS: &str = "sandpipe_service_call_seconds";
+/// Partial replies sent by services' queries, labelled `service`.
+pub const SERVICE_PARTIALS: &str = "sandpipe_service_partial_replies_total";
+/// Requests to a service's listener answered by the engine without the
+/// guest, labelled `service` and `status` (404, 405, 408, 413, ...).
+pub const SERVICE_REFUSED: &str = "sandpipe_service_requests_refused_total";
+
 /// Status-log transactions committed (group commit: each may hold the
 /// writes of several messages).
 pub const STATUS_COMMITS: &str = "sandpipe_status_commits_total";
@@ -112,6 +125,20 @@ pub fn describe() {
         "Plugin invocation wall-clock time."
     );
     metrics::describe_counter!(FUEL, "Fuel consumed per plugin (when metered).");
+    metrics::describe_counter!(
+        SERVICE_CALLS,
+        "Calls of services' exports per service, call and result."
+    );
+    metrics::describe_histogram!(
+        SERVICE_CALL_SECONDS,
+        metrics::Unit::Seconds,
+        "Service call time, from taking an instance to the last reply."
+    );
+    metrics::describe_counter!(SERVICE_PARTIALS, "Partial replies sent per service.");
+    metrics::describe_counter!(
+        SERVICE_REFUSED,
+        "Requests to a service's listener answered without the guest, per status."
+    );
     metrics::describe_counter!(DENIED, "Host calls denied by policy, per plugin.");
     metrics::describe_counter!(
         LIMIT_EXCEEDED,

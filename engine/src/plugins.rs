@@ -24,6 +24,9 @@ pub struct LoadedPlugin {
     pub description: Description,
     /// A `source` component's own description; `None` for a plugin.
     pub source: Option<SourceDescription>,
+    /// A `service` component's own description (its routes); `None`
+    /// otherwise.
+    pub service: Option<crate::sandbox::bindings::ServiceDescription>,
     /// The MIME types routed to it (the grant's, else its own; none for a
     /// component of another world than `plugin`).
     pub mime: Vec<String>,
@@ -284,6 +287,7 @@ async fn prepare(
         services.clone(),
     ));
     let host = HostState::new(context.clone(), None);
+    let mut service = None;
     let (description, source, mime) = match component.world {
         World::Plugin => {
             let (result, _, _) = sandbox.describe(&component, &limits, host).await;
@@ -305,6 +309,20 @@ async fn prepare(
             };
             (description, Some(source), Vec::new())
         }
+        World::Service => {
+            let (result, _, _) = sandbox.describe_service(&component, &limits, host).await;
+            let described = result.map_err(|f| format!("`describe` failed: {f}"))?;
+            crate::service::routes::check(&described.routes)
+                .map_err(|e| format!("`describe` declares a bad route: {e}"))?;
+            let description = Description {
+                name: described.name.clone(),
+                version: described.version.clone(),
+                mime_types: Vec::new(),
+                capabilities: Vec::new(),
+            };
+            service = Some(described);
+            (description, None, Vec::new())
+        }
     };
     Ok(LoadedPlugin {
         name: name.to_owned(),
@@ -312,6 +330,7 @@ async fn prepare(
         component,
         description,
         source,
+        service,
         mime,
         ungranted,
         context,

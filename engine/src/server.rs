@@ -1,7 +1,9 @@
 //! The small HTTP server: `/healthz` (alive), `/readyz` (listener
 //! connected, database reachable, plugins loaded; 503 with the reasons
 //! otherwise), `/metrics` (Prometheus text format), and the sources' API
-//! (`/v1/sources`: list, jobs, start a sync, cancel; docs/sources.md).
+//! (`/v1/sources`: list, jobs, start a sync, cancel; docs/sources.md) and
+//! the services' (`/v1/services`: list, query, publish, notifications;
+//! docs/services.md).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,11 +21,15 @@ use crate::sync::{JobKind, JobRecord, Source, Trigger};
 /// The sources the API serves, by name.
 pub type Sources = Arc<BTreeMap<String, Arc<Source>>>;
 
+/// The services the API serves, by name.
+pub type ServiceMap = Arc<BTreeMap<String, Arc<crate::service::Service>>>;
+
 /// What the handlers share.
 #[derive(Clone)]
 struct AppState {
     ready: Readiness,
     sources: Sources,
+    services: ServiceMap,
     /// The bearer token `/v1/sources/...` requests must carry
     /// (`server.token`); none: those requests are refused.
     token: Option<crate::secrets::Secret>,
@@ -41,6 +47,8 @@ pub type Jobs = Arc<Mutex<Vec<tokio::task::JoinHandle<anyhow::Result<Option<JobR
 pub struct Api {
     /// The sources, by name.
     pub sources: Sources,
+    /// The services, by name.
+    pub services: ServiceMap,
     /// `server.token`'s secret.
     pub token: Option<crate::secrets::Secret>,
     /// The jobs it starts (`app::run` awaits them when it stops).
@@ -53,7 +61,7 @@ fn authorized(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), R
     let Some(token) = &state.token else {
         return Err(error(
             StatusCode::FORBIDDEN,
-            "the sources' API needs `server.token` (the name of a secret under `secrets:`); requests then carry `Authorization: Bearer <its value>`".into(),
+            "the API (/v1/sources, /v1/services) needs `server.token` (the name of a secret under `secrets:`); requests then carry `Authorization: Bearer <its value>`".into(),
         ));
     };
     let given = headers
@@ -61,15 +69,7 @@ fn authorized(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), R
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    let want = token.expose().as_bytes();
-    let same = given.len() == want.len()
-        && given
-            .as_bytes()
-            .iter()
-            .zip(want)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if same {
+    if same_secret(given, token.expose()) {
         Ok(())
     } else {
         Err(error(
@@ -77,6 +77,18 @@ fn authorized(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), R
             "a valid `Authorization: Bearer` token is required (server.token)".into(),
         ))
     }
+}
+
+/// Whether `given` is `want`, compared in constant time (for equal
+/// lengths).
+pub fn same_secret(given: &str, want: &str) -> bool {
+    given.len() == want.len()
+        && given
+            .as_bytes()
+            .iter()
+            .zip(want.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// What `/readyz` reports: each component's problem, if any.
@@ -314,6 +326,183 @@ async fn cancel_sync(
     }
 }
 
+fn service(state: &AppState, name: &str) -> Result<Arc<crate::service::Service>, Reply> {
+    state.services.get(name).cloned().ok_or_else(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no service `{name}` (services: {})",
+                crate::config::list_or_none(state.services.keys())
+            ),
+        )
+    })
+}
+
+/// `GET /v1/services`: each service, its component, transports, routes,
+/// connection state and calls.
+async fn list_services(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<Value>, Reply> {
+    authorized(&state, &headers)?;
+    Ok(Json(Value::Array(
+        state.services.values().map(|s| s.status()).collect(),
+    )))
+}
+
+#[derive(serde::Deserialize)]
+struct SourceQuery {
+    /// The source (connection) the call is for; default: the service's own.
+    source: Option<String>,
+}
+
+/// The body as JSON text, or 400.
+fn json_body(body: &axum::body::Bytes) -> Result<String, Reply> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be JSON: {e}"),
+        )
+    })?;
+    Ok(value.to_string())
+}
+
+/// Request headers a call passes on to the guest: all but credentials.
+fn passed_headers(headers: &axum::http::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(name, _)| {
+            *name != axum::http::header::AUTHORIZATION && *name != axum::http::header::COOKIE
+        })
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect()
+}
+
+/// `POST /v1/services/{name}/query?source=S`: the body (JSON) is the
+/// query; the answer streams as NDJSON, one reply per line
+/// (`{"status": 100|200|204|400, "body": ...}`), the last one final.
+async fn query_service(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<SourceQuery>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<axum::response::Response, Reply> {
+    authorized(&state, &headers)?;
+    let service = service(&state, &name)?;
+    let query = json_body(&body)?;
+    let source = q.source.unwrap_or_else(|| name.clone());
+    let frames = service.query(source, query, passed_headers(&headers));
+    Ok(crate::service::http::ndjson(frames))
+}
+
+/// `POST /v1/services/{name}/publish?source=S`: the body (JSON) is an
+/// event for `on-publish`; 202 once it was handled and its effects
+/// applied.
+async fn publish_service(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<SourceQuery>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<axum::response::Response, Reply> {
+    use axum::response::IntoResponse as _;
+    authorized(&state, &headers)?;
+    let service = service(&state, &name)?;
+    let event = json_body(&body)?;
+    let source = q.source.unwrap_or_else(|| name.clone());
+    match service
+        .publish(source, event, passed_headers(&headers))
+        .await
+    {
+        Ok(()) => Ok((StatusCode::ACCEPTED, Json(json!({ "published": true }))).into_response()),
+        Err(e) => Ok(crate::service::http::call_error(&name, &e)),
+    }
+}
+
+/// `POST /v1/services/{name}/configure?source=S`: the body (a JSON object)
+/// is the source's new configuration; each instance closes the source
+/// and connects it again with it before its next call (calls in flight
+/// finish on the old one). 202.
+async fn configure_service(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<SourceQuery>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), Reply> {
+    authorized(&state, &headers)?;
+    let service = service(&state, &name)?;
+    let config: Value = serde_json::from_slice(&body)
+        .ok()
+        .filter(Value::is_object)
+        .ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "the body must be a JSON object: the source's configuration".into(),
+            )
+        })?;
+    let source = q.source.unwrap_or_else(|| name.clone());
+    service.reconfigure(&source, config.to_string());
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "source": source, "configured": true })),
+    ))
+}
+
+/// `GET /v1/services/{name}/notifications?source=S`: the service's
+/// notifications from now on, as NDJSON (`{"source", "body"}`; a
+/// `{"missed": N}` line when the client fell behind), until the client
+/// or the server goes away.
+async fn follow_service(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<SourceQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<axum::response::Response, Reply> {
+    authorized(&state, &headers)?;
+    let service = service(&state, &name)?;
+    let receiver = service.notifications().follow();
+    let shutdown = state.shutdown.clone();
+    let wanted = q.source;
+    let stream =
+        futures::stream::unfold((receiver, shutdown), move |(mut receiver, mut shutdown)| {
+            let wanted = wanted.clone();
+            async move {
+                loop {
+                    let next = tokio::select! {
+                        _ = shutdown.wait_for(|stop| *stop) => return None,
+                        next = receiver.recv() => next,
+                    };
+                    let line = match next {
+                        Ok(n) if wanted.as_ref().is_none_or(|w| *w == n.source) => {
+                            json!({ "source": n.source, "body": n.body })
+                        }
+                        Ok(_) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                            json!({ "missed": missed })
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    };
+                    let mut text = line.to_string();
+                    text.push('\n');
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(text)),
+                        (receiver, shutdown),
+                    ));
+                }
+            }
+        });
+    let mut response = axum::response::Response::new(axum::body::Body::from_stream(stream));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(response)
+}
+
 /// The router (public for tests).
 pub fn router(ready: Readiness, api: Api, shutdown: watch::Receiver<bool>) -> Router {
     Router::new()
@@ -324,9 +513,15 @@ pub fn router(ready: Readiness, api: Api, shutdown: watch::Receiver<bool>) -> Ro
         .route("/v1/sources/{name}/jobs", get(list_jobs))
         .route("/v1/sources/{name}/sync", post(start_sync))
         .route("/v1/sources/{name}/cancel", post(cancel_sync))
+        .route("/v1/services", get(list_services))
+        .route("/v1/services/{name}/query", post(query_service))
+        .route("/v1/services/{name}/publish", post(publish_service))
+        .route("/v1/services/{name}/notifications", get(follow_service))
+        .route("/v1/services/{name}/configure", post(configure_service))
         .with_state(AppState {
             ready,
             sources: api.sources,
+            services: api.services,
             token: api.token,
             jobs: api.jobs,
             shutdown,
@@ -357,6 +552,6 @@ pub async fn serve(
             tracing::error!("HTTP server failed: {e}");
         }
     });
-    tracing::info!(%bound, "serving /healthz, /readyz, /metrics, /v1/sources");
+    tracing::info!(%bound, "serving /healthz, /readyz, /metrics, /v1/sources, /v1/services");
     Ok(bound)
 }

@@ -162,13 +162,45 @@ pub mod source_bindings {
         default_bindings_module: "sandpipe_sdk::source_bindings",
         additional_derives: [PartialEq],
         with: {
-            "sandpipe:connector/types@1.1.0": crate::bindings::sandpipe::connector::types,
-            "sandpipe:connector/log@1.1.0": crate::bindings::sandpipe::connector::log,
-            "sandpipe:connector/config@1.1.0": crate::bindings::sandpipe::connector::config,
-            "sandpipe:connector/blob@1.1.0": crate::bindings::sandpipe::connector::blob,
-            "sandpipe:connector/meta@1.1.0": crate::bindings::sandpipe::connector::meta,
-            "sandpipe:connector/sql@1.1.0": crate::bindings::sandpipe::connector::sql,
-            "sandpipe:connector/emit@1.1.0": crate::bindings::sandpipe::connector::emit,
+            "sandpipe:connector/types@1.2.0": crate::bindings::sandpipe::connector::types,
+            "sandpipe:connector/log@1.2.0": crate::bindings::sandpipe::connector::log,
+            "sandpipe:connector/config@1.2.0": crate::bindings::sandpipe::connector::config,
+            "sandpipe:connector/blob@1.2.0": crate::bindings::sandpipe::connector::blob,
+            "sandpipe:connector/meta@1.2.0": crate::bindings::sandpipe::connector::meta,
+            "sandpipe:connector/sql@1.2.0": crate::bindings::sandpipe::connector::sql,
+            "sandpipe:connector/emit@1.2.0": crate::bindings::sandpipe::connector::emit,
+        },
+    });
+}
+
+/// The bindings `wit-bindgen` generates for the `sandpipe:connector/service`
+/// world: its exports, `service-types` (the `reply` resource) and `notify`,
+/// the capability interfaces mapped to [`bindings`]'. Not part of the SDK's
+/// stable API: services use [`service`] instead.
+#[doc(hidden)]
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+pub mod service_bindings {
+    wit_bindgen::generate!({
+        world: "service",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_service_world",
+        default_bindings_module: "sandpipe_sdk::service_bindings",
+        additional_derives: [PartialEq],
+        with: {
+            "sandpipe:connector/types@1.2.0": crate::bindings::sandpipe::connector::types,
+            "sandpipe:connector/log@1.2.0": crate::bindings::sandpipe::connector::log,
+            "sandpipe:connector/config@1.2.0": crate::bindings::sandpipe::connector::config,
+            "sandpipe:connector/blob@1.2.0": crate::bindings::sandpipe::connector::blob,
+            "sandpipe:connector/meta@1.2.0": crate::bindings::sandpipe::connector::meta,
+            "sandpipe:connector/sql@1.2.0": crate::bindings::sandpipe::connector::sql,
+            "sandpipe:connector/emit@1.2.0": crate::bindings::sandpipe::connector::emit,
         },
     });
 }
@@ -182,6 +214,7 @@ pub mod http;
 pub mod log;
 pub mod meta;
 mod plugin;
+pub mod service;
 pub mod source;
 pub mod sql;
 #[cfg(not(target_arch = "wasm32"))]
@@ -216,5 +249,6 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::plugin::execute;
+    pub use crate::service::{on_connect, on_publish, on_query, on_request};
     pub use crate::source::{changed, get_docs, ping, validate_config};
 }

@@ -1,7 +1,7 @@
 //! WIT versions: components built against the previous versions of
-//! `sandpipe:connector` keep working in an engine whose WIT is 1.1, through
+//! `sandpipe:connector` keep working in an engine whose WIT is 1.2, through
 //! every interface: fx-v01, built on `wit-history/0.1/`, and fx-probe as
-//! built against 0.2.0 and 1.0.0; one built against a version the engine does not
+//! built against 0.2.0, 1.0.0 and 1.1.0; one built against a version the engine does not
 //! link is refused with a message naming the version it was built against
 //! and the ones the engine links.
 
@@ -41,33 +41,46 @@ fn renamed(mut bytes: Vec<u8>, from: &str, to: &str) -> Vec<u8> {
     bytes
 }
 
-/// fx-probe as built against an older `version` (`0.2.0` or `1.0.0`).
-/// Neither 1.0.0 nor 1.1.0 changed an interface fx-probe imports (1.1.0
-/// only added the `source` world), so a component built against either is
-/// exactly today's fx-probe with every `sandpipe:connector` version
-/// replaced (which is how fx-probe was built before).
+/// fx-probe as built against an older `version` (`0.2.0`, `1.0.0`,
+/// `1.1.0`). None of 1.0.0, 1.1.0 and 1.2.0 changed an interface fx-probe
+/// calls (1.1.0 only added the `source` world, 1.2.0 the `service`
+/// world), so a component built against either is today's fx-probe with
+/// every `sandpipe:connector` version replaced (which is how fx-probe was
+/// built before). One import stays at 1.2.0: the SDK's bindings of every
+/// world leave the type import of `service-types` (it holds the `reply`
+/// resource) in every component built with it, and 0.2 has no such
+/// interface; it is only a type import, which fx-probe never calls.
 fn probe_as(version: &str) -> Vec<u8> {
     let bytes = std::fs::read(component("fx-probe")).unwrap();
     let has =
         |bytes: &[u8], needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
     assert!(
-        has(&bytes, "sandpipe:connector/sql@1.1.0"),
-        "fx-probe is built against 1.1.0"
+        has(&bytes, "sandpipe:connector/sql@1.2.0"),
+        "fx-probe is built against 1.2.0"
     );
-    let old = renamed(bytes, "@1.1.0", &format!("@{version}"));
+    const KEPT: &str = "service-types@1.2.0";
+    const HIDDEN: &str = "service-types#1#2#0";
+    let old = renamed(bytes, KEPT, HIDDEN);
+    let old = renamed(old, "@1.2.0", &format!("@{version}"));
+    let old = renamed(old, HIDDEN, KEPT);
     assert!(has(&old, &format!("sandpipe:connector/sql@{version}")));
-    assert!(!has(&old, "@1.1.0"));
+    assert!(!has(&old, "sql@1.2.0") && !has(&old, "log@1.2.0"));
     old
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_component_built_against_0_2_runs_every_interface_in_a_1_1_engine() {
+async fn a_component_built_against_0_2_runs_every_interface_in_a_1_2_engine() {
     runs_every_interface("0.2.0").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_component_built_against_1_0_runs_every_interface_in_a_1_1_engine() {
+async fn a_component_built_against_1_0_runs_every_interface_in_a_1_2_engine() {
     runs_every_interface("1.0.0").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_component_built_against_1_1_runs_every_interface_in_a_1_2_engine() {
+    runs_every_interface("1.1.0").await;
 }
 
 /// fx-probe as built against `version`, through log, blob, emit, sql
@@ -139,7 +152,7 @@ async fn runs_every_interface(version: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_component_built_against_0_1_runs_every_interface_in_a_1_1_engine() {
+async fn a_component_built_against_0_1_runs_every_interface_in_a_1_2_engine() {
     let _ = v01_bytes();
     let d = Deployment::new(&[("fx-v01", "v01")], GRANTS);
     let data = b"old plugins keep working".repeat(500);

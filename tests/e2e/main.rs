@@ -27,6 +27,7 @@ mod sandbox;
 mod scaffold;
 mod sdk_scenarios;
 mod server;
+mod services;
 mod session;
 mod sources;
 mod sqapi;

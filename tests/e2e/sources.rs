@@ -209,7 +209,7 @@ async fn sandpipe_sync_prints_the_job_and_documents_without_timestamps_compare_b
     );
     assert!(
         stdout.contains("source `src`: ok, into SQLite table src in ")
-            && stdout.contains("1 plugin(s) ok, 1 source(s) ok, 0 problem(s)"),
+            && stdout.contains("1 plugin(s) ok, 1 source(s) ok, 0 service(s) ok, 0 problem(s)"),
         "{stdout}"
     );
     let out = d.cli(&["plugins"]);

@@ -208,6 +208,38 @@ impl Effects {
         }
     }
 
+    /// Apply the effects of a call that ended well, in the fixed order:
+    /// the SQL commit, blob writes, state, then outputs (each confirmed).
+    /// `origin` names the message (or call) and the component for the
+    /// outputs' headers.
+    pub async fn apply(
+        self,
+        services: &Services,
+        origin: &crate::output::Origin<'_>,
+    ) -> anyhow::Result<()> {
+        if let Some(tx) = self.sql {
+            tx.commit().await?;
+        }
+        for (location, bytes) in self.puts {
+            services.data.put(&location, bytes).await?;
+        }
+        if !self.state.is_empty() {
+            services.state.apply(origin.plugin, self.state).await?;
+        }
+        if !self.emits.is_empty() {
+            services.outputs.publish(origin, &self.emits).await?;
+        }
+        Ok(())
+    }
+
+    /// Drop the effects of a call that did not end well: its SQL
+    /// transaction is rolled back; nothing else was applied.
+    pub async fn discard(self) {
+        if let Some(tx) = self.sql {
+            tx.rollback().await;
+        }
+    }
+
     /// Note whether the invocation used `sql` (for the next one's
     /// [`Effects::begin_early`]), and roll back, in the background, a
     /// transaction begun early that it did not use.
@@ -256,6 +288,9 @@ pub struct HostState {
     http_use: Option<Arc<http::HttpUse>>,
     /// Whether HTTP work outlived the call (see [`HostState::gather`]).
     http_open: bool,
+    /// Where a service's `notify.send` goes; `None` outside a service's
+    /// call.
+    pub notify: Option<Arc<crate::service::Notifications>>,
 }
 
 /// The longest denial message kept (see [`HostState::deny`]).
@@ -378,6 +413,7 @@ impl HostState {
             http_requests: 0,
             http_use: None,
             http_open: false,
+            notify: None,
         }
     }
 
@@ -464,11 +500,14 @@ impl HostState {
         }
     }
 
-    /// The message, or `invalid` during `describe`.
+    /// The message, or `invalid` in a call without one (`describe`, a
+    /// source's or a service's calls).
     pub fn message(&self) -> Result<Arc<MessageContext>, WitError> {
-        self.message
-            .clone()
-            .ok_or_else(|| WitError::Invalid("there is no message during `describe`".into()))
+        self.message.clone().ok_or_else(|| {
+            WitError::Invalid(
+                "this call has no message (`describe`, a source's or a service's calls)".into(),
+            )
+        })
     }
 }
 

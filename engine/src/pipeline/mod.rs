@@ -883,29 +883,11 @@ impl Pipeline {
         message: &MessageContext,
         effects: crate::capability::Effects,
     ) -> anyhow::Result<()> {
-        if let Some(tx) = effects.sql {
-            tx.commit().await?;
-        }
-        for (location, bytes) in effects.puts {
-            self.services.data.put(&location, bytes).await?;
-        }
-        if !effects.state.is_empty() {
-            self.services
-                .state
-                .apply(&plugin.name, effects.state)
-                .await?;
-        }
-        if !effects.emits.is_empty() {
-            let origin = Origin {
-                message_id: &message.id,
-                plugin: &plugin.name,
-            };
-            self.services
-                .outputs
-                .publish(&origin, &effects.emits)
-                .await?;
-        }
-        Ok(())
+        let origin = Origin {
+            message_id: &message.id,
+            plugin: &plugin.name,
+        };
+        effects.apply(&self.services, &origin).await
     }
 }
 
@@ -921,9 +903,7 @@ enum Resolution {
 }
 
 async fn discard(host: HostState) {
-    if let Some(tx) = host.effects.sql {
-        tx.rollback().await;
-    }
+    host.effects.discard().await;
 }
 
 /// `access-denied: ...` and so on.

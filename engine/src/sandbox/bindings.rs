@@ -53,8 +53,34 @@ pub mod source {
     });
 }
 
+/// The `service` world (since 1.2.0): the capabilities above, `notify`,
+/// and its exports, called by the services' transports (`crate::service`).
+/// Its `reply` resource is the engine's [`crate::service::reply::Reply`].
+pub mod service {
+    wasmtime::component::bindgen!({
+        world: "service",
+        path: "../wit",
+        imports: { default: async },
+        exports: { default: async },
+        with: {
+            "sandpipe:connector/types": super::sandpipe::connector::types,
+            "sandpipe:connector/log": super::sandpipe::connector::log,
+            "sandpipe:connector/config": super::sandpipe::connector::config,
+            "sandpipe:connector/blob": super::sandpipe::connector::blob,
+            "sandpipe:connector/meta": super::sandpipe::connector::meta,
+            "sandpipe:connector/sql": super::sandpipe::connector::sql,
+            "sandpipe:connector/emit": super::sandpipe::connector::emit,
+            "sandpipe:connector/service-types.reply": crate::service::reply::Reply,
+        },
+    });
+}
+
 pub use self::plugin::{Description, Message, Outcome, Plugin, PluginPre};
 pub use self::sandpipe::connector::types::{Capability, Error as WitError, RetryAfter};
+pub use self::service::sandpipe::connector::service_types::{
+    Event, Part, Query, Request, Response, Route, ServiceDescription,
+};
+pub use self::service::{Service, ServicePre};
 pub use self::source::sandpipe::connector::source_types::{
     Document, Operation, Page, PageRequest, RuleError, SourceDescription, SyncKind,
 };

@@ -78,7 +78,7 @@ type Reason = Text<MAX_REASON>;
 /// The versions of the WIT package whose imports [`link`] redefines: the
 /// current one (`wit/sandpipe.wit`), 0.2 and 0.1 (`wit-history/`), as the
 /// generated bindings name their instances.
-const VERSIONS: [&str; 3] = ["1.1.0", "0.2.0", "0.1.0"];
+const VERSIONS: [&str; 3] = ["1.2.0", "0.2.0", "0.1.0"];
 
 /// The compact UTF-16 encoding's tag in a string's length.
 const UTF16_TAG: usize = 1 << 31;
@@ -859,7 +859,7 @@ mod tests {
         let mut bare = Linker::<InvocationState>::new(&engine);
         let error = link(&mut bare).unwrap_err().to_string();
         assert!(
-            error.contains("`sandpipe:connector/log@1.1.0` has no function `write`"),
+            error.contains("`sandpipe:connector/log@1.2.0` has no function `write`"),
             "{error}"
         );
     }

@@ -33,7 +33,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::capability::HostState;
 use crate::config::{Limits, SandboxConfig};
-pub use bindings::{Plugin, PluginPre, Source, SourcePre};
+pub use bindings::{Plugin, PluginPre, Service, ServicePre, Source, SourcePre};
 pub use session::Session;
 pub use stdio::Capture;
 pub use trap::{Failure, FailureKind};
@@ -241,12 +241,26 @@ pub enum World {
     /// `source`: `describe`, `validate-config`, `ping`, `changed`,
     /// `get-docs`, `validate-advanced-rules`; called by sync jobs.
     Source,
+    /// `service`: `describe`, `on-connect`, `on-publish`, `on-query`,
+    /// `on-request`, `on-close`; called by the services' transports.
+    Service,
 }
 
 impl World {
     /// Every world, with the exports that make it (the first whose exports
     /// a component has is its world).
-    pub const ALL: [(World, &'static [&'static str]); 2] = [
+    pub const ALL: [(World, &'static [&'static str]); 3] = [
+        (
+            World::Service,
+            &[
+                "describe",
+                "on-connect",
+                "on-publish",
+                "on-query",
+                "on-request",
+                "on-close",
+            ],
+        ),
         (
             World::Source,
             &[
@@ -266,6 +280,7 @@ impl World {
         match self {
             Self::Plugin => "plugin",
             Self::Source => "source",
+            Self::Service => "service",
         }
     }
 
@@ -505,6 +520,18 @@ impl Sandbox {
             |state: &mut InvocationState| state,
         )
         .map_err(anyhow::Error::from)?;
+        // The `service` world's own imports: its types (the `reply`
+        // resource) and `notify`.
+        bindings::service::sandpipe::connector::service_types::add_to_linker::<_, HasSelf<_>>(
+            &mut linker,
+            |state: &mut InvocationState| state,
+        )
+        .map_err(anyhow::Error::from)?;
+        bindings::service::sandpipe::connector::notify::add_to_linker::<_, HasSelf<_>>(
+            &mut linker,
+            |state: &mut InvocationState| state,
+        )
+        .map_err(anyhow::Error::from)?;
         // The previous versions' imports, served by the same code.
         bindings::v0_2::Plugin::add_to_linker::<_, HasSelf<_>>(
             &mut linker,
@@ -626,6 +653,7 @@ impl Sandbox {
         let typed = match world {
             World::Plugin => PluginPre::new(pre.clone()).map(drop),
             World::Source => SourcePre::new(pre.clone()).map(drop),
+            World::Service => ServicePre::new(pre.clone()).map(drop),
         };
         typed.map_err(anyhow::Error::from).with_context(|| {
             format!(
@@ -755,6 +783,31 @@ impl Sandbox {
         self.invoke(pre, limits, host, |instance, store| {
             Box::pin(async move {
                 Source::new(&mut *store, instance)?
+                    .call_describe(store)
+                    .await
+            })
+        })
+        .await
+    }
+
+    /// Call a `service` component's `describe` in a fresh instance.
+    pub async fn describe_service(
+        &self,
+        component: &LoadedComponent,
+        limits: &Limits,
+        host: HostState,
+    ) -> (
+        Result<bindings::ServiceDescription, Failure>,
+        HostState,
+        Usage,
+    ) {
+        let Code::Wasm(pre) = &component.code else {
+            let failure = Failure::new(FailureKind::Trap, "native code is not a service");
+            return (Err(failure), host, Usage::default());
+        };
+        self.invoke(pre, limits, host, |instance, store| {
+            Box::pin(async move {
+                Service::new(&mut *store, instance)?
                     .call_describe(store)
                     .await
             })

@@ -98,8 +98,29 @@ impl Session {
         T: Send,
         F: GuestCall<T>,
     {
-        let limits = self.plugin.limits.clone();
         let host = HostState::new(self.plugin.clone(), message);
+        self.call_with(host, call).await
+    }
+
+    /// When the backoff after a failure ends, if the session is in one:
+    /// a call before then fails at once.
+    pub fn ready_at(&self) -> Option<Instant> {
+        self.retry_at
+            .filter(|at| self.live.is_none() && *at > Instant::now())
+    }
+
+    /// [`Session::call`] with a host state the caller made (a service's
+    /// call carries what its `notify` needs).
+    pub async fn call_with<T, F>(
+        &mut self,
+        host: HostState,
+        call: F,
+    ) -> (Result<T, Failure>, HostState, Usage)
+    where
+        T: Send,
+        F: GuestCall<T>,
+    {
+        let limits = self.plugin.limits.clone();
         let started = Instant::now();
         if self.live.is_none() {
             if let Some(at) = self.retry_at

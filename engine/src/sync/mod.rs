@@ -1228,10 +1228,8 @@ fn incremental(plugin: &LoadedPlugin) -> bool {
 
 /// End what a call of a source left open: its SQL transaction (read-only
 /// on an external database; a source's effects are never applied).
-async fn end_call(mut host: crate::capability::HostState) {
-    if let Some(tx) = host.effects.sql.take() {
-        tx.rollback().await;
-    }
+async fn end_call(host: crate::capability::HostState) {
+    host.effects.discard().await;
 }
 
 /// Every source of `config` that loaded, by name, with why the others

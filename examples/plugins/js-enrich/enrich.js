@@ -16,9 +16,9 @@
 // Build: `just js-enrich` (componentize-js with `http` enabled:
 // ../componentize-js.sh enrich.js OUT.wasm --http).
 
-import { write } from "sandpipe:connector/log@1.1.0";
-import { get } from "sandpipe:connector/config@1.1.0";
-import { publish } from "sandpipe:connector/emit@1.1.0";
+import { write } from "sandpipe:connector/log@1.2.0";
+import { get } from "sandpipe:connector/config@1.2.0";
+import { publish } from "sandpipe:connector/emit@1.2.0";
 
 const VERSION = "0.1.0";
 

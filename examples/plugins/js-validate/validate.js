@@ -20,10 +20,10 @@
 //
 // Build: `just js-plugin` (see ../componentize-js.sh).
 
-import { write } from "sandpipe:connector/log@1.1.0";
-import { get } from "sandpipe:connector/config@1.1.0";
-import { openData } from "sandpipe:connector/blob@1.1.0";
-import { publish } from "sandpipe:connector/emit@1.1.0";
+import { write } from "sandpipe:connector/log@1.2.0";
+import { get } from "sandpipe:connector/config@1.2.0";
+import { openData } from "sandpipe:connector/blob@1.2.0";
+import { publish } from "sandpipe:connector/emit@1.2.0";
 
 const VERSION = "0.1.0";
 const CHUNK = 64 * 1024;

@@ -1,0 +1,87 @@
+//! `services:` — service connectors and the transports the engine serves
+//! them on (docs/services.md). A service's component is a `service`-world
+//! `.wasm` in `plugins.dir`; what it may reach (`sql`, `http`, `emit`,
+//! `config`, limits) is its grant under `plugins.grants`, as for any
+//! component. This section says how the engine runs and serves it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+/// One service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The component, by name (`plugins.dir/NAME.wasm`, a `service`-world
+    /// component). Default: the service's own name.
+    #[serde(default)]
+    pub component: Option<String>,
+    /// Warm instances serving calls side by side (each holds a slot of
+    /// `sandbox.max_instances`). Default 1: calls take turns.
+    #[serde(default = "default_instances")]
+    pub instances: u32,
+    /// The configuration `on-connect` gets for the service's own source
+    /// (the one HTTP queries and events arrive on), as JSON. Default `{}`.
+    #[serde(default = "default_connect")]
+    pub connect: serde_json::Value,
+    /// The largest body of one reply (`partial`, `complete`); a larger one
+    /// fails `limit-exceeded`. Default 4MiB.
+    #[serde(default = "default_max_reply_bytes")]
+    pub max_reply_bytes: ByteSize,
+    /// The longest a call waits for a free instance before it is answered
+    /// with an error. Default 30s.
+    #[serde(default = "default_queue_timeout", with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// The service's declared HTTP routes, served on a listener of its own;
+    /// none when absent (the routes are then not served).
+    #[serde(default)]
+    pub http: Option<ServiceHttp>,
+}
+
+/// `services.NAME.http`: the listener of the service's declared routes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceHttp {
+    /// The address to listen on, e.g. `127.0.0.1:8081` (port 0: any).
+    pub listen: SocketAddr,
+    /// The largest request body; a larger one is answered 413 without
+    /// reaching the guest. Default 10MiB.
+    #[serde(default = "default_max_body")]
+    pub max_body: ByteSize,
+    /// The most parts of one `multipart/form-data` body. Default 100.
+    #[serde(default = "default_max_parts")]
+    pub max_parts: u32,
+    /// The longest a client may take to send its request body; a slower
+    /// one is answered 408. Default 30s.
+    #[serde(default = "default_read_timeout", with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// The secret (under `secrets:`) whose value requests must carry as
+    /// `Authorization: Bearer VALUE`; unset: the routes are open to
+    /// whoever reaches the listener (bind it to an internal address).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn default_instances() -> u32 {
+    1
+}
+fn default_connect() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
+}
+fn default_max_reply_bytes() -> ByteSize {
+    ByteSize::mib(4)
+}
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_body() -> ByteSize {
+    ByteSize::mib(10)
+}
+fn default_max_parts() -> u32 {
+    100
+}
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}

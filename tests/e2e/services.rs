@@ -1,0 +1,642 @@
+//! Services (the `service` world) served by `sandpipe run`: queries
+//! streamed over HTTP as NDJSON, events with their effects, declared routes
+//! on a listener of the service's own, a trap or a silent query answered
+//! with an error and a fresh instance after it, a configuration change
+//! between calls, notifications, `sandpipe services` and `check`. The
+//! component is fx-service (tests/fixtures/fx-service).
+
+use std::io::{Read as _, Write as _};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::harness::{Deployment, free_port};
+
+const TOKEN: &str = "service-api-token";
+
+/// A running engine with one service `svc` (fx-service): the API's port,
+/// the routes' port.
+struct Running {
+    d: Deployment,
+    api: u16,
+    routes: u16,
+    stop: watch::Sender<bool>,
+    engine: tokio::task::JoinHandle<anyhow::Result<sandpipe::pipeline::Summary>>,
+}
+
+impl Running {
+    /// Start `sandpipe run` with `svc` configured by `service` (YAML keys
+    /// of `services.svc` besides `http`) and its grant's `limits`; wait
+    /// until it is ready (unless `ready` is false).
+    async fn start(service: &str, limits: &str, ready: bool) -> Self {
+        let (api, routes) = (free_port(), free_port());
+        let d = Deployment::new(
+            &[("fx-service", "svc")],
+            &format!(
+                "secrets:\n  api_token: {{ file: api.token }}\n\
+                 server: {{ listen: \"127.0.0.1:{api}\", token: api_token }}\n\
+                 plugins:\n  grants:\n    svc:\n      sql: true\n      limits: {{ {limits} }}\n\
+                 services:\n  svc:\n    http: {{ listen: \"127.0.0.1:{routes}\", max_body: 64KiB, read_timeout: 500ms, max_parts: 3 }}\n{service}"
+            ),
+        );
+        std::fs::write(d.path("api.token"), TOKEN).unwrap();
+        let config = d.config.clone();
+        let (stop, shutdown) = watch::channel(false);
+        let engine =
+            tokio::spawn(async move { sandpipe::app::run(&config, false, shutdown).await });
+        let running = Self {
+            d,
+            api,
+            routes,
+            stop,
+            engine,
+        };
+        if ready {
+            running.ready().await;
+        }
+        running
+    }
+
+    /// Wait until `/readyz` answers 200.
+    async fn ready(&self) {
+        let port = self.api;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = tokio::task::spawn_blocking(move || crate::harness::get(port, "/readyz"))
+                .await
+                .unwrap();
+            if let Some((200, _)) = got {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never ready: {got:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A query's replies (one JSON value per NDJSON line).
+    async fn query(&self, query: Value) -> Vec<Value> {
+        let port = self.api;
+        let (status, body) = tokio::task::spawn_blocking(move || {
+            http(
+                port,
+                "POST",
+                "/v1/services/svc/query",
+                &[("Authorization", &format!("Bearer {TOKEN}"))],
+                query.to_string().as_bytes(),
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    /// The one final reply of a query that makes no partial ones.
+    async fn answer(&self, query: Value) -> Value {
+        let replies = self.query(query.clone()).await;
+        assert_eq!(replies.len(), 1, "{query}: {replies:?}");
+        replies.into_iter().next().unwrap()
+    }
+
+    /// An API call with the token: (status, body).
+    async fn api(&self, method: &'static str, path: &str, body: Value) -> (u16, String) {
+        let (port, path) = (self.api, path.to_owned());
+        tokio::task::spawn_blocking(move || {
+            http(
+                port,
+                method,
+                &path,
+                &[("Authorization", &format!("Bearer {TOKEN}"))],
+                body.to_string().as_bytes(),
+            )
+        })
+        .await
+        .unwrap()
+    }
+
+    /// A request to the service's own listener.
+    async fn route(
+        &self,
+        method: &'static str,
+        path: &str,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    ) -> (u16, String) {
+        let (port, path) = (self.routes, path.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            http(port, method, &path, &headers, &body)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// The service as `/v1/services` lists it.
+    async fn status(&self) -> Value {
+        let (status, body) = self.api("GET", "/v1/services", json!(null)).await;
+        assert_eq!(status, 200, "{body}");
+        let list: Value = serde_json::from_str(&body).unwrap();
+        list[0].clone()
+    }
+
+    async fn stop(self) -> Deployment {
+        self.stop.send(true).unwrap();
+        self.engine.await.unwrap().unwrap();
+        self.d
+    }
+}
+
+/// An HTTP/1.0 request on 127.0.0.1: (status, body).
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    // A server may answer (413) before it read all of a large body.
+    let _ = stream.write_all(body);
+    read_response(&mut stream)
+}
+
+fn read_response(stream: &mut std::net::TcpStream) -> (u16, String) {
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_partial_replies_stream_in_order_from_one_warm_instance() {
+    let svc = Running::start("", "", true).await;
+    let replies = svc
+        .query(json!({"op": "rows", "n": 10000, "page": 1}))
+        .await;
+    assert_eq!(replies.len(), 10001, "{:?}", replies.last());
+    let instance = replies[0]["body"][0]["instance"].clone();
+    for (i, reply) in replies[..10000].iter().enumerate() {
+        assert_eq!(reply["status"], 100, "{reply}");
+        assert_eq!(
+            reply["body"],
+            json!([{"i": i, "instance": instance}]),
+            "{reply}"
+        );
+    }
+    assert_eq!(replies[10000], json!({"status": 204}));
+    // Pages of a hundred rows.
+    let pages = svc
+        .query(json!({"op": "rows", "n": 250, "page": 100}))
+        .await;
+    let sizes: Vec<usize> = pages[..3]
+        .iter()
+        .map(|p| p["body"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, [100, 100, 50]);
+    // The same warm instance, connected once, with the default config.
+    let state = svc.answer(json!({"op": "config"})).await;
+    assert_eq!(state["status"], 200, "{state}");
+    assert_eq!(state["body"]["instance"], instance, "{state}");
+    assert_eq!(state["body"]["connects"], 1, "{state}");
+    assert_eq!(state["body"]["config"], json!({}), "{state}");
+    // What the API lists.
+    let status = svc.status().await;
+    assert_eq!(status["name"], "svc", "{status}");
+    assert_eq!(status["connected"], true, "{status}");
+    assert_eq!(status["routes"].as_array().unwrap().len(), 4, "{status}");
+    assert_eq!(status["calls"], 3, "{status}");
+    // Without the token: refused.
+    let port = svc.api;
+    let (code, _) = tokio::task::spawn_blocking(move || {
+        http(
+            port,
+            "POST",
+            "/v1/services/svc/query",
+            &[],
+            b"{\"op\":\"config\"}",
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 401);
+    let (code, body) = svc.api("POST", "/v1/services/nope/query", json!({})).await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("no service `nope`"), "{body}");
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trap_mid_query_is_an_error_reply_and_a_fresh_instance_answers_the_next() {
+    let svc = Running::start("", "", true).await;
+    let before = svc.answer(json!({"op": "config"})).await;
+    let replies = svc.query(json!({"op": "trap"})).await;
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    assert_eq!(
+        replies[0],
+        json!({"status": 100, "body": {"before": "the trap"}})
+    );
+    assert_eq!(replies[1]["status"], 400, "{replies:?}");
+    assert_eq!(
+        replies[1]["body"]["messageCode"], "io.sandpipe.service.failed",
+        "{replies:?}"
+    );
+    let parameters = replies[1]["body"]["parameters"].to_string();
+    assert!(
+        parameters.contains("fx-service traps mid-query"),
+        "{parameters}"
+    );
+    // The next query: a new instance, connected before it answers.
+    let after = svc.answer(json!({"op": "config"})).await;
+    assert_eq!(after["status"], 200, "{after}");
+    assert_ne!(after["body"]["instance"], before["body"]["instance"]);
+    assert_eq!(after["body"]["connects"], 1, "{after}");
+    let status = svc.status().await;
+    assert!(
+        status["last_error"].as_str().unwrap().contains("panic"),
+        "{status}"
+    );
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queries_without_a_final_reply_past_their_deadline_or_failing_are_answered_with_errors() {
+    let svc = Running::start("", "timeout: 1s", true).await;
+    let code = |reply: &Value| {
+        reply["body"]["messageCode"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let silent = svc.answer(json!({"op": "silent"})).await;
+    assert_eq!(silent["status"], 400);
+    assert_eq!(code(&silent), "io.sandpipe.service.noReply", "{silent}");
+    let started = Instant::now();
+    let hang = svc.answer(json!({"op": "hang"})).await;
+    assert_eq!(code(&hang), "io.sandpipe.service.failed", "{hang}");
+    assert!(hang.to_string().contains("deadline"), "{hang}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let err = svc.answer(json!({"op": "err"})).await;
+    assert_eq!(code(&err), "io.sandpipe.service.error", "{err}");
+    assert!(err.to_string().contains("refuses this query"), "{err}");
+    // The guest's own error reply: its code, template and parameters.
+    let fail = svc.answer(json!({"op": "fail", "table": "nope"})).await;
+    assert_eq!(
+        fail,
+        json!({"status": 400, "body": {"messageCode": "io.test.badQuery", "messageTemplate": "no table {0} in schema {1}", "parameters": ["nope", "public"]}})
+    );
+    // The instance that hung was replaced, and answers.
+    let ok = svc.answer(json!({"op": "config"})).await;
+    assert_eq!(ok["status"], 200, "{ok}");
+    // A query that is not JSON never reaches the guest.
+    let (status, body) = tokio::task::spawn_blocking({
+        let port = svc.api;
+        move || {
+            http(
+                port,
+                "POST",
+                "/v1/services/svc/query",
+                &[("Authorization", &format!("Bearer {TOKEN}"))],
+                b"not json",
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 400, "{body}");
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_that_cannot_connect_is_not_ready_and_answers_so() {
+    let svc = Running::start("    connect: { fail: true }\n", "", false).await;
+    let port = svc.api;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = tokio::task::spawn_blocking(move || crate::harness::get(port, "/readyz"))
+            .await
+            .unwrap();
+        if let Some((503, body)) = &got
+            && body.contains("configuration says fail")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reply = svc.answer(json!({"op": "config"})).await;
+    assert_eq!(
+        reply["body"]["messageCode"], "io.sandpipe.service.notConnected",
+        "{reply}"
+    );
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configuration_change_reaches_the_next_calls_and_calls_in_flight_finish_on_the_old() {
+    let svc = Running::start("    connect: { generation: 1 }\n", "timeout: 10s", true).await;
+    let port = svc.api;
+    let slow = tokio::task::spawn_blocking(move || {
+        http(
+            port,
+            "POST",
+            "/v1/services/svc/query",
+            &[("Authorization", &format!("Bearer {TOKEN}"))],
+            br#"{"op": "slow", "ms": 1500}"#,
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = svc
+        .api(
+            "POST",
+            "/v1/services/svc/configure",
+            json!({"generation": 2}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let in_flight: Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(
+        in_flight["body"]["config"],
+        json!({"generation": 1}),
+        "{in_flight}"
+    );
+    let next = svc.answer(json!({"op": "config"})).await;
+    assert_eq!(next["body"]["config"], json!({"generation": 2}), "{next}");
+    assert_eq!(next["body"]["closes"], 1, "{next}");
+    assert_eq!(next["body"]["connects"], 2, "{next}");
+    assert_eq!(next["body"]["instance"], in_flight["body"]["instance"]);
+    let (status, body) = svc
+        .api("POST", "/v1/services/svc/configure", json!([1]))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_apply_their_effects_only_when_handled_and_notifications_reach_followers() {
+    let svc = Running::start("", "", true).await;
+    let (status, body) = svc
+        .api(
+            "POST",
+            "/v1/services/svc/publish",
+            json!({"id": "a", "v": 1}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = svc
+        .api(
+            "POST",
+            "/v1/services/svc/publish",
+            json!({"id": "b", "v": 2, "fail": true}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("the event says fail"), "{body}");
+    let events = svc.answer(json!({"op": "events"})).await;
+    assert_eq!(
+        events["body"],
+        json!({"events": [{"id": "a", "v": "1"}]}),
+        "{events}"
+    );
+
+    // Nobody follows: `notify` is unavailable, and the query says so.
+    let alone = svc.answer(json!({"op": "notify", "body": {"n": 0}})).await;
+    assert!(alone.to_string().contains("no one is connected"), "{alone}");
+    // A follower gets the notification.
+    let port = svc.api;
+    let follower = std::thread::spawn(move || {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            stream,
+            "GET /v1/services/svc/notifications?source=svc HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        )
+        .unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("\"n\":1") {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = svc.answer(json!({"op": "notify", "body": {"n": 1}})).await;
+        if reply["status"] == 204 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{reply}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = follower.join().unwrap();
+    let line: Value = serde_json::from_str(
+        seen.lines()
+            .find(|l| l.contains("\"n\":1"))
+            .unwrap_or_default(),
+    )
+    .unwrap();
+    assert_eq!(line, json!({"source": "svc", "body": {"n": 1}}), "{seen}");
+    svc.stop().await;
+}
+
+/// A `multipart/form-data` body of `(name, filename, bytes)` parts.
+fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "sandpipe-test-boundary";
+    let mut body = Vec::new();
+    for (name, filename, bytes) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match filename {
+            Some(f) => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+            ),
+            None => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn declared_routes_reach_the_guest_and_everything_else_is_refused_without_it() {
+    let svc = Running::start("", "", true).await;
+    let (status, body) = svc
+        .route("GET", "/items/42?x=1&y=two", vec![], vec![])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let got: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(got["route"], "/items/{id}", "{got}");
+    assert_eq!(got["params"], json!([["id", "42"]]), "{got}");
+    assert_eq!(got["query"], json!([["x", "1"], ["y", "two"]]), "{got}");
+
+    let (content_type, body) = multipart(&[
+        ("meta", None, b"{\"title\": \"t\"}"),
+        ("files", Some("a.bin"), &[7u8; 1000]),
+    ]);
+    let (status, answer) = svc
+        .route(
+            "POST",
+            "/items/7/files",
+            vec![("Content-Type".into(), content_type)],
+            body,
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let got: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(
+        got["parts"],
+        json!([
+            {"name": "meta", "filename": null, "content_type": null, "len": 14},
+            {"name": "files", "filename": "a.bin", "content_type": "application/octet-stream", "len": 1000},
+        ]),
+        "{got}"
+    );
+    let (status, body) = svc.route("GET", "/fail", vec![], vec![]).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("nothing here"), "{body}");
+
+    // Refused by the engine: the guest sees none of these.
+    let calls = svc.status().await["calls"].as_u64().unwrap();
+    let (status, body) = svc.route("GET", "/nope", vec![], vec![]).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no route GET /nope"), "{body}");
+    let (status, _) = svc.route("PUT", "/items/1", vec![], vec![]).await;
+    assert_eq!(status, 405);
+    // A body over max_body (64 KiB): the client sends one byte more than
+    // the limit of the 100 KiB it announces, and gets 413.
+    let port = svc.routes;
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            stream,
+            "POST /items/1/files HTTP/1.0\r\nContent-Length: {}\r\n\r\n",
+            100 * 1024
+        )
+        .unwrap();
+        stream.write_all(&[0u8; 64 * 1024 + 1]).unwrap();
+        read_response(&mut stream)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("max_body"), "{body}");
+    let many: Vec<(&str, Option<&str>, &[u8])> = (0..4).map(|_| ("p", None, &b"x"[..])).collect();
+    let (content_type, body) = multipart(&many);
+    let (status, body) = svc
+        .route(
+            "POST",
+            "/items/1/files",
+            vec![("Content-Type".into(), content_type)],
+            body,
+        )
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("max_parts"), "{body}");
+    let (status, body) = svc
+        .route(
+            "POST",
+            "/items/1/files",
+            vec![(
+                "Content-Type".into(),
+                "multipart/form-data; boundary=zz".into(),
+            )],
+            b"--zz\r\nnonsense".to_vec(),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    // A client that sends its body too slowly: 408 after read_timeout.
+    let port = svc.routes;
+    let slow = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            stream,
+            "POST /items/1/files HTTP/1.0\r\nContent-Length: 100\r\n\r\nonly ten b"
+        )
+        .unwrap();
+        read_response(&mut stream)
+    });
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(status, 408, "{body}");
+    assert_eq!(
+        svc.status().await["calls"].as_u64().unwrap(),
+        calls,
+        "a refused request reached the guest"
+    );
+    // The OpenAPI document of the routes.
+    let (status, body) = svc.route("GET", "/openapi.json", vec![], vec![]).await;
+    assert_eq!(status, 200, "{body}");
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["openapi"], "3.0.3");
+    assert_eq!(
+        doc["paths"]["/items/{id}/files"]["post"]["parameters"][0]["name"],
+        "id"
+    );
+    let (_, metrics) = crate::harness::get(svc.api, "/metrics").unwrap();
+    assert!(
+        metrics.contains("sandpipe_service_requests_refused_total{")
+            && metrics.contains("status=\"413\"")
+            && metrics.contains("sandpipe_service_calls_total{"),
+        "{metrics}"
+    );
+    let d = svc.stop().await;
+
+    // The command line shows the service, its routes and its health.
+    let out = d.cli(&["services"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("service `svc`: component `svc` 1.0.0, 1 instance(s)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("route POST /items/{id}/files"), "{stdout}");
+    assert!(stdout.contains("health: connects"), "{stdout}");
+    let out = d.cli(&["check"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("(world service, sha256 ")
+            && stdout.contains("4 route(s), served by services.svc"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 service(s) ok, 0 problem(s)"), "{stdout}");
+}
