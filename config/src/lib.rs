@@ -1438,6 +1438,53 @@ impl Config {
                     "must be a map (the JSON object `on-connect` gets)".into(),
                 ));
             }
+            if let Some(vantiq) = &service.vantiq {
+                let key = format!("services.{name}.vantiq");
+                if !self.secrets.contains_key(&vantiq.token) {
+                    return Err(invalid(
+                        format!("{key}.token"),
+                        format!(
+                            "secret `{}` is not declared under `secrets` (declared: {})",
+                            vantiq.token,
+                            list_or_none(self.secrets.keys())
+                        ),
+                    ));
+                }
+                let scheme = vantiq.url.split("://").next().unwrap_or_default();
+                if !["http", "https", "ws", "wss"].contains(&scheme) || !vantiq.url.contains("://")
+                {
+                    return Err(invalid(
+                        format!("{key}.url"),
+                        format!(
+                            "`{}` is not an http(s):// or ws(s):// URL of a Vantiq server",
+                            vantiq.url
+                        ),
+                    ));
+                }
+                if vantiq.sources.is_empty() {
+                    return Err(invalid(
+                        format!("{key}.sources"),
+                        "name at least one Vantiq source".into(),
+                    ));
+                }
+                if vantiq.sources.iter().any(|s| s == name) {
+                    return Err(invalid(
+                        format!("{key}.sources"),
+                        format!(
+                            "`{name}` is the service's own source (its HTTP one): name the Vantiq sources otherwise"
+                        ),
+                    ));
+                }
+            }
+            if let Some(health) = &service.health
+                && health.listen.port() != 0
+                && let Some(other) = listens.insert(health.listen, name)
+            {
+                return Err(invalid(
+                    format!("services.{name}.health.listen"),
+                    format!("{} is also {other}'s address", health.listen),
+                ));
+            }
             let Some(http) = &service.http else { continue };
             if let Some(secret) = &http.token
                 && !self.secrets.contains_key(secret)

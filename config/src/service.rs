@@ -38,6 +38,54 @@ pub struct ServiceConfig {
     /// none when absent (the routes are then not served).
     #[serde(default)]
     pub http: Option<ServiceHttp>,
+    /// A connection to a Vantiq server for the service's Vantiq sources;
+    /// none when absent.
+    #[serde(default)]
+    pub vantiq: Option<VantiqConfig>,
+    /// A TCP port open while the service is healthy (as the Vantiq
+    /// connector SDK's `tcpProbePort`): connected, and every Vantiq source
+    /// connected. None when absent.
+    #[serde(default)]
+    pub health: Option<HealthProbe>,
+}
+
+/// `services.NAME.vantiq`: the Vantiq server and the sources served.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VantiqConfig {
+    /// The server, `https://dev.vantiq.com` (or `wss://...`): the engine
+    /// connects to its WebSocket at `/api/v1/wsock/websocket`.
+    pub url: String,
+    /// The secret (under `secrets:`) holding the access token.
+    pub token: String,
+    /// The Vantiq sources this connector serves; one WebSocket each.
+    pub sources: Vec<String>,
+    /// Reconnecting after a failure: the first wait, doubling up to
+    /// `reconnect_max`. Default 500ms.
+    #[serde(default = "default_reconnect", with = "humantime_serde")]
+    pub reconnect: Duration,
+    /// The longest wait between reconnects. Default 30s.
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// WebSocket pings at this interval (Vantiq's `sendPings`: 20s);
+    /// none by default.
+    #[serde(default, with = "humantime_serde")]
+    pub ping: Option<Duration>,
+}
+
+/// `services.NAME.health`: the TCP health probe.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthProbe {
+    /// The address to listen on while healthy, e.g. `0.0.0.0:8000`.
+    pub listen: SocketAddr,
+}
+
+fn default_reconnect() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `services.NAME.http`: the listener of the service's declared routes.

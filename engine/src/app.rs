@@ -289,6 +289,38 @@ pub async fn run(
             crate::service::http::serve(service.clone(), http, token, shutdown.clone()).await?;
         tracing::info!(service = %service.name(), %bound, "serving the service's routes");
     }
+    let mut transports = Vec::new();
+    for service in services.values() {
+        if let Some(health) = &service.config().health {
+            transports.push(tokio::spawn(crate::service::serve_health(
+                service.clone(),
+                health.listen,
+                shutdown.clone(),
+            )));
+        }
+        let Some(vantiq) = service.config().vantiq.clone() else {
+            continue;
+        };
+        let token = assembled
+            .services
+            .secrets
+            .get(&vantiq.token)
+            .cloned()
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "services.{}.vantiq.token: secret `{}` was not read",
+                    service.name(),
+                    vantiq.token
+                )
+            })?;
+        transports.extend(crate::service::vantiq::spawn(
+            service.clone(),
+            vantiq,
+            token,
+            &assembled.tls,
+            shutdown.clone(),
+        )?);
+    }
     if let Some(server) = &assembled.config.server {
         let token =
             match &server.token {
@@ -339,6 +371,9 @@ pub async fn run(
     }
     if let Some(connecting) = connecting {
         connecting.abort();
+    }
+    for transport in transports {
+        wait_or_abort(transport, stopping).await;
     }
     for service in services.values() {
         service.close(std::time::Duration::from_secs(10)).await;

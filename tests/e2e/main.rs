@@ -32,4 +32,5 @@ mod session;
 mod sources;
 mod sqapi;
 mod tls;
+mod vantiq;
 mod with_redis;

@@ -19,6 +19,7 @@
 pub mod http;
 pub mod reply;
 pub mod routes;
+pub mod vantiq;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 
 use crate::capability::HostState;
 use crate::config::service::ServiceConfig;
@@ -176,6 +177,10 @@ pub struct Service {
     generation: AtomicU64,
     notifications: Arc<Notifications>,
     health: std::sync::Mutex<Health>,
+    /// Each Vantiq source's connection: up or not, and why not.
+    links: std::sync::Mutex<BTreeMap<String, (bool, Option<String>)>>,
+    /// Whether the service is healthy now (see [`Service::is_healthy`]).
+    healthy: watch::Sender<bool>,
     calls: AtomicU64,
 }
 
@@ -244,6 +249,8 @@ impl Service {
                 max_bytes: service.max_reply_bytes.as_u64(),
             }),
             health: std::sync::Mutex::new(Health::default()),
+            links: std::sync::Mutex::new(BTreeMap::new()),
+            healthy: watch::channel(false).0,
             calls: AtomicU64::new(0),
         })
     }
@@ -282,6 +289,59 @@ impl Service {
             .unwrap_or((false, None))
     }
 
+    /// Healthy: connected (its last `on-connect` succeeded) and every
+    /// Vantiq source's connection up.
+    pub fn is_healthy(&self) -> bool {
+        let connected = self.health.lock().map(|h| h.connected).unwrap_or(false);
+        let links = self
+            .links
+            .lock()
+            .map(|l| l.values().all(|(up, _)| *up))
+            .unwrap_or(false);
+        connected && links
+    }
+
+    /// Follow [`Service::is_healthy`].
+    pub fn health_changes(&self) -> watch::Receiver<bool> {
+        self.healthy.subscribe()
+    }
+
+    fn health_changed(&self) {
+        let now = self.is_healthy();
+        self.healthy.send_if_modified(|was| {
+            let changed = *was != now;
+            *was = now;
+            changed
+        });
+    }
+
+    /// Record a Vantiq source's connection state (`note`: why it is not up).
+    pub fn link_state(&self, source: &str, up: bool, note: Option<String>) {
+        if let Ok(mut links) = self.links.lock() {
+            links.insert(source.to_owned(), (up, note));
+        }
+        self.health_changed();
+    }
+
+    /// Source `source`'s connection is gone: it leaves the sources, and
+    /// an instance gets its `on-close` now (the others before their next
+    /// call).
+    pub async fn disconnect(self: &Arc<Self>, source: &str) {
+        let removed = self
+            .sources
+            .lock()
+            .map(|mut s| s.remove(source).is_some())
+            .unwrap_or(false);
+        if removed {
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.start().await {
+                    tracing::warn!(service = %this.name, "{e}");
+                }
+            });
+        }
+    }
+
     /// What `/v1/services` and `sandpipe services` show of it.
     pub fn status(&self) -> Value {
         let (connected, last_error) = self.healthy();
@@ -296,6 +356,14 @@ impl Service {
         if let Some(http) = &self.config.http {
             transports.push(json!({"type": "routes", "listen": http.listen.to_string()}));
         }
+        if let Some(vantiq) = &self.config.vantiq {
+            let links = self.links.lock().map(|l| l.clone()).unwrap_or_default();
+            let sources: serde_json::Map<String, Value> = links
+                .into_iter()
+                .map(|(source, (up, note))| (source, json!({"connected": up, "note": note})))
+                .collect();
+            transports.push(json!({"type": "vantiq", "url": vantiq.url, "sources": sources}));
+        }
         json!({
             "name": self.name,
             "component": component,
@@ -307,6 +375,7 @@ impl Service {
                 "method": r.method, "path": r.path, "summary": r.summary,
             })).collect::<Vec<_>>(),
             "connected": connected,
+            "healthy": self.is_healthy(),
             "last_error": last_error,
             "calls": self.calls.load(Ordering::Relaxed),
         })
@@ -572,6 +641,15 @@ impl Service {
                 .map(|s| s.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
                 .unwrap_or_default();
             let mut replaced = false;
+            let gone: Vec<String> = slot
+                .connected
+                .keys()
+                .filter(|s| !sources.iter().any(|(name, _)| name == *s))
+                .cloned()
+                .collect();
+            for source in gone {
+                self.close_source(slot, source).await;
+            }
             for (source, connection) in sources {
                 if slot.connected.get(&source) == Some(&connection.generation) {
                     continue;
@@ -605,6 +683,7 @@ impl Service {
                         health.last_error = Some(format!("`on-connect` of source `{source}`: {e}"));
                     }
                 }
+                self.health_changed();
                 if let Err(e) = result {
                     return Err(format!(
                         "service `{}` could not connect source `{source}`: {e}",
@@ -640,6 +719,50 @@ impl Service {
         self.count("close", result_label(&result), started);
         if let Err(e) = result {
             tracing::warn!(service = %self.name, %source, "`on-close` failed: {e}");
+        }
+    }
+}
+
+/// Keep a TCP listener on `listen` open while `service` is healthy (as
+/// the Vantiq connector SDK's `declare_healthy`): a connection is accepted
+/// and closed at once. Closed while unhealthy, and at `shutdown`.
+pub async fn serve_health(
+    service: Arc<Service>,
+    listen: std::net::SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut health = service.health_changes();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if *health.borrow_and_update() {
+            match tokio::net::TcpListener::bind(listen).await {
+                Ok(listener) => {
+                    tracing::info!(service = %service.name(), %listen, "healthy: the probe port is open");
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.wait_for(|stop| *stop) => return,
+                            changed = health.changed() => {
+                                if changed.is_err() { return; }
+                                if !*health.borrow_and_update() { break; }
+                            }
+                            accepted = listener.accept() => drop(accepted),
+                        }
+                    }
+                    tracing::warn!(service = %service.name(), %listen, "unhealthy: the probe port is closed");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(service = %service.name(), %listen, "cannot open the probe port: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            changed = health.changed() => if changed.is_err() { return; },
         }
     }
 }
