@@ -19,7 +19,7 @@ guest_out := guest_target_dir / "wasm32-wasip2" / "guest"
 plugins_dir := justfile_directory() / "target" / "plugins"
 
 # Every guest crate: built together in one cargo invocation.
-guest_connectors := "-p image-meta -p text-stats -p http-enrich -p http-source -p mysql-source"
+guest_connectors := "-p image-meta -p text-stats -p http-enrich -p http-source -p mysql-source -p table-service"
 guest_fixtures := "-p fx-panic -p fx-loop -p fx-memory -p fx-recurse -p fx-probe -p fx-hostile -p fx-http -p fx-v01 -p fx-insert -p fx-source -p fx-service"
 
 # The connectors are copied under their plugin names (dashes, not the crate's
@@ -263,3 +263,32 @@ bench-sync *ARGS: guests
 # Criterion micro-benchmarks of the sandbox (engine/benches/sandbox.rs).
 bench-micro: guests
     env -u RUST_BACKTRACE cargo bench --bench sandbox
+
+# The orders service (examples/services/orders): table-service over a
+# throw-away PostgreSQL database, three orders published and queried over
+# HTTP, then everything removed.
+example-service: guests
+    #!/usr/bin/env bash
+    set -euo pipefail
+    dir="{{justfile_directory()}}/target/example-service"
+    rm -rf "$dir" && mkdir -p "$dir/plugins"
+    cp examples/services/orders/sandpipe.yaml "$dir/"
+    cp "{{guest_out}}/table_service.wasm" "$dir/plugins/orders.wasm"
+    cp connectors/table-service/init.sql "$dir/plugins/orders.init.sql"
+    head -c 24 /dev/urandom | base64 | tr -d '/+=' > "$dir/api.token"
+    token=$(cat "$dir/api.token")
+    psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS sandpipe_example_orders WITH (FORCE)" -c "CREATE DATABASE sandpipe_example_orders"
+    cargo build -q -p sandpipe
+    bin="$(cargo metadata -q --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug/sandpipe"
+    "$bin" services -c "$dir/sandpipe.yaml"
+    (cd "$dir" && exec "$bin" run -c sandpipe.yaml) &
+    engine=$!
+    trap 'kill $engine 2>/dev/null; wait $engine 2>/dev/null; psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS sandpipe_example_orders WITH (FORCE)"' EXIT
+    for _ in $(seq 300); do curl -sf http://127.0.0.1:9090/readyz >/dev/null && break; sleep 0.1; done
+    for order in '{"id":"o-1","customer":"ada","total":12,"status":"open"}' '{"id":"o-2","customer":"bob","total":7,"status":"closed"}' '{"id":"o-3","customer":"ada","total":30,"status":"open"}'; do
+        curl -sf -H "Authorization: Bearer $token" -d "$order" http://127.0.0.1:9090/v1/services/orders/publish >/dev/null
+    done
+    echo "open orders (NDJSON replies):"
+    curl -sfN -H "Authorization: Bearer $token" -d '{"select":["id","total"],"where":{"status":"open"}}' http://127.0.0.1:9090/v1/services/orders/query
+    echo "a bad query:"
+    curl -sfN -H "Authorization: Bearer $token" -d '{"select":["price"]}' http://127.0.0.1:9090/v1/services/orders/query

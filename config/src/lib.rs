@@ -1395,18 +1395,24 @@ impl Config {
             }
         }
         // Idle warm instances hold pooling slots: leave room for the rest.
+        // A service's instances stay warm for good.
         let warm: u64 = self
             .plugins
             .grants
             .values()
             .filter_map(|g| g.reuse.as_ref())
             .map(|r| u64::from(r.instances))
-            .sum();
+            .sum::<u64>()
+            + self
+                .services
+                .values()
+                .map(|s| u64::from(s.instances))
+                .sum::<u64>();
         if warm >= u64::from(self.sandbox.max_instances) {
             return Err(invalid(
                 "sandbox.max_instances".into(),
                 format!(
-                    "{} instance slots cannot hold the {warm} warm instances the grants' `reuse` keep and still run other plugins: raise it above {warm}",
+                    "{} instance slots cannot hold the {warm} warm instances the grants' `reuse` and the services keep and still run other components: raise it above {warm}",
                     self.sandbox.max_instances
                 ),
             ));

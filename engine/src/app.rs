@@ -724,7 +724,7 @@ pub async fn sources(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow
 pub async fn services(config_file: &Path, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     let assembled = assemble(Config::load(config_file)?).await?;
     let (services, problems) = assembled.service_connectors();
-    for service in &services {
+    for service in services.into_iter().map(Arc::new) {
         let (component, version) = service.component();
         let config = service.config();
         writeln!(

@@ -356,6 +356,26 @@ struct SourceQuery {
     source: Option<String>,
 }
 
+/// The call's source (`?source=`, default the service's own), if the
+/// service has it now; else 404.
+fn known_source(
+    service: &crate::service::Service,
+    source: Option<String>,
+) -> Result<String, Reply> {
+    let source = source.unwrap_or_else(|| service.name().to_owned());
+    if service.knows(&source) {
+        Ok(source)
+    } else {
+        Err(error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "service `{}` has no connected source `{source}`",
+                service.name()
+            ),
+        ))
+    }
+}
+
 /// The body as JSON text, or 400.
 fn json_body(body: &axum::body::Bytes) -> Result<String, Reply> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
@@ -393,7 +413,7 @@ async fn query_service(
     authorized(&state, &headers)?;
     let service = service(&state, &name)?;
     let query = json_body(&body)?;
-    let source = q.source.unwrap_or_else(|| name.clone());
+    let source = known_source(&service, q.source)?;
     let frames = service.query(source, query, passed_headers(&headers));
     Ok(crate::service::http::ndjson(frames))
 }
@@ -412,7 +432,7 @@ async fn publish_service(
     authorized(&state, &headers)?;
     let service = service(&state, &name)?;
     let event = json_body(&body)?;
-    let source = q.source.unwrap_or_else(|| name.clone());
+    let source = known_source(&service, q.source)?;
     match service
         .publish(source, event, passed_headers(&headers))
         .await
@@ -445,7 +465,9 @@ async fn configure_service(
             )
         })?;
     let source = q.source.unwrap_or_else(|| name.clone());
-    service.reconfigure(&source, config.to_string());
+    service
+        .reconfigure(&source, config.to_string())
+        .map_err(|e| error(StatusCode::NOT_FOUND, e))?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "source": source, "configured": true })),

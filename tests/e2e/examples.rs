@@ -1,7 +1,8 @@
 //! The shipped examples run as written: `examples/rabbitmq-redis-postgres`
 //! against the real RabbitMQ, Redis and PostgreSQL, with only its names
 //! made unique (database, exchanges, queue, Redis keys, port) so tests can
-//! run side by side; `examples/redis-s3`; `examples/sources/http-api`.
+//! run side by side; `examples/redis-s3`; `examples/sources/http-api`;
+//! `examples/services/orders`.
 
 use std::time::Duration;
 
@@ -349,4 +350,90 @@ async fn the_http_api_source_example_runs_as_written() {
         .query_row("SELECT max(body->>'$.year') FROM books", [], |r| r.get(0))
         .unwrap();
     assert_eq!(latest, 1979);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_orders_service_example_runs_as_written() {
+    let example = root().join("examples/services/orders");
+    let db = crate::postgres::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    std::fs::copy(
+        component("table-service"),
+        dir.path().join("plugins/orders.wasm"),
+    )
+    .unwrap();
+    std::fs::copy(
+        crate::harness::init_script("table-service"),
+        dir.path().join("plugins/orders.init.sql"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("api.token"), "example-token").unwrap();
+    // As `just example-service` runs it, with a database, ports and a
+    // code cache of the test's own.
+    let (api, probe) = (crate::harness::free_port(), crate::harness::free_port());
+    let yaml = std::fs::read_to_string(example.join("sandpipe.yaml"))
+        .unwrap()
+        .replace(
+            "postgres://postgres@127.0.0.1:5432/sandpipe_example_orders",
+            &db.url(),
+        )
+        .replace("127.0.0.1:9090", &format!("127.0.0.1:{api}"))
+        .replace("127.0.0.1:9091", &format!("127.0.0.1:{probe}"));
+    let yaml = format!(
+        "{yaml}sandbox: {{ cache_dir: \"{}\" }}\n",
+        crate::harness::shared_cache().display()
+    );
+    let config = dir.path().join("sandpipe.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let engine = tokio::spawn(async move { sandpipe::app::run(&config, false, shutdown).await });
+    let call = move |path: &'static str, body: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Write as _};
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", api)).ok()?;
+            write!(
+                stream,
+                "POST {path} HTTP/1.0\r\nAuthorization: Bearer example-token\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .ok()?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).ok()?;
+            let status: u16 = response.split_whitespace().nth(1)?.parse().ok()?;
+            Some((status, response.split_once("\r\n\r\n")?.1.to_owned()))
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !matches!(crate::harness::get(api, "/readyz"), Some((200, _))) {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for order in [
+        r#"{"id":"o-1","customer":"ada","total":12,"status":"open"}"#,
+        r#"{"id":"o-2","customer":"bob","total":7,"status":"closed"}"#,
+        r#"{"id":"o-3","customer":"ada","total":30,"status":"open"}"#,
+    ] {
+        let (status, body) = call("/v1/services/orders/publish", order)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 202, "{body}");
+    }
+    let (status, body) = call(
+        "/v1/services/orders/query",
+        r#"{"select":["id","total"],"where":{"status":"open"}}"#,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(
+        reply,
+        serde_json::json!({"status": 200, "body": [{"id": "o-1", "total": 12}, {"id": "o-3", "total": 30}]})
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", probe)).is_ok());
+    stop.send(true).unwrap();
+    engine.await.unwrap().unwrap();
 }

@@ -420,6 +420,24 @@ async fn events_apply_their_effects_only_when_handled_and_notifications_reach_fo
         .await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("the event says fail"), "{body}");
+    // A source the service does not have never reaches the guest.
+    let (status, body) = svc
+        .api(
+            "POST",
+            "/v1/services/svc/publish?source=elsewhere",
+            json!({"id": "c", "v": 3}),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no connected source `elsewhere`"), "{body}");
+    let (status, body) = svc
+        .api(
+            "POST",
+            "/v1/services/svc/configure?source=elsewhere",
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
     let events = svc.answer(json!({"op": "events"})).await;
     assert_eq!(
         events["body"],

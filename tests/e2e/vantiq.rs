@@ -398,3 +398,138 @@ fn get_with_token(port: u16, path: &str, token: &str) -> Option<(u16, String)> {
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, response.split_once("\r\n\r\n")?.1.to_owned()))
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_table_service_answers_from_postgresql_in_pages_of_a_hundred_and_writes_published_rows()
+{
+    let db = crate::postgres::TestDb::new().await;
+    let server = VantiqServer::start("table-token").await;
+    let init = crate::harness::init_script("table-service");
+    let d = Deployment::new(
+        &[("table-service", "tables")],
+        &format!(
+            "database: {{ type: postgres, url: \"{}\" }}\n\
+             secrets:\n  vantiq_token: {{ file: vantiq.token }}\n\
+             plugins:\n  grants:\n    tables:\n      sql: {{ init: \"{}\" }}\n      limits: {{ timeout: 30s }}\n\
+             services:\n  tables:\n    vantiq: {{ url: \"http://127.0.0.1:{}\", token: vantiq_token, sources: [orders], reconnect: 100ms }}\n",
+            db.url(),
+            init.display(),
+            server.port
+        ),
+    );
+    std::fs::write(d.path("vantiq.token"), "table-token").unwrap();
+    let config = d.config.clone();
+    let (stop, shutdown) = watch::channel(false);
+    let engine = tokio::spawn(async move { sandpipe::app::run(&config, false, shutdown).await });
+    server.wait_connections(1).await;
+    configure(&server, json!({}));
+
+    // 250 orders published: written into the table.
+    for i in 0..250 {
+        server.send(
+            "orders",
+            json!({"op": "publish", "object": {"id": format!("o-{i:03}"), "customer": format!("c{}", i % 7), "total": i, "status": if i % 2 == 0 { "open" } else { "closed" }}}),
+        );
+    }
+    let admin = db.admin().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let count: i64 = admin
+            .query_one("SELECT count(*) FROM tables.orders", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if count == 250 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{count} of 250 orders written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Every row, in pages of a hundred: two partial replies, the last page
+    // as the complete one.
+    let all = server.query("orders", "all", json!({})).await;
+    let shape: Vec<(u64, usize)> = all
+        .iter()
+        .map(|r| {
+            (
+                r["status"].as_u64().unwrap(),
+                r["body"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [(100, 100), (100, 100), (200, 50)],
+        "{:?}",
+        all.last()
+    );
+    let ids: Vec<&str> = all
+        .iter()
+        .flat_map(|r| r["body"].as_array().unwrap())
+        .map(|row| row["id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..250).map(|i| format!("o-{i:03}")).collect();
+    assert_eq!(ids, expected);
+    assert_eq!(
+        all[0]["body"][7],
+        json!({"id": "o-007", "customer": "c0", "total": 7, "status": "closed"})
+    );
+    // A filter and a projection; a limit.
+    let open = server
+        .query(
+            "orders",
+            "open",
+            json!({"select": ["id", "total"], "where": {"status": "open"}}),
+        )
+        .await;
+    assert_eq!(open.len(), 2, "{:?}", open.last());
+    assert_eq!(open[1]["status"], 200);
+    assert_eq!(open[1]["body"].as_array().unwrap().len(), 25);
+    assert_eq!(open[1]["body"][24], json!({"id": "o-248", "total": 248}));
+    let few = server.query("orders", "few", json!({"limit": 3})).await;
+    assert_eq!(few.len(), 1);
+    assert_eq!(few[0]["body"].as_array().unwrap().len(), 3);
+    let none = server
+        .query("orders", "none", json!({"where": {"customer": "nobody"}}))
+        .await;
+    assert_eq!(
+        none,
+        [json!({"status": 204, "headers": {"X-Reply-Address": "none"}})]
+    );
+    // A bad query: an error reply with its template and parameters.
+    let bad = server
+        .query("orders", "bad", json!({"select": ["nope"]}))
+        .await;
+    assert_eq!(
+        bad[0]["body"],
+        json!({"messageCode": "io.sandpipe.tableService.badQuery", "messageTemplate": "cannot query by {0}: use {1}", "parameters": ["the column \"nope\"", "customer, id, status, total"]})
+    );
+    // An update and a delete through events.
+    server.send(
+        "orders",
+        json!({"op": "publish", "object": {"id": "o-001", "customer": "c1", "total": 1000, "status": "open"}}),
+    );
+    server.send(
+        "orders",
+        json!({"op": "publish", "object": {"delete": "o-002"}}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = admin
+            .query(
+                "SELECT id, total FROM tables.orders WHERE id IN ('o-001', 'o-002') ORDER BY id",
+                &[],
+            )
+            .await
+            .unwrap();
+        let seen: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        if seen == [("o-001".to_owned(), 1000)] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).unwrap();
+    engine.await.unwrap().unwrap();
+}

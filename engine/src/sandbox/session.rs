@@ -83,6 +83,13 @@ impl Session {
         self.live.is_some()
     }
 
+    /// Drop the warm instance, if any (its store may be mid-call: a call
+    /// whose future was dropped); the next call starts a new one, without
+    /// a backoff.
+    pub fn reset(&mut self) {
+        self.live = None;
+    }
+
     /// Run `call` on the warm instance (started first if there is none),
     /// with the plugin's limits armed for this call and a fresh host state
     /// holding `message`; the call's result or failure, its host state

@@ -128,6 +128,7 @@ fn router(state: Routes) -> Router {
     }
     app.route(routes::OPENAPI_PATH, get(openapi))
         .fallback(not_found)
+        .method_not_allowed_fallback(not_allowed)
         .with_state(state)
 }
 
@@ -142,7 +143,31 @@ async fn openapi(State(state): State<Routes>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
-async fn not_found(State(state): State<Routes>, method: Method, uri: axum::http::Uri) -> Response {
+async fn not_allowed(
+    State(state): State<Routes>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = authorized(&state, &headers) {
+        return refused;
+    }
+    refuse(
+        state.service.name(),
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
+    )
+}
+
+async fn not_found(
+    State(state): State<Routes>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = authorized(&state, &headers) {
+        return refused;
+    }
     let declared: Vec<String> = state
         .service
         .description()
@@ -327,10 +352,27 @@ async fn handle(
     }
 }
 
-/// The guest's response, checked: a status outside 100–999 or a header
-/// that is not one is the service's fault (502).
+/// Headers of a response that are the server's to set, not the guest's:
+/// dropped from its response.
+const SERVER_HEADERS: [&str; 8] = [
+    "connection",
+    "content-length",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The guest's response, checked: a status outside 200–599 or a header
+/// that is not one is the service's fault (502); the headers that are the
+/// server's to set are dropped.
 fn respond(service: &str, response: crate::sandbox::bindings::Response) -> Response {
-    let Ok(status) = StatusCode::from_u16(response.status) else {
+    let status = StatusCode::from_u16(response.status)
+        .ok()
+        .filter(|s| (200..600).contains(&s.as_u16()));
+    let Some(status) = status else {
         return refuse(
             service,
             StatusCode::BAD_GATEWAY,
@@ -353,6 +395,9 @@ fn respond(service: &str, response: crate::sandbox::bindings::Response) -> Respo
                 format!("service `{service}` answered with a malformed header `{name}`"),
             );
         };
+        if SERVER_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
         answer.headers_mut().append(name, value);
     }
     answer

@@ -41,7 +41,11 @@ pub use reply::Frame;
 
 /// Notifications kept for a follower that reads slowly; past it the
 /// follower is told how many it missed.
-const NOTIFICATIONS_KEPT: usize = 1024;
+const NOTIFICATIONS_KEPT: usize = 256;
+
+/// The largest notification body: with [`NOTIFICATIONS_KEPT`], what one
+/// slow follower can make the engine hold (16 MiB per service).
+pub const MAX_NOTIFICATION_BYTES: u64 = 64 * 1024;
 
 /// Events a service sends back (`notify.send`) to whoever follows it.
 pub struct Notifications {
@@ -77,10 +81,9 @@ impl notify::Host for InvocationState {
         };
         if body.len() as u64 > notifications.max_bytes {
             return Err(WitError::LimitExceeded(format!(
-                "a notification of {} bytes is larger than {} bytes (services.{}.max_reply_bytes)",
+                "a notification of {} bytes is larger than {} bytes",
                 body.len(),
                 notifications.max_bytes,
-                notifications.service
             )));
         }
         let body: Value = serde_json::from_str(&body)
@@ -115,14 +118,61 @@ struct Slot {
     session: Session,
     /// Each source's configuration generation the instance connected with.
     connected: BTreeMap<String, u64>,
+    /// The instance `connected` is about (`Session::instances_started`).
+    instance: u64,
+}
+
+impl Slot {
+    /// Forget what a replaced (or gone) instance was connected to.
+    fn check_instance(&mut self) {
+        let now = self.session.instances_started();
+        if !self.session.is_warm() || now != self.instance {
+            self.connected.clear();
+            self.instance = now;
+        }
+    }
+}
+
+/// An instance taken from the pool with its turn; back into the pool when
+/// dropped. A call cut off half-way (its future dropped) leaves the
+/// instance's store mid-call: such an instance is dropped, and the slot
+/// goes back empty.
+struct Taken<'a> {
+    service: &'a Service,
+    slot: Option<Slot>,
+    done: bool,
+    _turn: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Taken<'_> {
+    fn slot(&mut self) -> &mut Slot {
+        // Only `Drop` takes the slot out.
+        #[allow(clippy::unwrap_used)]
+        self.slot.as_mut().unwrap()
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Some(mut slot) = self.slot.take() {
+            if !self.done {
+                slot.session.reset();
+                slot.connected.clear();
+            }
+            if let Ok(mut idle) = self.service.idle.lock() {
+                idle.push(slot);
+            }
+        }
+    }
 }
 
 /// Why a call has no result of the guest's.
 #[derive(Debug)]
 pub enum CallError {
-    /// No instance came free within `queue_timeout`.
+    /// No instance came free within `queue_timeout`, or the service stops.
     Busy(String),
-    /// `on-connect` failed, so the instance cannot serve.
+    /// The call's source is not connected (`on-connect` failed, or the
+    /// service has no such source).
     NotConnected(String),
     /// The guest returned an error.
     Guest(WitError),
@@ -158,10 +208,23 @@ impl std::fmt::Display for CallError {
 /// A service's state, as `/v1/services` and `sandpipe services` show it.
 #[derive(Debug, Clone, Default)]
 struct Health {
-    /// Whether the last `on-connect` succeeded.
-    connected: bool,
+    /// Each source whose last `on-connect` failed, with why.
+    failing: BTreeMap<String, String>,
+    /// Whether any `on-connect` succeeded yet.
+    connected_once: bool,
     /// The last failure (a connect, a trap), if any.
     last_error: Option<String>,
+}
+
+/// A Vantiq source's connection as the service knows it.
+#[derive(Debug, Clone, Default)]
+struct LinkState {
+    /// The connection attempt this is about.
+    epoch: u64,
+    /// Up and configured.
+    up: bool,
+    /// Why not.
+    note: Option<String>,
 }
 
 /// One service, ready to serve.
@@ -177,8 +240,8 @@ pub struct Service {
     generation: AtomicU64,
     notifications: Arc<Notifications>,
     health: std::sync::Mutex<Health>,
-    /// Each Vantiq source's connection: up or not, and why not.
-    links: std::sync::Mutex<BTreeMap<String, (bool, Option<String>)>>,
+    /// Each Vantiq source's connection.
+    links: std::sync::Mutex<BTreeMap<String, LinkState>>,
     /// Whether the service is healthy now (see [`Service::is_healthy`]).
     healthy: watch::Sender<bool>,
     calls: AtomicU64,
@@ -223,6 +286,7 @@ impl Service {
             idle.push(Slot {
                 session: Session::new(sandbox.clone(), &plugin.component, plugin.context.clone())?,
                 connected: BTreeMap::new(),
+                instance: 0,
             });
         }
         let mut sources = BTreeMap::new();
@@ -246,7 +310,7 @@ impl Service {
             notifications: Arc::new(Notifications {
                 service: name.to_owned(),
                 sender,
-                max_bytes: service.max_reply_bytes.as_u64(),
+                max_bytes: MAX_NOTIFICATION_BYTES,
             }),
             health: std::sync::Mutex::new(Health::default()),
             links: std::sync::Mutex::new(BTreeMap::new()),
@@ -280,23 +344,39 @@ impl Service {
         &self.notifications
     }
 
-    /// Whether it is connected (its last `on-connect` succeeded), and why
-    /// not.
-    pub fn healthy(&self) -> (bool, Option<String>) {
-        self.health
+    /// Whether `source` is one of its sources now (its own, and each
+    /// Vantiq source while connected and configured).
+    pub fn knows(&self, source: &str) -> bool {
+        self.sources
             .lock()
-            .map(|h| (h.connected, h.last_error.clone()))
-            .unwrap_or((false, None))
+            .map(|s| s.contains_key(source))
+            .unwrap_or(false)
     }
 
-    /// Healthy: connected (its last `on-connect` succeeded) and every
-    /// Vantiq source's connection up.
+    /// The sources a configuration may be given to: its own and its
+    /// Vantiq sources.
+    fn configurable(&self, source: &str) -> bool {
+        source == self.name
+            || self
+                .config
+                .vantiq
+                .as_ref()
+                .is_some_and(|v| v.sources.iter().any(|s| s == source))
+    }
+
+    /// Healthy: every source connected (its last `on-connect` succeeded,
+    /// and one did), and every Vantiq source's connection up and
+    /// configured.
     pub fn is_healthy(&self) -> bool {
-        let connected = self.health.lock().map(|h| h.connected).unwrap_or(false);
+        let connected = self
+            .health
+            .lock()
+            .map(|h| h.connected_once && h.failing.is_empty())
+            .unwrap_or(false);
         let links = self
             .links
             .lock()
-            .map(|l| l.values().all(|(up, _)| *up))
+            .map(|l| l.values().all(|link| link.up))
             .unwrap_or(false);
         connected && links
     }
@@ -315,10 +395,32 @@ impl Service {
         });
     }
 
-    /// Record a Vantiq source's connection state (`note`: why it is not up).
-    pub fn link_state(&self, source: &str, up: bool, note: Option<String>) {
+    /// A new connection attempt of Vantiq source `source`: its epoch.
+    pub fn link_attempt(&self, source: &str) -> u64 {
+        let epoch = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         if let Ok(mut links) = self.links.lock() {
-            links.insert(source.to_owned(), (up, note));
+            links.insert(
+                source.to_owned(),
+                LinkState {
+                    epoch,
+                    up: false,
+                    note: Some("connecting".into()),
+                },
+            );
+        }
+        self.health_changed();
+        epoch
+    }
+
+    /// Record Vantiq source `source`'s state for connection attempt
+    /// `epoch` (ignored when a later attempt began since).
+    pub fn link_state(&self, source: &str, epoch: u64, up: bool, note: Option<String>) {
+        if let Ok(mut links) = self.links.lock()
+            && let Some(link) = links.get_mut(source)
+            && link.epoch == epoch
+        {
+            link.up = up;
+            link.note = note;
         }
         self.health_changed();
     }
@@ -332,6 +434,9 @@ impl Service {
             .lock()
             .map(|mut s| s.remove(source).is_some())
             .unwrap_or(false);
+        if let Ok(mut health) = self.health.lock() {
+            health.failing.remove(source);
+        }
         if removed {
             let this = self.clone();
             tokio::spawn(async move {
@@ -344,7 +449,7 @@ impl Service {
 
     /// What `/v1/services` and `sandpipe services` show of it.
     pub fn status(&self) -> Value {
-        let (connected, last_error) = self.healthy();
+        let health = self.health.lock().map(|h| h.clone()).unwrap_or_default();
         let (component, version) = self.component();
         let sources: Vec<String> = self
             .sources
@@ -360,7 +465,7 @@ impl Service {
             let links = self.links.lock().map(|l| l.clone()).unwrap_or_default();
             let sources: serde_json::Map<String, Value> = links
                 .into_iter()
-                .map(|(source, (up, note))| (source, json!({"connected": up, "note": note})))
+                .map(|(source, link)| (source, json!({"connected": link.up, "note": link.note})))
                 .collect();
             transports.push(json!({"type": "vantiq", "url": vantiq.url, "sources": sources}));
         }
@@ -374,29 +479,71 @@ impl Service {
             "routes": self.description.routes.iter().map(|r| json!({
                 "method": r.method, "path": r.path, "summary": r.summary,
             })).collect::<Vec<_>>(),
-            "connected": connected,
+            "connected": health.connected_once && health.failing.is_empty(),
+            "failing": health.failing,
             "healthy": self.is_healthy(),
-            "last_error": last_error,
+            "last_error": health.last_error,
             "calls": self.calls.load(Ordering::Relaxed),
         })
     }
 
-    /// Connect one instance (the service's readiness): `Err` with why not.
-    pub async fn start(&self) -> Result<(), String> {
-        let (mut slot, _turn) = self.take().await.map_err(|e| e.to_string())?;
-        let connected = self.connect(&mut slot).await;
-        self.put(slot);
-        connected
+    /// Connect one instance to every source (the service's readiness):
+    /// `Err` with why one is not. Runs in a task of its own (see
+    /// [`Service::detached`]).
+    pub async fn start(self: &Arc<Self>) -> Result<(), String> {
+        self.detached(|this| async move {
+            let mut taken = this.take().await.map_err(|e| e.to_string())?;
+            let failing = this.connect(taken.slot()).await;
+            taken.done = true;
+            match failing.into_iter().next() {
+                None => Ok(()),
+                Some((source, why)) => Err(format!(
+                    "service `{}` could not connect source `{source}`: {why}",
+                    this.name
+                )),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
     }
 
-    /// Give source `source` a new configuration (JSON text): every instance
+    /// Run `work` in a task of its own and wait for it. A call takes an
+    /// instance out of the pool for its duration: were its future dropped
+    /// half-way (a client that went away), the call would be cut off with
+    /// the guest mid-way. In a task, the call always finishes and gives
+    /// the instance back; only the wait is dropped.
+    async fn detached<T, F, Fut>(self: &Arc<Self>, work: F) -> Result<T, CallError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Self>) -> Fut,
+        Fut: std::future::Future<Output = T> + Send + 'static,
+    {
+        tokio::spawn(work(self.clone()))
+            .await
+            .map_err(|e| CallError::Busy(format!("the call's task failed: {e}")))
+    }
+
+    /// Give source `source` (the service's own, or one of its Vantiq
+    /// sources) a new configuration (a JSON object's text): every instance
     /// closes and connects it again before its next call; calls in flight
     /// finish on the old one.
-    pub fn reconfigure(&self, source: &str, config: String) {
+    pub fn reconfigure(&self, source: &str, config: String) -> Result<(), String> {
+        if !self.configurable(source) {
+            let mut sources = vec![self.name.clone()];
+            if let Some(vantiq) = &self.config.vantiq {
+                sources.extend(vantiq.sources.iter().cloned());
+            }
+            return Err(format!(
+                "service `{}` has no source `{source}` (its sources: {})",
+                self.name,
+                sources.join(", ")
+            ));
+        }
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         if let Ok(mut sources) = self.sources.lock() {
             sources.insert(source.to_owned(), Connection { generation, config });
         }
+        Ok(())
     }
 
     /// Answer `query` on `source`: the replies, in order, the last one
@@ -417,24 +564,20 @@ impl Service {
                 body,
                 headers,
             };
-            let last = this.answer(query, tx.clone()).await;
-            let result = match &last {
-                Frame::Error { code, .. } if code.starts_with("io.sandpipe.service.") => {
-                    code.trim_start_matches("io.sandpipe.service.").to_owned()
-                }
-                _ => "ok".to_owned(),
-            };
-            this.count("query", &result, started);
+            let (last, result) = this.answer(query, tx.clone()).await;
+            this.count("query", result, started);
             let _ = tx.send(last).await;
         });
         rx
     }
 
-    /// The final reply of `query`, after its partial replies went to `tx`.
-    async fn answer(&self, query: Query, tx: mpsc::Sender<Frame>) -> Frame {
+    /// The final reply of `query`, after its partial replies went to `tx`,
+    /// and the call's result for the metrics.
+    async fn answer(&self, query: Query, tx: mpsc::Sender<Frame>) -> (Frame, &'static str) {
         let (reply, shared) = reply::Reply::new(tx, self.config.max_reply_bytes.as_u64());
+        let source = query.source.clone();
         let result = self
-            .call("query", move |instance, store| {
+            .call("query", &source, move |instance, store| {
                 Box::pin(async move {
                     let handle = store.data_mut().table.push(reply)?;
                     Bindings::new(&mut *store, instance)?
@@ -447,69 +590,94 @@ impl Service {
         metrics::counter!(crate::metrics::SERVICE_PARTIALS, "service" => self.name.clone())
             .increment(shared.partials_sent());
         match (result, last) {
-            (Ok(()), Some(last)) => last,
-            (Ok(()), None) => Frame::engine_error(
+            (Ok(()), Some(last)) => (last, "ok"),
+            (Ok(()), None) => (
+                Frame::engine_error(
+                    "noReply",
+                    "the service `{0}` could not answer: {1}",
+                    vec![
+                        self.name.clone(),
+                        "the query ended without a final reply (complete, empty or error)".into(),
+                    ],
+                ),
                 "noReply",
-                "the service `{0}` ended the query without a final reply (complete, empty or error)",
-                vec![self.name.clone()],
             ),
             // The guest's own error reply, made before it returned an error.
-            (Err(CallError::Guest(_)), Some(last @ Frame::Error { .. })) => last,
-            (Err(e), _) => Frame::engine_error(
-                e.kind(),
-                "the service `{0}` could not answer: {1}",
-                vec![self.name.clone(), e.to_string()],
-            ),
+            (Err(CallError::Guest(_)), Some(last @ Frame::Error { .. })) => (last, "error"),
+            (Err(e), _) => {
+                let kind = e.kind();
+                (
+                    Frame::engine_error(
+                        kind,
+                        "the service `{0}` could not answer: {1}",
+                        vec![self.name.clone(), e.to_string()],
+                    ),
+                    kind,
+                )
+            }
         }
     }
 
-    /// Act on an event published on `source`.
+    /// Act on an event published on `source` (in a task of its own).
     pub async fn publish(
-        &self,
+        self: &Arc<Self>,
         source: String,
         body: String,
         headers: Vec<(String, String)>,
     ) -> Result<(), CallError> {
         let started = Instant::now();
-        let event = Event {
-            source,
-            body,
-            headers,
-        };
         let result = self
-            .call("publish", move |instance, store| {
-                Box::pin(async move {
-                    Bindings::new(&mut *store, instance)?
-                        .call_on_publish(store, &event)
-                        .await
+            .detached(|this| async move {
+                let event = Event {
+                    source,
+                    body,
+                    headers,
+                };
+                let source = event.source.clone();
+                this.call("publish", &source, move |instance, store| {
+                    Box::pin(async move {
+                        Bindings::new(&mut *store, instance)?
+                            .call_on_publish(store, &event)
+                            .await
+                    })
                 })
+                .await
             })
-            .await;
+            .await
+            .and_then(|r| r);
         self.count("publish", result_label(&result), started);
         result
     }
 
-    /// Answer a request to a declared route.
-    pub async fn request(&self, request: Request) -> Result<Response, CallError> {
+    /// Answer a request to a declared route (in a task of its own; the
+    /// service's own source).
+    pub async fn request(self: &Arc<Self>, request: Request) -> Result<Response, CallError> {
         let started = Instant::now();
         let result = self
-            .call("request", move |instance, store| {
-                Box::pin(async move {
-                    Bindings::new(&mut *store, instance)?
-                        .call_on_request(store, &request)
-                        .await
+            .detached(|this| async move {
+                let source = this.name.clone();
+                this.call("request", &source, move |instance, store| {
+                    Box::pin(async move {
+                        Bindings::new(&mut *store, instance)?
+                            .call_on_request(store, &request)
+                            .await
+                    })
                 })
+                .await
             })
-            .await;
+            .await
+            .and_then(|r| r);
         self.count("request", result_label(&result), started);
         result
     }
 
-    /// Close every source on every warm instance (shutdown). Waits up to
-    /// `wait` for calls in flight.
+    /// Close every source on every warm instance and take no more calls
+    /// (shutdown). Waits up to `wait` for calls in flight.
     pub async fn close(&self, wait: Duration) {
         let total = self.config.instances;
-        let Ok(Ok(_all)) = tokio::time::timeout(wait, self.turns.acquire_many(total)).await else {
+        let all = tokio::time::timeout(wait, self.turns.acquire_many(total)).await;
+        self.turns.close();
+        let Ok(Ok(_all)) = all else {
             tracing::warn!(service = %self.name, "calls still in flight at shutdown: not closing their sources");
             return;
         };
@@ -519,26 +687,27 @@ impl Service {
             .map(|mut idle| idle.drain(..).collect())
             .unwrap_or_default();
         for mut slot in slots {
-            if slot.session.is_warm() {
-                let sources: Vec<String> = slot.connected.keys().cloned().collect();
-                for source in sources {
-                    self.close_source(&mut slot, source).await;
-                }
+            slot.check_instance();
+            let sources: Vec<String> = slot.connected.keys().cloned().collect();
+            for source in sources {
+                self.close_source(&mut slot, source).await;
             }
-            self.put(slot);
+            if let Ok(mut idle) = self.idle.lock() {
+                idle.push(slot);
+            }
         }
     }
 
-    fn count(&self, call: &'static str, result: &str, started: Instant) {
+    fn count(&self, call: &'static str, result: &'static str, started: Instant) {
         let service = self.name.clone();
-        metrics::counter!(crate::metrics::SERVICE_CALLS, "service" => service.clone(), "call" => call, "result" => result.to_owned())
+        metrics::counter!(crate::metrics::SERVICE_CALLS, "service" => service.clone(), "call" => call, "result" => result)
             .increment(1);
         metrics::histogram!(crate::metrics::SERVICE_CALL_SECONDS, "service" => service, "call" => call)
             .record(started.elapsed().as_secs_f64());
     }
 
     /// Take a free instance (waiting up to `queue_timeout`).
-    async fn take(&self) -> Result<(Slot, tokio::sync::SemaphorePermit<'_>), CallError> {
+    async fn take(&self) -> Result<Taken<'_>, CallError> {
         let wait = self.config.queue_timeout;
         let turn = match tokio::time::timeout(wait, self.turns.acquire()).await {
             Ok(Ok(turn)) => turn,
@@ -552,34 +721,46 @@ impl Service {
         };
         let slot = self.idle.lock().ok().and_then(|mut idle| idle.pop());
         match slot {
-            Some(slot) => Ok((slot, turn)),
+            Some(slot) => Ok(Taken {
+                service: self,
+                slot: Some(slot),
+                done: false,
+                _turn: turn,
+            }),
             None => Err(CallError::Busy("no instance is free".into())),
         }
     }
 
-    fn put(&self, slot: Slot) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.push(slot);
-        }
-    }
-
-    /// Run `call` on a free instance, connected first: the guest's value,
-    /// with its effects applied, or why there is none.
-    async fn call<T, F>(&self, what: &'static str, call: F) -> Result<T, CallError>
+    /// Run `call` for `source` on a free instance, connected first: the
+    /// guest's value, with its effects applied, or why there is none.
+    async fn call<T, F>(&self, what: &'static str, source: &str, call: F) -> Result<T, CallError>
     where
         T: Send,
         F: GuestCall<Result<T, WitError>>,
     {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let (mut slot, _turn) = self.take().await?;
-        let result = async {
-            self.connect(&mut slot)
-                .await
-                .map_err(CallError::NotConnected)?;
-            self.run(&mut slot, what, call).await
+        if !self.knows(source) {
+            return Err(CallError::NotConnected(format!(
+                "service `{}` has no connected source `{source}`",
+                self.name
+            )));
         }
-        .await;
-        self.put(slot);
+        let mut taken = self.take().await?;
+        let failing = self.connect(taken.slot()).await;
+        let result = match failing.get(source) {
+            Some(why) => Err(CallError::NotConnected(format!(
+                "source `{source}` of service `{}` is not connected: {why}",
+                self.name
+            ))),
+            // An instance that is not warm now would start fresh for
+            // this call, without `on-connect`.
+            None if !taken.slot().session.is_warm() => Err(CallError::NotConnected(format!(
+                "service `{}`: its instance failed while connecting",
+                self.name
+            ))),
+            None => self.run(taken.slot(), what, call).await,
+        };
+        taken.done = true;
         result
     }
 
@@ -624,23 +805,21 @@ impl Service {
 
     /// Connect `slot`'s instance to every source it is not connected to
     /// with the source's current configuration (a fresh instance to all
-    /// of them). Waits out a restart's backoff.
-    async fn connect(&self, slot: &mut Slot) -> Result<(), String> {
-        // A pass may see the instance replaced (an `on-close` that
-        // trapped): then the sources connected before are gone, and the
-        // next pass connects them again.
+    /// of them), closing sources that are gone; waits out a restart's
+    /// backoff. The sources whose `on-connect` failed, with why.
+    async fn connect(&self, slot: &mut Slot) -> BTreeMap<String, String> {
+        let mut failing = BTreeMap::new();
+        // A pass may see the instance replaced (a trap in `on-close`, an
+        // instance dropped for work left open): what it was connected to
+        // is then gone, and the next pass connects it again.
         for _ in 0..3 {
-            if !slot.session.is_warm() {
-                // A fresh instance (the first, or one after a trap) has
-                // seen no `on-connect`.
-                slot.connected.clear();
-            }
+            failing.clear();
+            slot.check_instance();
             let sources: Vec<(String, Connection)> = self
                 .sources
                 .lock()
                 .map(|s| s.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
                 .unwrap_or_default();
-            let mut replaced = false;
             let gone: Vec<String> = slot
                 .connected
                 .keys()
@@ -651,19 +830,18 @@ impl Service {
                 self.close_source(slot, source).await;
             }
             for (source, connection) in sources {
+                slot.check_instance();
                 if slot.connected.get(&source) == Some(&connection.generation) {
                     continue;
                 }
                 if slot.connected.contains_key(&source) {
                     self.close_source(slot, source.clone()).await;
+                    slot.check_instance();
                 }
-                let warm = slot.session.is_warm();
-                if !warm {
-                    replaced |= !slot.connected.is_empty();
-                    slot.connected.clear();
-                    if let Some(at) = slot.session.ready_at() {
-                        tokio::time::sleep_until(at.into()).await;
-                    }
+                if !slot.session.is_warm()
+                    && let Some(at) = slot.session.ready_at()
+                {
+                    tokio::time::sleep_until(at.into()).await;
                 }
                 let (name, config) = (source.clone(), connection.config.clone());
                 let started = Instant::now();
@@ -678,33 +856,51 @@ impl Service {
                     .await;
                 self.count("connect", result_label(&result), started);
                 if let Ok(mut health) = self.health.lock() {
-                    health.connected = result.is_ok();
-                    if let Err(e) = &result {
-                        health.last_error = Some(format!("`on-connect` of source `{source}`: {e}"));
+                    match &result {
+                        Ok(()) => {
+                            health.connected_once = true;
+                            health.failing.remove(&source);
+                        }
+                        Err(e) => {
+                            let why = e.to_string();
+                            health.last_error =
+                                Some(format!("`on-connect` of source `{source}`: {why}"));
+                            health.failing.insert(source.clone(), why);
+                        }
                     }
                 }
                 self.health_changed();
-                if let Err(e) = result {
-                    return Err(format!(
-                        "service `{}` could not connect source `{source}`: {e}",
-                        self.name
-                    ));
+                match result {
+                    Ok(()) => {
+                        // A fresh instance started by this very call.
+                        if slot.instance != slot.session.instances_started() {
+                            slot.connected.clear();
+                            slot.instance = slot.session.instances_started();
+                        }
+                        slot.connected.insert(source, connection.generation);
+                    }
+                    Err(e) => {
+                        failing.insert(source, e.to_string());
+                    }
                 }
-                slot.connected.insert(source, connection.generation);
             }
-            if !replaced {
-                return Ok(());
+            if slot.session.is_warm() {
+                return failing;
             }
         }
-        Err(format!(
-            "service `{}`: its instance was replaced three times while connecting",
-            self.name
-        ))
+        failing
+            .entry(self.name.clone())
+            .or_insert_with(|| "the instance was replaced three times while connecting".into());
+        failing
     }
 
     /// `on-close` of `source` on `slot`'s instance; a failure is logged.
     async fn close_source(&self, slot: &mut Slot, source: String) {
         slot.connected.remove(&source);
+        if !slot.session.is_warm() {
+            // No instance: nothing saw the source.
+            return;
+        }
         let name = source.clone();
         let started = Instant::now();
         let result = self

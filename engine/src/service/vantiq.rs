@@ -38,6 +38,13 @@ pub const REPLY_ADDRESS: &str = "X-Reply-Address";
 pub const REPLY_ADDRESS_KEY: &str = "REPLY_ADDR_HEADER";
 /// Frames waiting to be written to one socket.
 const OUTGOING: usize = 64;
+/// Events and queries of one connection being handled at once; the next
+/// frame is read when one ends.
+const IN_FLIGHT: usize = 64;
+/// The largest frame read from the server.
+const MAX_FRAME: usize = 16 << 20;
+/// The longest the WebSocket handshake and authentication may take.
+const HANDSHAKE: Duration = Duration::from_secs(30);
 
 /// The WebSocket URL of a Vantiq server's `url`: `http` becomes `ws`,
 /// `https` `wss`, and the path `/api/v1/wsock/websocket` (as Vantiq's
@@ -96,7 +103,7 @@ pub fn spawn(
             config: config.clone(),
             tls: tls.clone(),
         };
-        service.link_state(source, false, Some("connecting".into()));
+        service.link_attempt(source);
         tasks.push(tokio::spawn(link.run(shutdown.clone())));
     }
     Ok(tasks)
@@ -120,60 +127,80 @@ impl Link {
             if *shutdown.borrow() {
                 break;
             }
-            let ended = self.connection(&mut shutdown).await;
+            let epoch = self.service.link_attempt(&self.source);
+            let ended = self.connection(epoch, &mut shutdown).await;
+            if matches!(ended, Ok(Ended::Shutdown)) {
+                // `Service::close` closes the sources.
+                break;
+            }
             self.service.disconnect(&self.source).await;
-            let wait = match ended {
-                Ok(Ended::Shutdown) => break,
+            let backoff = |failures: u32| {
+                self.config
+                    .reconnect
+                    .saturating_mul(1 << failures.saturating_sub(1).min(16))
+                    .min(self.config.reconnect_max)
+            };
+            let (wait, note) = match ended {
                 Ok(Ended::ReconnectRequired) => {
                     tracing::info!(service = %self.service.name(), source = %self.source, "Vantiq asked for a reconnect");
-                    self.service
-                        .link_state(&self.source, false, Some("reconnecting".into()));
                     failures = 0;
-                    Duration::ZERO
+                    (Duration::ZERO, "reconnecting".to_owned())
                 }
+                // A server that accepts and closes at once is dialled
+                // again at the pace of failures, not in a loop.
                 Ok(Ended::Closed) => {
-                    self.service.link_state(
-                        &self.source,
-                        false,
-                        Some("the server closed the connection".into()),
-                    );
-                    failures = 0;
-                    self.config.reconnect
+                    failures = failures.saturating_add(1);
+                    (
+                        backoff(failures),
+                        "the server closed the connection".to_owned(),
+                    )
                 }
+                Ok(Ended::Shutdown) => break,
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    let wait = self
-                        .config
-                        .reconnect
-                        .saturating_mul(1 << failures.saturating_sub(1).min(16))
-                        .min(self.config.reconnect_max);
+                    let wait = backoff(failures);
                     tracing::warn!(service = %self.service.name(), source = %self.source, "Vantiq connection: {e}; again in {wait:?}");
-                    self.service.link_state(&self.source, false, Some(e));
                     metrics::counter!(crate::metrics::RECONNECTS, "backend" => "vantiq")
                         .increment(1);
-                    wait
+                    (wait, e)
                 }
             };
+            self.service
+                .link_state(&self.source, epoch, false, Some(note));
             tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => break,
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        let epoch = self.service.link_attempt(&self.source);
         self.service
-            .link_state(&self.source, false, Some("stopped".into()));
+            .link_state(&self.source, epoch, false, Some("stopped".into()));
     }
 
     /// One connection, from the handshake to its end.
-    async fn connection(&self, shutdown: &mut watch::Receiver<bool>) -> Result<Ended, String> {
+    async fn connection(
+        &self,
+        epoch: u64,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Ended, String> {
         let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
-        let (mut socket, _) = tokio_tungstenite::connect_async_tls_with_config(
+        let mut limits = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+        limits.max_message_size = Some(MAX_FRAME);
+        limits.max_frame_size = Some(MAX_FRAME);
+        let handshake = tokio_tungstenite::connect_async_tls_with_config(
             self.url.as_str(),
-            None,
+            Some(limits),
             false,
             connector,
-        )
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", self.url))?;
+        );
+        let mut socket = tokio::select! {
+            () = async { drop(shutdown.wait_for(|stop| *stop).await) } => return Ok(Ended::Shutdown),
+            connected = tokio::time::timeout(HANDSHAKE, handshake) => match connected {
+                Err(_) => return Err(format!("cannot connect to {}: no answer within {HANDSHAKE:?}", self.url)),
+                Ok(Err(e)) => return Err(format!("cannot connect to {}: {e}", self.url)),
+                Ok(Ok((socket, _))) => socket,
+            },
+        };
         let send = |value: Value| Message::Text(value.to_string().into());
         socket
             .send(send(json!({
@@ -204,6 +231,8 @@ impl Link {
             .await
             .map_err(|e| format!("cannot connect source `{}`: {e}", self.source))?;
         let (out, mut outgoing) = mpsc::channel::<Value>(OUTGOING);
+        let turns = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
         let mut notifications = self.service.notifications().follow();
         let mut ping = tokio::time::interval(self.config.ping.unwrap_or(Duration::from_secs(3600)));
         ping.tick().await;
@@ -213,7 +242,12 @@ impl Link {
                     let _ = socket.close(None).await;
                     return Ok(Ended::Shutdown);
                 }
-                frame = socket.next() => {
+                // A turn first, then a frame: with every turn taken, the
+                // connection still writes replies and notifications.
+                turn = turns.clone().acquire_owned(), if held.is_none() => {
+                    held = turn.ok();
+                }
+                frame = socket.next(), if held.is_some() => {
                     let text = match frame {
                         None | Some(Ok(Message::Close(_))) => return Ok(Ended::Closed),
                         Some(Err(e)) => return Err(format!("the connection failed: {e}")),
@@ -228,7 +262,8 @@ impl Link {
                             continue;
                         }
                     };
-                    if let Some(ended) = self.dispatch(message, &out).await? {
+                    let Some(turn) = held.take() else { continue };
+                    if let Some(ended) = self.dispatch(message, &out, epoch, turn)? {
                         return Ok(ended);
                     }
                 }
@@ -262,10 +297,12 @@ impl Link {
 
     /// Act on one message from the server; `Some` when it ends the
     /// connection.
-    async fn dispatch(
+    fn dispatch(
         &self,
         message: Value,
         out: &mpsc::Sender<Value>,
+        epoch: u64,
+        turn: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<Option<Ended>, String> {
         let service = &self.service;
         let source = self.source.clone();
@@ -288,15 +325,16 @@ impl Link {
             Some("configureExtension") => {
                 let Some(config) = message["object"].get("config").filter(|c| c.is_object()) else {
                     return Err(format!(
-                        "a malformed configureExtension for source `{source}` (no object.config): {message}"
+                        "a malformed configureExtension for source `{source}`: no object `object.config`"
                     ));
                 };
-                service.reconfigure(&source, config.to_string());
+                service.reconfigure(&source, config.to_string())?;
                 let service = service.clone();
                 tokio::spawn(async move {
+                    let _turn = turn;
                     match service.start().await {
-                        Ok(()) => service.link_state(&source, true, None),
-                        Err(e) => service.link_state(&source, false, Some(e)),
+                        Ok(()) => service.link_state(&source, epoch, true, None),
+                        Err(e) => service.link_state(&source, epoch, false, Some(e)),
                     }
                 });
             }
@@ -307,6 +345,7 @@ impl Link {
                     headers(&message),
                 );
                 tokio::spawn(async move {
+                    let _turn = turn;
                     if let Err(e) = service.publish(source.clone(), event, headers).await {
                         tracing::warn!(service = %service.name(), %source, "a published event failed: {e}");
                     }
@@ -321,6 +360,7 @@ impl Link {
                     service.query(source, message["object"].to_string(), headers(&message));
                 let out = out.clone();
                 tokio::spawn(async move {
+                    let _turn = turn;
                     while let Some(frame) = frames.recv().await {
                         let last = frame.is_final();
                         if out.send(reply(&frame, &address)).await.is_err() || last {
