@@ -289,11 +289,13 @@ fn native_child(config: &Path) {
         let config = sandpipe::config::Config::load(config).unwrap();
         let assembled = sandpipe::app::assemble_native(
             config,
-            Vec::new(),
-            vec![(
-                "src".to_owned(),
-                Arc::new(NativeMysql) as Arc<dyn NativeSource>,
-            )],
+            sandpipe::app::Natives {
+                sources: vec![(
+                    "src".to_owned(),
+                    Arc::new(NativeMysql) as Arc<dyn NativeSource>,
+                )],
+                ..Default::default()
+            },
         )
         .await
         .unwrap();

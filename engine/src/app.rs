@@ -85,16 +85,36 @@ pub async fn assemble_with(
     config: Config,
     natives: Vec<(String, Arc<dyn crate::sandbox::NativePlugin>)>,
 ) -> anyhow::Result<Assembled> {
-    assemble_native(config, natives, Vec::new()).await
+    assemble_native(
+        config,
+        Natives {
+            plugins: natives,
+            ..Natives::default()
+        },
+    )
+    .await
 }
 
-/// [`assemble_with`], plus native baseline sources under the given names
-/// (benchmarks only; see [`crate::sandbox::NativeSource`]).
-pub async fn assemble_native(
-    config: Config,
-    natives: Vec<(String, Arc<dyn crate::sandbox::NativePlugin>)>,
-    sources: Vec<(String, Arc<dyn crate::sandbox::NativeSource>)>,
-) -> anyhow::Result<Assembled> {
+/// Components compiled into the engine, by name, to assemble instead of
+/// `.wasm` files (benchmarks only).
+#[derive(Default)]
+pub struct Natives {
+    /// Plugins ([`crate::sandbox::NativePlugin`]).
+    pub plugins: Vec<(String, Arc<dyn crate::sandbox::NativePlugin>)>,
+    /// Sources ([`crate::sandbox::NativeSource`]).
+    pub sources: Vec<(String, Arc<dyn crate::sandbox::NativeSource>)>,
+    /// Services ([`crate::sandbox::NativeService`]).
+    pub services: Vec<(String, Arc<dyn crate::sandbox::NativeService>)>,
+}
+
+/// [`assemble`], plus native baselines under the given names, with the
+/// grants the config gives those names (benchmarks only).
+pub async fn assemble_native(config: Config, natives: Natives) -> anyhow::Result<Assembled> {
+    let Natives {
+        plugins: natives,
+        sources,
+        services: native_services,
+    } = natives;
     let config = Arc::new(config);
     let tls = Tls::new(&config)?;
     let database = Database::open(&config, &tls).await?;
@@ -118,11 +138,23 @@ pub async fn assemble_native(
         .iter()
         .map(|(name, _)| name.as_str())
         .chain(sources.iter().map(|(name, _)| name.as_str()))
+        .chain(native_services.iter().map(|(name, _)| name.as_str()))
         .collect();
     let (mut plugins, mut problems) =
         plugins::load_all(&config, &sandbox, &services, &database, &native).await;
     for (name, source) in sources {
         match plugins::load_native_source(&config, &sandbox, &services, &database, &name, source)
+            .await
+        {
+            Ok(plugin) => plugins.push(Arc::new(plugin)),
+            Err(message) => problems.push(plugins::Problem {
+                plugin: name,
+                message,
+            }),
+        }
+    }
+    for (name, service) in native_services {
+        match plugins::load_native_service(&config, &sandbox, &services, &database, &name, service)
             .await
         {
             Ok(plugin) => plugins.push(Arc::new(plugin)),

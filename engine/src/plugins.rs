@@ -197,6 +197,29 @@ pub async fn load_native_source(
     prepare(config, sandbox, services, database, name, path, component).await
 }
 
+/// A service compiled into the engine under `name`, with the grant and
+/// limits the config gives that name (see
+/// [`crate::sandbox::NativeService`]: benchmarks only).
+pub async fn load_native_service(
+    config: &Config,
+    sandbox: &Sandbox,
+    services: &Arc<Services>,
+    database: &Database,
+    name: &str,
+    service: Arc<dyn crate::sandbox::NativeService>,
+) -> Result<LoadedPlugin, String> {
+    let component = LoadedComponent {
+        code: Code::NativeService(service),
+        warm: None,
+        sha256: "native".into(),
+        imports: Vec::new(),
+        world: World::Service,
+        from_cache: false,
+    };
+    let path = Path::new("(native)");
+    prepare(config, sandbox, services, database, name, path, component).await
+}
+
 /// Check `component` against its grant, open what the grant gives it and
 /// ask it to describe itself.
 async fn prepare(

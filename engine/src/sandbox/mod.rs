@@ -134,6 +134,9 @@ pub enum Code {
     /// A source compiled into the engine, unsandboxed: see
     /// [`NativeSource`].
     NativeSource(Arc<dyn NativeSource>),
+    /// A service compiled into the engine, unsandboxed: see
+    /// [`NativeService`].
+    NativeService(Arc<dyn NativeService>),
 }
 
 /// A plugin compiled into the engine and run without a sandbox: the native
@@ -171,6 +174,39 @@ pub trait NativeSource: Send + Sync {
         state: &'a mut InvocationState,
         request: bindings::PageRequest,
     ) -> BoxFuture<'a, Result<bindings::Page, bindings::WitError>>;
+}
+
+/// A service compiled into the engine and run without a sandbox: the
+/// baseline `engine/benches/service.rs` measures a service component
+/// against (the same host code for its calls — the `reply` resource, the
+/// capabilities — and the same transports; no wasm boundary, no
+/// instance). Only `app::assemble_native` takes one. `on-connect` and
+/// `on-close` are no-ops.
+pub trait NativeService: Send + Sync {
+    /// As the world's `describe`.
+    fn describe(&self) -> bindings::ServiceDescription;
+
+    /// As the world's `on-query`: `reply` is in `state`'s table.
+    fn on_query<'a>(
+        &'a self,
+        state: &'a mut InvocationState,
+        query: bindings::Query,
+        reply: wasmtime::component::Resource<crate::service::reply::Reply>,
+    ) -> BoxFuture<'a, Result<(), bindings::WitError>>;
+
+    /// As the world's `on-publish`.
+    fn on_publish<'a>(
+        &'a self,
+        state: &'a mut InvocationState,
+        event: bindings::Event,
+    ) -> BoxFuture<'a, Result<(), bindings::WitError>>;
+
+    /// As the world's `on-request`.
+    fn on_request<'a>(
+        &'a self,
+        state: &'a mut InvocationState,
+        request: bindings::Request,
+    ) -> BoxFuture<'a, Result<bindings::Response, bindings::WitError>>;
 }
 
 /// Warm instances of one component kept between messages: the grant's
@@ -750,7 +786,7 @@ impl Sandbox {
                 .await
             }
             Code::Native(native) => (Ok(native.describe()), host, Usage::default()),
-            Code::NativeSource(_) => (
+            Code::NativeSource(_) | Code::NativeService(_) => (
                 Err(Failure::new(
                     FailureKind::Trap,
                     "a source has no plugin `describe`",
@@ -775,7 +811,7 @@ impl Sandbox {
         let pre = match &component.code {
             Code::Wasm(pre) => pre,
             Code::NativeSource(native) => return (Ok(native.describe()), host, Usage::default()),
-            Code::Native(_) => {
+            Code::Native(_) | Code::NativeService(_) => {
                 let failure = Failure::new(FailureKind::Trap, "a native plugin is not a source");
                 return (Err(failure), host, Usage::default());
             }
@@ -801,9 +837,13 @@ impl Sandbox {
         HostState,
         Usage,
     ) {
-        let Code::Wasm(pre) = &component.code else {
-            let failure = Failure::new(FailureKind::Trap, "native code is not a service");
-            return (Err(failure), host, Usage::default());
+        let pre = match &component.code {
+            Code::Wasm(pre) => pre,
+            Code::NativeService(native) => return (Ok(native.describe()), host, Usage::default()),
+            Code::Native(_) | Code::NativeSource(_) => {
+                let failure = Failure::new(FailureKind::Trap, "native code is not a service");
+                return (Err(failure), host, Usage::default());
+            }
         };
         self.invoke(pre, limits, host, |instance, store| {
             Box::pin(async move {
@@ -842,7 +882,7 @@ impl Sandbox {
                 })
                 .await
             }
-            Code::NativeSource(_) => (
+            Code::NativeSource(_) | Code::NativeService(_) => (
                 Err(Failure::new(
                     FailureKind::Trap,
                     "a source is not a plugin: it has no `execute`",

@@ -35,7 +35,7 @@ use crate::plugins::LoadedPlugin;
 use crate::sandbox::bindings::service::sandpipe::connector::notify;
 use crate::sandbox::bindings::{Event, Query, Request, Response, ServiceDescription, WitError};
 use crate::sandbox::{
-    Failure, GuestCall, InvocationState, Sandbox, Service as Bindings, Session, World,
+    Failure, InvocationState, NativeService, Sandbox, Service as Bindings, Session, World,
 };
 pub use reply::Frame;
 
@@ -113,9 +113,125 @@ struct Connection {
     config: String,
 }
 
+/// What runs a service's calls: a warm instance of its component, or the
+/// service compiled into the engine (benchmarks).
+enum Runner {
+    Wasm(Session),
+    Native(Arc<dyn NativeService>),
+}
+
+impl Runner {
+    fn is_warm(&self) -> bool {
+        match self {
+            Self::Wasm(session) => session.is_warm(),
+            Self::Native(_) => true,
+        }
+    }
+
+    fn instances_started(&self) -> u64 {
+        match self {
+            Self::Wasm(session) => session.instances_started(),
+            Self::Native(_) => 1,
+        }
+    }
+
+    fn ready_at(&self) -> Option<Instant> {
+        match self {
+            Self::Wasm(session) => session.ready_at(),
+            Self::Native(_) => None,
+        }
+    }
+
+    fn reset(&mut self) {
+        if let Self::Wasm(session) = self {
+            session.reset();
+        }
+    }
+}
+
+/// One call of a service's exports.
+enum Call {
+    Connect { source: String, config: String },
+    Close { source: String },
+    Publish(Event),
+    Query(Query, reply::Reply),
+    Request(Request),
+}
+
+impl Call {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Connect { .. } => "connect",
+            Self::Close { .. } => "close",
+            Self::Publish(_) => "publish",
+            Self::Query(..) => "query",
+            Self::Request(_) => "request",
+        }
+    }
+}
+
+/// What a call returned.
+enum Output {
+    Done,
+    Response(Response),
+}
+
+/// `call` on a component's instance.
+async fn wasm_call(
+    instance: &wasmtime::component::Instance,
+    store: &mut wasmtime::Store<InvocationState>,
+    call: Call,
+) -> wasmtime::Result<Result<Output, WitError>> {
+    let bindings = Bindings::new(&mut *store, instance)?;
+    let done = |r: Result<(), WitError>| r.map(|()| Output::Done);
+    Ok(match call {
+        Call::Connect { source, config } => done(
+            bindings
+                .call_on_connect(&mut *store, &source, &config)
+                .await?,
+        ),
+        Call::Close { source } => done(bindings.call_on_close(&mut *store, &source).await?),
+        Call::Publish(event) => done(bindings.call_on_publish(&mut *store, &event).await?),
+        Call::Query(query, reply) => {
+            let handle = store.data_mut().table.push(reply)?;
+            done(bindings.call_on_query(&mut *store, &query, handle).await?)
+        }
+        Call::Request(request) => bindings
+            .call_on_request(&mut *store, &request)
+            .await?
+            .map(Output::Response),
+    })
+}
+
+/// `call` on a service compiled into the engine.
+async fn native_call(
+    native: &dyn NativeService,
+    state: &mut InvocationState,
+    call: Call,
+) -> Result<Output, WitError> {
+    match call {
+        Call::Connect { .. } | Call::Close { .. } => Ok(Output::Done),
+        Call::Publish(event) => native.on_publish(state, event).await.map(|()| Output::Done),
+        Call::Query(query, reply) => {
+            let handle = state
+                .table
+                .push(reply)
+                .map_err(|e| WitError::Internal(e.to_string()))?;
+            native
+                .on_query(state, query, handle)
+                .await
+                .map(|()| Output::Done)
+        }
+        Call::Request(request) => native
+            .on_request(state, request)
+            .await
+            .map(Output::Response),
+    }
+}
+
 /// One warm instance and what it is connected to.
 struct Slot {
-    session: Session,
+    session: Runner,
     /// Each source's configuration generation the instance connected with.
     connected: BTreeMap<String, u64>,
     /// The instance `connected` is about (`Session::instances_started`).
@@ -231,6 +347,7 @@ struct LinkState {
 pub struct Service {
     name: String,
     config: ServiceConfig,
+    sandbox: Arc<Sandbox>,
     plugin: Arc<LoadedPlugin>,
     description: ServiceDescription,
     /// Turns for the instances.
@@ -284,7 +401,14 @@ impl Service {
         let mut idle = Vec::new();
         for _ in 0..service.instances {
             idle.push(Slot {
-                session: Session::new(sandbox.clone(), &plugin.component, plugin.context.clone())?,
+                session: match &plugin.component.code {
+                    crate::sandbox::Code::NativeService(native) => Runner::Native(native.clone()),
+                    _ => Runner::Wasm(Session::new(
+                        sandbox.clone(),
+                        &plugin.component,
+                        plugin.context.clone(),
+                    )?),
+                },
                 connected: BTreeMap::new(),
                 instance: 0,
             });
@@ -301,6 +425,7 @@ impl Service {
         Ok(Self {
             name: name.to_owned(),
             config: service.clone(),
+            sandbox: sandbox.clone(),
             plugin: plugin.clone(),
             description,
             turns: Semaphore::new(service.instances as usize),
@@ -577,15 +702,9 @@ impl Service {
         let (reply, shared) = reply::Reply::new(tx, self.config.max_reply_bytes.as_u64());
         let source = query.source.clone();
         let result = self
-            .call("query", &source, move |instance, store| {
-                Box::pin(async move {
-                    let handle = store.data_mut().table.push(reply)?;
-                    Bindings::new(&mut *store, instance)?
-                        .call_on_query(store, &query, handle)
-                        .await
-                })
-            })
-            .await;
+            .call(&source, Call::Query(query, reply))
+            .await
+            .map(drop);
         let last = shared.close();
         metrics::counter!(crate::metrics::SERVICE_PARTIALS, "service" => self.name.clone())
             .increment(shared.partials_sent());
@@ -634,14 +753,7 @@ impl Service {
                     headers,
                 };
                 let source = event.source.clone();
-                this.call("publish", &source, move |instance, store| {
-                    Box::pin(async move {
-                        Bindings::new(&mut *store, instance)?
-                            .call_on_publish(store, &event)
-                            .await
-                    })
-                })
-                .await
+                this.call(&source, Call::Publish(event)).await.map(drop)
             })
             .await
             .and_then(|r| r);
@@ -656,14 +768,12 @@ impl Service {
         let result = self
             .detached(|this| async move {
                 let source = this.name.clone();
-                this.call("request", &source, move |instance, store| {
-                    Box::pin(async move {
-                        Bindings::new(&mut *store, instance)?
-                            .call_on_request(store, &request)
-                            .await
-                    })
-                })
-                .await
+                match this.call(&source, Call::Request(request)).await? {
+                    Output::Response(response) => Ok(response),
+                    Output::Done => Err(CallError::Guest(WitError::Internal(
+                        "on-request returned no response".into(),
+                    ))),
+                }
             })
             .await
             .and_then(|r| r);
@@ -733,11 +843,7 @@ impl Service {
 
     /// Run `call` for `source` on a free instance, connected first: the
     /// guest's value, with its effects applied, or why there is none.
-    async fn call<T, F>(&self, what: &'static str, source: &str, call: F) -> Result<T, CallError>
-    where
-        T: Send,
-        F: GuestCall<Result<T, WitError>>,
-    {
+    async fn call(&self, source: &str, call: Call) -> Result<Output, CallError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         if !self.knows(source) {
             return Err(CallError::NotConnected(format!(
@@ -758,21 +864,34 @@ impl Service {
                 "service `{}`: its instance failed while connecting",
                 self.name
             ))),
-            None => self.run(taken.slot(), what, call).await,
+            None => self.run(taken.slot(), call).await,
         };
         taken.done = true;
         result
     }
 
     /// Run one call on `slot`'s instance and settle its effects.
-    async fn run<T, F>(&self, slot: &mut Slot, what: &'static str, call: F) -> Result<T, CallError>
-    where
-        T: Send,
-        F: GuestCall<Result<T, WitError>>,
-    {
+    async fn run(&self, slot: &mut Slot, call: Call) -> Result<Output, CallError> {
+        let what = call.name();
         let mut host = HostState::new(self.plugin.context.clone(), None);
         host.notify = Some(self.notifications.clone());
-        let (result, host, _usage) = slot.session.call_with(host, call).await;
+        let (result, host, _usage) = match &mut slot.session {
+            Runner::Wasm(session) => {
+                session
+                    .call_with(host, move |instance, store| {
+                        Box::pin(wasm_call(instance, store, call))
+                    })
+                    .await
+            }
+            Runner::Native(native) => {
+                let native = native.clone();
+                self.sandbox
+                    .run_native(&self.plugin.context.limits, host, move |state| {
+                        Box::pin(async move { native_call(&*native, state, call).await })
+                    })
+                    .await
+            }
+        };
         match result {
             Ok(Ok(value)) => {
                 let id = format!("service:{}:{what}", self.name);
@@ -843,17 +962,17 @@ impl Service {
                 {
                     tokio::time::sleep_until(at.into()).await;
                 }
-                let (name, config) = (source.clone(), connection.config.clone());
                 let started = Instant::now();
                 let result = self
-                    .run(slot, "connect", move |instance, store| {
-                        Box::pin(async move {
-                            Bindings::new(&mut *store, instance)?
-                                .call_on_connect(store, &name, &config)
-                                .await
-                        })
-                    })
-                    .await;
+                    .run(
+                        slot,
+                        Call::Connect {
+                            source: source.clone(),
+                            config: connection.config.clone(),
+                        },
+                    )
+                    .await
+                    .map(drop);
                 self.count("connect", result_label(&result), started);
                 if let Ok(mut health) = self.health.lock() {
                     match &result {
@@ -901,17 +1020,16 @@ impl Service {
             // No instance: nothing saw the source.
             return;
         }
-        let name = source.clone();
         let started = Instant::now();
         let result = self
-            .run(slot, "close", move |instance, store| {
-                Box::pin(async move {
-                    Bindings::new(&mut *store, instance)?
-                        .call_on_close(store, &name)
-                        .await
-                })
-            })
-            .await;
+            .run(
+                slot,
+                Call::Close {
+                    source: source.clone(),
+                },
+            )
+            .await
+            .map(drop);
         self.count("close", result_label(&result), started);
         if let Err(e) = result {
             tracing::warn!(service = %self.name, %source, "`on-close` failed: {e}");
