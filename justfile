@@ -241,7 +241,13 @@ example-redis-s3: guests test-deps
     redis-cli XRANGE sandpipe-example-stats - +
 
 # Every benchmark (see docs/benchmarks.md).
-bench: bench-pipeline bench-sqapi bench-sync bench-micro
+bench: bench-pipeline bench-sqapi bench-sync bench-service bench-micro
+
+# Services: an HTTP query's round trip and queries per second, sandboxed,
+# compiled in and an independent axum handler side by side; a 10,000-row
+# query over the Vantiq protocol (engine/benches/service.rs).
+bench-service: guests
+    env -u RUST_BACKTRACE cargo bench --bench service
 
 # The end-to-end embedded path, sandboxed against native (engine/benches/pipeline.rs).
 bench-pipeline: guests

@@ -68,11 +68,19 @@ pub async fn serve(
         token,
     });
     tokio::spawn(async move {
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown.wait_for(|stop| *stop).await;
-            })
-            .await;
+        let result = axum::serve(
+            // Replies stream in several writes: without NODELAY, Nagle's
+            // algorithm holds each small one for the client's delayed ACK
+            // (40 ms a query).
+            axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            app,
+        )
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await;
         if let Err(e) = result {
             tracing::error!(service = %name, "the service's listener failed: {e}");
         }

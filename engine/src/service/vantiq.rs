@@ -190,7 +190,8 @@ impl Link {
         let handshake = tokio_tungstenite::connect_async_tls_with_config(
             self.url.as_str(),
             Some(limits),
-            false,
+            // Frames are small and many (a partial reply each): no Nagle.
+            true,
             connector,
         );
         let mut socket = tokio::select! {
