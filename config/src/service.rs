@@ -42,6 +42,10 @@ pub struct ServiceConfig {
     /// none when absent.
     #[serde(default)]
     pub vantiq: Option<VantiqConfig>,
+    /// Queries and events arriving on a RabbitMQ queue (request/reply with
+    /// `reply_to` and `correlation_id`); none when absent.
+    #[serde(default)]
+    pub rabbitmq: Option<ServiceRabbitmq>,
     /// A TCP port open while the service is healthy (as the Vantiq
     /// connector SDK's `tcpProbePort`): connected, and every Vantiq source
     /// connected. None when absent.
@@ -71,6 +75,32 @@ pub struct VantiqConfig {
     /// none by default.
     #[serde(default, with = "humantime_serde")]
     pub ping: Option<Duration>,
+}
+
+/// `services.NAME.rabbitmq`: request/reply over a RabbitMQ queue. A
+/// message with `reply_to` is a query (each reply goes to `reply_to` with
+/// the request's `correlation_id`); one without is an event. Replicas of
+/// the engine consume the queue as competing consumers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRabbitmq {
+    /// The broker, `amqp://` or `amqps://` (`${ENV}` for the password).
+    pub url: String,
+    /// The queue the requests arrive on (declared durable if missing).
+    pub queue: String,
+    /// Requests handled at once. Default 16.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// The longest a reply may wait for the broker's confirm. Default 10s.
+    #[serde(default = "default_confirm_timeout", with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+}
+
+fn default_prefetch() -> u16 {
+    16
+}
+fn default_confirm_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// `services.NAME.health`: the TCP health probe.

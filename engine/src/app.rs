@@ -330,6 +330,14 @@ pub async fn run(
                 shutdown.clone(),
             )));
         }
+        if let Some(rabbitmq) = service.config().rabbitmq.clone() {
+            transports.push(tokio::spawn(crate::service::broker::run(
+                service.clone(),
+                rabbitmq,
+                assembled.tls.clone(),
+                shutdown.clone(),
+            )));
+        }
         let Some(vantiq) = service.config().vantiq.clone() else {
             continue;
         };
@@ -770,9 +778,20 @@ pub async fn services(config_file: &Path, out: &mut dyn std::io::Write) -> anyho
             .as_ref()
             .map(|h| format!(", routes on {}", h.listen))
             .unwrap_or_default();
+        let mut more = String::new();
+        if let Some(rabbitmq) = &config.rabbitmq {
+            more.push_str(&format!(", RabbitMQ queue {}", rabbitmq.queue));
+        }
+        if let Some(vantiq) = &config.vantiq {
+            more.push_str(&format!(
+                ", Vantiq {} (sources {})",
+                vantiq.url,
+                vantiq.sources.join(", ")
+            ));
+        }
         writeln!(
             out,
-            "  transports: HTTP /v1/services/{}/query|publish|notifications{listen}",
+            "  transports: HTTP /v1/services/{}/query|publish|notifications{listen}{more}",
             service.name()
         )?;
         for route in &service.description().routes {

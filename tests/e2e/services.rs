@@ -8,6 +8,7 @@
 use std::io::{Read as _, Write as _};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -657,4 +658,173 @@ async fn declared_routes_reach_the_guest_and_everything_else_is_refused_without_
         "{stdout}"
     );
     assert!(stdout.contains("1 service(s) ok, 0 problem(s)"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_requests_get_a_reply_per_partial_and_replicas_compete_for_them() {
+    use lapin::options::{
+        BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::FieldTable;
+
+    const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let queue = format!("q_svc_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let service = format!("    rabbitmq: {{ url: \"{URL}\", queue: {queue}, prefetch: 4 }}\n");
+    let (a, b) = (
+        Running::start(&service, "", true).await,
+        Running::start(&service, "", true).await,
+    );
+    let connection = sandpipe::listener::rabbitmq::connect(URL, &sandpipe::tls::Tls::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    // Both replicas consume before any request goes out.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let q = channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        if q.consumer_count() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} consumers",
+            q.consumer_count()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let replies = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            replies.name().as_str().into(),
+            "replies".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let publish = |body: Value, reply: Option<String>, correlation: String| {
+        let channel = channel.clone();
+        let queue = queue.clone();
+        async move {
+            let mut properties =
+                lapin::BasicProperties::default().with_correlation_id(correlation.as_str().into());
+            if let Some(reply) = reply {
+                properties = properties.with_reply_to(reply.as_str().into());
+            }
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body.to_string().as_bytes(),
+                    properties,
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    let reply_queue = replies.name().as_str().to_owned();
+    for i in 0..20 {
+        publish(
+            json!({"op": "rows", "n": 250, "page": 100}),
+            Some(reply_queue.clone()),
+            format!("q{i}"),
+        )
+        .await;
+    }
+    // Every query's replies, in order: three partial pages, then 204.
+    let mut by_query: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+    let mut finals = 0;
+    while finals < 20 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .expect("replies within 30 s")
+            .unwrap()
+            .unwrap();
+        let correlation = delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .unwrap()
+            .as_str()
+            .to_owned();
+        let reply: Value = serde_json::from_slice(&delivery.data).unwrap();
+        let last = sandpipe::listener::rabbitmq::headers_of(&delivery.properties)
+            .contains(&("x-sandpipe-final".to_owned(), "true".to_owned()));
+        assert_eq!(last, reply["status"] != 100, "{reply}");
+        finals += usize::from(last);
+        by_query.entry(correlation).or_default().push(reply);
+    }
+    let mut instances = std::collections::BTreeSet::new();
+    for (query, replies) in &by_query {
+        let statuses: Vec<&Value> = replies.iter().map(|r| &r["status"]).collect();
+        assert_eq!(statuses, [100, 100, 100, 204], "{query}");
+        let rows: Vec<u64> = replies[..3]
+            .iter()
+            .flat_map(|r| r["body"].as_array().unwrap())
+            .map(|row| row["i"].as_u64().unwrap())
+            .collect();
+        assert_eq!(rows, (0..250).collect::<Vec<_>>(), "{query}");
+        instances.insert(
+            replies[0]["body"][0]["instance"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(by_query.len(), 20);
+    assert_eq!(instances.len(), 2, "both replicas answered: {instances:?}");
+
+    // An event (no reply_to): handled by one replica, its effects applied.
+    publish(json!({"id": "e1", "v": 1}), None, "e1".into()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut seen = Vec::new();
+        for svc in [&a, &b] {
+            // A replica that never handled an event has no table yet.
+            let events = svc.answer(json!({"op": "events"})).await;
+            if let Some(rows) = events["body"]["events"].as_array() {
+                seen.extend(rows.iter().cloned());
+            }
+        }
+        if seen == [json!({"id": "e1", "v": "1"})] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = a.status().await;
+    assert_eq!(status["transports"][2]["type"], "rabbitmq", "{status}");
+    a.stop().await;
+    b.stop().await;
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
 }

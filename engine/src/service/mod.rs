@@ -16,6 +16,7 @@
 //! returns without an error, as a plugin's are on `done`; a query's final
 //! reply goes out after that.
 
+pub mod broker;
 pub mod http;
 pub mod reply;
 pub mod routes;
@@ -585,6 +586,13 @@ impl Service {
             vec![json!({"type": "http", "path": format!("/v1/services/{}", self.name)})];
         if let Some(http) = &self.config.http {
             transports.push(json!({"type": "routes", "listen": http.listen.to_string()}));
+        }
+        if let Some(rabbitmq) = &self.config.rabbitmq {
+            transports.push(json!({
+                "type": "rabbitmq",
+                "url": crate::listener::rabbitmq::redact(&rabbitmq.url),
+                "queue": rabbitmq.queue,
+            }));
         }
         if let Some(vantiq) = &self.config.vantiq {
             let links = self.links.lock().map(|l| l.clone()).unwrap_or_default();
