@@ -46,6 +46,10 @@ pub struct ServiceConfig {
     /// `reply_to` and `correlation_id`); none when absent.
     #[serde(default)]
     pub rabbitmq: Option<ServiceRabbitmq>,
+    /// Queries and events arriving on a Redis stream (request/reply with
+    /// `reply_to` and `correlation_id` fields); none when absent.
+    #[serde(default)]
+    pub redis: Option<ServiceRedis>,
     /// A TCP port open while the service is healthy (as the Vantiq
     /// connector SDK's `tcpProbePort`): connected, and every Vantiq source
     /// connected. None when absent.
@@ -101,6 +105,40 @@ fn default_prefetch() -> u16 {
 }
 fn default_confirm_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+/// `services.NAME.redis`: request/reply over a Redis stream and consumer
+/// group. An entry with a `reply_to` field is a query (each reply is added
+/// to the stream `reply_to` with the entry's `correlation_id`); one without
+/// is an event. Replicas are consumers of the same group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRedis {
+    /// The server, `redis://` or `rediss://`.
+    pub url: String,
+    /// The stream the requests arrive on (made, with the group, if
+    /// missing).
+    pub stream: String,
+    /// The consumer group. Default `sandpipe`.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// Entries read at once (and handled at once). Default 16.
+    #[serde(default = "default_batch")]
+    pub batch: u32,
+    /// An entry left pending this long by a consumer that went away is
+    /// taken over. Default 60s.
+    #[serde(default = "default_claim_idle", with = "humantime_serde")]
+    pub claim_idle: Duration,
+}
+
+fn default_group() -> String {
+    "sandpipe".into()
+}
+fn default_batch() -> u32 {
+    16
+}
+fn default_claim_idle() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// `services.NAME.health`: the TCP health probe.

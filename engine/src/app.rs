@@ -338,6 +338,14 @@ pub async fn run(
                 shutdown.clone(),
             )));
         }
+        if let Some(redis) = service.config().redis.clone() {
+            transports.push(tokio::spawn(crate::service::stream::run(
+                service.clone(),
+                redis,
+                assembled.tls.clone(),
+                shutdown.clone(),
+            )));
+        }
         let Some(vantiq) = service.config().vantiq.clone() else {
             continue;
         };
@@ -781,6 +789,9 @@ pub async fn services(config_file: &Path, out: &mut dyn std::io::Write) -> anyho
         let mut more = String::new();
         if let Some(rabbitmq) = &config.rabbitmq {
             more.push_str(&format!(", RabbitMQ queue {}", rabbitmq.queue));
+        }
+        if let Some(redis) = &config.redis {
+            more.push_str(&format!(", Redis stream {}", redis.stream));
         }
         if let Some(vantiq) = &config.vantiq {
             more.push_str(&format!(

@@ -828,3 +828,113 @@ async fn rabbitmq_requests_get_a_reply_per_partial_and_replicas_compete_for_them
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_stream_requests_get_a_reply_per_partial_and_events_are_acked_when_handled() {
+    let prefix = format!("svc-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let (stream, replies) = (format!("{prefix}:requests"), format!("{prefix}:replies"));
+    let svc = Running::start(
+        &format!(
+            "    redis: {{ url: \"redis://127.0.0.1:6379\", stream: \"{stream}\", group: g }}\n"
+        ),
+        "",
+        true,
+    )
+    .await;
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let add = |fields: Vec<(&'static str, String)>| {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&stream).arg("*");
+        for (k, v) in fields {
+            cmd.arg(k).arg(v);
+        }
+        cmd
+    };
+    for i in 0..3 {
+        let _: String = add(vec![
+            (
+                "body",
+                json!({"op": "rows", "n": 150, "page": 100}).to_string(),
+            ),
+            ("reply_to", replies.clone()),
+            ("correlation_id", format!("c{i}")),
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    }
+    let _: String = add(vec![("body", json!({"id": "r1", "v": 2}).to_string())])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Three replies per query (two partial pages, then 204), in order.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let entries = loop {
+        let read: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&replies)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if read.ids.len() >= 9 {
+            break read.ids;
+        }
+        assert!(Instant::now() < deadline, "{} replies", read.ids.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let text = |e: &redis::streams::StreamId, k: &str| -> String {
+        redis::from_redis_value_ref::<String>(&e.map[k]).unwrap()
+    };
+    for i in 0..3 {
+        let mine: Vec<(String, String, usize)> = entries
+            .iter()
+            .filter(|e| text(e, "correlation_id") == format!("c{i}"))
+            .map(|e| {
+                let body: Value = serde_json::from_str(&text(e, "body")).unwrap();
+                (
+                    text(e, "status"),
+                    text(e, "final"),
+                    body.as_array().map_or(0, Vec::len),
+                )
+            })
+            .collect();
+        assert_eq!(
+            mine,
+            [
+                ("100".to_owned(), "0".to_owned(), 100),
+                ("100".to_owned(), "0".to_owned(), 50),
+                ("204".to_owned(), "1".to_owned(), 0),
+            ]
+        );
+    }
+    // The event was handled, and every entry acked: nothing pending.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = svc.answer(json!({"op": "events"})).await;
+        let pending: (
+            u64,
+            Option<String>,
+            Option<String>,
+            Option<Vec<(String, u64)>>,
+        ) = redis::cmd("XPENDING")
+            .arg(&stream)
+            .arg("g")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if events["body"]["events"] == json!([{"id": "r1", "v": "2"}]) && pending.0 == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{events} {pending:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    svc.stop().await;
+    let _: u64 = redis::cmd("DEL")
+        .arg(&stream)
+        .arg(&replies)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}

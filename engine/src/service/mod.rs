@@ -20,6 +20,7 @@ pub mod broker;
 pub mod http;
 pub mod reply;
 pub mod routes;
+pub mod stream;
 pub mod vantiq;
 
 use std::collections::BTreeMap;
@@ -592,6 +593,13 @@ impl Service {
                 "type": "rabbitmq",
                 "url": crate::listener::rabbitmq::redact(&rabbitmq.url),
                 "queue": rabbitmq.queue,
+            }));
+        }
+        if let Some(redis) = &self.config.redis {
+            transports.push(json!({
+                "type": "redis",
+                "stream": redis.stream,
+                "group": redis.group,
             }));
         }
         if let Some(vantiq) = &self.config.vantiq {
