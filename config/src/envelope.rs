@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use crate::{FieldSpec, MessageFields};
 
 /// A parsed envelope.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Envelope {
     /// The message id.
     pub id: String,

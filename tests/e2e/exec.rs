@@ -733,3 +733,130 @@ async fn http_responses_are_recorded_and_replayed_without_a_network() {
     assert!(text.contains("no difference"), "{text}");
     assert_eq!(hits.get("/item"), 1);
 }
+
+#[test]
+fn a_service_runs_a_query_an_event_and_a_request_and_replays_them() {
+    let files = Files::new();
+    let svc = wasm("fx-service");
+    // A query: on-connect with the configuration, then the replies listed.
+    let query = files.write("query.json", br#"{"op": "rows", "n": 250, "page": 100}"#);
+    let out = sandpipe(&["exec", &svc, "--query", &query]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("message   query on source `fx_service` (service/query)"),
+        "{text}"
+    );
+    assert!(text.contains("outcome   ok"), "{text}");
+    assert!(text.contains("replies (4)"), "{text}");
+    assert!(text.contains(r#"{"status":204}"#), "{text}");
+    let config = files.write("connect.json", br#"{"generation": 7}"#);
+    let state = files.write("state.json", br#"{"op": "config"}"#);
+    let out = sandpipe(&[
+        "exec",
+        &svc,
+        "--query",
+        &state,
+        "--connect",
+        &config,
+        "--source",
+        "orders",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["replies"][0]["status"], 200, "{report}");
+    assert_eq!(
+        report["replies"][0]["body"]["config"],
+        serde_json::json!({"generation": 7})
+    );
+    // An error reply and a trap: exit 1.
+    let bad = files.write("bad.json", br#"{"op": "fail", "table": "t"}"#);
+    let out = sandpipe(&["exec", &svc, "--query", &bad]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("io.test.badQuery"),
+        "{}",
+        stdout(&out)
+    );
+    let trap = files.write("trap.json", br#"{"op": "trap"}"#);
+    let out = sandpipe(&["exec", &svc, "--query", &trap]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stdout(&out).contains("panic"), "{}", stdout(&out));
+    // An event: its SQL in the report, nothing committed.
+    let event = files.write("event.json", br#"{"id": "e1", "v": 3}"#);
+    let out = sandpipe(&["exec", &svc, "--event", &event]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(text.contains("INSERT INTO events"), "{text}");
+    // A request to a declared route: the response.
+    let request = files.write(
+        "request.json",
+        br#"{"method": "GET", "path": "/items/42", "route": "/items/{id}", "params": {"id": "42"}, "query": {"x": "1"}}"#,
+    );
+    let out = sandpipe(&["exec", &svc, "--request", &request, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["response"]["status"], 200, "{report}");
+    let body: serde_json::Value =
+        serde_json::from_str(report["response"]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["params"], serde_json::json!([["id", "42"]]));
+    // Recorded, then replayed against the same build: no difference (a
+    // query whose answer does not depend on the instance).
+    let dir = files.path("recording");
+    let echo = files.write("echo.json", br#"{"op": "echo", "n": 5}"#);
+    let out = sandpipe(&[
+        "exec",
+        &svc,
+        "--query",
+        &echo,
+        "--record",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = sandpipe(&["replay", dir.to_str().unwrap(), &svc]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    // A recording whose replies differ from what the build answers now.
+    let file = dir.join("recording.json");
+    let recording = std::fs::read_to_string(&file).unwrap();
+    assert!(recording.contains("\"echo\": 5"), "{recording}");
+    std::fs::write(&file, recording.replace("\"echo\": 5", "\"echo\": 6")).unwrap();
+    let out = sandpipe(&["replay", dir.to_str().unwrap(), &svc]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("the service's replies or response differ"),
+        "{}",
+        stdout(&out)
+    );
+    // The wrong inputs for the world: usage errors.
+    let out = sandpipe(&["exec", &wasm("text-stats"), "--query", &query]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("are for services"),
+        "{}",
+        stderr(&out)
+    );
+    let message = files.write(
+        "message.json",
+        br#"{"uuid_ref": "m", "data_type": "text/plain"}"#,
+    );
+    let out = sandpipe(&["exec", &svc, "--message", &message]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("is a `service` component"),
+        "{}",
+        stderr(&out)
+    );
+}

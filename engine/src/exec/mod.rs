@@ -18,6 +18,7 @@
 
 pub mod record;
 pub mod report;
+pub mod service;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -56,10 +57,31 @@ pub const EXIT_USAGE: u8 = 2;
 pub struct ExecArgs {
     /// The plugin component (`.wasm`).
     pub plugin: PathBuf,
-    /// The message: a JSON envelope (sqAPI fields: `uuid_ref`, `data_type`,
-    /// `data_location`, `meta_location`, `metadata`).
+    /// The message, for a plugin: a JSON envelope (sqAPI fields:
+    /// `uuid_ref`, `data_type`, `data_location`, `meta_location`,
+    /// `metadata`).
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["query", "event", "request"])]
+    pub message: Option<PathBuf>,
+    /// For a service: a query (JSON) for `on-query`; the report lists its
+    /// replies.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["message", "event", "request"])]
+    pub query: Option<PathBuf>,
+    /// For a service: an event (JSON) for `on-publish`.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["message", "query", "request"])]
+    pub event: Option<PathBuf>,
+    /// For a service: a request to a declared route, as JSON
+    /// (`{"method", "path", "route", "params", "query", "headers", "body"}`;
+    /// `body` is text) for `on-request`; the report shows the response.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["message", "query", "event"])]
+    pub request: Option<PathBuf>,
+    /// For a service: the configuration `on-connect` gets first (a JSON
+    /// object; default `{}`).
     #[arg(long, value_name = "FILE")]
-    pub message: PathBuf,
+    pub connect: Option<PathBuf>,
+    /// For a service: the source the call comes through (default: the
+    /// component's name).
+    #[arg(long)]
+    pub source: Option<String>,
     /// The data object, served at the message's `data_location` (or, when
     /// the message has none, at this file's name).
     #[arg(long, value_name = "FILE")]
@@ -176,6 +198,9 @@ pub struct Inputs {
     /// The grant (see [`ExecArgs::grant`]); `None`: what the component
     /// imports.
     pub grants: Option<Vec<String>>,
+    /// For a service component: the call to make instead of a message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<service::ServiceCall>,
     /// The HTTP exchanges of a recorded run (`--record`), which `replay`
     /// serves instead of the network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -235,14 +260,23 @@ fn plugin_name(path: &Path) -> String {
 impl Inputs {
     /// The inputs named by `exec`'s arguments.
     pub fn from_args(args: &ExecArgs) -> anyhow::Result<Self> {
-        let message = read(&args.message, "the message")?;
-        let envelope = envelope::parse(&message, &MessageFields::default()).map_err(|e| {
-            usage(format!(
-                "{}: not a message: {}",
-                args.message.display(),
-                e.reason
-            ))
-        })?;
+        let service = service::ServiceCall::from_args(args)?;
+        let (message, envelope) = match (&args.message, &service) {
+            (Some(file), _) => {
+                let message = read(file, "the message")?;
+                let envelope =
+                    envelope::parse(&message, &MessageFields::default()).map_err(|e| {
+                        usage(format!("{}: not a message: {}", file.display(), e.reason))
+                    })?;
+                (message, envelope)
+            }
+            (None, Some(_)) => (Vec::new(), envelope::Envelope::default()),
+            (None, None) => {
+                return Err(usage(
+                    "give --message FILE (a plugin) or --query, --event or --request FILE (a service)",
+                ));
+            }
+        };
         let data = args
             .data
             .as_ref()
@@ -301,6 +335,7 @@ impl Inputs {
             config,
             sql_init,
             grants: args.grant.clone(),
+            service,
             http: Vec::new(),
             limits: LimitArgs {
                 fuel: args.fuel,
@@ -426,7 +461,7 @@ pub async fn run(
         .map(Path::to_path_buf)
         .or_else(default_cache_dir)
         .unwrap_or_else(|| tmp.0.join("code"));
-    let sandbox = Sandbox::new(
+    let sandbox = Arc::new(Sandbox::new(
         &SandboxConfig {
             cache_dir,
             max_instances: 2,
@@ -434,8 +469,25 @@ pub async fn run(
         },
         limits.memory.as_u64(),
         true,
-    )?;
+    )?);
     let component = sandbox.load(path).map_err(|e| usage(format!("{e:#}")))?;
+    let is_service = component.world == crate::sandbox::World::Service;
+    match (is_service, &inputs.service) {
+        (true, None) => {
+            return Err(usage(format!(
+                "{} is a `service` component: give it --query, --event or --request FILE",
+                path.display()
+            )));
+        }
+        (false, Some(_)) => {
+            return Err(usage(format!(
+                "{} is a `{}` component: --query, --event and --request are for services; give it --message FILE",
+                path.display(),
+                component.world
+            )));
+        }
+        _ => {}
+    }
     let (grant, grants) = resolve_grant(inputs.grants.as_deref(), &component.imports)?;
 
     // The capabilities' backends: private and thrown away afterwards.
@@ -487,6 +539,18 @@ pub async fn run(
         services,
     ));
 
+    if let Some(call) = &inputs.service {
+        let mut report =
+            service::run(path, inputs, call, &sandbox, component, context, grants).await?;
+        if init_ran {
+            report.sql_init = inputs
+                .sql_init
+                .as_ref()
+                .map(|i| i.file.display().to_string());
+        }
+        report.notes.extend(init_note);
+        return Ok(report);
+    }
     let envelope = envelope::parse(&inputs.message, &MessageFields::default())
         .map_err(|e| usage(format!("not a message: {}", e.reason)))?;
     let mut metadata = envelope.metadata.clone();

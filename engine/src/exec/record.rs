@@ -156,22 +156,33 @@ pub struct Comparison {
     pub outcome: Option<(OutcomeInfo, OutcomeInfo)>,
     /// Host call differences, in order.
     pub changes: Vec<Change>,
+    /// A service's replies or response, when they differ: (recorded,
+    /// replayed).
+    pub answer: Option<(serde_json::Value, serde_json::Value)>,
 }
 
 impl Comparison {
     /// Whether nothing differs.
     pub fn is_same(&self) -> bool {
-        self.outcome.is_none() && self.changes.is_empty()
+        self.outcome.is_none() && self.changes.is_empty() && self.answer.is_none()
     }
+}
+
+/// A service's replies and response (null for a plugin).
+fn answer(report: &Report) -> serde_json::Value {
+    json!({ "replies": report.replies, "response": report.response })
 }
 
 /// Compare two runs' outcomes and host calls.
 pub fn compare(recorded: &Report, replayed: &Report) -> Comparison {
     let outcome = (recorded.outcome != replayed.outcome)
         .then(|| (recorded.outcome.clone(), replayed.outcome.clone()));
+    let answer =
+        (answer(recorded) != answer(replayed)).then(|| (answer(recorded), answer(replayed)));
     Comparison {
         outcome,
         changes: diff_calls(&recorded.calls, &replayed.calls),
+        answer,
     }
 }
 
@@ -319,6 +330,11 @@ pub fn print(
         writeln!(out, "  recorded: {was}")?;
         writeln!(out, "  replayed: {now}")?;
     }
+    if let Some((was, now)) = &c.answer {
+        writeln!(out, "the service's replies or response differ")?;
+        writeln!(out, "  recorded: {}", super::report::compact(was, 200))?;
+        writeln!(out, "  replayed: {}", super::report::compact(now, 200))?;
+    }
     for change in c.changes.iter().take(SHOWN) {
         match change {
             Change::Changed {
@@ -362,7 +378,7 @@ pub fn print(
             c.changes.len() - SHOWN
         )?;
     }
-    let n = c.changes.len() + usize::from(c.outcome.is_some());
+    let n = c.changes.len() + usize::from(c.outcome.is_some()) + usize::from(c.answer.is_some());
     writeln!(out, "\n{n} difference{}", if n == 1 { "" } else { "s" })
 }
 
@@ -376,6 +392,7 @@ pub fn print_json(
     let value: Json = json!({
         "same": c.is_same(),
         "outcome": c.outcome.as_ref().map(|(was, now)| json!({ "recorded": was, "replayed": now })),
+        "answer": c.answer.as_ref().map(|(was, now)| json!({ "recorded": was, "replayed": now })),
         "changes": c.changes,
         "recorded": report::summary(recorded),
         "replayed": report::summary(replayed),

@@ -138,6 +138,12 @@ pub struct Report {
     pub duration_ms: f64,
     /// Things the author should know (routing, where data was served).
     pub notes: Vec<String>,
+    /// A service's query: its replies, in order (`{"status", "body"}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replies: Vec<Json>,
+    /// A service's request: its response (`{"status", "headers", "body"}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<Json>,
 }
 
 impl Report {
@@ -180,6 +186,8 @@ impl Report {
             fuel: None,
             duration_ms: 0.0,
             notes: Vec::new(),
+            replies: Vec::new(),
+            response: None,
         }
     }
 
@@ -448,6 +456,16 @@ pub fn print(out: &mut dyn Write, r: &Report) -> io::Result<()> {
             out,
             "note      calls were denied: exec grants what the component imports unless --grant narrows it"
         )?;
+    }
+
+    if !r.replies.is_empty() {
+        writeln!(out, "\nreplies ({})", r.replies.len())?;
+        for reply in &r.replies {
+            writeln!(out, "  {}", compact(reply, CALL_LINE))?;
+        }
+    }
+    if let Some(response) = &r.response {
+        writeln!(out, "\nresponse  {}", compact(response, CALL_LINE))?;
     }
 
     writeln!(out, "\nlogs ({})", r.logs.len())?;

@@ -21,6 +21,10 @@ use crate::sandbox::bindings::service::sandpipe::connector::service_types::{Host
 /// Frames that may wait in a reply's channel before `partial` waits.
 pub const CHANNEL: usize = 16;
 
+/// The largest reply body when nothing else is configured
+/// (`services.NAME.max_reply_bytes`' default).
+pub const DEFAULT_MAX_BYTES: u64 = 4 << 20;
+
 /// One reply to a query, as the Vantiq protocol numbers them.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
