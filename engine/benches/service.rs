@@ -22,7 +22,8 @@
 //! rows over the Vantiq protocol (a WebSocket test server in this process
 //! sends the query and times its 101 replies).
 //!
-//! `cargo bench --bench service -- [--seconds S] [--clients 1,16] [--rounds R]`
+//! `cargo bench --bench service -- [--seconds S] [--clients 1,16] [--rounds R]
+//! [--only sandboxed|compiled-in|independent]`
 //! (`just bench-service`). Results: docs/benchmarks.md.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -357,6 +358,8 @@ fn main() {
     let rounds: usize = arg("--rounds", 3);
     let clients: String = arg("--clients", "1,16".to_owned());
     let rows: u64 = arg("--rows", 10_000);
+    // `--only MODE`: that mode alone (for a profile), no Vantiq query.
+    let only: String = arg("--only", String::new());
     let clients: Vec<usize> = clients.split(',').filter_map(|c| c.parse().ok()).collect();
     guests::guests();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -368,11 +371,26 @@ fn main() {
         let (sandboxed, _s) = engine(false, dirs.0.path()).await;
         let (compiled, _c) = engine(true, dirs.1.path()).await;
         let independent = independent().await;
-        let modes = [
+        let all = [
             ("sandboxed", sandboxed),
             ("compiled in", compiled),
             ("independent", independent),
         ];
+        if !only.is_empty() {
+            let (name, addr) = all
+                .into_iter()
+                .find(|(name, _)| name.replace(' ', "-") == only)
+                .unwrap_or_else(|| panic!("--only: one of sandboxed, compiled-in, independent"));
+            for &c in &clients {
+                let (qps, latencies) = load(addr, c, seconds).await;
+                println!(
+                    "{name}, {c} clients: {qps:.0} queries/s, p50 {:.0} µs",
+                    percentile(&latencies, 0.5).as_secs_f64() * 1e6
+                );
+            }
+            return;
+        }
+        let modes = all;
         // Warm every path (connections, the code cache, the allocator).
         for (_, addr) in modes {
             load(addr, 2, 0.5).await;

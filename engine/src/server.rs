@@ -378,13 +378,15 @@ fn known_source(
 
 /// The body as JSON text, or 400.
 fn json_body(body: &axum::body::Bytes) -> Result<String, Reply> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
+    let bad = |e: String| {
         error(
             StatusCode::BAD_REQUEST,
             format!("the body must be JSON: {e}"),
         )
-    })?;
-    Ok(value.to_string())
+    };
+    // Checked, not parsed into a value: the guest gets the text as sent.
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| bad(e.to_string()))?;
+    String::from_utf8(body.to_vec()).map_err(|e| bad(e.to_string()))
 }
 
 /// Request headers a call passes on to the guest: all but credentials.
@@ -415,7 +417,7 @@ async fn query_service(
     let query = json_body(&body)?;
     let source = known_source(&service, q.source)?;
     let frames = service.query(source, query, passed_headers(&headers));
-    Ok(crate::service::http::ndjson(frames))
+    Ok(crate::service::http::ndjson(frames).await)
 }
 
 /// `POST /v1/services/{name}/publish?source=S`: the body (JSON) is an

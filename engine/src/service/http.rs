@@ -434,23 +434,38 @@ pub fn call_error(service: &str, error: &CallError) -> Response {
 }
 
 /// A query's replies as an NDJSON body: one line per frame, in order, the
-/// last one final. A client that goes away drops the receiver, and the
-/// guest's next `partial` fails.
-pub fn ndjson(frames: mpsc::Receiver<Frame>) -> Response {
-    let stream = futures::stream::unfold((frames, false), |(mut frames, done)| async move {
-        if done {
-            return None;
-        }
-        let frame = frames.recv().await?;
-        let last = frame.is_final();
+/// last one final. A reply that is final at once goes out as one plain
+/// body; a longer one streams. A client that goes away drops the receiver,
+/// and the guest's next `partial` fails.
+pub async fn ndjson(mut frames: mpsc::Receiver<Frame>) -> Response {
+    let line = |frame: &Frame| {
         let mut line = frame.to_json().to_string();
         line.push('\n');
-        Some((
-            Ok::<_, std::convert::Infallible>(Bytes::from(line)),
-            (frames, last),
-        ))
-    });
-    let mut response = Response::new(Body::from_stream(stream));
+        Bytes::from(line)
+    };
+    let first = frames.recv().await;
+    let body = match first {
+        None => Body::empty(),
+        Some(frame) if frame.is_final() => Body::from(line(&frame)),
+        Some(frame) => {
+            let first = line(&frame);
+            let rest =
+                futures::stream::unfold((frames, false), move |(mut frames, done)| async move {
+                    if done {
+                        return None;
+                    }
+                    let frame = frames.recv().await?;
+                    let last = frame.is_final();
+                    Some((
+                        Ok::<_, std::convert::Infallible>(line(&frame)),
+                        (frames, last),
+                    ))
+                });
+            let first = futures::stream::once(async move { Ok(first) });
+            Body::from_stream(futures::StreamExt::chain(first, rest))
+        }
+    };
+    let mut response = Response::new(body);
     response.headers_mut().insert(
         axum::http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/x-ndjson"),

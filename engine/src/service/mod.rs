@@ -238,6 +238,9 @@ struct Slot {
     connected: BTreeMap<String, u64>,
     /// The instance `connected` is about (`Session::instances_started`).
     instance: u64,
+    /// The sources' version (`Service::sources_version`) the instance was
+    /// last fully connected at; 0: never.
+    version: u64,
 }
 
 impl Slot {
@@ -357,6 +360,9 @@ pub struct Service {
     idle: std::sync::Mutex<Vec<Slot>>,
     sources: std::sync::Mutex<BTreeMap<String, Connection>>,
     generation: AtomicU64,
+    /// Bumped whenever a source is added, changed or removed: an instance
+    /// connected at the current version needs no look at the sources.
+    sources_version: AtomicU64,
     notifications: Arc<Notifications>,
     health: std::sync::Mutex<Health>,
     /// Each Vantiq source's connection.
@@ -413,6 +419,7 @@ impl Service {
                 },
                 connected: BTreeMap::new(),
                 instance: 0,
+                version: 0,
             });
         }
         let mut sources = BTreeMap::new();
@@ -434,6 +441,7 @@ impl Service {
             idle: std::sync::Mutex::new(idle),
             sources: std::sync::Mutex::new(sources),
             generation: AtomicU64::new(1),
+            sources_version: AtomicU64::new(1),
             notifications: Arc::new(Notifications {
                 service: name.to_owned(),
                 sender,
@@ -561,6 +569,7 @@ impl Service {
             .lock()
             .map(|mut s| s.remove(source).is_some())
             .unwrap_or(false);
+        self.sources_version.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut health) = self.health.lock() {
             health.failing.remove(source);
         }
@@ -684,6 +693,7 @@ impl Service {
         if let Ok(mut sources) = self.sources.lock() {
             sources.insert(source.to_owned(), Connection { generation, config });
         }
+        self.sources_version.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -943,6 +953,22 @@ impl Service {
     /// of them), closing sources that are gone; waits out a restart's
     /// backoff. The sources whose `on-connect` failed, with why.
     async fn connect(&self, slot: &mut Slot) -> BTreeMap<String, String> {
+        let version = self.sources_version.load(Ordering::SeqCst);
+        if slot.version == version
+            && slot.session.is_warm()
+            && slot.instance == slot.session.instances_started()
+        {
+            return BTreeMap::new();
+        }
+        let failing = self.connect_all(slot).await;
+        if failing.is_empty() && slot.session.is_warm() {
+            slot.version = version;
+        }
+        failing
+    }
+
+    /// [`Service::connect`] for an instance not known to be connected.
+    async fn connect_all(&self, slot: &mut Slot) -> BTreeMap<String, String> {
         let mut failing = BTreeMap::new();
         // A pass may see the instance replaced (a trap in `on-close`, an
         // instance dropped for work left open): what it was connected to
