@@ -120,6 +120,9 @@ pub struct Config {
     /// are served on (docs/services.md).
     #[serde(default)]
     pub services: BTreeMap<String, service::ServiceConfig>,
+    /// Sciebo RDS's token storage, which services register with.
+    #[serde(default)]
+    pub token_storage: Option<service::TokenStorageConfig>,
     /// External databases, by name, that a grant's `sql: { database }`
     /// opens read-only for a component (sources reading a system of
     /// record): the engine connects, the guest never sees the credentials.
@@ -1270,6 +1273,11 @@ impl Config {
                 fix(init);
             }
         }
+        for service in self.services.values_mut() {
+            if let Some(icon) = service.register.as_mut().and_then(|r| r.icon.as_mut()) {
+                fix(icon);
+            }
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -1490,6 +1498,49 @@ impl Config {
                     format!("services.{name}.health.listen"),
                     format!("{} is also {other}'s address", health.listen),
                 ));
+            }
+            if let Some(register) = &service.register {
+                let key = format!("services.{name}.register");
+                if self.token_storage.is_none() {
+                    return Err(invalid(
+                        key,
+                        "registering needs `token_storage: { url: ... }`".into(),
+                    ));
+                }
+                if !register.servicename.starts_with("port-") {
+                    return Err(invalid(
+                        format!("{key}.servicename"),
+                        format!(
+                            "`{}`: the token storage takes names that start with `port-`",
+                            register.servicename
+                        ),
+                    ));
+                }
+                if register.implements.is_empty()
+                    || register
+                        .implements
+                        .iter()
+                        .any(|i| i != "fileStorage" && i != "metadata")
+                {
+                    return Err(invalid(
+                        format!("{key}.implements"),
+                        "one or both of `fileStorage` and `metadata`".into(),
+                    ));
+                }
+                for (field, secret) in [
+                    ("client_id", &register.client_id),
+                    ("client_secret", &register.client_secret),
+                ] {
+                    if !self.secrets.contains_key(secret) {
+                        return Err(invalid(
+                            format!("{key}.{field}"),
+                            format!(
+                                "secret `{secret}` is not declared under `secrets` (declared: {})",
+                                list_or_none(self.secrets.keys())
+                            ),
+                        ));
+                    }
+                }
             }
             let Some(http) = &service.http else { continue };
             if let Some(secret) = &http.token
@@ -2025,6 +2076,55 @@ mod tests {
             err("plugins:\n  grants:\n    a: { reuse: {} }\n"),
             "",
             "the defaults are valid"
+        );
+    }
+
+    #[test]
+    fn services_are_checked_and_name_the_key() {
+        let refused = |yaml: &str| {
+            parse(&format!("listener: {{ type: dir, path: s }}\n{yaml}"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let secrets = "secrets:\n  id: { env: PATH }\n  secret: { env: PATH }\n";
+        let register = |name: &str, implements: &str, secret: &str| {
+            format!(
+                "{secrets}token_storage: {{ url: \"http://ts:3000\" }}\nservices:\n  z:\n    register: {{ servicename: {name}, authorize_url: a, refresh_url: r, client_id: id, client_secret: {secret}, implements: [{implements}] }}\n"
+            )
+        };
+        assert_eq!(refused(&register("port-z", "metadata", "secret")), "");
+        let err = refused(&register("zenodo", "metadata", "secret"));
+        assert!(
+            err.contains("services.z.register.servicename") && err.contains("port-"),
+            "{err}"
+        );
+        let err = refused(&register("port-z", "photos", "secret"));
+        assert!(err.contains("services.z.register.implements"), "{err}");
+        let err = refused(&register("port-z", "metadata", "nope"));
+        assert!(
+            err.contains("services.z.register.client_secret") && err.contains("`nope`"),
+            "{err}"
+        );
+        let err = refused(&format!(
+            "{secrets}services:\n  z:\n    register: {{ servicename: port-z, authorize_url: a, refresh_url: r, client_id: id, client_secret: secret, implements: [metadata] }}\n"
+        ));
+        assert!(err.contains("needs `token_storage"), "{err}");
+        let err = refused("services:\n  z: { instances: 0 }\n");
+        assert!(err.contains("services.z.instances"), "{err}");
+        let err =
+            refused("services:\n  z: { vantiq: { url: \"ftp://x\", token: t, sources: [a] } }\n");
+        assert!(err.contains("services.z.vantiq.token"), "{err}");
+        let err = refused(
+            "secrets:\n  t: { env: PATH }\nservices:\n  z: { vantiq: { url: \"ftp://x\", token: t, sources: [a] } }\n",
+        );
+        assert!(err.contains("services.z.vantiq.url"), "{err}");
+        let err = refused(
+            "server: { listen: \"127.0.0.1:9090\" }\nservices:\n  z: { http: { listen: \"127.0.0.1:9090\" } }\n",
+        );
+        assert!(
+            err.contains("services.z.http.listen") && err.contains("server"),
+            "{err}"
         );
     }
 

@@ -50,6 +50,10 @@ pub struct ServiceConfig {
     /// `reply_to` and `correlation_id` fields); none when absent.
     #[serde(default)]
     pub redis: Option<ServiceRedis>,
+    /// Register the service with the token storage (`token_storage:`) at
+    /// start, as a Sciebo RDS port does; none when absent.
+    #[serde(default)]
+    pub register: Option<Registration>,
     /// A TCP port open while the service is healthy (as the Vantiq
     /// connector SDK's `tcpProbePort`): connected, and every Vantiq source
     /// connected. None when absent.
@@ -139,6 +143,79 @@ fn default_batch() -> u32 {
 }
 fn default_claim_idle() -> Duration {
     Duration::from_secs(60)
+}
+
+/// `token_storage:` — Sciebo RDS's central token storage, which services
+/// register with (`services.NAME.register`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenStorageConfig {
+    /// Its base URL, e.g. `http://central-service-token-storage:3000`.
+    pub url: String,
+}
+
+/// `services.NAME.register`: the service as the token storage's `POST
+/// /service` takes it (an OAuth service). Credentials are names of
+/// secrets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// Its name there; RDS requires the `port-` prefix.
+    pub servicename: String,
+    /// The OAuth authorize URL users are sent to.
+    pub authorize_url: String,
+    /// The OAuth token URL (code exchange and refresh).
+    pub refresh_url: String,
+    /// The secret holding the OAuth client id.
+    pub client_id: String,
+    /// The secret holding the OAuth client secret.
+    pub client_secret: String,
+    /// What the service implements: `fileStorage`, `metadata`.
+    pub implements: Vec<String>,
+    /// `active` (the service pushes files; RDS 0) or `passive` (1).
+    /// Default active.
+    #[serde(default)]
+    pub file_transfer_mode: TransferMode,
+    /// `none` or `zip` (files as one archive). Default none.
+    #[serde(default)]
+    pub file_transfer_archive: TransferArchive,
+    /// The name users see.
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// A page about the service.
+    #[serde(default)]
+    pub info_url: Option<String>,
+    /// A help page.
+    #[serde(default)]
+    pub help_url: Option<String>,
+    /// An image file, sent as a `data:` URI. Relative to the config file.
+    #[serde(default)]
+    pub icon: Option<std::path::PathBuf>,
+    /// A free-form description object.
+    #[serde(default)]
+    pub description: Option<serde_json::Value>,
+}
+
+/// How files reach a service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransferMode {
+    /// The service pushes them (RDS `fileTransferMode` 0).
+    #[default]
+    Active,
+    /// The service pulls them (1).
+    Passive,
+}
+
+/// Whether files travel as one archive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransferArchive {
+    /// One by one (RDS `fileTransferArchive` 0).
+    #[default]
+    None,
+    /// As one zip file (1).
+    Zip,
 }
 
 /// `services.NAME.health`: the TCP health probe.

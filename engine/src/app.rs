@@ -301,6 +301,7 @@ pub async fn run(
             shutdown.clone(),
         ))
     });
+    let registering = register_services(&assembled, &services, &ready, &shutdown)?;
     for service in services.values() {
         let Some(http) = service.config().http.clone() else {
             continue;
@@ -420,6 +421,9 @@ pub async fn run(
     if let Some(connecting) = connecting {
         connecting.abort();
     }
+    if let Some(registering) = registering {
+        registering.abort();
+    }
     for transport in transports {
         wait_or_abort(transport, stopping).await;
     }
@@ -427,6 +431,70 @@ pub async fn run(
         service.close(std::time::Duration::from_secs(10)).await;
     }
     result
+}
+
+/// Register the services that say so with the token storage, retrying
+/// each with a backoff; `/readyz` reports `token storage` not ready until
+/// all are (`service::token_storage`). The bodies are made (secrets read,
+/// icons loaded) before the task starts: a missing file stops the start.
+fn register_services(
+    assembled: &Assembled,
+    services: &crate::server::ServiceMap,
+    ready: &crate::server::Readiness,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(storage) = assembled.config.token_storage.clone() else {
+        return Ok(None);
+    };
+    let mut bodies = Vec::new();
+    for service in services.values() {
+        if let Some(registration) = &service.config().register {
+            let body =
+                crate::service::token_storage::body(registration, &assembled.services.secrets)
+                    .map_err(|e| anyhow::anyhow!("services.{}.register: {e:#}", service.name()))?;
+            bodies.push((
+                service.name().to_owned(),
+                registration.servicename.clone(),
+                body,
+            ));
+        }
+    }
+    if bodies.is_empty() {
+        return Ok(None);
+    }
+    let (ready, mut shutdown, tls) = (ready.clone(), shutdown.clone(), assembled.tls.clone());
+    ready.not_ready("token storage", "registering");
+    Ok(Some(tokio::spawn(async move {
+        for (service, servicename, body) in bodies {
+            let mut failures = 0;
+            loop {
+                match crate::service::token_storage::register(&storage.url, &body, &tls).await {
+                    Ok(new) => {
+                        if new {
+                            tracing::info!(%service, %servicename, "registered with the token storage");
+                        } else {
+                            tracing::warn!(%service, %servicename, "already registered with the token storage: its registration is kept as it was");
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        let wait = crate::sandbox::session::backoff(failures);
+                        tracing::warn!(%service, "cannot register with the token storage: {e}; again in {wait:?}");
+                        ready.not_ready(
+                            "token storage",
+                            format!("service `{service}` is not registered: {e}"),
+                        );
+                        tokio::select! {
+                            _ = shutdown.wait_for(|stop| *stop) => return,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
+            }
+        }
+        ready.ready("token storage");
+    })))
 }
 
 /// Connect every service (one instance each), retrying with a backoff;

@@ -31,17 +31,36 @@ impl Running {
     /// of `services.svc` besides `http`) and its grant's `limits`; wait
     /// until it is ready (unless `ready` is false).
     async fn start(service: &str, limits: &str, ready: bool) -> Self {
+        Self::start_with(service, limits, ready, "", &[]).await
+    }
+
+    /// [`Running::start`] with `top` (YAML) added at the top level and
+    /// `secrets` (name, value) declared as files.
+    async fn start_with(
+        service: &str,
+        limits: &str,
+        ready: bool,
+        top: &str,
+        secrets: &[(&str, &str)],
+    ) -> Self {
         let (api, routes) = (free_port(), free_port());
+        let more: String = secrets
+            .iter()
+            .map(|(name, _)| format!("  {name}: {{ file: {name}.secret }}\n"))
+            .collect();
         let d = Deployment::new(
             &[("fx-service", "svc")],
             &format!(
-                "secrets:\n  api_token: {{ file: api.token }}\n\
+                "secrets:\n  api_token: {{ file: api.token }}\n{more}\
                  server: {{ listen: \"127.0.0.1:{api}\", token: api_token }}\n\
                  plugins:\n  grants:\n    svc:\n      sql: true\n      limits: {{ {limits} }}\n\
-                 services:\n  svc:\n    http: {{ listen: \"127.0.0.1:{routes}\", max_body: 64KiB, read_timeout: 500ms, max_parts: 3 }}\n{service}"
+                 services:\n  svc:\n    http: {{ listen: \"127.0.0.1:{routes}\", max_body: 64KiB, read_timeout: 500ms, max_parts: 3 }}\n{service}{top}"
             ),
         );
         std::fs::write(d.path("api.token"), TOKEN).unwrap();
+        for (name, value) in secrets {
+            std::fs::write(d.path(&format!("{name}.secret")), value).unwrap();
+        }
         let config = d.config.clone();
         let (stop, shutdown) = watch::channel(false);
         let engine =
@@ -934,4 +953,82 @@ async fn redis_stream_requests_get_a_reply_per_partial_and_events_are_acked_when
         .query_async(&mut conn)
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_registers_with_the_token_storage_and_is_ready_only_once_it_is() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    // A token storage that refuses registrations until told otherwise.
+    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let accept = Arc::new(AtomicBool::new(false));
+    let app = axum::Router::new().route(
+        "/service",
+        axum::routing::post({
+            let (received, accept) = (received.clone(), accept.clone());
+            move |axum::Json(body): axum::Json<Value>| {
+                let (received, accept) = (received.clone(), accept.clone());
+                async move {
+                    received.lock().unwrap().push(body);
+                    if accept.load(Ordering::SeqCst) {
+                        (
+                            axum::http::StatusCode::OK,
+                            axum::Json(json!({"success": true})),
+                        )
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            axum::Json(json!({"error": "starting"})),
+                        )
+                    }
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let storage = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let icon = tempfile::Builder::new().suffix(".png").tempfile().unwrap();
+    std::fs::write(icon.path(), b"\x89PNG fake").unwrap();
+    let svc = Running::start_with(
+        &format!("    register: {{ servicename: port-zenodo, authorize_url: \"https://zenodo.example/oauth/authorize\", refresh_url: \"https://zenodo.example/oauth/token\", client_id: zenodo_id, client_secret: zenodo_secret, implements: [metadata, fileStorage], file_transfer_archive: zip, display_name: Zenodo, icon: \"{}\" }}\n", icon.path().display()),
+        "",
+        false,
+        &format!("token_storage: {{ url: \"http://127.0.0.1:{storage}\" }}\n"),
+        &[("zenodo_id", "the-client-id"), ("zenodo_secret", "the-client-secret")],
+    )
+    .await;
+    let port = svc.api;
+    let readyz = move || crate::harness::get(port, "/readyz");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = tokio::task::spawn_blocking(readyz).await.unwrap();
+        if let Some((503, body)) = &got
+            && body.contains("token storage: service `svc` is not registered")
+            && received.lock().unwrap().len() >= 2
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    accept.store(true, Ordering::SeqCst);
+    svc.ready().await;
+    let body = received.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(body["servicename"], "port-zenodo", "{body}");
+    assert_eq!(body["client_id"], "the-client-id");
+    assert_eq!(body["client_secret"], "the-client-secret");
+    assert_eq!(body["implements"], json!(["metadata", "fileStorage"]));
+    assert_eq!(body["fileTransferMode"], 0);
+    assert_eq!(body["fileTransferArchive"], 1);
+    assert_eq!(body["displayName"], "Zenodo");
+    assert_eq!(body["refresh_url"], "https://zenodo.example/oauth/token");
+    assert!(
+        body["icon"]
+            .as_str()
+            .unwrap()
+            .starts_with("data:image/png;base64,"),
+        "{body}"
+    );
+    svc.stop().await;
 }

@@ -21,6 +21,7 @@ pub mod http;
 pub mod reply;
 pub mod routes;
 pub mod stream;
+pub mod token_storage;
 pub mod vantiq;
 
 use std::collections::BTreeMap;
