@@ -61,6 +61,12 @@ pub enum HttpAuth {
         /// The secret holding the password.
         password: String,
     },
+    /// `oauth_user: SERVICENAME`: the OAuth access token of the user the
+    /// request names (its `x-sandpipe-user` header, which the engine
+    /// removes) for service SERVICENAME of the token storage
+    /// (`token_storage:`), as `Authorization: Bearer <token>`; fetched,
+    /// refreshed when expired and cached by the engine.
+    OauthUser(String),
 }
 
 /// `HttpAuth` as written: a map with exactly one of its keys.
@@ -70,6 +76,7 @@ struct AuthSpec {
     bearer: Option<String>,
     header: Option<std::collections::BTreeMap<String, String>>,
     basic: Option<BasicSpec>,
+    oauth_user: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -83,13 +90,18 @@ impl TryFrom<AuthSpec> for HttpAuth {
     type Error = String;
 
     fn try_from(spec: AuthSpec) -> Result<Self, String> {
-        match (spec.bearer, spec.header, spec.basic) {
-            (Some(secret), None, None) => Ok(Self::Bearer(secret)),
-            (None, Some(headers), None) if !headers.is_empty() => Ok(Self::Header(headers)),
-            (None, None, Some(BasicSpec { user, password })) => Ok(Self::Basic { user, password }),
+        match (spec.bearer, spec.header, spec.basic, spec.oauth_user) {
+            (Some(secret), None, None, None) => Ok(Self::Bearer(secret)),
+            (None, Some(headers), None, None) if !headers.is_empty() => Ok(Self::Header(headers)),
+            (None, None, Some(BasicSpec { user, password }), None) => {
+                Ok(Self::Basic { user, password })
+            }
+            (None, None, None, Some(service)) if !service.is_empty() => {
+                Ok(Self::OauthUser(service))
+            }
             _ => Err(
-                "give exactly one of `bearer: SECRET`, `header: { NAME: SECRET }` and \
-                      `basic: { user: NAME, password: SECRET }`"
+                "give exactly one of `bearer: SECRET`, `header: { NAME: SECRET }`, \
+                      `basic: { user: NAME, password: SECRET }` and `oauth_user: SERVICENAME`"
                     .into(),
             ),
         }
@@ -103,13 +115,16 @@ impl HttpAuth {
             Self::Bearer(secret) => vec![secret.as_str()],
             Self::Header(headers) => headers.values().map(String::as_str).collect(),
             Self::Basic { password, .. } => vec![password.as_str()],
+            Self::OauthUser(_) => Vec::new(),
         }
     }
 
     /// The header names this sets, lowercase.
     pub fn header_names(&self) -> Vec<String> {
         match self {
-            Self::Bearer(_) | Self::Basic { .. } => vec!["authorization".into()],
+            Self::Bearer(_) | Self::Basic { .. } | Self::OauthUser(_) => {
+                vec!["authorization".into()]
+            }
             Self::Header(headers) => headers.keys().map(|k| k.to_ascii_lowercase()).collect(),
         }
     }

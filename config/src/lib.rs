@@ -1737,6 +1737,12 @@ impl Config {
             };
             for (destination, auth) in &http_grant.auth {
                 let key = format!("plugins.grants.{plugin}.http.auth.\"{destination}\"");
+                if matches!(auth, http::HttpAuth::OauthUser(_)) && self.token_storage.is_none() {
+                    return Err(invalid(
+                        key,
+                        "`oauth_user` takes users' tokens from the token storage: configure `token_storage: { url: ... }`".into(),
+                    ));
+                }
                 if let Some(problem) = destination.auth_problem() {
                     return Err(invalid(key, format!("cannot carry a secret: {problem}")));
                 }

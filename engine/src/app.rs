@@ -126,6 +126,12 @@ pub async fn assemble_native(config: Config, natives: Natives) -> anyhow::Result
         http: Arc::new(crate::capability::http::HttpClient::new(&tls)),
         secrets: crate::secrets::Secrets::load(&config)?,
         tls: tls.clone(),
+        tokens: config.token_storage.as_ref().map(|storage| {
+            Arc::new(crate::service::token_storage::UserTokens::new(
+                &storage.url,
+                tls.clone(),
+            ))
+        }),
     });
     let (max_memory, fuel) = plugins::engine_shape(&config);
     let sandbox = Arc::new(Sandbox::new(&config.sandbox, max_memory, fuel)?);

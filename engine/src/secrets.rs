@@ -24,6 +24,15 @@ pub struct Secret {
 }
 
 impl Secret {
+    /// A secret the engine obtained itself (a user's OAuth token), under
+    /// `name` (what messages show instead of the value).
+    pub fn new(name: &str, value: &str) -> Self {
+        Self {
+            name: Arc::from(name),
+            value: Arc::from(value),
+        }
+    }
+
     /// The value, for the one place that applies it.
     pub fn expose(&self) -> &str {
         &self.value

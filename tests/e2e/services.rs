@@ -31,7 +31,7 @@ impl Running {
     /// of `services.svc` besides `http`) and its grant's `limits`; wait
     /// until it is ready (unless `ready` is false).
     async fn start(service: &str, limits: &str, ready: bool) -> Self {
-        Self::start_with(service, limits, ready, "", &[]).await
+        Self::start_with(service, limits, ready, "", &[], "").await
     }
 
     /// [`Running::start`] with `top` (YAML) added at the top level and
@@ -42,6 +42,7 @@ impl Running {
         ready: bool,
         top: &str,
         secrets: &[(&str, &str)],
+        grant: &str,
     ) -> Self {
         let (api, routes) = (free_port(), free_port());
         let more: String = secrets
@@ -53,7 +54,7 @@ impl Running {
             &format!(
                 "secrets:\n  api_token: {{ file: api.token }}\n{more}\
                  server: {{ listen: \"127.0.0.1:{api}\", token: api_token }}\n\
-                 plugins:\n  grants:\n    svc:\n      sql: true\n      limits: {{ {limits} }}\n\
+                 plugins:\n  grants:\n    svc:\n      sql: true\n      limits: {{ {limits} }}\n{grant}\
                  services:\n  svc:\n    http: {{ listen: \"127.0.0.1:{routes}\", max_body: 64KiB, read_timeout: 500ms, max_parts: 3 }}\n{service}{top}"
             ),
         );
@@ -996,6 +997,7 @@ async fn a_service_registers_with_the_token_storage_and_is_ready_only_once_it_is
         false,
         &format!("token_storage: {{ url: \"http://127.0.0.1:{storage}\" }}\n"),
         &[("zenodo_id", "the-client-id"), ("zenodo_secret", "the-client-secret")],
+        "",
     )
     .await;
     let port = svc.api;
@@ -1029,6 +1031,122 @@ async fn a_service_registers_with_the_token_storage_and_is_ready_only_once_it_is
             .unwrap()
             .starts_with("data:image/png;base64,"),
         "{body}"
+    );
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_users_oauth_token_from_the_token_storage_goes_on_requests_the_guest_never_sees() {
+    use std::sync::{Arc, Mutex};
+    // The token storage: alice's token is expired until refreshed; bob has none.
+    let refreshed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storage_app = axum::Router::new().route(
+        "/user/{user}/token/{service}",
+        axum::routing::get({
+            let refreshed = refreshed.clone();
+            move |axum::extract::Path((user, service)): axum::extract::Path<(String, String)>| {
+                let refreshed = refreshed.clone();
+                async move {
+                    if user != "alice" || service != "port-zenodo" {
+                        return (axum::http::StatusCode::NOT_FOUND, axum::Json(json!({})));
+                    }
+                    let data = if refreshed.load(std::sync::atomic::Ordering::SeqCst) {
+                        json!({"access_token": "fresh-alice", "refresh_token": "r", "expiration_date": "2999-01-01 00:00:00"})
+                    } else {
+                        json!({"access_token": "old-alice", "refresh_token": "r", "expiration_date": "2000-01-01 00:00:00"})
+                    };
+                    (axum::http::StatusCode::OK, axum::Json(json!({"type": "OAuth2Token", "data": data})))
+                }
+            }
+        })
+        .put({
+            let refreshed = refreshed.clone();
+            move || {
+                let refreshed = refreshed.clone();
+                async move {
+                    refreshed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    axum::Json(json!({"success": true}))
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let storage = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, storage_app).await });
+    // The destination: what each request carried.
+    /// What one request carried: its `Authorization`, whether it had the
+    /// user header.
+    type Seen = (Option<String>, bool);
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let api_app = axum::Router::new().route(
+        "/me",
+        axum::routing::get({
+            let seen = seen.clone();
+            move |headers: axum::http::HeaderMap| {
+                let seen = seen.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let user_header = headers.contains_key("x-sandpipe-user");
+                    seen.lock().unwrap().push((auth.clone(), user_header));
+                    if auth.as_deref() == Some("Bearer fresh-alice") {
+                        (axum::http::StatusCode::OK, "hello alice")
+                    } else {
+                        (axum::http::StatusCode::UNAUTHORIZED, "who?")
+                    }
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, api_app).await });
+    let svc = Running::start_with(
+        "",
+        "",
+        true,
+        &format!("token_storage: {{ url: \"http://127.0.0.1:{storage}\" }}\n"),
+        &[],
+        &format!(
+            "      http: {{ allow: [\"http://127.0.0.1:{api}\"], auth: {{ \"http://127.0.0.1:{api}\": {{ oauth_user: port-zenodo }} }} }}\n"
+        ),
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{api}/me");
+    let alice = svc
+        .answer(json!({"op": "fetch", "url": url, "user": "alice"}))
+        .await;
+    assert_eq!(
+        alice["body"],
+        json!({"status": 200, "body": "hello alice"}),
+        "{alice}"
+    );
+    assert!(
+        refreshed.load(std::sync::atomic::Ordering::SeqCst),
+        "the expired token was refreshed"
+    );
+    // Cached: a second request goes without asking again.
+    let again = svc
+        .answer(json!({"op": "fetch", "url": url, "user": "alice"}))
+        .await;
+    assert_eq!(again["body"]["status"], 200, "{again}");
+    // No token for bob, and no user named: the request fails in the host.
+    let bob = svc
+        .answer(json!({"op": "fetch", "url": url, "user": "bob"}))
+        .await;
+    assert!(bob.to_string().contains("no token of user `bob`"), "{bob}");
+    let nobody = svc.answer(json!({"op": "fetch", "url": url})).await;
+    assert!(nobody.to_string().contains("x-sandpipe-user"), "{nobody}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            (Some("Bearer fresh-alice".to_owned()), false),
+            (Some("Bearer fresh-alice".to_owned()), false),
+        ],
+        "only alice's requests went out, with her fresh token and without the user header"
     );
     svc.stop().await;
 }

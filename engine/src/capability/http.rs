@@ -315,21 +315,64 @@ impl WasiHttpHooks for HostState {
         let mut request = request;
         match self
             .admit(&request)
-            .and_then(|allowed| authorize(&allowed, &mut request).map(|()| allowed))
+            .and_then(|allowed| authorize(&allowed, &mut request).map(|oauth| (allowed, oauth)))
         {
-            Ok(allowed) => Box::new(send(allowed, request, options)),
+            Ok((allowed, None)) => Box::new(send(allowed, request, options)),
+            Ok((allowed, Some((service, user)))) => Box::new(async move {
+                let mut request = request;
+                with_user_token(&allowed, &mut request, &service, &user).await?;
+                send(allowed, request, options).await
+            }),
             Err(error) => Box::new(async move { Err(error) }),
         }
     }
 }
 
+/// The request header naming the user whose OAuth token an `oauth_user`
+/// binding attaches; the engine removes it from every request.
+pub const USER_HEADER: &str = "x-sandpipe-user";
+
+/// Put `user`'s OAuth token for `service` (from the token storage) in the
+/// request's `Authorization` header, marked sensitive.
+async fn with_user_token(
+    allowed: &Allowed,
+    request: &mut http::Request<WasiBody>,
+    service: &str,
+    user: &str,
+) -> Result<(), Error> {
+    let Some(tokens) = &allowed.plugin.services.tokens else {
+        return Err(Error::InternalError(Some(
+            "`oauth_user` needs `token_storage:` in the configuration".into(),
+        )));
+    };
+    let token = tokens
+        .access_token(user, service)
+        .await
+        .map_err(|e| Error::InternalError(Some(e)))?;
+    let mut value = http::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+        .map_err(|_| Error::InternalError(Some("the token cannot be a header value".into())))?;
+    value.set_sensitive(true);
+    request
+        .headers_mut()
+        .insert(http::header::AUTHORIZATION, value);
+    Ok(())
+}
+
 /// Add the credentials the grant binds to the request's destination
 /// (`http.auth`), replacing any header of the same name the guest set.
 /// Header values made from a secret are marked sensitive; an error never
-/// quotes one.
-fn authorize(allowed: &Allowed, request: &mut http::Request<WasiBody>) -> Result<(), Error> {
+/// quotes one. An `oauth_user` binding is returned as (service, user), for
+/// the token to be fetched before the request goes.
+fn authorize(
+    allowed: &Allowed,
+    request: &mut http::Request<WasiBody>,
+) -> Result<Option<(String, String)>, Error> {
     use crate::config::http::HttpAuth;
     use base64::Engine as _;
+    let user = request
+        .headers_mut()
+        .remove(USER_HEADER)
+        .and_then(|v| v.to_str().ok().map(str::to_owned));
     let Some(auth) = allowed
         .plugin
         .grant
@@ -337,7 +380,7 @@ fn authorize(allowed: &Allowed, request: &mut http::Request<WasiBody>) -> Result
         .as_ref()
         .and_then(|g| g.auth_for(&allowed.scheme, &allowed.host, allowed.port))
     else {
-        return Ok(());
+        return Ok(None);
     };
     let secrets = &allowed.plugin.services.secrets;
     let secret = |name: &str| {
@@ -362,13 +405,12 @@ fn authorize(allowed: &Allowed, request: &mut http::Request<WasiBody>) -> Result
     match auth {
         HttpAuth::Bearer(name) => {
             let token = secret(name)?;
-            set("authorization", format!("Bearer {}", token.expose()), name)
+            set("authorization", format!("Bearer {}", token.expose()), name)?;
         }
         HttpAuth::Header(headers) => {
             for (header, name) in headers {
                 set(header, secret(name)?.expose().to_owned(), name)?;
             }
-            Ok(())
         }
         HttpAuth::Basic { user, password } => {
             let pair = format!("{user}:{}", secret(password)?.expose());
@@ -379,9 +421,18 @@ fn authorize(allowed: &Allowed, request: &mut http::Request<WasiBody>) -> Result
                     base64::engine::general_purpose::STANDARD.encode(pair)
                 ),
                 password,
-            )
+            )?;
+        }
+        HttpAuth::OauthUser(service) => {
+            let Some(user) = user.filter(|u| !u.is_empty()) else {
+                return Err(Error::InternalError(Some(format!(
+                    "requests to this destination carry the token of a user of `{service}`: name the user in the `{USER_HEADER}` header"
+                ))));
+            };
+            return Ok(Some((service.clone(), user)));
         }
     }
+    Ok(None)
 }
 
 /// The earlier of `deadline` and `timeout` from now.

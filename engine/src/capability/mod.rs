@@ -47,6 +47,9 @@ pub struct Services {
     pub secrets: crate::secrets::Secrets,
     /// What TLS connections trust (external databases).
     pub tls: crate::tls::Tls,
+    /// Users' OAuth tokens from the token storage (`http.auth`'s
+    /// `oauth_user`), when `token_storage:` is configured.
+    pub tokens: Option<Arc<crate::service::token_storage::UserTokens>>,
 }
 
 /// What one plugin is, may do, and is backed by. Built once at load.

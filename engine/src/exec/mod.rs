@@ -508,6 +508,7 @@ pub async fn run(
         http,
         secrets: crate::secrets::Secrets::default(),
         tls: crate::tls::Tls::default(),
+        tokens: None,
     });
     let db = match grant.sql {
         Some(_) => Some(Arc::new(database.plugin_db(&inputs.name, &limits)?)),

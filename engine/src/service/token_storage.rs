@@ -86,7 +86,7 @@ pub fn body(
 /// registered before (kept), `Err` why not.
 pub async fn register(url: &str, body: &Value, tls: &crate::tls::Tls) -> Result<bool, String> {
     let target = format!("{}/service", url.trim_end_matches('/'));
-    let (status, answer) = tokio::time::timeout(TIMEOUT, post_json(&target, body, tls))
+    let (status, answer) = tokio::time::timeout(TIMEOUT, request("POST", &target, Some(body), tls))
         .await
         .map_err(|_| format!("{target}: no answer within {TIMEOUT:?}"))??;
     let answer: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
@@ -97,11 +97,13 @@ pub async fn register(url: &str, body: &Value, tls: &crate::tls::Tls) -> Result<
     }
 }
 
-/// POST `body` as JSON to `target` (`http://` or `https://`, checked
-/// against the engine's trusted roots): the status and the body.
-async fn post_json(
+/// `method` `target` (`http://` or `https://`, checked against the
+/// engine's trusted roots), with `body` as JSON if any: the status and the
+/// body.
+async fn request(
+    method: &str,
     target: &str,
-    body: &Value,
+    body: Option<&Value>,
     tls: &crate::tls::Tls,
 ) -> Result<(u16, Vec<u8>), String> {
     let uri: hyper::Uri = target
@@ -117,10 +119,14 @@ async fn post_json(
         .ok_or_else(|| format!("`{target}` has no host"))?
         .to_owned();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let request = hyper::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(hyper::header::HOST, &host)
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .body(Full::new(bytes::Bytes::from(
+            body.map(Value::to_string).unwrap_or_default(),
+        )))
         .map_err(|e| e.to_string())?;
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
@@ -163,4 +169,165 @@ where
         .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, bytes.to_vec()))
+}
+
+/// A token is refreshed this long before it expires.
+const EARLY: Duration = Duration::from_secs(30);
+
+/// One user's access token for one service, and when it expires.
+#[derive(Clone)]
+struct Held {
+    access: crate::secrets::Secret,
+    expires: Option<std::time::SystemTime>,
+}
+
+/// Users' OAuth tokens, read from the token storage
+/// (`GET {url}/user/{user}/token/{servicename}`), refreshed through it
+/// when expired (`PUT` on the same path, then read again) and kept until
+/// they expire. Never given to a guest: `capability::http` puts them in an
+/// `Authorization` header of the requests `http.auth`'s `oauth_user`
+/// binds.
+pub struct UserTokens {
+    url: String,
+    tls: crate::tls::Tls,
+    held: tokio::sync::Mutex<std::collections::HashMap<(String, String), Held>>,
+}
+
+impl UserTokens {
+    /// The tokens of the token storage at `url`.
+    pub fn new(url: &str, tls: crate::tls::Tls) -> Self {
+        Self {
+            url: url.trim_end_matches('/').to_owned(),
+            tls,
+            held: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// `user`'s access token for `service`, fresh.
+    pub async fn access_token(
+        &self,
+        user: &str,
+        service: &str,
+    ) -> Result<crate::secrets::Secret, String> {
+        let key = (user.to_owned(), service.to_owned());
+        let mut held = self.held.lock().await;
+        let fresh = |h: &Held| {
+            h.expires
+                .is_none_or(|at| at > std::time::SystemTime::now() + EARLY)
+        };
+        if let Some(token) = held.get(&key).filter(|h| fresh(h)) {
+            return Ok(token.access.clone());
+        }
+        let mut token = self.read(user, service).await?;
+        if !fresh(&token) {
+            // The token storage refreshes it with the service's refresh URL.
+            let target = self.path(user, service);
+            let (status, answer) =
+                tokio::time::timeout(TIMEOUT, request("PUT", &target, None, &self.tls))
+                    .await
+                    .map_err(|_| format!("{target}: no answer within {TIMEOUT:?}"))??;
+            if status != 200 {
+                return Err(format!(
+                    "the token storage did not refresh the token of user `{user}` for `{service}` ({status}: {})",
+                    String::from_utf8_lossy(&answer)
+                ));
+            }
+            token = self.read(user, service).await?;
+            if !fresh(&token) {
+                return Err(format!(
+                    "the token of user `{user}` for `{service}` is expired, and refreshing it gave none newer"
+                ));
+            }
+        }
+        held.insert(key, token.clone());
+        Ok(token.access)
+    }
+
+    fn path(&self, user: &str, service: &str) -> String {
+        let escape = |s: &str| -> String {
+            s.bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect()
+        };
+        format!(
+            "{}/user/{}/token/{}",
+            self.url,
+            escape(user),
+            escape(service)
+        )
+    }
+
+    async fn read(&self, user: &str, service: &str) -> Result<Held, String> {
+        let target = self.path(user, service);
+        let (status, answer) =
+            tokio::time::timeout(TIMEOUT, request("GET", &target, None, &self.tls))
+                .await
+                .map_err(|_| format!("{target}: no answer within {TIMEOUT:?}"))??;
+        if status == 404 {
+            return Err(format!(
+                "the token storage has no token of user `{user}` for `{service}`"
+            ));
+        }
+        if status != 200 {
+            return Err(format!("{target} answered {status}"));
+        }
+        let answer: Value =
+            serde_json::from_slice(&answer).map_err(|e| format!("{target}: not JSON: {e}"))?;
+        // `{"type": "OAuth2Token", "data": {...}}`, or the token itself.
+        let data = if answer["data"].is_object() {
+            &answer["data"]
+        } else {
+            &answer
+        };
+        let access = data["access_token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| format!("{target}: no access_token"))?;
+        Ok(Held {
+            access: crate::secrets::Secret::new(&format!("oauth:{service}:{user}"), access),
+            expires: expiry(&data["expiration_date"]),
+        })
+    }
+}
+
+/// An `expiration_date`: seconds since the epoch, or a date and time as
+/// RDS writes it (`2026-12-01 12:00:00[.ffffff][+00:00]`, UTC when no
+/// offset is given).
+fn expiry(value: &Value) -> Option<std::time::SystemTime> {
+    if let Some(seconds) = value.as_f64() {
+        return Some(std::time::UNIX_EPOCH + Duration::from_secs_f64(seconds.max(0.0)));
+    }
+    let text = value.as_str()?.trim().replace(' ', "T");
+    let parsed = chrono::DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .or_else(|_| {
+            chrono::NaiveDateTime::parse_from_str(&text, "%Y-%m-%dT%H:%M:%S%.f")
+                .map(|t| t.and_utc())
+        })
+        .ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(parsed.timestamp().max(0) as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiration_dates_read_as_rds_writes_them_or_as_epoch_seconds() {
+        let at = |v: Value| {
+            expiry(&v).map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs())
+        };
+        assert_eq!(at(json!("1970-01-02 00:00:00")), Some(86_400));
+        assert_eq!(at(json!("1970-01-02 00:00:00.123456")), Some(86_400));
+        assert_eq!(at(json!("1970-01-02T01:00:00+01:00")), Some(86_400));
+        assert_eq!(at(json!(86_400)), Some(86_400));
+        assert_eq!(at(json!("soon")), None);
+        assert_eq!(at(Value::Null), None);
+    }
 }
