@@ -19,7 +19,7 @@ guest_out := guest_target_dir / "wasm32-wasip2" / "guest"
 plugins_dir := justfile_directory() / "target" / "plugins"
 
 # Every guest crate: built together in one cargo invocation.
-guest_connectors := "-p image-meta -p text-stats -p http-enrich -p http-source -p mysql-source -p table-service"
+guest_connectors := "-p image-meta -p text-stats -p http-enrich -p http-source -p mysql-source -p table-service -p zenodo-port"
 guest_fixtures := "-p fx-panic -p fx-loop -p fx-memory -p fx-recurse -p fx-probe -p fx-hostile -p fx-http -p fx-v01 -p fx-insert -p fx-source -p fx-service"
 
 # The connectors are copied under their plugin names (dashes, not the crate's

@@ -1150,3 +1150,319 @@ async fn a_users_oauth_token_from_the_token_storage_goes_on_requests_the_guest_n
     );
     svc.stop().await;
 }
+
+/// A Zenodo-style repository for the RDS example: depositions, their
+/// metadata, files (multipart `file` + `name`; `bad.txt` is refused) and
+/// publishing, for the bearer token `tok-alice` only.
+#[derive(Default)]
+struct Repository {
+    depositions: std::sync::Mutex<std::collections::BTreeMap<u64, Value>>,
+    tokens: std::sync::Mutex<Vec<String>>,
+}
+
+async fn repository(repo: std::sync::Arc<Repository>) -> u16 {
+    use axum::extract::{Path, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::{get, post};
+    type Shared = State<std::sync::Arc<Repository>>;
+    fn allowed(repo: &Repository, headers: &HeaderMap) -> bool {
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        repo.tokens.lock().unwrap().push(token.clone());
+        token == "Bearer tok-alice" && !headers.contains_key("x-sandpipe-user")
+    }
+    async fn list(State(repo): Shared, headers: HeaderMap) -> (StatusCode, axum::Json<Value>) {
+        if !allowed(&repo, &headers) {
+            return (StatusCode::UNAUTHORIZED, axum::Json(json!({})));
+        }
+        let all: Vec<Value> = repo.depositions.lock().unwrap().values().cloned().collect();
+        (StatusCode::OK, axum::Json(Value::Array(all)))
+    }
+    async fn create(State(repo): Shared, headers: HeaderMap) -> (StatusCode, axum::Json<Value>) {
+        if !allowed(&repo, &headers) {
+            return (StatusCode::UNAUTHORIZED, axum::Json(json!({})));
+        }
+        let mut depositions = repo.depositions.lock().unwrap();
+        let id = depositions.len() as u64 + 101;
+        let deposition = json!({"id": id, "metadata": {}, "files": [], "submitted": false});
+        depositions.insert(id, deposition.clone());
+        (StatusCode::CREATED, axum::Json(deposition))
+    }
+    async fn update(
+        State(repo): Shared,
+        Path(id): Path<u64>,
+        headers: HeaderMap,
+        axum::Json(body): axum::Json<Value>,
+    ) -> (StatusCode, axum::Json<Value>) {
+        if !allowed(&repo, &headers) {
+            return (StatusCode::UNAUTHORIZED, axum::Json(json!({})));
+        }
+        let mut depositions = repo.depositions.lock().unwrap();
+        let Some(deposition) = depositions.get_mut(&id) else {
+            return (StatusCode::NOT_FOUND, axum::Json(json!({})));
+        };
+        deposition["metadata"] = body["metadata"].clone();
+        (StatusCode::OK, axum::Json(deposition.clone()))
+    }
+    async fn upload(
+        State(repo): Shared,
+        Path(id): Path<u64>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> (StatusCode, axum::Json<Value>) {
+        if !allowed(&repo, &headers) {
+            return (StatusCode::UNAUTHORIZED, axum::Json(json!({})));
+        }
+        let boundary = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|ct| multer::parse_boundary(ct).ok())
+            .unwrap();
+        let stream = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
+        let mut form = multer::Multipart::new(stream, boundary);
+        let (mut name, mut size) = (String::new(), 0);
+        while let Some(field) = form.next_field().await.unwrap() {
+            match field.name() {
+                Some("name") => name = field.text().await.unwrap(),
+                Some("file") => size = field.bytes().await.unwrap().len(),
+                _ => {}
+            }
+        }
+        if name == "bad.txt" {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"message": "refused"})),
+            );
+        }
+        let mut depositions = repo.depositions.lock().unwrap();
+        let deposition = depositions.get_mut(&id).unwrap();
+        deposition["files"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"filename": name, "filesize": size}));
+        (StatusCode::CREATED, axum::Json(json!({"filename": name})))
+    }
+    async fn publish(
+        State(repo): Shared,
+        Path(id): Path<u64>,
+        headers: HeaderMap,
+    ) -> (StatusCode, axum::Json<Value>) {
+        if !allowed(&repo, &headers) {
+            return (StatusCode::UNAUTHORIZED, axum::Json(json!({})));
+        }
+        let mut depositions = repo.depositions.lock().unwrap();
+        let deposition = depositions.get_mut(&id).unwrap();
+        deposition["submitted"] = json!(true);
+        (StatusCode::ACCEPTED, axum::Json(deposition.clone()))
+    }
+    let app = axum::Router::new()
+        .route("/api/deposit/depositions", get(list).post(create))
+        .route("/api/deposit/depositions/{id}", axum::routing::put(update))
+        .route("/api/deposit/depositions/{id}/files", post(upload))
+        .route(
+            "/api/deposit/depositions/{id}/actions/publish",
+            post(publish),
+        )
+        .with_state(repo);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    port
+}
+
+/// A token storage for the RDS example: registrations, and alice's token.
+async fn token_storage(registered: std::sync::Arc<std::sync::Mutex<Vec<Value>>>) -> u16 {
+    let app = axum::Router::new()
+        .route(
+            "/service",
+            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                let registered = registered.clone();
+                async move {
+                    registered.lock().unwrap().push(body);
+                    axum::Json(json!({"success": true}))
+                }
+            }),
+        )
+        .route(
+            "/user/{user}/token/{service}",
+            axum::routing::get(
+                |axum::extract::Path((user, service)): axum::extract::Path<(String, String)>| async move {
+                    if user == "alice" && service == "port-zenodo" {
+                        (
+                            axum::http::StatusCode::OK,
+                            axum::Json(json!({"type": "OAuth2Token", "data": {"access_token": "tok-alice", "expiration_date": "2999-01-01 00:00:00"}})),
+                        )
+                    } else {
+                        (axum::http::StatusCode::NOT_FOUND, axum::Json(json!({})))
+                    }
+                },
+            ),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_zenodo_port_creates_describes_fills_and_publishes_a_deposition_for_its_user() {
+    let repo = std::sync::Arc::new(Repository::default());
+    let repo_port = repository(repo.clone()).await;
+    let registered = std::sync::Arc::default();
+    let storage = token_storage(std::sync::Arc::clone(&registered)).await;
+    let (api, routes) = (free_port(), free_port());
+    let d = Deployment::new(
+        &[("zenodo-port", "zenodo")],
+        &format!(
+            "secrets:\n  api_token: {{ file: api.token }}\n  zenodo_id: {{ file: id.secret }}\n  zenodo_secret: {{ file: secret.secret }}\n\
+             server: {{ listen: \"127.0.0.1:{api}\", token: api_token }}\n\
+             token_storage: {{ url: \"http://127.0.0.1:{storage}\" }}\n\
+             plugins:\n  grants:\n    zenodo:\n      config: {{ repository: \"http://127.0.0.1:{repo_port}\" }}\n      \
+             http: {{ allow: [\"http://127.0.0.1:{repo_port}\"], auth: {{ \"http://127.0.0.1:{repo_port}\": {{ oauth_user: port-zenodo }} }} }}\n\
+             services:\n  zenodo:\n    http: {{ listen: \"127.0.0.1:{routes}\" }}\n    \
+             register: {{ servicename: port-zenodo, authorize_url: \"https://zenodo.example/oauth/authorize\", refresh_url: \"https://zenodo.example/oauth/token\", client_id: zenodo_id, client_secret: zenodo_secret, implements: [metadata] }}\n"
+        ),
+    );
+    for (file, value) in [
+        ("api.token", TOKEN),
+        ("id.secret", "cid"),
+        ("secret.secret", "csecret"),
+    ] {
+        std::fs::write(d.path(file), value).unwrap();
+    }
+    let config = d.config.clone();
+    let (stop, shutdown) = watch::channel(false);
+    let engine = tokio::spawn(async move { sandpipe::app::run(&config, false, shutdown).await });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(
+        tokio::task::spawn_blocking(move || crate::harness::get(api, "/readyz"))
+            .await
+            .unwrap(),
+        Some((200, _))
+    ) {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(registered.lock().unwrap()[0]["servicename"], "port-zenodo");
+    let call = |method: &'static str,
+                path: String,
+                headers: Vec<(String, String)>,
+                body: Vec<u8>| async move {
+        tokio::task::spawn_blocking(move || {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            http(routes, method, &path, &headers, &body)
+        })
+        .await
+        .unwrap()
+    };
+    let json_header = vec![("Content-Type".to_owned(), "application/json".to_owned())];
+    let user = "port-zenodo://alice:ignored";
+    // Create, then describe with RO-Crate metadata.
+    let (status, body) = call(
+        "POST",
+        "/metadata/project".into(),
+        json_header.clone(),
+        json!({"userId": user}).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["projectId"]
+        .as_u64()
+        .unwrap();
+    let crate_ = json!({"@graph": [
+        {"@id": "./", "@type": "Dataset", "name": "Soil samples", "description": "field work",
+         "creator": [{"@id": "#ada"}], "keywords": ["soil"]},
+        {"@id": "#ada", "@type": "Person", "name": "Ada"}
+    ]});
+    let (status, body) = call(
+        "PATCH",
+        format!("/metadata/project/{id}"),
+        json_header.clone(),
+        json!({"userId": user, "metadata": crate_})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // Three files, the second refused by the repository: the others go on.
+    let (content_type, form) = multipart(&[
+        ("userId", None, user.as_bytes()),
+        ("files", Some("a.txt"), b"alpha"),
+        ("files", Some("bad.txt"), b"nope"),
+        ("files", Some("c.txt"), b"gamma!"),
+    ]);
+    let (status, body) = call(
+        "POST",
+        format!("/metadata/project/{id}/files"),
+        vec![("Content-Type".to_owned(), content_type)],
+        form,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let uploaded: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(uploaded["success"], false, "{uploaded}");
+    let outcomes: Vec<(&str, bool)> = uploaded["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["filename"].as_str().unwrap(),
+                f["success"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [("a.txt", true), ("bad.txt", false), ("c.txt", true)]
+    );
+    // Publish.
+    let (status, body) = call(
+        "PUT",
+        format!("/metadata/project/{id}"),
+        json_header.clone(),
+        json!({"userId": user}).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = call(
+        "GET",
+        "/metadata/project?userId=alice".into(),
+        vec![],
+        vec![],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let projects: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(projects[0]["projectId"], id, "{projects}");
+    // What the repository holds: the mapped metadata, two files, published.
+    let deposition = repo.depositions.lock().unwrap()[&id].clone();
+    assert_eq!(
+        deposition["metadata"],
+        json!({"upload_type": "dataset", "title": "Soil samples", "description": "field work",
+               "creators": [{"name": "Ada"}], "keywords": ["soil"]})
+    );
+    assert_eq!(
+        deposition["files"],
+        json!([{"filename": "a.txt", "filesize": 5}, {"filename": "c.txt", "filesize": 6}])
+    );
+    assert_eq!(deposition["submitted"], true);
+    // Every repository request carried alice's token, set by the engine.
+    let tokens = repo.tokens.lock().unwrap().clone();
+    assert!(
+        tokens.len() >= 7 && tokens.iter().all(|t| t == "Bearer tok-alice"),
+        "{tokens:?}"
+    );
+    // A user without a token: the port's request fails in the host.
+    let (status, body) = call("GET", "/metadata/project?userId=bob".into(), vec![], vec![]).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("no token of user `bob`"), "{body}");
+    stop.send(true).unwrap();
+    engine.await.unwrap().unwrap();
+}
