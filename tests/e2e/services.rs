@@ -1157,10 +1157,14 @@ async fn a_users_oauth_token_from_the_token_storage_goes_on_requests_the_guest_n
 #[derive(Default)]
 struct Repository {
     depositions: std::sync::Mutex<std::collections::BTreeMap<u64, Value>>,
+    contents: std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
     tokens: std::sync::Mutex<Vec<String>>,
+    base: std::sync::Mutex<String>,
 }
 
 async fn repository(repo: std::sync::Arc<Repository>) -> u16 {
+    let base = std::sync::Arc::clone(&repo);
+    let base = &base.base;
     use axum::extract::{Path, State};
     use axum::http::{HeaderMap, StatusCode};
     use axum::routing::{get, post};
@@ -1223,14 +1227,15 @@ async fn repository(repo: std::sync::Arc<Repository>) -> u16 {
             .unwrap();
         let stream = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
         let mut form = multer::Multipart::new(stream, boundary);
-        let (mut name, mut size) = (String::new(), 0);
+        let (mut name, mut content) = (String::new(), Vec::new());
         while let Some(field) = form.next_field().await.unwrap() {
             match field.name() {
                 Some("name") => name = field.text().await.unwrap(),
-                Some("file") => size = field.bytes().await.unwrap().len(),
+                Some("file") => content = field.bytes().await.unwrap().to_vec(),
                 _ => {}
             }
         }
+        let size = content.len();
         if name == "bad.txt" {
             return (
                 StatusCode::BAD_REQUEST,
@@ -1239,11 +1244,62 @@ async fn repository(repo: std::sync::Arc<Repository>) -> u16 {
         }
         let mut depositions = repo.depositions.lock().unwrap();
         let deposition = depositions.get_mut(&id).unwrap();
-        deposition["files"]
+        let files = deposition["files"].as_array_mut().unwrap();
+        let file_id = format!("f{}", files.len() + 1);
+        files.push(json!({"id": file_id, "filename": name, "filesize": size}));
+        repo.contents.lock().unwrap().insert(file_id, content);
+        (StatusCode::CREATED, axum::Json(json!({"filename": name})))
+    }
+    async fn files(
+        State(repo): Shared,
+        Path(id): Path<u64>,
+        headers: HeaderMap,
+    ) -> (StatusCode, axum::Json<Value>) {
+        if !allowed(&repo, &headers) {
+            return (StatusCode::UNAUTHORIZED, axum::Json(json!({})));
+        }
+        let base = repo.base.lock().unwrap().clone();
+        let depositions = repo.depositions.lock().unwrap();
+        let listed: Vec<Value> = depositions[&id]["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let mut f = f.clone();
+                f["links"] =
+                    json!({"download": format!("{base}/api/files/{}", f["id"].as_str().unwrap())});
+                f
+            })
+            .collect();
+        (StatusCode::OK, axum::Json(Value::Array(listed)))
+    }
+    async fn delete_file(
+        State(repo): Shared,
+        Path((id, file)): Path<(u64, String)>,
+        headers: HeaderMap,
+    ) -> StatusCode {
+        if !allowed(&repo, &headers) {
+            return StatusCode::UNAUTHORIZED;
+        }
+        let mut depositions = repo.depositions.lock().unwrap();
+        depositions.get_mut(&id).unwrap()["files"]
             .as_array_mut()
             .unwrap()
-            .push(json!({"filename": name, "filesize": size}));
-        (StatusCode::CREATED, axum::Json(json!({"filename": name})))
+            .retain(|f| f["id"] != file.as_str());
+        StatusCode::NO_CONTENT
+    }
+    async fn download(
+        State(repo): Shared,
+        Path(file): Path<String>,
+        headers: HeaderMap,
+    ) -> (StatusCode, Vec<u8>) {
+        if !allowed(&repo, &headers) {
+            return (StatusCode::UNAUTHORIZED, Vec::new());
+        }
+        match repo.contents.lock().unwrap().get(&file) {
+            Some(bytes) => (StatusCode::OK, bytes.clone()),
+            None => (StatusCode::NOT_FOUND, Vec::new()),
+        }
     }
     async fn publish(
         State(repo): Shared,
@@ -1261,7 +1317,15 @@ async fn repository(repo: std::sync::Arc<Repository>) -> u16 {
     let app = axum::Router::new()
         .route("/api/deposit/depositions", get(list).post(create))
         .route("/api/deposit/depositions/{id}", axum::routing::put(update))
-        .route("/api/deposit/depositions/{id}/files", post(upload))
+        .route(
+            "/api/deposit/depositions/{id}/files",
+            post(upload).get(files),
+        )
+        .route(
+            "/api/deposit/depositions/{id}/files/{file}",
+            axum::routing::delete(delete_file),
+        )
+        .route("/api/files/{file}", get(download))
         .route(
             "/api/deposit/depositions/{id}/actions/publish",
             post(publish),
@@ -1269,6 +1333,7 @@ async fn repository(repo: std::sync::Arc<Repository>) -> u16 {
         .with_state(repo);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    *base.lock().unwrap() = format!("http://127.0.0.1:{port}");
     tokio::spawn(async move { axum::serve(listener, app).await });
     port
 }
@@ -1422,6 +1487,58 @@ async fn the_zenodo_port_creates_describes_fills_and_publishes_a_deposition_for_
         outcomes,
         [("a.txt", true), ("bad.txt", false), ("c.txt", true)]
     );
+    // RDS's fileStorage interface on the same deposition: list, read,
+    // upload into it, delete.
+    let folder = |id: u64| format!("/storage/folder?userId=alice&filepath=/{id}/");
+    let (status, body) = call("GET", folder(id), vec![], vec![]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"files": [format!("/{id}/a.txt"), format!("/{id}/c.txt")]})
+    );
+    let (status, body) = call(
+        "GET",
+        format!("/storage/file?userId=alice&filepath=/{id}/a.txt"),
+        vec![],
+        vec![],
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "alpha"));
+    let (content_type, form) = multipart(&[
+        ("userId", None, user.as_bytes()),
+        ("filepath", None, format!("/{id}/").as_bytes()),
+        ("files", Some("d.txt"), b"delta"),
+    ]);
+    let (status, body) = call(
+        "POST",
+        "/storage/file".into(),
+        vec![("Content-Type".to_owned(), content_type)],
+        form,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["success"],
+        true
+    );
+    let (status, body) = call(
+        "DELETE",
+        "/storage/file".into(),
+        json_header.clone(),
+        json!({"userId": user, "filepath": format!("/{id}/c.txt")})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = call(
+        "GET",
+        format!("/storage/file?userId=alice&filepath=/{id}/nope.txt"),
+        vec![],
+        vec![],
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
     // Publish.
     let (status, body) = call(
         "PUT",
@@ -1448,10 +1565,18 @@ async fn the_zenodo_port_creates_describes_fills_and_publishes_a_deposition_for_
         json!({"upload_type": "dataset", "title": "Soil samples", "description": "field work",
                "creators": [{"name": "Ada"}], "keywords": ["soil"]})
     );
-    assert_eq!(
-        deposition["files"],
-        json!([{"filename": "a.txt", "filesize": 5}, {"filename": "c.txt", "filesize": 6}])
-    );
+    let files: Vec<(String, u64)> = deposition["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["filename"].as_str().unwrap().to_owned(),
+                f["filesize"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(files, [("a.txt".to_owned(), 5), ("d.txt".to_owned(), 5)]);
     assert_eq!(deposition["submitted"], true);
     // Every repository request carried alice's token, set by the engine.
     let tokens = repo.tokens.lock().unwrap().clone();

@@ -11,6 +11,13 @@
 //! | `PUT /metadata/project/{id}` | publish it (204) |
 //! | `DELETE /metadata/project/{id}` | delete it (204) |
 //! | `POST /metadata/project/{id}/files` | upload the multipart `files` parts, one by one, going on past a failed one: `{success, files: [{filename, success, error}]}` |
+//! | `GET /storage/folder` | the files of the deposition `filepath` names (`/ID/`): `{files: ["/ID/NAME", ...]}` |
+//! | `GET /storage/file` | the bytes of the file `filepath` names (`/ID/NAME`) |
+//! | `POST /storage/file` | upload the multipart `files` into the deposition `filepath` names: `{success, files}` |
+//! | `DELETE /storage/file` | delete the file `filepath` names (204) |
+//!
+//! The `/storage` routes are RDS's fileStorage interface, its paths
+//! `/DEPOSITION-ID/FILENAME`.
 //!
 //! The user is the request's `userId` (RDS's `port-zenodo://USER:...` or
 //! `USER`; in the JSON body, a multipart field or the query string); every
@@ -130,28 +137,138 @@ fn json_response(status: u16, body: &Value) -> Response {
     Response::json(status, body)
 }
 
-/// The request's `userId`: from the JSON body, a multipart field or the
-/// query string.
-fn user(request: &Request) -> Result<String, Error> {
+/// Field `name` of the request: from its JSON body, a multipart field or
+/// the query string.
+fn field(request: &Request, name: &str) -> Option<String> {
     let from_body = request
         .json()
         .ok()
-        .and_then(|b| b["userId"].as_str().map(str::to_owned));
-    let from_parts = request
-        .parts
-        .iter()
-        .find(|p| p.name == "userId")
-        .map(|p| String::from_utf8_lossy(&p.body).into_owned());
-    let from_query = request
-        .query
-        .iter()
-        .find(|(k, _)| k == "userId")
-        .map(|(_, v)| v.clone());
-    let id = from_body
-        .or(from_parts)
-        .or(from_query)
+        .and_then(|b| b[name].as_str().map(str::to_owned));
+    let from_parts = || {
+        request
+            .parts
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| String::from_utf8_lossy(&p.body).into_owned())
+    };
+    let from_query = || {
+        request
+            .query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    from_body.or_else(from_parts).or_else(from_query)
+}
+
+/// The request's user (its `userId`).
+fn user(request: &Request) -> Result<String, Error> {
+    let id = field(request, "userId")
         .ok_or_else(|| Error::invalid("every request names its user: `userId`"))?;
     Ok(user_of(&id).to_owned())
+}
+
+/// A fileStorage path `/ID/NAME` (or `/ID/` for a folder): the deposition
+/// and the file name (empty for a folder).
+pub fn storage_path(path: &str) -> Result<(String, String), Error> {
+    let trimmed = path.trim_start_matches('/');
+    let (id, name) = trimmed.split_once('/').unwrap_or((trimmed, ""));
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) || name.contains('/') {
+        return Err(Error::invalid(format!(
+            "`{path}` is not `/DEPOSITION-ID/` or `/DEPOSITION-ID/FILENAME`"
+        )));
+    }
+    Ok((id.to_owned(), name.to_owned()))
+}
+
+/// The deposition's files as the repository lists them.
+fn files_of(base: &str, id: &str, user: &str) -> Result<Vec<Value>, Error> {
+    let (_, files) = answer(
+        call("GET", &format!("{base}/{id}/files"), user).send()?,
+        "listing the files",
+    )?;
+    Ok(files.as_array().cloned().unwrap_or_default())
+}
+
+/// Upload the multipart `files` parts of `request` into deposition `id`,
+/// one by one, going on past a failed one.
+fn upload(request: &Request, base: &str, id: &str, user: &str) -> Result<Response, Error> {
+    let url = format!("{base}/{id}/files");
+    let mut results = Vec::new();
+    for part in request.parts.iter().filter(|p| p.name == "files") {
+        let filename = part.filename.clone().unwrap_or_else(|| "file".into());
+        let (content_type, body) = multipart(&filename, &part.body);
+        let sent = call("POST", &url, user)
+            .header("content-type", &content_type)
+            .body(body)
+            .send()
+            .and_then(|r| answer(r, &format!("uploading {filename}")));
+        results.push(match sent {
+            Ok(_) => json!({ "filename": filename, "success": true }),
+            Err(e) => json!({ "filename": filename, "success": false, "error": e.to_string() }),
+        });
+    }
+    let success = results.iter().all(|r| r["success"] == true);
+    Ok(json_response(
+        200,
+        &json!({ "success": success, "files": results }),
+    ))
+}
+
+/// A request to RDS's fileStorage interface.
+fn storage(request: &Request, base: &str, user: &str) -> Result<Response, Error> {
+    let path = field(request, "filepath")
+        .ok_or_else(|| Error::invalid("a fileStorage request names its `filepath`"))?;
+    let (id, name) = storage_path(&path)?;
+    match (
+        request.method.as_str(),
+        request.route.as_str(),
+        name.is_empty(),
+    ) {
+        ("GET", "/storage/folder", _) => {
+            let files: Vec<Value> = files_of(base, &id, user)?
+                .iter()
+                .filter_map(|f| f["filename"].as_str())
+                .map(|f| json!(format!("/{id}/{f}")))
+                .collect();
+            Ok(json_response(200, &json!({ "files": files })))
+        }
+        ("POST", "/storage/file", true) => upload(request, base, &id, user),
+        (method @ ("GET" | "DELETE"), "/storage/file", false) => {
+            let files = files_of(base, &id, user)?;
+            let file = files
+                .iter()
+                .find(|f| f["filename"] == name.as_str())
+                .ok_or_else(|| Error::not_found(format!("no file `{name}` in deposition {id}")))?;
+            if method == "DELETE" {
+                let url = format!(
+                    "{base}/{id}/files/{}",
+                    file["id"].as_str().unwrap_or_default()
+                );
+                answer(call("DELETE", &url, user).send()?, "deleting the file")?;
+                return Ok(Response::status(204));
+            }
+            let link = file["links"]["download"]
+                .as_str()
+                .ok_or_else(|| Error::unavailable("the repository gave no download link"))?;
+            let response = call("GET", link, user).send()?;
+            let status = response.status();
+            let bytes = response.bytes(64 << 20)?;
+            if status >= 400 {
+                return Err(Error::unavailable(format!(
+                    "downloading {name}: the repository answered {status}"
+                )));
+            }
+            Ok(Response {
+                status: 200,
+                headers: vec![("content-type".into(), "application/octet-stream".into())],
+                body: bytes,
+            })
+        }
+        _ => Err(Error::invalid(format!(
+            "`{path}`: a folder for GET /storage/folder and POST /storage/file, a file otherwise"
+        ))),
+    }
 }
 
 fn project(deposition: &Value) -> Value {
@@ -204,6 +321,26 @@ impl Service for ZenodoPort {
                     "POST",
                     "/metadata/project/{id}/files",
                     "upload files (multipart `files`)",
+                ),
+                route(
+                    "GET",
+                    "/storage/folder",
+                    "the files of a deposition (`filepath` /ID/)",
+                ),
+                route(
+                    "GET",
+                    "/storage/file",
+                    "a file's bytes (`filepath` /ID/NAME)",
+                ),
+                route(
+                    "POST",
+                    "/storage/file",
+                    "upload files into a deposition (`filepath` /ID/)",
+                ),
+                route(
+                    "DELETE",
+                    "/storage/file",
+                    "delete a file (`filepath` /ID/NAME)",
                 ),
             ],
         }
@@ -283,29 +420,8 @@ impl Service for ZenodoPort {
                 )?;
                 Ok(Response::status(204))
             }
-            ("POST", "/metadata/project/{id}/files") => {
-                let url = format!("{base}/{id}/files");
-                let mut results = Vec::new();
-                for part in request.parts.iter().filter(|p| p.name == "files") {
-                    let filename = part.filename.clone().unwrap_or_else(|| "file".into());
-                    let (content_type, body) = multipart(&filename, &part.body);
-                    // One file failing does not stop the others.
-                    let sent = call("POST", &url, &user)
-                        .header("content-type", &content_type)
-                        .body(body)
-                        .send()
-                        .and_then(|r| answer(r, &format!("uploading {filename}")));
-                    results.push(match sent {
-                        Ok(_) => json!({ "filename": filename, "success": true }),
-                        Err(e) => json!({ "filename": filename, "success": false, "error": e.to_string() }),
-                    });
-                }
-                let success = results.iter().all(|r| r["success"] == true);
-                Ok(json_response(
-                    200,
-                    &json!({ "success": success, "files": results }),
-                ))
-            }
+            ("POST", "/metadata/project/{id}/files") => upload(&request, &base, &id, &user),
+            (_, route) if route.starts_with("/storage/") => storage(&request, &base, &user),
             (method, route) => Ok(json_response(
                 404,
                 &json!({ "error": format!("{method} {route} is not served") }),
@@ -319,6 +435,21 @@ sandpipe_sdk::export_service!(ZenodoPort);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storage_paths_are_a_deposition_and_a_file() {
+        assert_eq!(
+            storage_path("/101/a.txt").unwrap(),
+            ("101".to_owned(), "a.txt".to_owned())
+        );
+        assert_eq!(
+            storage_path("/101/").unwrap(),
+            ("101".to_owned(), String::new())
+        );
+        assert!(storage_path("/x/a").is_err());
+        assert!(storage_path("/101/a/b").is_err());
+        assert!(storage_path("/").is_err());
+    }
 
     #[test]
     fn rds_user_ids_name_their_user() {
