@@ -438,11 +438,7 @@ pub fn call_error(service: &str, error: &CallError) -> Response {
 /// body; a longer one streams. A client that goes away drops the receiver,
 /// and the guest's next `partial` fails.
 pub async fn ndjson(mut frames: mpsc::Receiver<Frame>) -> Response {
-    let line = |frame: &Frame| {
-        let mut line = frame.to_json().to_string();
-        line.push('\n');
-        Bytes::from(line)
-    };
+    let line = |frame: &Frame| Bytes::from(frame.to_line());
     let first = frames.recv().await;
     let body = match first {
         None => Body::empty(),

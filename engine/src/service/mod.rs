@@ -371,7 +371,12 @@ pub struct Service {
     /// Whether the service is healthy now (see [`Service::is_healthy`]).
     healthy: watch::Sender<bool>,
     calls: AtomicU64,
+    /// Metric handles by (call, result).
+    meters: std::sync::Mutex<BTreeMap<(&'static str, &'static str), Meters>>,
 }
+
+/// A call's counter and duration histogram.
+type Meters = (metrics::Counter, metrics::Histogram);
 
 impl Service {
     /// Service `name` of `config`, its component among `plugins`.
@@ -452,6 +457,7 @@ impl Service {
             links: std::sync::Mutex::new(BTreeMap::new()),
             healthy: watch::channel(false).0,
             calls: AtomicU64::new(0),
+            meters: std::sync::Mutex::default(),
         })
     }
 
@@ -733,8 +739,11 @@ impl Service {
             .await
             .map(drop);
         let last = shared.close();
-        metrics::counter!(crate::metrics::SERVICE_PARTIALS, "service" => self.name.clone())
-            .increment(shared.partials_sent());
+        let partials = shared.partials_sent();
+        if partials > 0 {
+            metrics::counter!(crate::metrics::SERVICE_PARTIALS, "service" => self.name.clone())
+                .increment(partials);
+        }
         match (result, last) {
             (Ok(()), Some(last)) => (last, "ok"),
             (Ok(()), None) => (
@@ -836,17 +845,36 @@ impl Service {
     }
 
     fn count(&self, call: &'static str, result: &'static str, started: Instant) {
-        let service = self.name.clone();
-        metrics::counter!(crate::metrics::SERVICE_CALLS, "service" => service.clone(), "call" => call, "result" => result)
-            .increment(1);
-        metrics::histogram!(crate::metrics::SERVICE_CALL_SECONDS, "service" => service, "call" => call)
-            .record(started.elapsed().as_secs_f64());
+        // The handles, made once per (call, result): a registry look-up
+        // hashes every label.
+        let handles = self.meters.lock().ok().map(|mut meters| {
+            meters
+                .entry((call, result))
+                .or_insert_with(|| {
+                    let service = self.name.clone();
+                    (
+                        metrics::counter!(crate::metrics::SERVICE_CALLS, "service" => service.clone(), "call" => call, "result" => result),
+                        metrics::histogram!(crate::metrics::SERVICE_CALL_SECONDS, "service" => service, "call" => call),
+                    )
+                })
+                .clone()
+        });
+        if let Some((counter, histogram)) = handles {
+            counter.increment(1);
+            histogram.record(started.elapsed().as_secs_f64());
+        }
     }
 
     /// Take a free instance (waiting up to `queue_timeout`).
     async fn take(&self) -> Result<Taken<'_>, CallError> {
         let wait = self.config.queue_timeout;
-        let turn = match tokio::time::timeout(wait, self.turns.acquire()).await {
+        // A free instance without a timer; the timer only when waiting.
+        let free = self.turns.try_acquire();
+        let turn = match free {
+            Ok(turn) => Ok(Ok(turn)),
+            Err(_) => tokio::time::timeout(wait, self.turns.acquire()).await,
+        };
+        let turn = match turn {
             Ok(Ok(turn)) => turn,
             Ok(Err(_)) => return Err(CallError::Busy("the service is shutting down".into())),
             Err(_) => {
@@ -921,17 +949,21 @@ impl Service {
         };
         match result {
             Ok(Ok(value)) => {
-                let id = format!("service:{}:{what}", self.name);
-                let origin = crate::output::Origin {
-                    message_id: &id,
-                    plugin: &self.plugin.name,
-                };
-                host.effects
-                    .apply(&self.plugin.context.services, &origin)
-                    .await
-                    .map_err(|e| {
-                        CallError::Commit(format!("the call's effects could not be applied: {e:#}"))
-                    })?;
+                if !host.effects.is_empty() {
+                    let id = format!("service:{}:{what}", self.name);
+                    let origin = crate::output::Origin {
+                        message_id: &id,
+                        plugin: &self.plugin.name,
+                    };
+                    host.effects
+                        .apply(&self.plugin.context.services, &origin)
+                        .await
+                        .map_err(|e| {
+                            CallError::Commit(format!(
+                                "the call's effects could not be applied: {e:#}"
+                            ))
+                        })?;
+                }
                 Ok(value)
             }
             Ok(Err(error)) => {
@@ -961,7 +993,9 @@ impl Service {
         {
             return BTreeMap::new();
         }
-        let failing = self.connect_all(slot).await;
+        // Boxed: the slow path's state is large, and every call's future
+        // would otherwise carry (and move) it.
+        let failing = Box::pin(self.connect_all(slot)).await;
         if failing.is_empty() && slot.session.is_warm() {
             slot.version = version;
         }

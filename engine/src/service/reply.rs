@@ -70,6 +70,19 @@ impl Frame {
         }
     }
 
+    /// The frame as one NDJSON line (`to_json`'s text and a newline),
+    /// written without building the JSON value around the body.
+    pub fn to_line(&self) -> String {
+        let mut line = match self {
+            Self::Partial(body) | Self::Complete(body) => {
+                format!("{{\"status\":{},\"body\":{body}}}", self.status())
+            }
+            other => other.to_json().to_string(),
+        };
+        line.push('\n');
+        line
+    }
+
     /// The frame as JSON: `{"status": 100, "body": ...}`; an error's body
     /// is `{"messageCode", "messageTemplate", "parameters"}`, as Vantiq's
     /// connector SDKs send it.
@@ -313,6 +326,22 @@ mod tests {
             json!({"status": 100, "body": [{"a": 1}]})
         );
         assert!(Frame::Complete(json!({})).is_final());
+        for frame in [
+            Frame::Partial(json!([{"a": "x\ny"}])),
+            Frame::Complete(json!({"b": 1})),
+            Frame::Empty,
+            error.clone(),
+        ] {
+            let line = frame.to_line();
+            assert!(
+                line.ends_with('\n') && !line.trim_end().contains('\n'),
+                "{line}"
+            );
+            assert_eq!(
+                serde_json::from_str::<Value>(line.trim_end()).unwrap(),
+                frame.to_json()
+            );
+        }
         assert!(!Frame::Partial(json!({})).is_final());
     }
 
