@@ -888,6 +888,14 @@ async fn redis_stream_requests_get_a_reply_per_partial_and_events_are_acked_when
         .query_async(&mut conn)
         .await
         .unwrap();
+    // An event for a source the service does not have: acked, not applied.
+    let _: String = add(vec![
+        ("body", json!({"id": "x9", "v": 9}).to_string()),
+        ("source", "elsewhere".to_owned()),
+    ])
+    .query_async(&mut conn)
+    .await
+    .unwrap();
     // Three replies per query (two partial pages, then 204), in order.
     let deadline = Instant::now() + Duration::from_secs(30);
     let entries = loop {

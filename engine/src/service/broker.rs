@@ -10,8 +10,9 @@
 //! What is not acked: a query whose replies the broker did not confirm,
 //! and an event that failed for the engine's reasons (no instance free,
 //! its source not connected, its effects not applied) are requeued; an
-//! event the guest refused or trapped on is rejected without requeue (to
-//! the queue's dead-letter exchange, if it has one).
+//! event the guest refused or trapped on, or one for a source the service
+//! does not have, is rejected without requeue (to the queue's dead-letter
+//! exchange, if it has one).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,6 +180,12 @@ async fn handle(
                 }
             }
             if sent { Settle::Ack } else { Settle::Requeue }
+        }
+        // An event for a source the service does not have would be
+        // requeued for ever: it is rejected.
+        None if !service.knows(&source) => {
+            tracing::warn!(service = %service.name(), %source, "an event for a source the service does not have, rejected");
+            Settle::Reject
         }
         None => match service.publish(source, body, headers).await {
             Ok(()) => Settle::Ack,

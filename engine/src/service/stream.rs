@@ -200,6 +200,12 @@ async fn handle(
             }
             ack(writer, entry.id).await
         }
+        // An event for a source the service does not have would stay
+        // pending for ever: acked and dropped, logged.
+        None if !service.knows(&source) => {
+            tracing::warn!(service = %service.name(), %source, id = %entry.id, "an event for a source the service does not have, acked and dropped");
+            ack(writer, entry.id).await
+        }
         None => match service.publish(source, body, Vec::new()).await {
             Ok(()) => ack(writer, entry.id).await,
             Err(e @ (CallError::Busy(_) | CallError::NotConnected(_) | CallError::Commit(_))) => {
