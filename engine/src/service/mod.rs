@@ -1114,6 +1114,43 @@ impl Service {
     }
 }
 
+/// Run `serve` (one connection of a broker transport, `backend`, serving
+/// `target`) until it ends well or `shutdown`; after a failure, again after
+/// a backoff (500 ms, doubling to 30 s), the failure logged and counted
+/// as a reconnect.
+pub async fn keep_serving<F, Fut>(
+    service: &Service,
+    backend: &'static str,
+    target: &str,
+    mut shutdown: watch::Receiver<bool>,
+    mut serve: F,
+) where
+    F: FnMut(watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut failures: u32 = 0;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        match serve(shutdown.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let wait = Duration::from_millis(500)
+                    .saturating_mul(1 << failures.saturating_sub(1).min(6))
+                    .min(Duration::from_secs(30));
+                tracing::warn!(service = %service.name(), %backend, %target, "{e:#}; again in {wait:?}");
+                metrics::counter!(crate::metrics::RECONNECTS, "backend" => backend).increment(1);
+                tokio::select! {
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Keep a TCP listener on `listen` open while `service` is healthy (as
 /// the Vantiq connector SDK's `declare_healthy`): a connection is accepted
 /// and closed at once. Closed while unhealthy, and at `shutdown`.

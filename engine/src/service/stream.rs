@@ -30,29 +30,19 @@ pub async fn run(
     service: Arc<Service>,
     config: ServiceRedis,
     tls: crate::tls::Tls,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let mut failures: u32 = 0;
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        match serve(&service, &config, &tls, &mut shutdown).await {
-            Ok(()) => return,
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                let wait = Duration::from_millis(500)
-                    .saturating_mul(1 << failures.saturating_sub(1).min(6))
-                    .min(Duration::from_secs(30));
-                tracing::warn!(service = %service.name(), stream = %config.stream, "Redis: {e:#}; again in {wait:?}");
-                metrics::counter!(crate::metrics::RECONNECTS, "backend" => "redis").increment(1);
-                tokio::select! {
-                    _ = shutdown.wait_for(|stop| *stop) => return,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-            }
-        }
-    }
+    super::keep_serving(
+        &service,
+        "redis",
+        &config.stream,
+        shutdown,
+        |mut shutdown| {
+            let (service, config, tls) = (&service, &config, &tls);
+            async move { serve(service, config, tls, &mut shutdown).await }
+        },
+    )
+    .await
 }
 
 async fn serve(
