@@ -236,6 +236,9 @@ fn open_confined(root: &Path, relative: &Path, file: &Path) -> Result<std::fs::F
 /// task that opens it; a larger one is streamed.
 const READ_WHOLE: u64 = 64 * 1024;
 
+/// The chunk a large disk object is streamed in.
+const READ_CHUNK: usize = 64 * 1024;
+
 /// How `relative` (lexically clean: normal components only) leaves `root`
 /// (canonical) through a symbolic link, if it does. The longest existing
 /// prefix of the path is resolved, so a write below a linked folder is
@@ -407,23 +410,50 @@ impl DataStore {
     pub async fn open(&self, location: &str) -> Result<ObjectStream, DataError> {
         let path = parse_location(location)?;
         if let Some(disk) = &self.disk {
-            // A small object whole, in the task that checks and opens it.
+            // A small object whole, in the task that checks and opens it; a
+            // larger one streamed from the same handle (never opened again
+            // by its path, which a link could have changed since).
             let read = disk
                 .with_file(location, &path, |mut file, size| {
                     if size > READ_WHOLE {
-                        return Ok(None);
+                        return Ok(Err((file, size)));
                     }
                     let mut bytes = Vec::with_capacity(size as usize);
                     std::io::Read::read_to_end(&mut file, &mut bytes)?;
-                    Ok(Some(Bytes::from(bytes)))
+                    Ok(Ok(Bytes::from(bytes)))
                 })
                 .await?;
-            if let Some(bytes) = read {
-                return Ok(ObjectStream {
+            return Ok(match read {
+                Ok(bytes) => ObjectStream {
                     size: Some(bytes.len() as u64),
                     stream: futures::stream::once(async { Ok(bytes) }).boxed(),
-                });
-            }
+                },
+                Err((file, size)) => {
+                    let owned = location.to_owned();
+                    let file = tokio::fs::File::from_std(file);
+                    let stream = futures::stream::try_unfold(file, move |mut file| {
+                        let owned = owned.clone();
+                        async move {
+                            let mut chunk = vec![0u8; READ_CHUNK];
+                            let n = tokio::io::AsyncReadExt::read(&mut file, &mut chunk)
+                                .await
+                                .map_err(|e| {
+                                    DataError::Unavailable(format!("cannot read `{owned}`: {e}"))
+                                })?;
+                            if n == 0 {
+                                return Ok(None);
+                            }
+                            chunk.truncate(n);
+                            Ok(Some((Bytes::from(chunk), file)))
+                        }
+                    })
+                    .boxed();
+                    ObjectStream {
+                        size: Some(size),
+                        stream,
+                    }
+                }
+            });
         }
         let result = self
             .store
@@ -667,6 +697,69 @@ mod confinement_tests {
     /// a folder inside the root and one outside while objects are read
     /// through it. Every read either finds the inside file or is refused.
     #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_large_object_is_streamed_from_the_confined_handle_while_a_link_flips()
+    -> anyhow::Result<()> {
+        // Over READ_WHOLE: streamed. Opened by its path a second time, a
+        // flipped link would give the outside file's bytes.
+        let dir = tempfile::tempdir()?;
+        let root = std::fs::canonicalize(dir.path())?.join("data");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(root.join("in"))?;
+        std::fs::create_dir_all(&outside)?;
+        let size = 3 * READ_WHOLE as usize;
+        std::fs::write(root.join("in/big.bin"), vec![b'i'; size])?;
+        std::fs::write(outside.join("big.bin"), vec![b's'; size])?;
+        symlink("in", root.join("flip"))?;
+        let store = DataStore::new(
+            &DataStoreConfig::Disk { root: root.clone() },
+            &Tls::default(),
+        )?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flipper = {
+            let (root, outside, stop) = (root.clone(), outside.clone(), stop.clone());
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let next = root.join(format!("next-{n}"));
+                    if n.is_multiple_of(2) {
+                        symlink(&outside, &next)?;
+                    } else {
+                        symlink("in", &next)?;
+                    }
+                    std::fs::rename(&next, root.join("flip"))?;
+                    n += 1;
+                }
+                Ok(())
+            })
+        };
+        let (mut inside, mut refused) = (0, 0);
+        for _ in 0..1_000 {
+            match store.open("flip/big.bin").await {
+                Ok(mut object) => {
+                    let mut all = Vec::new();
+                    while let Some(chunk) = object.stream.next().await {
+                        all.extend_from_slice(&chunk?);
+                    }
+                    assert_eq!(all.len(), size);
+                    assert!(all.iter().all(|b| *b == b'i'), "a read left the root");
+                    inside += 1;
+                }
+                Err(DataError::Invalid(_)) => refused += 1,
+                Err(e) => anyhow::bail!("{e}"),
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flipper
+            .join()
+            .map_err(|_| anyhow::anyhow!("the flipper panicked"))??;
+        assert!(
+            inside > 0 && refused > 0,
+            "inside {inside}, refused {refused}"
+        );
+        Ok(())
+    }
+
     #[test]
     fn a_link_flipped_during_reads_never_yields_a_file_outside_the_root() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
