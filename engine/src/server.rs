@@ -389,8 +389,9 @@ fn json_body(body: &axum::body::Bytes) -> Result<String, Reply> {
     String::from_utf8(body.to_vec()).map_err(|e| bad(e.to_string()))
 }
 
-/// Request headers a call passes on to the guest: all but credentials.
-fn passed_headers(headers: &axum::http::HeaderMap) -> Vec<(String, String)> {
+/// Request headers a call passes on to the guest: all but credentials
+/// (`Authorization`, `Cookie`).
+pub fn passed_headers(headers: &axum::http::HeaderMap) -> Vec<(String, String)> {
     headers
         .iter()
         .filter(|(name, _)| {

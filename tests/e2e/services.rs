@@ -1048,13 +1048,15 @@ async fn a_users_oauth_token_from_the_token_storage_goes_on_requests_the_guest_n
     use std::sync::{Arc, Mutex};
     // The token storage: alice's token is expired until refreshed; bob has none.
     let refreshed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reads = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let storage_app = axum::Router::new().route(
         "/user/{user}/token/{service}",
         axum::routing::get({
-            let refreshed = refreshed.clone();
+            let (refreshed, reads) = (refreshed.clone(), reads.clone());
             move |axum::extract::Path((user, service)): axum::extract::Path<(String, String)>| {
-                let refreshed = refreshed.clone();
+                let (refreshed, reads) = (refreshed.clone(), reads.clone());
                 async move {
+                    reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     if user != "alice" || service != "port-zenodo" {
                         return (axum::http::StatusCode::NOT_FOUND, axum::Json(json!({})));
                     }
@@ -1135,11 +1137,19 @@ async fn a_users_oauth_token_from_the_token_storage_goes_on_requests_the_guest_n
         refreshed.load(std::sync::atomic::Ordering::SeqCst),
         "the expired token was refreshed"
     );
-    // Cached: a second request goes without asking again.
+    // Read (expired), refreshed, read again; then cached: a second
+    // request goes without asking again.
+    let read = reads.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(read, 2);
     let again = svc
         .answer(json!({"op": "fetch", "url": url, "user": "alice"}))
         .await;
     assert_eq!(again["body"]["status"], 200, "{again}");
+    assert_eq!(
+        reads.load(std::sync::atomic::Ordering::SeqCst),
+        read,
+        "the token was read again"
+    );
     // No token for bob, and no user named: the request fails in the host.
     let bob = svc
         .answer(json!({"op": "fetch", "url": url, "user": "bob"}))

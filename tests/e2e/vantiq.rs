@@ -319,6 +319,17 @@ async fn a_vantiq_source_is_served_through_configuration_changes_drops_and_recon
     server.drop_connection("orders");
     let second = server.wait_connections(2).await;
     assert_eq!(second[1].secret, first[0].secret);
+    // Reconnected but not configured yet: the source is gone (the drop
+    // closed it), its queries never reach the guest, and the service is
+    // unhealthy.
+    let unconfigured = server
+        .query("orders", "r-none", json!({"op": "config"}))
+        .await;
+    assert_eq!(
+        unconfigured[0]["body"]["messageCode"], "io.sandpipe.service.notConnected",
+        "{unconfigured:?}"
+    );
+    eventually("the health probe closed", || !open(probe)).await;
     configure(&server, json!({"generation": 3}));
     let state = server.query("orders", "r5", json!({"op": "config"})).await;
     assert_eq!(
@@ -326,10 +337,9 @@ async fn a_vantiq_source_is_served_through_configuration_changes_drops_and_recon
         json!({"generation": 3}),
         "{state:?}"
     );
-    assert!(
-        state[0]["body"]["closes"].as_u64().unwrap() >= 2,
-        "the drop closed the source: {state:?}"
-    );
+    // generation 1 → 2, then the drop: two closes; generation 3 only
+    // connected (the source was already closed).
+    assert_eq!(state[0]["body"]["closes"], 2, "{state:?}");
     assert!(
         server.replies("big").iter().all(|r| r["status"] == 100),
         "the dropped query's final reply went nowhere"

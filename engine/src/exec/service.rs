@@ -13,9 +13,10 @@ use serde_json::{Value as Json, json};
 
 use super::{ExecArgs, Report, read, usage};
 use crate::capability::{HostState, MessageContext, PluginContext};
-use crate::sandbox::bindings::{Event, Query, Request, WitError};
-use crate::sandbox::{LoadedComponent, Sandbox, Service as Bindings, Session};
+use crate::sandbox::bindings::{Event, Query, Request};
+use crate::sandbox::{LoadedComponent, Sandbox, Session};
 use crate::service::reply::{Frame, Reply};
+use crate::service::{Call, Output, wasm_call};
 
 /// The call `exec` makes of a service.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,23 +131,22 @@ pub async fn run(
     }
     let mut session = Session::new(sandbox.clone(), &component, context.clone())?;
     // on-connect, as the engine does before a fresh instance serves.
-    let (name, config) = (source.clone(), call.connect.to_string());
+    let connect = Call::Connect {
+        source: source.clone(),
+        config: call.connect.to_string(),
+    };
     let (connected, _, _) = session
         .call(None, move |instance, store| {
-            Box::pin(async move {
-                Bindings::new(&mut *store, instance)?
-                    .call_on_connect(store, &name, &config)
-                    .await
-            })
+            Box::pin(wasm_call(instance, store, connect))
         })
         .await;
     match connected {
-        Ok(Ok(())) => {}
+        Ok(Ok(_)) => {}
         other => {
             let why = match other {
                 Ok(Err(e)) => crate::pipeline::wit_error_text(&e),
                 Err(f) => f.to_string(),
-                Ok(Ok(())) => String::new(),
+                Ok(Ok(_)) => String::new(),
             };
             report
                 .notes
@@ -167,54 +167,31 @@ pub async fn run(
     });
     let (reply, shared) = Reply::new(frames_tx, crate::service::reply::DEFAULT_MAX_BYTES);
     let body = call.body.to_string();
-    let kind = call.kind.clone();
-    let request = if kind == "request" {
-        Some(call.request()?)
-    } else {
-        None
+    let the_call = match call.kind.as_str() {
+        "query" => Call::Query(
+            Query {
+                source,
+                body,
+                headers: Vec::new(),
+            },
+            reply,
+        ),
+        "event" => Call::Publish(Event {
+            source,
+            body,
+            headers: Vec::new(),
+        }),
+        _ => Call::Request(call.request()?),
     };
     let (result, host, cost) = session
         .call_with(host, move |instance, store| {
-            Box::pin(async move {
-                let bindings = Bindings::new(&mut *store, instance)?;
-                let response = match (kind.as_str(), request) {
-                    ("query", _) => {
-                        let handle = store.data_mut().table.push(reply)?;
-                        let query = Query {
-                            source,
-                            body,
-                            headers: Vec::new(),
-                        };
-                        bindings
-                            .call_on_query(&mut *store, &query, handle)
-                            .await?
-                            .map(|()| None)
-                    }
-                    ("event", _) => {
-                        let event = Event {
-                            source,
-                            body,
-                            headers: Vec::new(),
-                        };
-                        bindings
-                            .call_on_publish(&mut *store, &event)
-                            .await?
-                            .map(|()| None)
-                    }
-                    (_, Some(request)) => bindings
-                        .call_on_request(&mut *store, &request)
-                        .await?
-                        .map(Some),
-                    _ => Err(WitError::Invalid("no call".into())),
-                };
-                Ok(response)
-            })
+            Box::pin(wasm_call(instance, store, the_call))
         })
         .await;
     let last = shared.close();
     let outcome = match result {
-        Ok(Ok(response)) => {
-            if let Some(response) = response {
+        Ok(Ok(output)) => {
+            if let Output::Response(response) = output {
                 report.response = Some(json!({
                     "status": response.status,
                     "headers": response.headers,

@@ -63,6 +63,84 @@ pub async fn connect(url: &str, timeout: Duration, tls: &Tls) -> anyhow::Result<
         .map_err(|e| tls.error("Redis", &redact(url), "cannot connect to", e))
 }
 
+/// Make consumer group `group` on `stream` (and the stream), unless it
+/// exists.
+pub async fn ensure_group(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> anyhow::Result<()> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Err(e) if e.code() != Some("BUSYGROUP") => {
+            Err(e).with_context(|| format!("cannot create consumer group `{group}` on `{stream}`"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Up to `count` entries of `group` left pending for `idle` or longer,
+/// taken over by `consumer` (XAUTOCLAIM).
+pub async fn take_over(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    idle: Duration,
+    count: usize,
+) -> anyhow::Result<Vec<StreamId>> {
+    let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+        .arg(stream)
+        .arg(group)
+        .arg(consumer)
+        .arg(idle.as_millis() as u64)
+        .arg("0-0")
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await
+        .context("XAUTOCLAIM failed")?;
+    Ok(claimed.claimed)
+}
+
+/// Up to `count` new entries for `consumer` of `group`, waiting up to
+/// `block` for one (XREADGROUP).
+pub async fn read_new(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+    block: Duration,
+) -> anyhow::Result<Vec<StreamId>> {
+    let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("BLOCK")
+        .arg(block.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(conn)
+        .await
+        .context("XREADGROUP failed")?;
+    Ok(read
+        .into_iter()
+        .flat_map(|r| r.keys)
+        .flat_map(|k| k.ids)
+        .collect())
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -124,24 +202,7 @@ impl RedisListener {
         tls: &Tls,
     ) -> anyhow::Result<Self> {
         let mut conn = connect(&config.url, config.timeout, tls).await?;
-        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&config.stream)
-            .arg(&config.group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
-        if let Err(e) = created
-            && e.code() != Some("BUSYGROUP")
-        {
-            return Err(e).with_context(|| {
-                format!(
-                    "cannot create consumer group `{}` on `{}`",
-                    config.group, config.stream
-                )
-            });
-        }
+        ensure_group(&mut conn, &config.stream, &config.group).await?;
         let consumer = config.consumer.clone().unwrap_or_else(|| {
             format!(
                 "sandpipe-{}",
@@ -221,52 +282,37 @@ impl RedisListener {
             .invoke_async(&mut conn)
             .await
             .context("cannot move due retries back into the stream")?;
-        let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-            .arg(&c.stream)
-            .arg(&c.group)
-            .arg(&self.shared.consumer)
-            .arg(c.claim_idle.as_millis() as u64)
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(c.batch)
-            .query_async(&mut conn)
-            .await
-            .context("XAUTOCLAIM failed")?;
-        if !claimed.claimed.is_empty() {
+        let claimed = take_over(
+            &mut conn,
+            &c.stream,
+            &c.group,
+            &self.shared.consumer,
+            c.claim_idle,
+            c.batch as usize,
+        )
+        .await?;
+        if !claimed.is_empty() {
             tracing::warn!(
-                count = claimed.claimed.len(),
+                count = claimed.len(),
                 "took over entries left pending by a dead consumer"
             );
-            return Ok(claimed.claimed.into_iter().map(|e| (e, true)).collect());
+            return Ok(claimed.into_iter().map(|e| (e, true)).collect());
         }
         let block = if self.once {
-            200
+            Duration::from_millis(200)
         } else {
-            c.block.as_millis() as u64
+            c.block
         };
-        let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(&c.group)
-            .arg(&self.shared.consumer)
-            .arg("COUNT")
-            .arg(c.batch)
-            .arg("BLOCK")
-            .arg(block)
-            .arg("STREAMS")
-            .arg(&c.stream)
-            .arg(">")
-            .query_async(&mut conn)
-            .await
-            .context("XREADGROUP failed")?;
-        Ok(read
-            .map(|r| {
-                r.keys
-                    .into_iter()
-                    .flat_map(|k| k.ids)
-                    .map(|e| (e, false))
-                    .collect()
-            })
-            .unwrap_or_default())
+        let read = read_new(
+            &mut conn,
+            &c.stream,
+            &c.group,
+            &self.shared.consumer,
+            c.batch as usize,
+            block,
+        )
+        .await?;
+        Ok(read.into_iter().map(|e| (e, false)).collect())
     }
 
     async fn drained(&self) -> anyhow::Result<bool> {

@@ -150,7 +150,7 @@ async fn handle(
                 if let Some(correlation) = &correlation {
                     properties = properties.with_correlation_id(correlation.clone());
                 }
-                let payload = frame.to_json().to_string();
+                let payload = frame.to_line();
                 if let Err(e) = publish_confirmed(
                     replies,
                     "",

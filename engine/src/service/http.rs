@@ -337,13 +337,7 @@ async fn handle(
     } else {
         (bytes.to_vec(), Vec::new())
     };
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .filter(|(name, _)| *name != axum::http::header::AUTHORIZATION)
-        .filter_map(|(name, value)| {
-            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
-        })
-        .collect();
+    let headers = crate::server::passed_headers(&headers);
     let request = Request {
         method: method.as_str().to_owned(),
         route,

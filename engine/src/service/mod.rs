@@ -55,8 +55,6 @@ pub struct Notifications {
     /// The service's name.
     service: String,
     sender: broadcast::Sender<Notification>,
-    /// The largest notification body.
-    max_bytes: u64,
 }
 
 /// One notification.
@@ -82,11 +80,10 @@ impl notify::Host for InvocationState {
                 "`notify.send` is for a service's calls: nothing follows this component".into(),
             ));
         };
-        if body.len() as u64 > notifications.max_bytes {
+        if body.len() as u64 > MAX_NOTIFICATION_BYTES {
             return Err(WitError::LimitExceeded(format!(
-                "a notification of {} bytes is larger than {} bytes",
+                "a notification of {} bytes is larger than {MAX_NOTIFICATION_BYTES} bytes",
                 body.len(),
-                notifications.max_bytes,
             )));
         }
         let body: Value = serde_json::from_str(&body)
@@ -153,7 +150,7 @@ impl Runner {
 }
 
 /// One call of a service's exports.
-enum Call {
+pub(crate) enum Call {
     Connect { source: String, config: String },
     Close { source: String },
     Publish(Event),
@@ -174,13 +171,13 @@ impl Call {
 }
 
 /// What a call returned.
-enum Output {
+pub(crate) enum Output {
     Done,
     Response(Response),
 }
 
 /// `call` on a component's instance.
-async fn wasm_call(
+pub(crate) async fn wasm_call(
     instance: &wasmtime::component::Instance,
     store: &mut wasmtime::Store<InvocationState>,
     call: Call,
@@ -451,7 +448,6 @@ impl Service {
             notifications: Arc::new(Notifications {
                 service: name.to_owned(),
                 sender,
-                max_bytes: MAX_NOTIFICATION_BYTES,
             }),
             health: std::sync::Mutex::new(Health::default()),
             links: std::sync::Mutex::new(BTreeMap::new()),
@@ -570,7 +566,7 @@ impl Service {
     /// Source `source`'s connection is gone: it leaves the sources, and
     /// an instance gets its `on-close` now (the others before their next
     /// call).
-    pub async fn disconnect(self: &Arc<Self>, source: &str) {
+    pub fn disconnect(self: &Arc<Self>, source: &str) {
         let removed = self
             .sources
             .lock()

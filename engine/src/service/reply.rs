@@ -106,23 +106,6 @@ impl Frame {
             }),
         }
     }
-
-    /// The error's message with its parameters in place (`{0}`, `{1}`...).
-    pub fn error_text(&self) -> Option<String> {
-        let Self::Error {
-            template,
-            parameters,
-            ..
-        } = self
-        else {
-            return None;
-        };
-        let mut text = template.clone();
-        for (i, p) in parameters.iter().enumerate() {
-            text = text.replace(&format!("{{{i}}}"), p);
-        }
-        Some(text)
-    }
 }
 
 /// What the guest's `reply` handle refers to.
@@ -315,7 +298,6 @@ mod tests {
             template: "no table {0} in {1}".into(),
             parameters: vec!["t".into(), "db".into()],
         };
-        assert_eq!(error.error_text().as_deref(), Some("no table t in db"));
         assert_eq!(
             error.to_json(),
             json!({"status": 400, "body": {"messageCode": "x.bad", "messageTemplate": "no table {0} in {1}", "parameters": ["t", "db"]}})

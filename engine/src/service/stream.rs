@@ -15,12 +15,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use redis::aio::ConnectionManager;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::streams::StreamId;
 use tokio::sync::watch;
 
 use super::{CallError, Service};
 use crate::config::service::ServiceRedis;
-use crate::listener::redis::connect;
+use crate::listener::redis::{connect, ensure_group, read_new, take_over};
 
 /// How long one XREADGROUP waits for entries.
 const BLOCK: Duration = Duration::from_secs(1);
@@ -54,19 +54,7 @@ async fn serve(
     // Reads block their connection: writes go on another.
     let mut reader = connect(&config.url, BLOCK + Duration::from_secs(5), tls).await?;
     let writer = connect(&config.url, Duration::from_secs(5), tls).await?;
-    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&config.stream)
-        .arg(&config.group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut reader)
-        .await;
-    if let Err(e) = created
-        && e.code() != Some("BUSYGROUP")
-    {
-        return Err(e).context("XGROUP CREATE failed");
-    }
+    ensure_group(&mut reader, &config.stream, &config.group).await?;
     let consumer = format!("{}-{}", service.name(), uuid::Uuid::new_v4().simple());
     tracing::info!(service = %service.name(), stream = %config.stream, group = %config.group, "serving requests from Redis");
     let turns = Arc::new(tokio::sync::Semaphore::new(config.batch.max(1) as usize));
@@ -85,35 +73,26 @@ async fn serve(
         let mut entries: Vec<StreamId> = Vec::new();
         if last_claim.elapsed() >= config.claim_idle.min(Duration::from_secs(10)) {
             last_claim = std::time::Instant::now();
-            let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(&config.stream)
-                .arg(&config.group)
-                .arg(&consumer)
-                .arg(config.claim_idle.as_millis() as u64)
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(room)
-                .query_async(&mut reader)
-                .await
-                .context("XAUTOCLAIM failed")?;
-            entries.extend(claimed.claimed);
+            entries = take_over(
+                &mut reader,
+                &config.stream,
+                &config.group,
+                &consumer,
+                config.claim_idle,
+                room,
+            )
+            .await?;
         }
         if entries.is_empty() {
-            let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(&config.group)
-                .arg(&consumer)
-                .arg("COUNT")
-                .arg(room)
-                .arg("BLOCK")
-                .arg(BLOCK.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(&config.stream)
-                .arg(">")
-                .query_async(&mut reader)
-                .await
-                .context("XREADGROUP failed")?;
-            entries.extend(read.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids));
+            entries = read_new(
+                &mut reader,
+                &config.stream,
+                &config.group,
+                &consumer,
+                room,
+                BLOCK,
+            )
+            .await?;
         }
         for entry in entries {
             let Ok(turn) = turns.clone().acquire_owned().await else {

@@ -133,7 +133,7 @@ impl Link {
                 // `Service::close` closes the sources.
                 break;
             }
-            self.service.disconnect(&self.source).await;
+            self.service.disconnect(&self.source);
             let backoff = |failures: u32| {
                 self.config
                     .reconnect
